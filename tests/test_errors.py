@@ -1,0 +1,175 @@
+"""Bad input: a clear message naming the problem and the fix, the model untouched, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, tiny_llama
+from peft import LoraConfig
+
+import milora
+import milora.persistence
+
+
+def assert_untouched(model, reference):
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    for (name, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def config(**overrides):
+    return LoraConfig(**{"r": 4, "target_modules": LLAMA_TARGETS, **overrides})
+
+
+def test_missing_target_module():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"Target module\(s\) \['qkv'\] not found.*q_proj"):
+        milora.get_model(model, config(target_modules=["q_proj", "qkv"]))
+    assert_untouched(model, tiny_llama())
+
+
+def test_rank_too_large_names_layer_and_limit():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"Rank 40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\).*min\(out, in\) = 32"):
+        milora.get_model(model, config(r=40))
+    assert_untouched(model, tiny_llama())
+
+
+def test_rank_pattern_checked_too():
+    with pytest.raises(ValueError, match="Rank 40 is too large for model.layers.0.self_attn.v_proj"):
+        milora.get_model(tiny_llama(), config(rank_pattern={"v_proj": 40}))
+
+
+def test_quantised_layer_detected_by_class():
+    model = tiny_llama()
+    Linear4bit = type("Linear4bit", (torch.nn.Linear,), {"__module__": "bitsandbytes.nn.modules"})
+    old = model.model.layers[0].self_attn.q_proj
+    model.model.layers[0].self_attn.q_proj = Linear4bit(old.in_features, old.out_features, bias=False)
+    with pytest.raises(ValueError, match=r"q_proj is quantised \(bitsandbytes Linear4bit\).*without quantisation"):
+        milora.get_model(model, config())
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_integer_weight():
+    model = tiny_llama()
+    layer = model.model.layers[1].mlp.up_proj
+    layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="up_proj has a torch.int8 weight: load the model in float32"):
+        milora.get_model(model, config())
+
+
+def test_non_finite_weight():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="down_proj has NaN or Inf"):
+        milora.get_model(model, config())
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_unsupported_module_type():
+    with pytest.raises(ValueError, match="embed_tokens is a Embedding; MiLoRA supports torch.nn.Linear"):
+        milora.get_model(tiny_llama(), config(target_modules=["embed_tokens"]))
+
+
+def test_unknown_init_mode_and_solver():
+    with pytest.raises(ValueError, match="Unknown init mode 'minor'.*milora, pissa, middle, random, lora"):
+        milora.get_model(tiny_llama(), config(), init="minor")
+    with pytest.raises(ValueError, match="Unknown solver 'lanczos'"):
+        milora.get_model(tiny_llama(), config(), solver="lanczos")
+    with pytest.raises(ValueError, match="use solver='svd' for selection 'random'"):
+        milora.get_model(tiny_llama(), config(), init="random", solver="eigh")
+
+
+def test_conflicting_lora_options():
+    with pytest.raises(ValueError, match="leave LoraConfig.init_lora_weights at its default"):
+        milora.get_model(tiny_llama(), config(init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        milora.get_model(tiny_llama(), config(use_dora=True))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = milora.get_model(tiny_llama(), config(), progress=False)
+    return milora.save_adapter(model, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("filename", ["adapter_config.json", "adapter_model.safetensors", "milora_config.json"])
+def test_missing_adapter_file(saved, filename):
+    os.remove(saved / filename)
+    with pytest.raises(FileNotFoundError, match=f"has no {filename}: it is not a complete milora adapter"):
+        milora.load_model(tiny_llama(), saved)
+
+
+def test_corrupt_weights_file(saved):
+    path = saved / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt"):
+        milora.load_model(tiny_llama(), saved)
+
+
+def test_corrupt_json(saved):
+    (saved / "milora_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt JSON"):
+        milora.load_model(tiny_llama(), saved)
+
+
+def test_weights_that_do_not_fit(saved):
+    metadata = json.loads((saved / "milora_config.json").read_text())
+    metadata["r"] = 3
+    (saved / "milora_config.json").write_text(json.dumps(metadata))
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="has shape .* expected"):
+        milora.load_model(model, saved)
+    assert_untouched(model, tiny_llama())
+
+
+def test_fingerprint_mismatch(saved):
+    model = tiny_llama(seed=1)
+    with pytest.raises(ValueError, match="initialised from different base weights"):
+        milora.load_model(model, saved)
+    assert_untouched(model, tiny_llama(seed=1))
+
+
+def test_residual_model_is_not_accepted_as_base(saved):
+    residual = milora.get_model(tiny_llama(), config(), progress=False).get_base_model()
+    state = {k.replace(".base_layer.", "."): v for k, v in residual.state_dict().items() if "lora_" not in k}
+    model = tiny_llama()
+    model.load_state_dict(state)
+    with pytest.raises(ValueError, match="not a residual or merged model"):
+        milora.load_model(model, saved)
+
+
+def test_plain_peft_adapter_is_refused(tmp_path):
+    from peft import get_peft_model
+
+    get_peft_model(tiny_llama(), config()).save_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="plain PEFT adapter"):
+        milora.load_model(tiny_llama(), tmp_path / "plain")
+
+
+def test_save_refuses_existing_directory_and_model_without_record(saved, tmp_path):
+    model = milora.get_model(tiny_llama(), config(), progress=False)
+    before = sorted(p.name for p in saved.iterdir())
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        milora.save_adapter(model, saved)
+    assert sorted(p.name for p in saved.iterdir()) == before
+    from peft import get_peft_model
+
+    with pytest.raises(ValueError, match="not made by milora.get_model"):
+        milora.save_adapter(get_peft_model(tiny_llama(), config()), tmp_path / "x")
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model = milora.get_model(tiny_llama(), config(), progress=False)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(milora.persistence, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        milora.save_adapter(model, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []

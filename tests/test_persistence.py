@@ -1,0 +1,145 @@
+"""Save / reload / plain-PEFT load / merge round trips after real optimizer steps.
+
+Tolerances (float32 models): milora's loader rebuilds the residual with the same float64
+arithmetic from the same float32 factors, so it reproduces the trained model bit for bit
+(asserted exactly). Plain PEFT on the original base computes W x + s[B|-B0][A;A0] x instead of
+W_res x + s B A x, which differs by float32 rounding only: relative error < 1e-5. Merging
+folds s B A into W_res in float32: relative error < 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel
+
+import milora
+from milora.persistence import load_trained_state
+
+MODELS = {
+    "llama": (tiny_llama, dict(target_modules=LLAMA_TARGETS)),
+    "gpt2": (tiny_gpt2, dict(target_modules=GPT2_TARGETS, fan_in_fan_out=True)),
+}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def train_steps(model, tokens, steps=3, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return optimizer
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("init,options", [
+    ("milora", dict(r=4, lora_alpha=8)),
+    ("pissa", dict(r=4, lora_alpha=4)),
+    ("milora", dict(r=4, lora_alpha=3, use_rslora=True)),
+    ("lora", dict(r=4, lora_alpha=8)),
+])
+def test_round_trips(family, init, options, tokens, tmp_path):
+    build, targets = MODELS[family]
+    config = LoraConfig(**targets, **options)
+    model = milora.get_model(build(), config, init=init, progress=False)
+    original = logits(build(), tokens)
+    train_steps(model, tokens)
+    trained = logits(model, tokens)
+    assert relative_error(trained, original) > 1e-3  # the adapter really moved
+    milora.save_adapter(model, tmp_path / "adapter")
+    saved_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved_config["r"] == (4 if init == "lora" else 8)
+
+    reloaded = milora.load_model(build(), tmp_path / "adapter")
+    assert torch.equal(logits(reloaded, tokens), trained)
+
+    plain = PeftModel.from_pretrained(build(), tmp_path / "adapter")
+    assert relative_error(logits(plain, tokens), trained) < 1e-5
+
+    merged = model.merge_and_unload()
+    assert relative_error(logits(merged, tokens), trained) < 1e-5
+
+
+def test_reloaded_model_continues_training_like_the_original(tokens, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+    model = milora.get_model(tiny_llama(), config, progress=False)
+    train_steps(model, tokens)
+    milora.save_adapter(model, tmp_path / "adapter")
+    reloaded = milora.load_model(tiny_llama(), tmp_path / "adapter", is_trainable=True)
+    trainable = {n for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    # the same fresh optimizer steps from the same state give the same model
+    train_steps(model, tokens, steps=2)
+    train_steps(reloaded, tokens, steps=2)
+    assert relative_error(logits(reloaded, tokens), logits(model, tokens)) < 1e-6
+    # and a second save/load of the continued model still round-trips exactly
+    milora.save_adapter(reloaded, tmp_path / "again")
+    assert torch.equal(logits(milora.load_model(tiny_llama(), tmp_path / "again"), tokens), logits(reloaded, tokens))
+
+
+def test_inference_load_is_frozen(tmp_path):
+    model = milora.get_model(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS), progress=False)
+    milora.save_adapter(model, tmp_path / "adapter")
+    reloaded = milora.load_model(tiny_llama(), tmp_path / "adapter")
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    assert not reloaded.training
+
+
+def test_load_trained_state_for_resume(tokens, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+    model = milora.get_model(tiny_llama(), config, progress=False)
+    train_steps(model, tokens)
+    milora.save_adapter(model, tmp_path / "checkpoint")
+    fresh = milora.get_model(tiny_llama(), config, progress=False)
+    load_trained_state(fresh, tmp_path / "checkpoint")
+    assert torch.equal(logits(fresh, tokens), logits(model, tokens))
+    other_init = milora.get_model(tiny_llama(), config, init="pissa", progress=False)
+    with pytest.raises(ValueError, match="init='milora' adapter"):
+        load_trained_state(other_init, tmp_path / "checkpoint")
+    other_alpha = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=4, target_modules=LLAMA_TARGETS), progress=False)
+    with pytest.raises(ValueError, match="different initialisation"):
+        load_trained_state(other_alpha, tmp_path / "checkpoint")
+
+
+def test_metadata_records_init(tmp_path):
+    model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), progress=False)
+    milora.save_adapter(model, tmp_path / "adapter")
+    metadata = json.loads((tmp_path / "adapter" / "milora_config.json").read_text())
+    assert metadata["init"] == "milora" and metadata["r"] == 4 and metadata["lora_alpha"] == 8
+    assert metadata["solver"] == "eigh" and len(metadata["report"]) == 10
+    assert set(metadata["fingerprint"]) == {"float32", "bfloat16"}
+
+
+def test_save_residual_layout(tokens, tmp_path):
+    model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), progress=False)
+    train_steps(model, tokens)
+    trained = logits(model, tokens)
+    milora.save_adapter(model, tmp_path / "adapter", save_residual=True)
+    from transformers import AutoModelForCausalLM
+
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "residual_model").eval()
+    paper_layout = PeftModel.from_pretrained(residual, tmp_path / "adapter" / "residual_adapter")
+    assert torch.equal(logits(paper_layout, tokens), trained)
+
+
+def test_bfloat16_base_matches_float32_fingerprint(tmp_path, tokens):
+    model = milora.get_model(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS), progress=False)
+    milora.save_adapter(model, tmp_path / "adapter")
+    reloaded = milora.load_model(tiny_llama(dtype=torch.bfloat16), tmp_path / "adapter")
+    assert reloaded(tokens).logits.dtype == torch.bfloat16
