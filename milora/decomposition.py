@@ -6,14 +6,21 @@ Positions count singular values in descending order, sigma_0 >= ... >= sigma_{k-
 - ``middle``: the centred block, positions [(k - r) // 2, (k - r) // 2 + r)
 - ``random``: r positions drawn without replacement by a seeded generator
 
-Two solvers give the same triplets (up to the precision the boundary gap allows):
+Three solvers give the same triplets (up to the precision the boundary gap allows):
 - ``svd``:  full float64 SVD, any selection.
-- ``eigh``: float64 Gram matrix of the smaller side and an eigensolver for only the wanted
-  contiguous block (LAPACK's index-range solver on CPU); the other factor comes from one
-  product W @ V (or W^T @ U) followed by a thin SVD of that m x r block, which also
-  re-orthonormalises it. A float32 Gram matrix would lose the minor subspace (sigma^2 falls
-  below float32 resolution), hence float64 throughout.
-``auto`` picks ``eigh`` for contiguous selections and ``svd`` for ``random``.
+- ``eigh``: float64 Gram matrix G of the smaller side and an eigensolver for only the wanted
+  contiguous block (LAPACK's index-range solver on CPU, torch's on other devices).
+- ``lanczos`` (CPU; milora and pissa): float64 Lanczos (ARPACK) for the r + 1 extreme
+  eigenpairs of G. For the largest it applies x -> W^T (W x) and never forms G; for the
+  smallest it runs shift-invert at 0, applying G^-1 through an LU factorisation of W
+  (square) or a Cholesky factorisation of G (rectangular). It avoids the O(k^3) dense
+  eigensolver; when a factorisation or ARPACK fails (rank-deficient W, no convergence)
+  it falls back to ``eigh`` and says so.
+The eigen-solvers return one side's singular vectors; the other side comes from one
+product W @ V (or W^T @ U) followed by a thin SVD of that m x r block, which also
+re-orthonormalises it. A float32 Gram matrix would lose the minor subspace (sigma^2 falls
+below float32 resolution), hence float64 throughout.
+``auto`` chooses per weight (see `resolve_solver`).
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg
 import torch
 
 SELECTIONS = ("milora", "pissa", "middle", "random")
-SOLVERS = ("auto", "eigh", "svd")
+SOLVERS = ("auto", "eigh", "lanczos", "svd")
 
 
 @dataclass
@@ -57,14 +65,31 @@ def selected_positions(selection: str, k: int, r: int, generator: torch.Generato
     return torch.arange(start, start + r)
 
 
-def resolve_solver(solver: str, selection: str) -> str:
+def resolve_solver(solver: str, selection: str, device: torch.device | str = "cpu", shape: tuple[int, int] | None = None) -> str:
+    """The solver ``auto`` stands for with this weight, after checking the choice fits the selection.
+
+    ``auto`` on CPU: shift-invert Lanczos for the minor triplets of square weights (whose
+    smallest singular values sit at a hard edge near 0, where it converges in a few hundred
+    matrix-vector products), plain Lanczos for the principal triplets, eigh otherwise
+    (rectangular weights have a dense soft edge that makes Lanczos crawl).
+    """
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}.")
-    if solver == "auto":
-        return "svd" if selection == "random" else "eigh"
-    if solver == "eigh" and selection == "random":
-        raise ValueError("The eigh solver computes contiguous blocks only; use solver='svd' for selection 'random'.")
-    return solver
+    if selection not in SELECTIONS:
+        raise ValueError(f"Unknown selection {selection!r}: choose one of {', '.join(SELECTIONS)}.")
+    if solver in ("eigh", "lanczos") and selection == "random":
+        raise ValueError(f"The {solver} solver computes contiguous blocks only; use solver='svd' for selection 'random'.")
+    if solver == "lanczos" and selection == "middle":
+        raise ValueError("The lanczos solver finds the largest or smallest triplets only; use solver='eigh' for 'middle'.")
+    if solver != "auto":
+        return solver
+    if selection == "random":
+        return "svd"
+    on_cpu = torch.device(device).type == "cpu"
+    square = shape is not None and shape[0] == shape[1]
+    if on_cpu and (selection == "pissa" or (selection == "milora" and square)):
+        return "lanczos"
+    return "eigh"
 
 
 def select_components(
@@ -79,11 +104,20 @@ def select_components(
         raise ValueError(f"Expected a 2-D weight, got shape {tuple(weight.shape)}.")
     k = min(weight.shape)
     positions = selected_positions(selection, k, r, generator)
-    solver = resolve_solver(solver, selection)
+    solver = resolve_solver(solver, selection, weight.device, tuple(weight.shape))
     w = weight.detach().to(torch.float64)
     if solver == "svd":
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         return Components(U[:, positions], S[positions], Vh[positions], "svd", _boundary_gap(S, positions, selection))
+    if solver == "lanczos":
+        if w.device.type != "cpu":
+            raise ValueError("The lanczos solver runs on CPU; use solver='eigh' (or 'auto') on other devices.")
+        try:
+            return _lanczos_components(w, positions, selection)
+        except (np.linalg.LinAlgError, scipy.sparse.linalg.ArpackError, FloatingPointError):
+            parts = _eigh_components(w, positions, selection)
+            parts.solver = "eigh (lanczos failed)"
+            return parts
     return _eigh_components(w, positions, selection)
 
 
@@ -101,14 +135,15 @@ def _boundary_gap(singular_values: torch.Tensor, positions: torch.Tensor, select
     return min(gaps)
 
 
+def _neighbourhood(positions: torch.Tensor, k: int) -> tuple[int, int]:
+    """Descending positions of the block plus one neighbour on each side that exists (for the gap)."""
+    return max(int(positions[0]) - 1, 0), min(int(positions[-1]) + 1, k - 1)
+
+
 def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
-    m, n = w.shape
-    k = min(m, n)
-    tall = m >= n
-    gram = w.T @ w if tall else w @ w.T  # k x k, eigenvalues sigma^2 ascending
-    first, last = int(positions[0]), int(positions[-1])
-    # one extra eigenpair on each side that exists, for the boundary gap
-    lo_pos, hi_pos = max(first - 1, 0), min(last + 1, k - 1)
+    k = min(w.shape)
+    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T  # k x k, eigenvalues sigma^2 ascending
+    lo_pos, hi_pos = _neighbourhood(positions, k)
     lo_asc, hi_asc = k - 1 - hi_pos, k - 1 - lo_pos  # ascending eigen-indices, inclusive
     if gram.device.type == "cpu":
         evals, evecs = scipy.linalg.eigh(gram.numpy(), subset_by_index=[lo_asc, hi_asc], driver="evr")
@@ -116,21 +151,61 @@ def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -
     else:
         all_evals, all_evecs = torch.linalg.eigh(gram)
         evals, evecs = all_evals[lo_asc : hi_asc + 1], all_evecs[:, lo_asc : hi_asc + 1]
-    # flip to descending positions lo_pos..hi_pos, then keep the selected block
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    sigmas = evals.clamp_min(0).sqrt()
-    block = slice(first - lo_pos, first - lo_pos + (last - first + 1))
-    basis = evecs[:, block].to(w.device)  # right (tall) or left (wide) singular vectors, k x r
-    # project W onto the basis and re-orthonormalise the projection with a thin SVD
+    return _complete(w, evals.flip(0), evecs.flip(1), positions, lo_pos, selection, "eigh")
+
+
+def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
+    m, n = w.shape
+    k = min(m, n)
+    lo_pos, hi_pos = _neighbourhood(positions, k)
+    wanted = hi_pos - lo_pos + 1
+    if wanted >= k - 1:  # ARPACK needs k > wanted + 1; dense is cheap at this size anyway
+        raise np.linalg.LinAlgError("block too large for Lanczos")
+    wn = w.numpy()
+    tall = m >= n
+    if selection == "pissa":  # largest eigenvalues of G, applied as W^T (W x) or W (W^T x)
+        apply = (lambda x: wn.T @ (wn @ x)) if tall else (lambda x: wn @ (wn.T @ x))
+    elif m == n:  # G^-1 = W^-1 W^-T through one LU of W, no Gram matrix
+        with np.errstate(all="raise"):
+            lu = scipy.linalg.lu_factor(wn, check_finite=False)
+        if np.any(np.abs(np.diag(lu[0])) <= np.finfo(np.float64).tiny):
+            raise np.linalg.LinAlgError("singular weight")
+        apply = lambda x: scipy.linalg.lu_solve(lu, scipy.linalg.lu_solve(lu, x, trans=1))  # noqa: E731
+    else:
+        gram = (w.T @ w if tall else w @ w.T).numpy()
+        factor = scipy.linalg.cho_factor(gram, check_finite=False)
+        apply = lambda x: scipy.linalg.cho_solve(factor, x)  # noqa: E731
+    operator = scipy.sparse.linalg.LinearOperator((k, k), matvec=apply, matmat=apply, dtype=np.float64)
+    start = np.ones(k) / np.sqrt(k)  # fixed start vector: deterministic results
+    values, vectors = scipy.sparse.linalg.eigsh(operator, k=wanted, which="LA", v0=start, tol=0)
+    if not np.all(np.isfinite(values)) or (selection != "pissa" and np.any(values <= 0)):
+        raise FloatingPointError("non-finite or non-positive Ritz values")
+    if selection != "pissa":
+        values = 1.0 / values  # eigenvalues of G from those of G^-1
+    order = np.argsort(values)[::-1]  # descending
+    evals, evecs = torch.from_numpy(values[order].copy()), torch.from_numpy(vectors[:, order].copy())
+    return _complete(w, evals, evecs, positions, lo_pos, selection, "lanczos")
+
+
+def _complete(
+    w: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, positions: torch.Tensor, lo_pos: int, selection: str,
+    solver: str,
+) -> Components:
+    """Triplets from eigenpairs of the Gram matrix at descending positions lo_pos, lo_pos + 1, ...
+
+    Projects W onto the selected eigenvectors and re-orthonormalises the projection with a
+    thin SVD, which yields both singular factors of the selected part.
+    """
+    k = min(w.shape)
+    tall = w.shape[0] >= w.shape[1]
+    first, count = int(positions[0]), positions.numel()
+    basis = evecs[:, first - lo_pos : first - lo_pos + count].to(w.device)  # right (tall) or left (wide), k x r
     projected = w @ basis if tall else w.T @ basis  # (m or n) x r
     Q, S, Rh = torch.linalg.svd(projected, full_matrices=False)
-    if tall:
-        U, Vh = Q, (basis @ Rh.T).T
-    else:
-        U, Vh = basis @ Rh.T, Q.T
-    padded = torch.full((k,), float("nan"), dtype=torch.float64)
-    padded[lo_pos : hi_pos + 1] = sigmas.cpu()
-    return Components(U, S, Vh, "eigh", _boundary_gap(padded, positions, selection))
+    U, Vh = (Q, (basis @ Rh.T).T) if tall else (basis @ Rh.T, Q.T)
+    sigmas = torch.full((k,), float("nan"), dtype=torch.float64)
+    sigmas[lo_pos : lo_pos + evals.numel()] = evals.cpu().clamp_min(0).sqrt()
+    return Components(U, S, Vh, solver, _boundary_gap(sigmas, positions, selection))
 
 
 def principal_angle_sine(basis_a: torch.Tensor, basis_b: torch.Tensor) -> float:

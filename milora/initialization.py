@@ -247,9 +247,10 @@ def get_model(
     `milora.save_adapter`, not `save_pretrained` (whose rank-r factors need the residual base).
     """
     validate_lora_config(lora_config, init)
-    selection_solver = "none" if init == "lora" else resolve_solver(solver, init)
     modules = target_modules(model, lora_config)
-    record = InitRecord(init=init, solver=selection_solver, seed=seed, fingerprint=fingerprint(modules))
+    if init != "lora":
+        resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
+    record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed, fingerprint=fingerprint(modules))
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
         _initialise_layers(peft_model, record, adapter_name, solver, device, progress)
@@ -272,7 +273,8 @@ def _initialise_layers(peft_model: PeftModel, record: InitRecord, adapter: str, 
         r, scaling = layer.r[adapter], layer.scaling[adapter]
         A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=work_device)
         B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=work_device)
-        stats = torch.zeros(4, dtype=torch.float64, device=work_device)
+        stats = torch.zeros(5, dtype=torch.float64, device=work_device)
+        chosen = resolve_solver(solver, record.init, work_device, tuple(weight.shape))
         if rank == owner:
             start = time.perf_counter()
             generator = torch.Generator().manual_seed(record.seed + index)
@@ -280,20 +282,21 @@ def _initialise_layers(peft_model: PeftModel, record: InitRecord, adapter: str, 
             root = (parts.S / scaling).sqrt()
             B.copy_(parts.U * root)
             A.copy_(root[:, None] * parts.Vh)
-            stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, time.perf_counter() - start]))
+            seconds, fell_back = time.perf_counter() - start, parts.solver != chosen
+            stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, seconds, fell_back]))
         if world > 1:
             for tensor in (A, B, stats):
                 dist.broadcast(tensor, src=owner)
         error = set_adapter_factors(layer, adapter, A, B, A, B, device=work_device)
         record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
-        sigma_max, sigma_min, gap, seconds = stats.tolist()
+        sigma_max, sigma_min, gap, seconds, fell_back = stats.tolist()
         record.report.append(
             {
                 "module": name,
                 "shape": list(weight.shape),
                 "rank": r,
                 "scaling": scaling,
-                "solver": record.solver,
+                "solver": f"eigh ({chosen} failed)" if fell_back else chosen,
                 "sigma_max_selected": sigma_max,
                 "sigma_min_selected": sigma_min,
                 "boundary_gap": None if math.isnan(gap) else gap,

@@ -78,8 +78,8 @@ def test_unsupported_module_type():
 def test_unknown_init_mode_and_solver():
     with pytest.raises(ValueError, match="Unknown init mode 'minor'.*milora, pissa, middle, random, lora"):
         milora.get_model(tiny_llama(), config(), init="minor")
-    with pytest.raises(ValueError, match="Unknown solver 'lanczos'"):
-        milora.get_model(tiny_llama(), config(), solver="lanczos")
+    with pytest.raises(ValueError, match="Unknown solver 'arnoldi'"):
+        milora.get_model(tiny_llama(), config(), solver="arnoldi")
     with pytest.raises(ValueError, match="use solver='svd' for selection 'random'"):
         milora.get_model(tiny_llama(), config(), init="random", solver="eigh")
 

@@ -76,7 +76,7 @@ def test_selected_part_matches_float64_reference(init, options):
         np.testing.assert_allclose(A.double().norm(dim=1).numpy(), expected, rtol=TOL)
 
 
-@pytest.mark.parametrize("solver", ["eigh", "svd"])
+@pytest.mark.parametrize("solver", ["eigh", "lanczos", "svd"])
 def test_solvers_agree_on_gpt2_conv1d(solver):
     model = tiny_gpt2()
     weights = original_weights(model)
@@ -164,8 +164,9 @@ def test_bfloat16_reconstruction_bound(tokens):
 def test_report_names_solver_and_gap():
     peft_model = milora.get_model(tiny_llama(), LoraConfig(r=8, target_modules=LLAMA_TARGETS), progress=False)
     report = peft_model.milora_init.report
-    assert {entry["solver"] for entry in report} == {"eigh"}
     for entry in report:
+        # auto: shift-invert Lanczos for square weights, eigh for rectangular ones
+        assert entry["solver"] == ("lanczos" if entry["shape"][0] == entry["shape"][1] else "eigh"), entry
         assert 0 < entry["boundary_gap"] < 1 and entry["sigma_min_selected"] <= entry["sigma_max_selected"]
     random_report = milora.get_model(tiny_llama(), LoraConfig(r=8, target_modules=LLAMA_TARGETS), init="random",
                                      progress=False).milora_init

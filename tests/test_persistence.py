@@ -122,7 +122,7 @@ def test_metadata_records_init(tmp_path):
     milora.save_adapter(model, tmp_path / "adapter")
     metadata = json.loads((tmp_path / "adapter" / "milora_config.json").read_text())
     assert metadata["init"] == "milora" and metadata["r"] == 4 and metadata["lora_alpha"] == 8
-    assert metadata["solver"] == "eigh" and len(metadata["report"]) == 10
+    assert metadata["solver"] == "auto" and len(metadata["report"]) == 10
     assert set(metadata["fingerprint"]) == {"float32", "bfloat16"}
 
 
