@@ -1,0 +1,42 @@
+"""Init split across 2 CPU processes (gloo) gives every rank the single-process adapters, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import LLAMA_TARGETS, tiny_llama
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+import milora
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """LoRA factors and residual base weights, by name."""
+    return {name: p.detach().clone().contiguous() for name, p in model.named_parameters()
+            if "lora_" in name or "base_layer" in name}
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, init: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+        model = milora.get_model(tiny_llama(), config, init=init, progress=False)
+        save_file(adapter_state(model), f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("init", ["milora", "random"])
+def test_two_process_init_matches_single_process(tmp_path, init):
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), init), nprocs=2, join=True)
+    single = adapter_state(milora.get_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS),
+                                            init=init, progress=False))
+    for rank in range(2):
+        state = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert state.keys() == single.keys()
+        for name, tensor in single.items():
+            assert torch.equal(state[name], tensor), (rank, name)
