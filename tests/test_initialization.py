@@ -157,7 +157,7 @@ def test_bfloat16_reconstruction_bound(tokens):
     with torch.no_grad():
         after = peft_model(tokens).logits.double()
     output_error = float((after - before).norm() / before.norm())
-    assert output_error < 2e-2, output_error  # measured ~4e-3 on this model
+    assert output_error < 2e-2, output_error  # measured 5.9e-3 on this model
     assert peft_model.milora_init.summary()["max_reconstruction_error"] < u
 
 

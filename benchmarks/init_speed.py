@@ -1,0 +1,157 @@
+"""Init speed and accuracy: the paper's float32 full SVD vs milora's default solver, same run.
+
+For each weight: time of `torch.linalg.svd(W.float())` keeping the r smallest triplets (the
+paper's svd_init) and of `milora.select_components(W, r, "milora")` (solver "auto"), their
+ratio, and both errors against a float64 full SVD: the sine of the largest principal angle
+between the computed and the reference minor subspaces (max over the left and right sides).
+Synthetic weights have an LLM-like spectrum: a Gaussian bulk (Marchenko-Pastur, with its hard
+edge at 0 for square weights) plus 16 outlier directions. Then the same over every adapted
+weight of the embedded SmolLM2-135M (targets q,k,v,up,down), and the peak memory of a
+whole-model `milora.get_model` above the loaded model.
+
+    python benchmarks/init_speed.py            # full run (several minutes on 2 cores)
+    python benchmarks/init_speed.py --quick    # 1024 x 1024 and 2048 x 1024 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import torch
+
+from milora.decomposition import principal_angle_sine, select_components
+
+RANKS = (8, 32, 64)
+
+
+def llm_like(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    bulk = torch.randn(m, n, generator=generator, dtype=torch.float64) / np.sqrt(n)
+    left = torch.randn(m, 16, generator=generator, dtype=torch.float64) / np.sqrt(m)
+    right = torch.randn(n, 16, generator=generator, dtype=torch.float64) / np.sqrt(n)
+    return (bulk + (left * torch.logspace(1.3, 0.3, 16, dtype=torch.float64)) @ right.T).float()
+
+
+def subspace_error(U: torch.Tensor, Vh: torch.Tensor, reference) -> float:
+    U_ref, Vh_ref = reference
+    return max(principal_angle_sine(U, U_ref), principal_angle_sine(Vh.T, Vh_ref.T))
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def paper_svd(weight: torch.Tensor):
+    """The paper's svd_init: float32 full SVD (U, S, Vh, descending)."""
+    return torch.linalg.svd(weight.float(), full_matrices=False)
+
+
+def compare_weight(weight: torch.Tensor, ranks, reference_svd=None) -> list[dict]:
+    U64, _, Vh64 = reference_svd if reference_svd is not None else torch.linalg.svd(weight.double(), full_matrices=False)
+    (U32, _, Vh32), paper_seconds = timed(lambda: paper_svd(weight))  # r-independent: one SVD serves every r
+    rows = []
+    for r in ranks:
+        reference = (U64[:, -r:], Vh64[-r:])
+        parts, seconds = timed(lambda: select_components(weight, r, "milora"))
+        rows.append({
+            "shape": tuple(weight.shape), "r": r, "paper_s": paper_seconds, "milora_s": seconds, "solver": parts.solver,
+            "paper_err": subspace_error(U32[:, -r:].double(), Vh32[-r:].double(), reference),
+            "milora_err": subspace_error(parts.U, parts.Vh, reference), "gap": parts.boundary_gap,
+        })
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'weight':>13} {'r':>3} {'paper fp32 SVD s':>16} {'milora s':>9} {'ratio':>6} "
+          f"{'paper err':>9} {'milora err':>10} {'solver':>8} {'gap':>8}")
+    for row in rows:
+        shape = f"{row['shape'][0]}x{row['shape'][1]}"
+        print(f"{shape:>13} {row['r']:>3} {row['paper_s']:>16.2f} {row['milora_s']:>9.2f} "
+              f"{row['paper_s'] / row['milora_s']:>6.2f} {row['paper_err']:>9.1e} {row['milora_err']:>10.1e} "
+              f"{row['solver']:>8} {row['gap']:>8.1e}", flush=True)
+
+
+def synthetic(shapes) -> None:
+    print("== synthetic weights ==")
+    for m, n in shapes:
+        weight = llm_like(m, n)
+        print_rows(compare_weight(weight, RANKS))
+
+
+def whole_model(r: int) -> None:
+    from milora.cli import PAPER_TARGETS
+    from milora.models import load_base_model
+
+    model, _ = load_base_model()
+    weights = {name: module.weight.detach() for name, module in model.named_modules() if name.endswith(PAPER_TARGETS)}
+    paper_total = milora_total = 0.0
+    paper_worst = milora_worst = 0.0
+    solvers = set()
+    for weight in weights.values():
+        row = compare_weight(weight, (r,))[0]
+        paper_total += row["paper_s"]
+        milora_total += row["milora_s"]
+        paper_worst, milora_worst = max(paper_worst, row["paper_err"]), max(milora_worst, row["milora_err"])
+        solvers.add(row["solver"])
+    print(f"== SmolLM2-135M, {len(weights)} weights (q,k,v,up,down), r={r} ==")
+    print(f"paper fp32 SVD {paper_total:.1f} s, milora {milora_total:.1f} s ({', '.join(sorted(solvers))}), "
+          f"ratio {paper_total / milora_total:.2f}; worst error paper {paper_worst:.1e}, milora {milora_worst:.1e}")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def init_memory(r: int) -> None:
+    """Peak resident memory during a whole-model get_model, above the loaded model."""
+    from peft import LoraConfig
+
+    import milora
+    from milora.cli import PAPER_TARGETS
+
+    model, _ = milora.load_base_model()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(m.weight.numel() for n, m in model.named_modules() if n.endswith(PAPER_TARGETS))
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    milora.get_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=list(PAPER_TARGETS)), progress=False)
+    done.set()
+    sampler.join()
+    adapter_bytes = 2 * sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    extra = peak[0] - before
+    print(f"== peak memory of a whole-model init (r={r}) ==")
+    print(f"model {model_bytes / 2**20:.0f} MiB; RSS after load {before / 2**20:.0f} MiB; peak during init "
+          f"+{extra / 2**20:.0f} MiB = {extra / (8 * largest):.1f} float64 copies of the largest weight "
+          f"(of which trainable + initial factors {adapter_bytes / 2**20:.0f} MiB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes only, no SmolLM2")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.quick:
+        synthetic([(1024, 1024), (2048, 1024)])
+        return
+    synthetic([(2048, 2048), (4096, 4096), (11008, 4096)])
+    whole_model(64)
+    init_memory(64)
+
+
+if __name__ == "__main__":
+    main()
