@@ -140,9 +140,18 @@ def _neighbourhood(positions: torch.Tensor, k: int) -> tuple[int, int]:
     return max(int(positions[0]) - 1, 0), min(int(positions[-1]) + 1, k - 1)
 
 
+def _gram(w: torch.Tensor) -> torch.Tensor:
+    """The k x k Gram matrix of the smaller side (eigenvalues sigma^2). On CPU through numpy,
+    whose ``a.T @ a`` runs BLAS syrk: half the flops of a general product."""
+    if w.device.type == "cpu":
+        wn = w.numpy()
+        return torch.from_numpy(wn.T @ wn if w.shape[0] >= w.shape[1] else wn @ wn.T)
+    return w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+
+
 def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
     k = min(w.shape)
-    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T  # k x k, eigenvalues sigma^2 ascending
+    gram = _gram(w)
     lo_pos, hi_pos = _neighbourhood(positions, k)
     lo_asc, hi_asc = k - 1 - hi_pos, k - 1 - lo_pos  # ascending eigen-indices, inclusive
     if gram.device.type == "cpu":
@@ -172,8 +181,7 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
             raise np.linalg.LinAlgError("numerically singular weight")
         apply = lambda x: scipy.linalg.lu_solve(lu, scipy.linalg.lu_solve(lu, x, trans=1))  # noqa: E731
     else:
-        gram = (w.T @ w if tall else w @ w.T).numpy()
-        factor = scipy.linalg.cho_factor(gram, check_finite=False)
+        factor = scipy.linalg.cho_factor(_gram(w).numpy(), check_finite=False)
         apply = lambda x: scipy.linalg.cho_solve(factor, x)  # noqa: E731
     operator = scipy.sparse.linalg.LinearOperator((k, k), matvec=apply, matmat=apply, dtype=np.float64)
     start = np.ones(k) / np.sqrt(k)  # fixed start vector: deterministic results

@@ -73,17 +73,26 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return str(embedded_model_dir()) if name_or_path is None else str(name_or_path)
 
 
-def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
-    """Return ``(model, tokenizer)`` for a causal LM; ``name_or_path=None`` is the embedded SmolLM2."""
+def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
+    """A causal LM in eval mode; ``name_or_path=None`` is the embedded SmolLM2."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
         dtype = DTYPES[dtype]
-    path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
     if device is not None:
         model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """The model's tokenizer, with a pad token (EOS when the model defines none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
+    """Return ``(model, tokenizer)`` for a causal LM; ``name_or_path=None`` is the embedded SmolLM2."""
+    return load_causal_lm(name_or_path, dtype, device), load_tokenizer(name_or_path)
