@@ -1,0 +1,440 @@
+"""Training data: loading, record formats, prompt templates and tokenisation with prompt masking.
+
+Record formats (``dataset_format``, detected from the first record when ``auto``):
+
+- ``alpaca`` / ``llm-adapters``: ``instruction``, optional ``input``, ``output`` (LLM-Adapters'
+  Commonsense170K and math files add ``answer``, which is ignored);
+- ``metamath``: ``query``, ``response`` (MetaMathQA);
+- ``messages``: ``messages``, a list of ``{"role", "content"}`` turns, rendered with the
+  tokenizer's chat template (``template: chat``); every assistant turn is trained on.
+
+Prompt templates (``template``) for instruction records, see `TEMPLATES`. An example is
+``prompt + response + EOS``; its ``labels`` are -100 on the prompt and on padding, so the loss
+covers the response and EOS only. Examples longer than ``cutoff_len`` are truncated (keeping
+the start, losing EOS) or dropped, per ``overlong``; an example whose prompt alone fills
+``cutoff_len`` has no response left and is always dropped. Both are counted in `DataStats`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+_ALPACA_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+_ALPACA_INPUT_HEAD = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file/record and the fix."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A named prompt template. ``prompt`` has an ``{instruction}`` field; ``prompt_with_input``
+    also ``{input}`` (``None``: a non-empty input is appended to the instruction after a blank line)."""
+
+    name: str
+    description: str
+    prompt: str | None
+    prompt_with_input: str | None = None
+
+
+TEMPLATES: dict[str, Template] = {
+    "alpaca": Template(
+        "alpaca",
+        "The paper's Alpaca-style prompt (LLM-Adapters commonsense/instruction training), with the "
+        "'paired with an input' variant when the record has an input.",
+        _ALPACA_HEAD + "### Instruction:\n{instruction}\n\n### Response:\n",
+        _ALPACA_INPUT_HEAD + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    ),
+    "metamath": Template(
+        "metamath",
+        "MetaMath/PiSSA math training prompt (the paper's math setting): Alpaca header, ending in "
+        "'### Response:' with the response appended directly; evaluate with '### Response: Let's think step by step.'",
+        _ALPACA_HEAD + "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    "plain": Template(
+        "plain",
+        "No wrapper: the instruction (and input after a blank line), then a newline, then the response.",
+        "{instruction}\n",
+    ),
+    "chat": Template(
+        "chat",
+        "The tokenizer's chat template: instruction (+ input) as the user turn, the output as the assistant "
+        "turn; required for 'messages' records.",
+        None,
+    ),
+}
+
+
+@dataclass
+class DataStats:
+    """What happened to the records: how many became examples, were truncated or dropped."""
+
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_prompt_too_long: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    max_length: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def describe(self, cutoff_len: int) -> str:
+        return (
+            f"{self.examples} examples from {self.records} records; {self.truncated} truncated to cutoff_len={cutoff_len}, "
+            f"{self.dropped_overlong} dropped as longer than cutoff_len, {self.dropped_prompt_too_long} dropped because the "
+            f"prompt alone fills cutoff_len; {self.label_tokens}/{self.tokens} tokens carry loss"
+        )
+
+
+def render_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:
+    """The prompt text of an instruction record (what the model sees before its response).
+
+    ``template="chat"`` needs the ``tokenizer`` (its chat template, with the generation prompt).
+    """
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}.")
+    spec = TEMPLATES[template]
+    if spec.prompt is None:
+        if tokenizer is None:
+            raise DataError("template 'chat' renders with a tokenizer's chat template: pass the tokenizer.")
+        return _apply_chat(tokenizer, [{"role": "user", "content": _join(instruction, input)}], generation_prompt=True)
+    if input and spec.prompt_with_input is not None:
+        return spec.prompt_with_input.format(instruction=instruction, input=input)
+    return spec.prompt.format(instruction=_join(instruction, input))
+
+
+def _join(instruction: str, input: str) -> str:
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def _apply_chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "this tokenizer has no chat template, so 'messages' records and template 'chat' cannot be rendered: "
+            "use instruction records with template alpaca, metamath or plain, or a model with a chat template."
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_records(dataset: str, split: str = "train", config_name: str | None = None) -> list[dict[str, Any]]:
+    """All records of a local .json/.jsonl/.parquet file, a local dataset directory or a hub dataset."""
+    path = Path(dataset)
+    if path.is_file():
+        records = _read_local_file(path)
+    else:
+        records = _load_with_datasets(dataset, split, config_name, local=path.is_dir())
+    if not records:
+        raise DataError(f"dataset {dataset} has no records: give a file with at least one example.")
+    bad = next((i for i, record in enumerate(records) if not isinstance(record, dict)), None)
+    if bad is not None:
+        raise DataError(f"{dataset}: record {bad} is a {type(records[bad]).__name__}, not an object with named fields.")
+    return records
+
+
+def _read_local_file(path: Path) -> list:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
+            raise DataError(f"{path} is not a readable Parquet file: {error}") from None
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # a .json file holding JSON Lines is common (and what datasets accepts)
+                raise DataError(f"{path} is not valid JSON: {error}") from None
+            return _parse_json_lines(path, text)
+        if not isinstance(data, list):
+            raise DataError(f"{path} must hold a JSON list of records (or JSON Lines), not a {type(data).__name__}.")
+        return data
+    if suffix == ".jsonl":
+        return _parse_json_lines(path, text)
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .parquet.")
+
+
+def _parse_json_lines(path: Path, text: str) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from None
+    return records
+
+
+def _load_with_datasets(dataset: str, split: str, config_name: str | None, local: bool) -> list:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(dataset, name=config_name, split=split)
+    except Exception as error:  # datasets raises many types (network, missing split, bad config)
+        where = "local dataset directory" if local else "Hugging Face hub dataset"
+        hint = "" if local else " If this machine is offline, download the data and give the local .json/.jsonl/.parquet path."
+        raise DataError(f"could not load {where} {dataset!r} (split {split!r}): {str(error).rstrip('.')}.{hint}") from None
+    return loaded.to_list()
+
+
+# ---------------------------------------------------------------- formats
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """The format of one record from its keys (see the module docstring)."""
+    if "messages" in record:
+        return "messages"
+    if "query" in record and "response" in record:
+        return "metamath"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    raise DataError(
+        f"cannot tell the format of a record with keys {sorted(record)}: expected 'instruction'/'input'/'output' "
+        "(Alpaca, LLM-Adapters), 'query'/'response' (MetaMathQA) or 'messages' (chat)."
+    )
+
+
+def normalise_record(record: dict[str, Any], fmt: str, index: int) -> dict[str, Any]:
+    """``{"instruction", "input", "output"}`` or ``{"messages"}``, with field types checked."""
+    fmt = "alpaca" if fmt == "llm-adapters" else fmt
+    fields = {"alpaca": ("instruction", "output"), "metamath": ("query", "response"), "messages": ("messages",)}[fmt]
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise DataError(f"record {index} lacks {missing} required by the {fmt!r} format (it has {sorted(record)}).")
+    if fmt == "messages":
+        return {"messages": _check_messages(record["messages"], index)}
+    instruction, output = (record[name] for name in fields)
+    input_text = record.get("input") or ""
+    for name, value in ((fields[0], instruction), (fields[1], output), ("input", input_text)):
+        if not isinstance(value, str):
+            raise DataError(f"record {index}: field {name!r} must be a string, got {type(value).__name__}.")
+    if not instruction.strip():
+        raise DataError(f"record {index}: field {fields[0]!r} is empty.")
+    return {"instruction": instruction, "input": input_text, "output": output}
+
+
+def _check_messages(messages: Any, index: int) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"record {index}: 'messages' must be a non-empty list of {{'role', 'content'}} turns.")
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            raise DataError(f"record {index}: every turn needs a string 'role' and a string 'content', got {turn!r}.")
+    roles = [turn["role"] for turn in messages]
+    if "assistant" not in roles:
+        raise DataError(f"record {index}: no 'assistant' turn, so there is nothing to train on.")
+    if roles[0] == "assistant":
+        raise DataError(f"record {index}: the conversation starts with an assistant turn; it needs a prompt before it.")
+    return [{"role": turn["role"], "content": turn["content"]} for turn in messages]
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+@dataclass(frozen=True)
+class _Special:
+    prefix: list[int]  # what the tokenizer puts in front of a text (e.g. [BOS]), [] for most chat models
+    eos: int
+
+
+def _special_tokens(tokenizer) -> _Special:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training.")
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    start = next((i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain), 0)
+    return _Special(prefix=list(with_special[:start]), eos=tokenizer.eos_token_id)
+
+
+def _segments_to_example(segments: Sequence[tuple[list[int], bool]]) -> dict[str, list[int]]:
+    """Concatenate token segments; labels copy the trained segments and are -100 elsewhere."""
+    input_ids, labels = [], []
+    for ids, trained in segments:
+        input_ids.extend(ids)
+        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _instruction_examples(items: list[dict], template: str, tokenizer, special: _Special) -> list[dict]:
+    prompts = [render_prompt(template, item["instruction"], item["input"]) for item in items]
+    full = [prompt + item["output"] for prompt, item in zip(prompts, items)]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    examples = []
+    for p_ids, f_ids, item in zip(prompt_ids, full_ids, items):
+        if f_ids[: len(p_ids)] == p_ids:
+            response_ids = f_ids[len(p_ids) :]
+        else:  # the prompt's last token merged with the response's first: tokenise the parts apart
+            response_ids = tokenizer(item["output"], add_special_tokens=False)["input_ids"]
+        examples.append(_segments_to_example([(special.prefix + p_ids, False), (response_ids + [special.eos], True)]))
+    return examples
+
+
+def _chat_example(messages: list[dict], tokenizer, special: _Special, index: int) -> dict:
+    """Render turn by turn; assistant turns (with their end-of-turn marker) carry the loss."""
+    texts, rendered = [], ""
+    for k, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prompt = _apply_chat(tokenizer, messages[:k], generation_prompt=True)
+        full = _apply_chat(tokenizer, messages[: k + 1], generation_prompt=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise DataError(
+                f"record {index}: the tokenizer's chat template does not render conversations prefix by prefix, so "
+                "the assistant turns cannot be located; use instruction records with another template."
+            )
+        texts += [(prompt[len(rendered) :], False), (full[len(prompt) :], True)]
+        rendered = full
+    ids = tokenizer([text for text, _ in texts], add_special_tokens=False)["input_ids"]
+    segments = []
+    for segment_ids, (_, trained) in zip(ids, texts):
+        if trained and special.eos not in segment_ids:
+            segment_ids = segment_ids + [special.eos]
+        segments.append((segment_ids, trained))
+    return _segments_to_example(segments)
+
+
+def encode_records(
+    items: list[dict], template: str, tokenizer, cutoff_len: int, overlong: str = "truncate", progress: bool = True
+) -> tuple[list[dict[str, list[int]]], DataStats]:
+    """Tokenise normalised records into ``{"input_ids", "labels"}`` examples (see module docstring)."""
+    if overlong not in ("truncate", "drop"):
+        raise DataError(f"overlong must be 'truncate' or 'drop', got {overlong!r}.")
+    special = _special_tokens(tokenizer)
+    stats = DataStats(records=len(items))
+    examples = []
+    chunk = 1000
+    bar = tqdm(total=len(items), desc="tokenising", unit="rec", disable=not progress or len(items) < 5 * chunk)
+    for start in range(0, len(items), chunk):
+        block = items[start : start + chunk]
+        if any("messages" in item for item in block) and template != "chat":
+            raise DataError(
+                f"records in the chat 'messages' format are rendered with the tokenizer's chat template, but template is "
+                f"{template!r}: set template: chat."
+            )
+        if template == "chat":
+            encoded = [
+                _chat_example(item["messages"] if "messages" in item else _as_messages(item), tokenizer, special, start + i)
+                for i, item in enumerate(block)
+            ]
+        else:
+            encoded = _instruction_examples(block, template, tokenizer, special)
+        for example in encoded:
+            _fit(example, cutoff_len, overlong, stats, examples)
+        bar.update(len(block))
+    bar.close()
+    return examples, stats
+
+
+def _as_messages(item: dict) -> list[dict]:
+    return [{"role": "user", "content": _join(item["instruction"], item["input"])}, {"role": "assistant", "content": item["output"]}]
+
+
+def _fit(example: dict, cutoff_len: int, overlong: str, stats: DataStats, kept: list) -> None:
+    length = len(example["input_ids"])
+    if length > cutoff_len:
+        if overlong == "drop":
+            stats.dropped_overlong += 1
+            return
+        example = {key: value[:cutoff_len] for key, value in example.items()}
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            stats.dropped_prompt_too_long += 1
+            return
+        stats.truncated += 1
+    kept.append(example)
+    stats.examples += 1
+    stats.tokens += len(example["input_ids"])
+    stats.label_tokens += sum(label != IGNORE_INDEX for label in example["labels"])
+    stats.max_length = max(stats.max_length, len(example["input_ids"]))
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Tokenised examples: item i is ``{"input_ids": list[int], "labels": list[int]}`` (same length)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.examples[index]
+
+
+@dataclass
+class SupervisedCollator:
+    """Right-pads a batch to its longest example (rounded up to ``pad_to_multiple_of``).
+
+    Returns LongTensors ``input_ids``, ``labels`` and ``attention_mask`` of shape (batch, length);
+    padding has ``attention_mask`` 0 and label -100. The mask comes from the lengths, not from
+    the pad id, which is often EOS and also occurs inside examples.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(example["input_ids"]) for example in batch)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, example in enumerate(batch):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def build_datasets(config, tokenizer, progress: bool = True) -> tuple[SupervisedDataset, SupervisedDataset | None, DataStats]:
+    """Train (and validation, when ``config.val_size``) datasets from a `TrainConfig`.
+
+    Validation records are a seeded random subset taken before tokenisation; the stats cover
+    the training examples.
+    """
+    records = load_records(config.dataset, config.dataset_split, config.dataset_config)
+    if config.max_samples is not None:
+        records = records[: config.max_samples]
+    fmt = detect_format(records[0]) if config.dataset_format == "auto" else config.dataset_format
+    items = [normalise_record(record, fmt, index) for index, record in enumerate(records)]
+    val_count = int(config.val_size) if config.val_size >= 1 else round(config.val_size * len(items))
+    if val_count >= len(items):
+        raise DataError(f"val_size={config.val_size} leaves no training records out of {len(items)}: lower it.")
+    order = list(range(len(items)))
+    random.Random(config.seed).shuffle(order)
+    val_indices = set(order[:val_count])
+    train_items = [item for i, item in enumerate(items) if i not in val_indices]
+    val_items = [item for i, item in enumerate(items) if i in val_indices]
+    train_examples, stats = encode_records(train_items, config.template, tokenizer, config.cutoff_len, config.overlong, progress)
+    if not train_examples:
+        raise DataError(
+            f"no training examples left: all {len(train_items)} records are longer than cutoff_len={config.cutoff_len} "
+            "(or their prompts fill it). Raise cutoff_len or use overlong: truncate."
+        )
+    val_dataset = None
+    if val_items:
+        val_examples, _ = encode_records(val_items, config.template, tokenizer, config.cutoff_len, config.overlong, progress)
+        val_dataset = SupervisedDataset(val_examples) if val_examples else None
+    return SupervisedDataset(train_examples), val_dataset, stats
