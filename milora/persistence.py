@@ -102,9 +102,11 @@ def save_adapter(
     }
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the adapter directory should not be
     try:
         config.save_pretrained(staging)
         save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (staging / ADAPTER_WEIGHTS).chmod(0o644)
         (staging / MILORA_CONFIG).write_text(json.dumps(_json_safe(metadata), indent=2) + "\n")
         if save_residual:
             _save_residual(peft_model, staging, adapter_name)

@@ -1,0 +1,63 @@
+"""`milora init` and `milora merge` on a tiny model directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from transformers import AutoModelForCausalLM
+
+import milora
+from milora.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_init_writes_adapter_and_report(model_dir, tmp_path, capsys, tokens):
+    assert main(["init", str(model_dir), "--output", str(tmp_path / "out"), "--rank", "8", "--alpha", "16"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[: printed.rindex("}") + 1])
+    assert summary["weights"] == 10 and summary["output_relative_error"] < 1e-5
+    metadata = json.loads((tmp_path / "out" / "milora_config.json").read_text())
+    assert metadata["init"] == "milora" and metadata["r"] == 8 and metadata["lora_alpha"] == 16
+    assert metadata["measured"]["output_relative_error"] < 1e-5
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = base(tokens).logits
+        assert torch.allclose(milora.load_model(base, tmp_path / "out")(tokens).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_init_defaults_follow_the_paper(model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="Rank 64 is too large"):  # tiny model: 32 x 64 k_proj
+        main(["init", str(model_dir), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_refuses_missing_targets_and_existing_output(tmp_path, model_dir):
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(SystemExit, match=r"Target module\(s\) \['down_proj', 'k_proj', 'q_proj', 'up_proj', 'v_proj'\] not found"):
+        main(["init", str(tmp_path / "gpt2"), "--output", str(tmp_path / "out"), "--rank", "4"])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="already exists and is not empty"):
+        main(["init", str(model_dir), "--output", str(tmp_path / "busy"), "--rank", "4"])
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_init_then_merge(model_dir, tmp_path, tokens):
+    main(["init", str(model_dir), "--output", str(tmp_path / "adapter"), "--rank", "4", "--init", "pissa", "--save-residual"])
+    assert (tmp_path / "adapter" / "residual_model" / "config.json").exists()
+    assert main(["merge", str(tmp_path / "adapter"), "--model", str(model_dir), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = base(tokens).logits.double()
+        assert float((merged(tokens).logits.double() - expected).norm() / expected.norm()) < 1e-5
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["merge", str(tmp_path / "adapter"), "--model", str(model_dir), "--output", str(tmp_path / "merged")])
