@@ -16,6 +16,7 @@ whole-model `milora.get_model` above the loaded model.
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
 
@@ -51,13 +52,13 @@ def paper_svd(weight: torch.Tensor):
     return torch.linalg.svd(weight.float(), full_matrices=False)
 
 
-def compare_weight(weight: torch.Tensor, ranks, reference_svd=None) -> list[dict]:
-    U64, _, Vh64 = reference_svd if reference_svd is not None else torch.linalg.svd(weight.double(), full_matrices=False)
+def compare_weight(weight: torch.Tensor, ranks) -> list[dict]:
+    U64, _, Vh64 = torch.linalg.svd(weight.double(), full_matrices=False)
     (U32, _, Vh32), paper_seconds = timed(lambda: paper_svd(weight))  # r-independent: one SVD serves every r
     rows = []
     for r in ranks:
         reference = (U64[:, -r:], Vh64[-r:])
-        parts, seconds = timed(lambda: select_components(weight, r, "milora"))
+        parts, seconds = timed(functools.partial(select_components, weight, r, "milora"))
         rows.append({
             "shape": tuple(weight.shape), "r": r, "paper_s": paper_seconds, "milora_s": seconds, "solver": parts.solver,
             "paper_err": subspace_error(U32[:, -r:].double(), Vh32[-r:].double(), reference),

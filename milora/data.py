@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -153,11 +154,12 @@ def load_records(dataset: str, split: str = "train", config_name: str | None = N
 def _read_local_file(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
         try:
             return pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
+        except (pyarrow.ArrowException, OSError) as error:
             raise DataError(f"{path} is not a readable Parquet file: {error}") from None
     text = path.read_text(encoding="utf-8")
     if suffix == ".json":

@@ -179,10 +179,10 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
         pivots = np.abs(np.diag(lu[0]))
         if pivots.min() <= k * np.finfo(np.float64).eps * pivots.max():
             raise np.linalg.LinAlgError("numerically singular weight")
-        apply = lambda x: scipy.linalg.lu_solve(lu, scipy.linalg.lu_solve(lu, x, trans=1))  # noqa: E731
+        apply = lambda x: scipy.linalg.lu_solve(lu, scipy.linalg.lu_solve(lu, x, trans=1))
     else:
         factor = scipy.linalg.cho_factor(_gram(w).numpy(), check_finite=False)
-        apply = lambda x: scipy.linalg.cho_solve(factor, x)  # noqa: E731
+        apply = lambda x: scipy.linalg.cho_solve(factor, x)
     operator = scipy.sparse.linalg.LinearOperator((k, k), matvec=apply, matmat=apply, dtype=np.float64)
     start = np.ones(k) / np.sqrt(k)  # fixed start vector: deterministic results
     values, vectors = scipy.sparse.linalg.eigsh(operator, k=wanted, which="LA", v0=start, tol=0)

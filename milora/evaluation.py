@@ -144,7 +144,7 @@ def _hub_records(task: str, data: str | None) -> tuple[str, list[dict]]:
     for repo, config in sources:
         try:
             records.extend(datasets.load_dataset(repo, config, split="test"))
-        except Exception as error:  # noqa: BLE001 - any hub/network failure gets the same advice
+        except Exception as error:
             raise DataError(
                 f"{repo!r} is not a local path and could not be loaded from the hub "
                 f"({type(error).__name__}: {error}); offline, pass a local file or directory with --data."

@@ -322,7 +322,11 @@ def _latex_to_python(text: str) -> str:
 def _sympy_value(text: str):
     """A sympy expression for a normalised answer, or None when it is not a plain expression."""
     import sympy
-    from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, standard_transformations
+    from sympy.parsing.sympy_parser import (
+        implicit_multiplication,
+        parse_expr,
+        standard_transformations,
+    )
 
     try:
         expression = _latex_to_python(text)
@@ -345,7 +349,7 @@ def _sympy_value(text: str):
             transformations=standard_transformations + (implicit_multiplication,),
             evaluate=False,
         )
-    except Exception:  # noqa: BLE001 - sympy raises many types on unparseable input; not an expression then
+    except Exception:  # sympy's parser raises many unrelated types on malformed input: unparseable
         return None
 
 
@@ -369,7 +373,7 @@ def _values_equal(a, b, percent: bool) -> bool:
             if not any(_close(value_a * scale, value_b) for scale in scales):
                 return False
         return True
-    except Exception:  # noqa: BLE001 - sympy/mpmath raise many types on odd values; not equal then
+    except Exception:  # sympy evaluation failures of any type count as "not equal", never as equal
         return False
 
 

@@ -79,21 +79,22 @@ def save_adapter(
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{output_dir} already exists and is not empty: choose another directory or pass overwrite=True.")
-    config = peft_model.peft_config[adapter_name]
+    trained_config = peft_model.peft_config[adapter_name]
     weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
+    config = trained_config
     if record.init != "lora":
         weights = _update_as_lora(weights, record)
-        config = _doubled_rank_config(config)
+        config = _doubled_rank_config(trained_config)
     metadata = {
         "format_version": FORMAT_VERSION,
         "init": record.init,
         "solver": record.solver,
         "seed": record.seed,
-        "r": peft_model.peft_config[adapter_name].r,
-        "lora_alpha": peft_model.peft_config[adapter_name].lora_alpha,
-        "use_rslora": peft_model.peft_config[adapter_name].use_rslora,
-        "rank_pattern": dict(peft_model.peft_config[adapter_name].rank_pattern),
-        "alpha_pattern": dict(peft_model.peft_config[adapter_name].alpha_pattern),
+        "r": trained_config.r,
+        "lora_alpha": trained_config.lora_alpha,
+        "use_rslora": trained_config.use_rslora,
+        "rank_pattern": dict(trained_config.rank_pattern),
+        "alpha_pattern": dict(trained_config.alpha_pattern),
         "fingerprint": record.fingerprint,
         "layout": "PEFT LoRA on the original base; rank 2r = [trainable | initial] unless init is 'lora'",
         "summary": record.summary(),

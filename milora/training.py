@@ -21,6 +21,7 @@ stops; ``resume_from_checkpoint: true`` continues from the latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -28,10 +29,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -186,10 +188,8 @@ def _check_output_dir(config: TrainConfig) -> str | None:
 
 def _check_environment(config: TrainConfig) -> None:
     if config.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401  (Trainer's TensorBoard callback needs it)
-        except ImportError:
-            raise ConfigError("report_to is 'tensorboard' but tensorboard is not installed: `pip install tensorboard`, or set report_to: none.") from None
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("report_to is 'tensorboard' but tensorboard is not installed: `pip install tensorboard`, or set report_to: none.")
     if config.fp16 and not torch.cuda.is_available():
         raise ConfigError("fp16 mixed precision needs a GPU; on CPU use bf16: true or neither.")
 

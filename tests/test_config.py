@@ -5,7 +5,16 @@ import json
 import pytest
 import yaml
 
-from milora.config import ConfigError, TrainConfig, from_dict, key_help, load_config, parse_overrides, save_config, valid_keys
+from milora.config import (
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    key_help,
+    load_config,
+    parse_overrides,
+    save_config,
+    valid_keys,
+)
 
 
 @pytest.fixture

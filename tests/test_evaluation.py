@@ -19,7 +19,13 @@ from milora.evaluation import (
     load_examples,
     write_results,
 )
-from milora.grading import LABEL_SETS, DataError, extract_number, gold_number, numbers_match
+from milora.grading import (
+    LABEL_SETS,
+    DataError,
+    extract_number,
+    gold_number,
+    numbers_match,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COMMONSENSE_FILES = sorted((SHARED_DATA / "commonsense").glob("*/*.json")) if SHARED_DATA.is_dir() else []

@@ -5,6 +5,7 @@ import pytest
 from milora.grading import (
     LABEL_SETS,
     DataError,
+    NormalizationError,
     extract_choice,
     extract_label,
     extract_math_answer,
@@ -15,7 +16,6 @@ from milora.grading import (
     last_boxed,
     math_answers_equivalent,
     normalize_math_answer,
-    NormalizationError,
     numbers_match,
     word_problem_correct,
 )
