@@ -5,25 +5,29 @@ paper's svd_init) and of `milora.select_components(W, r, "milora")` (solver "aut
 ratio, and both errors against a float64 full SVD: the sine of the largest principal angle
 between the computed and the reference minor subspaces (max over the left and right sides).
 Synthetic weights have an LLM-like spectrum: a Gaussian bulk (Marchenko-Pastur, with its hard
-edge at 0 for square weights) plus 16 outlier directions. Then the same over every adapted
-weight of the embedded SmolLM2-135M (targets q,k,v,up,down), and the peak memory of a
-whole-model `milora.get_model` above the loaded model.
+edge at 0 for square weights) plus 16 outlier directions. Then all adapted weights of the
+embedded SmolLM2-135M (targets q,k,v,up,down) as a whole-model init decomposes them (several
+at once on CPU, see `milora.decomposition.default_workers`), and the peak memory of a
+whole-model init above the model.
 
     python benchmarks/init_speed.py            # full run (several minutes on 2 cores)
     python benchmarks/init_speed.py --quick    # 1024 x 1024 and 2048 x 1024 only
+    python benchmarks/init_speed.py --memory   # peak memory of a whole-model init only
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import torch
 
-from milora.decomposition import principal_angle_sine, select_components
+from milora.decomposition import default_workers, principal_angle_sine, select_components, select_components_many
 
 RANKS = (8, 32, 64)
 
@@ -85,23 +89,26 @@ def synthetic(shapes) -> None:
 
 
 def whole_model(r: int) -> None:
+    """Every adapted weight of SmolLM2: the paper's loop of float32 SVDs against milora's
+    decomposition phase as `get_model` runs it (solver auto, default workers)."""
     from milora.cli import PAPER_TARGETS
     from milora.models import load_base_model
 
     model, _ = load_base_model()
-    weights = {name: module.weight.detach() for name, module in model.named_modules() if name.endswith(PAPER_TARGETS)}
-    paper_total = milora_total = 0.0
-    paper_worst = milora_worst = 0.0
-    solvers = set()
-    for weight in weights.values():
-        row = compare_weight(weight, (r,))[0]
-        paper_total += row["paper_s"]
-        milora_total += row["milora_s"]
-        paper_worst, milora_worst = max(paper_worst, row["paper_err"]), max(milora_worst, row["milora_err"])
-        solvers.add(row["solver"])
+    weights = [module.weight.detach() for name, module in model.named_modules() if name.endswith(PAPER_TARGETS)]
+    references = []
+    for weight in weights:
+        U64, _, Vh64 = torch.linalg.svd(weight.double(), full_matrices=False)
+        references.append((U64[:, -r:], Vh64[-r:]))
+    paper, paper_seconds = timed(lambda: [paper_svd(weight) for weight in weights])
+    workers = default_workers([tuple(weight.shape) for weight in weights])
+    ours, milora_seconds = timed(lambda: list(select_components_many(((w, r, None) for w in weights), "milora", "auto", workers)))
+    paper_worst = max(subspace_error(U[:, -r:].double(), Vh[-r:].double(), ref) for (U, _, Vh), ref in zip(paper, references))
+    milora_worst = max(subspace_error(parts.U, parts.Vh, ref) for parts, ref in zip(ours, references))
+    solvers = sorted({parts.solver for parts in ours})
     print(f"== SmolLM2-135M, {len(weights)} weights (q,k,v,up,down), r={r} ==")
-    print(f"paper fp32 SVD {paper_total:.1f} s, milora {milora_total:.1f} s ({', '.join(sorted(solvers))}), "
-          f"ratio {paper_total / milora_total:.2f}; worst error paper {paper_worst:.1e}, milora {milora_worst:.1e}")
+    print(f"paper fp32 SVD {paper_seconds:.2f} s, milora {milora_seconds:.2f} s ({', '.join(solvers)}; {workers} workers), "
+          f"ratio {paper_seconds / milora_seconds:.2f}; worst error paper {paper_worst:.1e}, milora {milora_worst:.1e}")
 
 
 def _rss_bytes() -> int:
@@ -110,15 +117,24 @@ def _rss_bytes() -> int:
 
 
 def init_memory(r: int) -> None:
-    """Peak resident memory during a whole-model get_model, above the loaded model."""
-    from peft import LoraConfig
+    """Peak resident memory of a whole-model get_model above the model with its LoRA modules.
+
+    The model's weights are memory-mapped from the safetensors cache and only become
+    resident when read, so they are all read first; PEFT's injection is done first too, so
+    what is left is the init's own memory: the initial factors it keeps (needed to save the
+    adapter) and its transient work buffers.
+    """
+    from peft import LoraConfig, get_peft_model
 
     import milora
     from milora.cli import PAPER_TARGETS
+    from milora.initialization import InitRecord, _initialise_layers
 
     model, _ = milora.load_base_model()
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for parameter in model.parameters():  # make the memory-mapped weights resident
+        float(parameter.detach().sum())
     largest = max(m.weight.numel() for n, m in model.named_modules() if n.endswith(PAPER_TARGETS))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=list(PAPER_TARGETS)))
     before = _rss_bytes()
     peak = [before]
     done = threading.Event()
@@ -126,32 +142,38 @@ def init_memory(r: int) -> None:
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    milora.get_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=list(PAPER_TARGETS)), progress=False)
+    record = InitRecord(init="milora", solver="auto", seed=0, fingerprint={})
+    _initialise_layers(peft_model, record, "default", "auto", None, None, progress=False)
     done.set()
     sampler.join()
-    adapter_bytes = 2 * sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
-    extra = peak[0] - before
-    print(f"== peak memory of a whole-model init (r={r}) ==")
-    print(f"model {model_bytes / 2**20:.0f} MiB; RSS after load {before / 2**20:.0f} MiB; peak during init "
-          f"+{extra / 2**20:.0f} MiB = {extra / (8 * largest):.1f} float64 copies of the largest weight "
-          f"(of which trainable + initial factors {adapter_bytes / 2**20:.0f} MiB)")
+    kept = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in record.initial_factors.values())
+    extra, copy = peak[0] - before, 8 * largest
+    print(f"== peak memory of a whole-model init (r={r}, {record.measured['workers']} workers) ==")
+    print(f"model + LoRA modules {before / 2**20:.0f} MiB resident; peak during init +{extra / 2**20:.0f} MiB: "
+          f"initial factors kept {kept / 2**20:.0f} MiB + work buffers {(extra - kept) / 2**20:.0f} MiB "
+          f"= {(extra - kept) / copy:.1f} float64 copies of the largest weight ({copy / 2**20:.1f} MiB)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only, no SmolLM2")
+    parser.add_argument("--memory", action="store_true", help="only the peak memory of a whole-model init")
     args = parser.parse_args()
+    if args.memory:
+        init_memory(64)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.quick:
         synthetic([(1024, 1024), (2048, 1024)])
         return
     synthetic([(2048, 2048), (4096, 4096), (11008, 4096)])
     whole_model(64)
-    init_memory(64)
+    # a fresh process: memory freed by the runs above would hide the init's own allocations
+    subprocess.run([sys.executable, __file__, "--memory"], check=True)
 
 
 if __name__ == "__main__":

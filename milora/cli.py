@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from milora.decomposition import SOLVERS
+from milora.initialization import INIT_MODES
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="milora", description="MiLoRA fine-tuning for Hugging Face models.")
@@ -31,8 +34,10 @@ def _add_init_command(subparsers) -> None:
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64, the paper's math setting)")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
     parser.add_argument("--target-modules", default=",".join(PAPER_TARGETS), help="comma-separated module names")
-    parser.add_argument("--init", default="milora", choices=["milora", "pissa", "middle", "random", "lora"])
-    parser.add_argument("--solver", default="auto", choices=["auto", "eigh", "svd"])
+    parser.add_argument("--init", default="milora", choices=list(INIT_MODES))
+    parser.add_argument("--solver", default="auto", choices=list(SOLVERS))
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CPU weights decomposed at once, one BLAS thread each (default: threads, at most 4)")
     parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
@@ -68,7 +73,8 @@ def _run_init(args) -> int:
     with torch.no_grad():
         before = model(probe).logits.double()
     try:
-        peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed)
+        peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed,
+                               workers=args.workers)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     with torch.no_grad():

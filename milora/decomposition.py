@@ -26,15 +26,27 @@ below float32 resolution), hence float64 throughout.
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 import torch
+from threadpoolctl import threadpool_limits
+
+from milora import lapack
 
 SELECTIONS = ("milora", "pissa", "middle", "random")
 SOLVERS = ("auto", "eigh", "lanczos", "svd")
+# Smaller side from which one weight keeps several cores busy (and Lanczos can pay off)
+LARGE_SIDE = 2048
+# Cap on concurrent CPU decompositions: each holds a float64 copy of its weight and a Gram
+# matrix, so more workers trade memory for little speed.
+MAX_WORKERS = 4
 
 
 @dataclass
@@ -65,13 +77,16 @@ def selected_positions(selection: str, k: int, r: int, generator: torch.Generato
     return torch.arange(start, start + r)
 
 
-def resolve_solver(solver: str, selection: str, device: torch.device | str = "cpu", shape: tuple[int, int] | None = None) -> str:
+def resolve_solver(
+    solver: str, selection: str, device: torch.device | str = "cpu", shape: tuple[int, int] | None = None, r: int | None = None
+) -> str:
     """The solver ``auto`` stands for with this weight, after checking the choice fits the selection.
 
-    ``auto`` on CPU: shift-invert Lanczos for the minor triplets of square weights (whose
-    smallest singular values sit at a hard edge near 0, where it converges in a few hundred
-    matrix-vector products), plain Lanczos for the principal triplets, eigh otherwise
-    (rectangular weights have a dense soft edge that makes Lanczos crawl).
+    ``auto`` on CPU: Lanczos for the principal triplets, and shift-invert Lanczos for the
+    minor triplets of large square weights (smaller side >= LARGE_SIDE, r <= side / 64: its
+    cost grows with r, the dense solver's does not); eigh otherwise. Rectangular weights have
+    a dense soft edge at the bottom of the spectrum that makes Lanczos crawl. The thresholds
+    are measured on 2 CPU cores (benchmarks/RESULTS.md).
     """
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}.")
@@ -85,11 +100,27 @@ def resolve_solver(solver: str, selection: str, device: torch.device | str = "cp
         return solver
     if selection == "random":
         return "svd"
-    on_cpu = torch.device(device).type == "cpu"
-    square = shape is not None and shape[0] == shape[1]
-    if on_cpu and (selection == "pissa" or (selection == "milora" and square)):
+    if torch.device(device).type != "cpu":
+        return "eigh"
+    if selection == "pissa":
         return "lanczos"
+    if selection == "milora" and shape is not None and shape[0] == shape[1] and r is not None:
+        side = shape[0]
+        if side >= LARGE_SIDE and 64 * r <= side:
+            return "lanczos"
     return "eigh"
+
+
+def default_workers(shapes: Iterable[tuple[int, int]], device: torch.device | str = "cpu") -> int:
+    """How many weights `select_components_many` should decompose at once by default.
+
+    On CPU, when every weight's smaller side is below LARGE_SIDE, one per torch thread (at
+    most MAX_WORKERS): LAPACK cannot keep several cores busy on one such weight. Otherwise 1:
+    large weights use the cores on their own, and sequential work keeps one set of buffers.
+    """
+    if torch.device(device).type != "cpu" or any(min(shape) >= LARGE_SIDE for shape in shapes):
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_WORKERS))
 
 
 def select_components(
@@ -104,7 +135,7 @@ def select_components(
         raise ValueError(f"Expected a 2-D weight, got shape {tuple(weight.shape)}.")
     k = min(weight.shape)
     positions = selected_positions(selection, k, r, generator)
-    solver = resolve_solver(solver, selection, weight.device, tuple(weight.shape))
+    solver = resolve_solver(solver, selection, weight.device, tuple(weight.shape), r)
     w = weight.detach().to(torch.float64)
     if solver == "svd":
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
@@ -119,6 +150,51 @@ def select_components(
             parts.solver = "eigh (lanczos failed)"
             return parts
     return _eigh_components(w, positions, selection)
+
+
+def select_components_many(
+    tasks: Iterable[tuple[torch.Tensor, int, torch.Generator | None]],
+    selection: str = "milora",
+    solver: str = "auto",
+    workers: int = 1,
+) -> Iterator[Components]:
+    """`select_components` of each ``(weight, r, generator)``, yielded in order.
+
+    With ``workers > 1`` (CPU weights only) that many weights are decomposed at once, each on
+    one BLAS thread. LAPACK's eigensolvers spend half their time in memory-bound level-2
+    steps that barely use a second core on weights of a few thousand columns or less, so
+    whole-model throughput scales with the cores; the cost is ``workers`` sets of float64
+    work buffers alive at once instead of one.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}.")
+    if workers == 1:
+        for weight, r, generator in tasks:
+            yield select_components(weight, r, selection, solver, generator)
+        return
+    with _one_blas_thread_each(), ThreadPoolExecutor(workers, thread_name_prefix="milora-svd") as pool:
+        pending = deque()  # at most one task waiting per worker: results do not pile up in memory
+        for weight, r, generator in tasks:
+            if weight.device.type != "cpu":
+                raise ValueError(f"workers={workers} applies to CPU weights; got one on {weight.device}: use workers=1.")
+            pending.append(pool.submit(select_components, weight, r, selection, solver, generator))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextmanager
+def _one_blas_thread_each():
+    """Single-threaded torch and BLAS for the duration (restored after): concurrent workers
+    then use one core each instead of competing thread pools oversubscribing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _boundary_gap(singular_values: torch.Tensor, positions: torch.Tensor, selection: str) -> float:
@@ -140,27 +216,21 @@ def _neighbourhood(positions: torch.Tensor, k: int) -> tuple[int, int]:
     return max(int(positions[0]) - 1, 0), min(int(positions[-1]) + 1, k - 1)
 
 
-def _gram(w: torch.Tensor) -> torch.Tensor:
-    """The k x k Gram matrix of the smaller side (eigenvalues sigma^2). On CPU through numpy,
-    whose ``a.T @ a`` runs BLAS syrk: half the flops of a general product."""
-    if w.device.type == "cpu":
-        wn = w.numpy()
-        return torch.from_numpy(wn.T @ wn if w.shape[0] >= w.shape[1] else wn @ wn.T)
-    return w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-
-
 def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
     k = min(w.shape)
-    gram = _gram(w)
     lo_pos, hi_pos = _neighbourhood(positions, k)
     lo_asc, hi_asc = k - 1 - hi_pos, k - 1 - lo_pos  # ascending eigen-indices, inclusive
-    if gram.device.type == "cpu":
-        evals, evecs = scipy.linalg.eigh(gram.numpy(), subset_by_index=[lo_asc, hi_asc], driver="evr")
-        evals, evecs = torch.from_numpy(evals), torch.from_numpy(evecs)
+    if w.device.type == "cpu":
+        evals, evecs = map(torch.from_numpy, lapack.eigh_range(lapack.gram(_as_numpy(w)), lo_asc, hi_asc))
     else:
-        all_evals, all_evecs = torch.linalg.eigh(gram)
+        all_evals, all_evecs = torch.linalg.eigh(w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T)
         evals, evecs = all_evals[lo_asc : hi_asc + 1], all_evecs[:, lo_asc : hi_asc + 1]
     return _complete(w, evals.flip(0), evecs.flip(1), positions, lo_pos, selection, "eigh")
+
+
+def _as_numpy(w: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float64 numpy view (or copy) of a CPU tensor."""
+    return np.ascontiguousarray(w.numpy())
 
 
 def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
@@ -170,7 +240,7 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
     wanted = hi_pos - lo_pos + 1
     if wanted >= k - 1:  # ARPACK needs k > wanted + 1; dense is cheap at this size anyway
         raise np.linalg.LinAlgError("block too large for Lanczos")
-    wn = w.numpy()
+    wn = _as_numpy(w)
     tall = m >= n
     if selection == "pissa":  # largest eigenvalues of G, applied as W^T (W x) or W (W^T x)
         apply = (lambda x: wn.T @ (wn @ x)) if tall else (lambda x: wn @ (wn.T @ x))
@@ -181,7 +251,7 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
             raise np.linalg.LinAlgError("numerically singular weight")
         apply = lambda x: scipy.linalg.lu_solve(lu, scipy.linalg.lu_solve(lu, x, trans=1))
     else:
-        factor = scipy.linalg.cho_factor(_gram(w).numpy(), check_finite=False)
+        factor = scipy.linalg.cho_factor(lapack.gram(wn), lower=True, check_finite=False)
         apply = lambda x: scipy.linalg.cho_solve(factor, x)
     operator = scipy.sparse.linalg.LinearOperator((k, k), matvec=apply, matmat=apply, dtype=np.float64)
     start = np.ones(k) / np.sqrt(k)  # fixed start vector: deterministic results
@@ -213,9 +283,15 @@ def _complete(
     tall = w.shape[0] >= w.shape[1]
     first, count = int(positions[0]), positions.numel()
     basis = evecs[:, first - lo_pos : first - lo_pos + count].to(w.device)  # right (tall) or left (wide), k x r
-    projected = w @ basis if tall else w.T @ basis  # (m or n) x r
-    Q, S, Rh = torch.linalg.svd(projected, full_matrices=False)
-    U, Vh = (Q, (basis @ Rh.T).T) if tall else (basis @ Rh.T, Q.T)
+    if w.device.type == "cpu":  # the same BLAS and LAPACK as the eigensolver (see milora.lapack)
+        basis = _as_numpy(basis)
+        projected = lapack.matmul(_as_numpy(w), basis, transpose_a=not tall)  # (m or n) x r
+        Q, S, Rh = scipy.linalg.svd(projected, full_matrices=False, check_finite=False)
+        Q, S, rotated = map(torch.from_numpy, (Q, S, lapack.matmul(np.ascontiguousarray(Rh), basis.T.copy())))
+    else:
+        Q, S, Rh = torch.linalg.svd(w @ basis if tall else w.T @ basis, full_matrices=False)
+        rotated = Rh @ basis.T  # r x k
+    U, Vh = (Q, rotated) if tall else (rotated.T, Q.T)
     sigmas = torch.full((k,), float("nan"), dtype=torch.float64)
     sigmas[lo_pos : lo_pos + evals.numel()] = evals.cpu().clamp_min(0).sqrt()
     return Components(U, S, Vh, solver, _boundary_gap(sigmas, positions, selection))

@@ -16,6 +16,8 @@ the rounded factors, so the identity never depends on the solver's accuracy.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import hashlib
 import math
 import time
@@ -30,12 +32,15 @@ from peft.utils.other import get_pattern_key
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from milora.decomposition import SELECTIONS, resolve_solver, select_components
+from milora.decomposition import SELECTIONS, default_workers, resolve_solver, select_components_many
 
 INIT_MODES = SELECTIONS + ("lora",)
 # Below this relative boundary gap the selected subspace is sensitive: a relative
 # perturbation delta of W can rotate it by about delta / gap.
 SENSITIVE_GAP = 1e-3
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
+    _LIBC = None
 _QUANTISED_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "hqq", "torchao", "eetq")
 
 
@@ -68,7 +73,6 @@ class InitRecord:
             "max_reconstruction_error": max(errors, default=0.0),
             "min_boundary_gap": min(gaps, default=math.nan),
             "sensitive_subspaces": sum(gap < SENSITIVE_GAP for gap in gaps),
-            "seconds": sum(entry["seconds"] for entry in self.report),
             **self.measured,
         }
 
@@ -218,13 +222,14 @@ def set_adapter_factors(
     device = device or weight.device
     scaling = layer.scaling[adapter]
     original = weight.detach().to(device=device, dtype=torch.float64)
-    initial_part = scaling * (B0.to(device, torch.float64) @ A0.to(device, torch.float64))
-    residual = (original - initial_part).to(weight.dtype)
+    initial_part = (B0.to(device, torch.float64) @ A0.to(device, torch.float64)).mul_(scaling)
+    residual = torch.sub(original, initial_part).to(weight.dtype)
     weight.data.copy_(residual.to(weight.device))  # weight is a view for Conv1D, so this writes through
     layer.lora_A[adapter].weight.data.copy_(A)
     layer.lora_B[adapter].weight.data.copy_(B)
-    error = torch.linalg.norm(residual.to(torch.float64) + initial_part - original) / torch.linalg.norm(original).clamp_min(1e-300)
-    return float(error)
+    # in place: at most three float64 copies of the weight alive at once
+    mismatch = residual.to(torch.float64).add_(initial_part).sub_(original)
+    return float(torch.linalg.norm(mismatch) / torch.linalg.norm(original).clamp_min(1e-300))
 
 
 def get_model(
@@ -236,13 +241,15 @@ def get_model(
     seed: int = 0,
     progress: bool = True,
     adapter_name: str = "default",
+    workers: int | None = None,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model whose adapters start from the chosen singular triplets.
 
     ``init``: milora (r smallest), pissa (r largest), middle (centred r), random (r seeded random
     triplets) or lora (PEFT's default). The base model is modified in place, as with
     `peft.get_peft_model`. ``device`` is where the decompositions run (default: each weight's
-    own device). Under torch.distributed the weights are split across ranks and the factors
+    own device). ``workers``: CPU weights decomposed at once, one BLAS thread each (default:
+    `milora.decomposition.default_workers`: one per thread for small weights, else 1). Under torch.distributed the weights are split across ranks and the factors
     broadcast, so every rank ends with identical adapters. Save the result with
     `milora.save_adapter`, not `save_pretrained` (whose rank-r factors need the residual base).
     """
@@ -250,46 +257,84 @@ def get_model(
     modules = target_modules(model, lora_config)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
+        _check_workers(workers, device, modules)
     record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed, fingerprint=fingerprint(modules))
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
-        _initialise_layers(peft_model, record, adapter_name, solver, device, progress)
+        _initialise_layers(peft_model, record, adapter_name, solver, device, workers, progress)
     peft_model.milora_init = record
     return peft_model
 
 
-def _initialise_layers(peft_model: PeftModel, record: InitRecord, adapter: str, solver: str, device, progress: bool) -> None:
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    Each weight's float64 buffers are freed after use, but glibc keeps freed blocks in its
+    heaps, and the small long-lived tensors kept per weight (the initial factors) pin them:
+    measured on SmolLM2, the resident size grew by about 4 float64 weight copies per 10
+    weights without this, and stays within a few copies with it (benchmarks/RESULTS.md).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _check_workers(workers: int | None, device, modules: dict[str, torch.nn.Module]) -> None:
+    if workers is None:
+        return
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    devices = {torch.device(device).type} if device is not None else {weight_matrix(m).device.type for m in modules.values()}
+    if workers > 1 and devices != {"cpu"}:
+        raise ValueError(f"workers={workers} runs several CPU decompositions at once; decompositions on {sorted(devices)} need workers=1.")
+
+
+def _initialise_layers(
+    peft_model: PeftModel, record: InitRecord, adapter: str, solver: str, device, workers: int | None, progress: bool
+) -> None:
     distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    layers = lora_layers(peft_model)
-    bar = tqdm(layers.items(), desc=f"{record.init} init", unit="weight", disable=not progress or rank != 0)
+    layers = list(lora_layers(peft_model).items())
+
+    def work_device(layer: LoraLayer) -> torch.device:
+        return torch.device(device) if device is not None else weight_matrix(layer.get_base_layer()).device
+
+    devices = {work_device(layer).type for _, layer in layers}
+    if workers is None:
+        shapes = [tuple(weight_matrix(layer.get_base_layer()).shape) for _, layer in layers]
+        workers = default_workers(shapes, "cpu" if devices == {"cpu"} else (devices - {"cpu"}).pop())
+    owned = [(index, layer) for index, (_, layer) in enumerate(layers) if index % world == rank]
+    tasks = (
+        (weight_matrix(layer.get_base_layer()).detach().to(work_device(layer)), layer.r[adapter],
+         torch.Generator().manual_seed(record.seed + index))
+        for index, layer in owned
+    )
+    start = time.perf_counter()
+    owned_parts = select_components_many(tasks, record.init, solver, workers)
+    bar = tqdm(layers, desc=f"{record.init} init", unit="weight", disable=not progress or rank != 0)
     for index, (name, layer) in enumerate(bar):
         owner = index % world
-        base = layer.get_base_layer()
-        weight = weight_matrix(base)
-        work_device = torch.device(device) if device is not None else weight.device
+        weight = weight_matrix(layer.get_base_layer())
+        here = work_device(layer)
         # gloo moves CPU tensors, NCCL device tensors: communicate on the work device
         adapter_dtype = layer.lora_A[adapter].weight.dtype
         r, scaling = layer.r[adapter], layer.scaling[adapter]
-        A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=work_device)
-        B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=work_device)
-        stats = torch.zeros(5, dtype=torch.float64, device=work_device)
-        chosen = resolve_solver(solver, record.init, work_device, tuple(weight.shape))
+        A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
+        B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
+        stats = torch.zeros(4, dtype=torch.float64, device=here)
+        chosen = resolve_solver(solver, record.init, here, tuple(weight.shape), r)
         if rank == owner:
-            start = time.perf_counter()
-            generator = torch.Generator().manual_seed(record.seed + index)
-            parts = select_components(weight.detach().to(work_device), r, record.init, solver, generator)
+            parts = next(owned_parts)
             root = (parts.S / scaling).sqrt()
             B.copy_(parts.U * root)
             A.copy_(root[:, None] * parts.Vh)
-            seconds, fell_back = time.perf_counter() - start, parts.solver != chosen
-            stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, seconds, fell_back]))
+            stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, parts.solver != chosen]))
         if world > 1:
             for tensor in (A, B, stats):
                 dist.broadcast(tensor, src=owner)
-        error = set_adapter_factors(layer, adapter, A, B, A, B, device=work_device)
+        error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
         record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
-        sigma_max, sigma_min, gap, seconds, fell_back = stats.tolist()
+        _release_freed_memory()
+        sigma_max, sigma_min, gap, fell_back = stats.tolist()
         record.report.append(
             {
                 "module": name,
@@ -301,6 +346,7 @@ def _initialise_layers(peft_model: PeftModel, record: InitRecord, adapter: str, 
                 "sigma_min_selected": sigma_min,
                 "boundary_gap": None if math.isnan(gap) else gap,
                 "reconstruction_error": error,
-                "seconds": seconds,
             }
         )
+    record.measured["init_seconds"] = time.perf_counter() - start
+    record.measured["workers"] = workers

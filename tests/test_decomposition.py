@@ -15,7 +15,14 @@ import torch
 from peft import LoraConfig
 
 import milora
-from milora.decomposition import principal_angle_sine, select_components
+from milora import lapack
+from milora.decomposition import (
+    default_workers,
+    principal_angle_sine,
+    resolve_solver,
+    select_components,
+    select_components_many,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -113,3 +120,74 @@ def test_reconstruction_exact_to_weight_dtype(dtype, unit_roundoff, solver, kind
     product = layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
     error = (residual + product - W.double()).abs()
     assert torch.all(error <= unit_roundoff * (residual.abs() + product.abs() + W.double().abs()))
+
+
+def test_auto_solver_rule():
+    """Lanczos where it measured faster (large square minor / any principal), eigh elsewhere."""
+    assert resolve_solver("auto", "milora", "cpu", (4096, 4096), 64) == "lanczos"
+    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 32) == "lanczos"
+    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 64) == "eigh"
+    assert resolve_solver("auto", "milora", "cpu", (576, 576), 8) == "eigh"
+    assert resolve_solver("auto", "milora", "cpu", (11008, 4096), 8) == "eigh"
+    assert resolve_solver("auto", "pissa", "cpu", (576, 1536), 64) == "lanczos"
+    assert resolve_solver("auto", "middle", "cpu", (4096, 4096), 8) == "eigh"
+    assert resolve_solver("auto", "random", "cpu", (4096, 4096), 8) == "svd"
+    assert resolve_solver("auto", "milora", "cuda", (4096, 4096), 8) == "eigh"
+
+
+def test_default_workers():
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert default_workers([(576, 576), (1536, 576)]) == 2
+        assert default_workers([(576, 576), (11008, 4096)]) == 1  # one large weight: sequential, all cores each
+        assert default_workers([(576, 576)], "cuda") == 1
+        torch.set_num_threads(16)
+        assert default_workers([(576, 576)]) == 4  # capped: memory grows with workers
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+@pytest.mark.parametrize("shape", [(90, 60), (60, 90), (64, 64)])
+def test_lapack_calls_match_numpy(shape):
+    """milora.lapack (scipy's BLAS/LAPACK through ctypes) against numpy: products exact to
+    rounding (1e-12 relative), eigenpairs within 1e-12 of numpy's float64 eigh."""
+    a = RNG.standard_normal(shape)
+    k = min(shape)
+    reference = a.T @ a if shape[0] >= shape[1] else a @ a.T
+    g = lapack.gram(a)
+    assert np.allclose(np.tril(g), np.tril(reference), rtol=0, atol=1e-12 * np.abs(reference).max())
+    assert not np.triu(g, 1).any()  # documented: lower triangle only
+    b = RNG.standard_normal((shape[1], 5))
+    c = RNG.standard_normal((shape[0], 3))
+    assert np.allclose(lapack.matmul(a, b), a @ b, rtol=0, atol=1e-12 * k)
+    assert np.allclose(lapack.matmul(a, c, transpose_a=True), a.T @ c, rtol=0, atol=1e-12 * k)
+    values, vectors = lapack.eigh_range(g, 2, 9)
+    ref_values, ref_vectors = np.linalg.eigh(reference)
+    scale = ref_values[-1]
+    assert np.allclose(values, ref_values[2:10], rtol=0, atol=1e-12 * scale)
+    assert np.allclose(vectors.T @ vectors, np.eye(8), atol=1e-12)
+    assert np.allclose(reference @ vectors, vectors * values, rtol=0, atol=1e-12 * scale)
+    with pytest.raises(ValueError, match="C-contiguous float64"):
+        lapack.gram(a.astype(np.float32))
+    with pytest.raises(ValueError, match="first <= last"):
+        lapack.eigh_range(lapack.gram(a), 5, k)
+
+
+def test_many_with_workers_matches_sequential():
+    """Concurrent decomposition (one BLAS thread per worker) gives the sequential results in
+    order, to rounding (1e-12), and restores the thread settings."""
+    from threadpoolctl import threadpool_info
+
+    weights = [with_spectrum(m, n, spectrum("geometric", min(m, n))) for m, n in SHAPES * 2]
+    threads = torch.get_num_threads()
+    blas_threads = [pool["num_threads"] for pool in threadpool_info()]
+    sequential = list(select_components_many(((w, 6, None) for w in weights), "milora", "eigh", workers=1))
+    concurrent = list(select_components_many(((w, 6, None) for w in weights), "milora", "eigh", workers=2))
+    assert torch.get_num_threads() == threads and [pool["num_threads"] for pool in threadpool_info()] == blas_threads
+    for one, other, weight in zip(sequential, concurrent, weights, strict=True):
+        assert one.U.shape == (weight.shape[0], 6)
+        assert torch.allclose(one.S, other.S, rtol=1e-12, atol=0)
+        assert torch.allclose(one.U @ one.Vh, other.U @ other.Vh, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        list(select_components_many([], workers=0))

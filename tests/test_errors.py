@@ -84,6 +84,15 @@ def test_unknown_init_mode_and_solver():
         milora.get_model(tiny_llama(), config(), init="random", solver="eigh")
 
 
+def test_bad_workers():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+        milora.get_model(model, config(), workers=0)
+    with pytest.raises(ValueError, match=r"workers=2 runs several CPU decompositions at once; decompositions on \['meta'\] need workers=1"):
+        milora.get_model(model, config(), workers=2, device="meta")
+    assert_untouched(model, tiny_llama())
+
+
 def test_conflicting_lora_options():
     with pytest.raises(ValueError, match="leave LoraConfig.init_lora_weights at its default"):
         milora.get_model(tiny_llama(), config(init_lora_weights="pissa"))

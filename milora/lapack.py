@@ -1,0 +1,121 @@
+"""Float64 BLAS/LAPACK calls that release the GIL: Gram matrix, product, index-range eigensolver.
+
+scipy's Python wrappers (``scipy.linalg.blas`` / ``lapack``) hold the GIL while the routine
+runs, so threads decomposing different weights would take turns. scipy exports the same
+routines as C function pointers for Cython (``scipy.linalg.cython_blas`` / ``cython_lapack``,
+a public API); called through ctypes, which releases the GIL, they run in parallel. It is the
+same OpenBLAS as ``scipy.linalg``, so results are identical, and keeping every heavy step in
+one thread pool avoids two BLAS pools spinning against each other on the same cores.
+
+LAPACK is column-major: a C-contiguous (rows x cols) array is, to LAPACK, its transpose.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+from scipy.linalg import cython_blas, cython_lapack
+
+_get_name = ctypes.pythonapi.PyCapsule_GetName
+_get_name.restype, _get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+_get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_get_pointer.restype, _get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+
+
+def _routine(module, name: str):
+    """The C function scipy exports as ``module.name``, every argument passed as a pointer."""
+    capsule = module.__pyx_capi__[name]
+    signature = _get_name(capsule)
+    if b"int *" not in signature:  # an ILP64 build would need 64-bit integers
+        raise ImportError(f"scipy's {name} has an unexpected signature {signature!r}")
+    arguments = signature.count(b"*")
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * arguments)(_get_pointer(capsule, signature))
+
+
+_dsyrk = _routine(cython_blas, "dsyrk")
+_dgemm = _routine(cython_blas, "dgemm")
+_dsyevr = _routine(cython_lapack, "dsyevr")
+
+
+def _char(value: str):
+    return ctypes.byref(ctypes.c_char(value.encode()))
+
+
+def _int(value: int):
+    return ctypes.byref(ctypes.c_int(value))
+
+
+def _double(value: float):
+    return ctypes.byref(ctypes.c_double(value))
+
+
+def _data(array: np.ndarray):
+    return ctypes.c_void_p(array.ctypes.data)
+
+
+def _float64_c(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.float64 or not array.flags.c_contiguous:
+        raise ValueError("expected a C-contiguous float64 array")
+    return array
+
+
+def gram(a: np.ndarray) -> np.ndarray:
+    """The k x k Gram matrix of the smaller side of ``a`` (m x n): a^T a if m >= n, else a a^T.
+
+    BLAS syrk (half the flops of a product). Only the lower triangle is set; the upper is zero.
+    """
+    a = _float64_c(a)
+    m, n = a.shape
+    k = min(m, n)
+    g = np.zeros((k, k))
+    # column-major, a is n x m: a^T a (row-major) = A A^T ('N'); a a^T = A^T A ('T').
+    # LAPACK's upper triangle is the row-major lower one.
+    trans, depth = ("N", m) if m >= n else ("T", n)
+    _dsyrk(_char("U"), _char(trans), _int(k), _int(depth), _double(1.0), _data(a), _int(n), _double(0.0), _data(g), _int(k))
+    return g
+
+
+def matmul(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndarray:
+    """``a @ b`` (or ``a.T @ b``) for C-contiguous float64 a and b, with BLAS gemm."""
+    a, b = _float64_c(a), _float64_c(b)
+    rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
+    if b.shape[0] != inner:
+        raise ValueError(f"shapes {a.shape}{'.T' if transpose_a else ''} and {b.shape} do not match")
+    cols = b.shape[1]
+    c = np.empty((rows, cols))
+    # column-major: c^T = b^T a^T, with b^T = B (cols x inner, ld cols) and a^T = A or A^T
+    _dgemm(_char("N"), _char("T" if transpose_a else "N"), _int(cols), _int(rows), _int(inner), _double(1.0),
+           _data(b), _int(cols), _data(a), _int(a.shape[1]), _double(0.0), _data(c), _int(cols))
+    return c
+
+
+def eigh_range(g: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs ``first..last`` (0-based, inclusive, ascending order) of a symmetric matrix.
+
+    Reads the lower triangle of ``g`` and overwrites ``g``. LAPACK dsyevr (MRRR), as
+    ``scipy.linalg.eigh(g, subset_by_index=[first, last], driver="evr")``. Returns the
+    eigenvalues (ascending) and the eigenvectors as the columns of a k x count array.
+    """
+    g = _float64_c(g)
+    k = g.shape[0]
+    if g.shape != (k, k) or not 0 <= first <= last < k:
+        raise ValueError(f"need a square matrix and 0 <= first <= last < {k}, got {g.shape}, {first}, {last}")
+    count = last - first + 1
+    values = np.empty(k)
+    vectors = np.empty((count, k))  # row-major count x k = column-major k x count
+    support = np.empty(2 * count, dtype=np.intc)
+    found, info = ctypes.c_int(0), ctypes.c_int(0)
+
+    def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
+        _dsyevr(_char("V"), _char("I"), _char("U"), _int(k), _data(g), _int(k), _double(0.0), _double(0.0),
+                _int(first + 1), _int(last + 1), _double(0.0), ctypes.byref(found), _data(values), _data(vectors),
+                _int(k), _data(support), _data(work), _int(lwork), _data(iwork), _int(liwork), ctypes.byref(info))
+
+    work, iwork = np.empty(1), np.empty(1, dtype=np.intc)
+    call(work, -1, iwork, -1)  # workspace query
+    lwork, liwork = int(work[0]), int(iwork[0])
+    call(np.empty(lwork), lwork, np.empty(liwork, dtype=np.intc), liwork)
+    if info.value != 0 or found.value != count:
+        raise np.linalg.LinAlgError(f"dsyevr failed (info={info.value}, found {found.value} of {count} eigenpairs)")
+    return values[:count], vectors.T
