@@ -13,12 +13,14 @@ whole-model init above the model.
     python benchmarks/init_speed.py            # full run (several minutes on 2 cores)
     python benchmarks/init_speed.py --quick    # 1024 x 1024 and 2048 x 1024 only
     python benchmarks/init_speed.py --memory   # peak memory of a whole-model init only
+    python benchmarks/init_speed.py --device cuda   # LLaMA-7B-sized weights on a GPU + 7B estimate
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ import torch
 from milora.decomposition import default_workers, principal_angle_sine, select_components, select_components_many
 
 RANKS = (8, 32, 64)
+REPEATS = 2  # per-weight timings: best of 2, for the paper's SVD and milora alike
 
 
 def llm_like(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -45,10 +48,22 @@ def subspace_error(U: torch.Tensor, Vh: torch.Tensor, reference) -> float:
     return max(principal_angle_sine(U, U_ref), principal_angle_sine(Vh.T, Vh_ref.T))
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int = 1):
+    """fn's result and its best wall time over ``repeats`` runs (the minimum filters out
+    interference from other processes on the shared cores). Waits for the GPU, if any."""
+    best = math.inf
+    for _ in range(repeats):
+        _synchronize()
+        start = time.perf_counter()
+        result = fn()
+        _synchronize()
+        best = min(best, time.perf_counter() - start)
+    return result, best
 
 
 def paper_svd(weight: torch.Tensor):
@@ -58,11 +73,11 @@ def paper_svd(weight: torch.Tensor):
 
 def compare_weight(weight: torch.Tensor, ranks) -> list[dict]:
     U64, _, Vh64 = torch.linalg.svd(weight.double(), full_matrices=False)
-    (U32, _, Vh32), paper_seconds = timed(lambda: paper_svd(weight))  # r-independent: one SVD serves every r
+    (U32, _, Vh32), paper_seconds = timed(lambda: paper_svd(weight), REPEATS)  # one SVD serves every r
     rows = []
     for r in ranks:
         reference = (U64[:, -r:], Vh64[-r:])
-        parts, seconds = timed(functools.partial(select_components, weight, r, "milora"))
+        parts, seconds = timed(functools.partial(select_components, weight, r, "milora"), REPEATS)
         rows.append({
             "shape": tuple(weight.shape), "r": r, "paper_s": paper_seconds, "milora_s": seconds, "solver": parts.solver,
             "paper_err": subspace_error(U32[:, -r:].double(), Vh32[-r:].double(), reference),
@@ -81,11 +96,22 @@ def print_rows(rows: list[dict]) -> None:
               f"{row['solver']:>8} {row['gap']:>8.1e}", flush=True)
 
 
-def synthetic(shapes) -> None:
-    print("== synthetic weights ==")
+def synthetic(shapes, device: str = "cpu") -> list[dict]:
+    print(f"== synthetic weights on {device} ==")
+    rows = []
     for m, n in shapes:
-        weight = llm_like(m, n)
-        print_rows(compare_weight(weight, RANKS))
+        rows += compare_weight(llm_like(m, n).to(device), RANKS)
+        print_rows(rows[-len(RANKS):])
+    return rows
+
+
+def llama7b_estimate(rows: list[dict], r: int = 64) -> None:
+    """LLaMA-2-7B with targets q,k,v,up,down: 32 layers x (3 weights 4096^2 + 2 of 11008 x 4096)."""
+    times = {row["shape"]: row for row in rows if row["r"] == r}
+    square, rectangular = times[(4096, 4096)], times[(11008, 4096)]
+    for method in ("paper", "milora"):
+        seconds = 32 * (3 * square[f"{method}_s"] + 2 * rectangular[f"{method}_s"])
+        print(f"LLaMA-2-7B estimate, r={r}, {method}: {seconds:.0f} s (32 x (3 x 4096^2 + 2 x 11008x4096))")
 
 
 def whole_model(r: int) -> None:
@@ -100,9 +126,11 @@ def whole_model(r: int) -> None:
     for weight in weights:
         U64, _, Vh64 = torch.linalg.svd(weight.double(), full_matrices=False)
         references.append((U64[:, -r:], Vh64[-r:]))
-    paper, paper_seconds = timed(lambda: [paper_svd(weight) for weight in weights])
+    paper, paper_seconds = timed(lambda: [paper_svd(weight) for weight in weights], REPEATS)
     workers = default_workers([tuple(weight.shape) for weight in weights])
-    ours, milora_seconds = timed(lambda: list(select_components_many(((w, r, None) for w in weights), "milora", "auto", workers)))
+    ours, milora_seconds = timed(
+        lambda: list(select_components_many(((w, r, None) for w in weights), "milora", "auto", workers)), REPEATS
+    )
     paper_worst = max(subspace_error(U[:, -r:].double(), Vh[-r:].double(), ref) for (U, _, Vh), ref in zip(paper, references))
     milora_worst = max(subspace_error(parts.U, parts.Vh, ref) for parts, ref in zip(ours, references))
     solvers = sorted({parts.solver for parts in ours})
@@ -162,15 +190,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only, no SmolLM2")
     parser.add_argument("--memory", action="store_true", help="only the peak memory of a whole-model init")
+    parser.add_argument("--device", default=None,
+                        help="e.g. cuda: LLaMA-7B-sized weights on that device and a whole-model estimate")
     args = parser.parse_args()
     if args.memory:
         init_memory(64)
+        return
+    if args.device is not None:
+        llama7b_estimate(synthetic([(4096, 4096), (11008, 4096)], args.device))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.quick:
         synthetic([(1024, 1024), (2048, 1024)])
         return
-    synthetic([(2048, 2048), (4096, 4096), (11008, 4096)])
+    llama7b_estimate(synthetic([(2048, 2048), (4096, 4096), (11008, 4096)]))
     whole_model(64)
     # a fresh process: memory freed by the runs above would hide the init's own allocations
     subprocess.run([sys.executable, __file__, "--memory"], check=True)

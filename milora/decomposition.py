@@ -83,8 +83,8 @@ def resolve_solver(
     """The solver ``auto`` stands for with this weight, after checking the choice fits the selection.
 
     ``auto`` on CPU: Lanczos for the principal triplets, and shift-invert Lanczos for the
-    minor triplets of large square weights (smaller side >= LARGE_SIDE, r <= side / 64: its
-    cost grows with r, the dense solver's does not); eigh otherwise. Rectangular weights have
+    minor triplets of large square weights (side >= LARGE_SIDE and r <= 16 (side / LARGE_SIDE)^2:
+    its cost grows with r, the dense solver's with side^3); eigh otherwise. Rectangular weights have
     a dense soft edge at the bottom of the spectrum that makes Lanczos crawl. The thresholds
     are measured on 2 CPU cores (benchmarks/RESULTS.md).
     """
@@ -106,7 +106,7 @@ def resolve_solver(
         return "lanczos"
     if selection == "milora" and shape is not None and shape[0] == shape[1] and r is not None:
         side = shape[0]
-        if side >= LARGE_SIDE and 64 * r <= side:
+        if side >= LARGE_SIDE and r <= 16 * (side / LARGE_SIDE) ** 2:
             return "lanczos"
     return "eigh"
 
@@ -243,7 +243,10 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
     wn = _as_numpy(w)
     tall = m >= n
     if selection == "pissa":  # largest eigenvalues of G, applied as W^T (W x) or W (W^T x)
-        apply = (lambda x: wn.T @ (wn @ x)) if tall else (lambda x: wn @ (wn.T @ x))
+        def apply(x: np.ndarray) -> np.ndarray:
+            block = np.ascontiguousarray(x.reshape(x.shape[0], -1))
+            inner = lapack.matmul(wn, block, transpose_a=not tall)
+            return lapack.matmul(wn, inner, transpose_a=tall).reshape(x.shape)
     elif m == n:  # G^-1 = W^-1 W^-T through one LU of W, no Gram matrix
         lu = scipy.linalg.lu_factor(wn, check_finite=False)
         pivots = np.abs(np.diag(lu[0]))
@@ -264,8 +267,8 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
     evals, evecs = torch.from_numpy(values[order].copy()), torch.from_numpy(vectors[:, order].copy())
     parts = _complete(w, evals, evecs, positions, lo_pos, selection, "lanczos")
     # a-posteriori check: the triplets must be exact for a W perturbed by at most 1e-10 relative
-    residual = torch.linalg.norm(w.T @ parts.U - parts.Vh.T * parts.S)
-    if residual > 1e-10 * torch.linalg.norm(w) * math.sqrt(positions.numel()):
+    residual = np.linalg.norm(lapack.matmul(wn, _as_numpy(parts.U), transpose_a=True) - (parts.Vh.T * parts.S).numpy())
+    if residual > 1e-10 * np.linalg.norm(wn) * math.sqrt(positions.numel()):
         raise FloatingPointError(f"Lanczos triplets have residual {float(residual):.1e}")
     return parts
 

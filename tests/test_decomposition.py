@@ -125,8 +125,8 @@ def test_reconstruction_exact_to_weight_dtype(dtype, unit_roundoff, solver, kind
 def test_auto_solver_rule():
     """Lanczos where it measured faster (large square minor / any principal), eigh elsewhere."""
     assert resolve_solver("auto", "milora", "cpu", (4096, 4096), 64) == "lanczos"
-    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 32) == "lanczos"
-    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 64) == "eigh"
+    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 16) == "lanczos"
+    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 32) == "eigh"
     assert resolve_solver("auto", "milora", "cpu", (576, 576), 8) == "eigh"
     assert resolve_solver("auto", "milora", "cpu", (11008, 4096), 8) == "eigh"
     assert resolve_solver("auto", "pissa", "cpu", (576, 1536), 64) == "lanczos"
