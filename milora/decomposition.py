@@ -20,7 +20,9 @@ The eigen-solvers return one side's singular vectors; the other side comes from 
 product W @ V (or W^T @ U) followed by a thin SVD of that m x r block, which also
 re-orthonormalises it. A float32 Gram matrix would lose the minor subspace (sigma^2 falls
 below float32 resolution), hence float64 throughout.
-``auto`` chooses per weight (see `resolve_solver`).
+``auto`` chooses per weight (see `resolve_solver`). On CPU the heavy steps go through
+`milora.lapack` (scipy's OpenBLAS, GIL released), so `select_components_many` can decompose
+several weights at once.
 """
 
 from __future__ import annotations
@@ -82,11 +84,12 @@ def resolve_solver(
 ) -> str:
     """The solver ``auto`` stands for with this weight, after checking the choice fits the selection.
 
-    ``auto`` on CPU: Lanczos for the principal triplets, and shift-invert Lanczos for the
-    minor triplets of large square weights (side >= LARGE_SIDE and r <= 16 (side / LARGE_SIDE)^2:
-    its cost grows with r, the dense solver's with side^3); eigh otherwise. Rectangular weights have
-    a dense soft edge at the bottom of the spectrum that makes Lanczos crawl. The thresholds
-    are measured on 2 CPU cores (benchmarks/RESULTS.md).
+    ``auto`` on CPU, for weights whose smaller side is at least LARGE_SIDE: Lanczos for the
+    r <= 8 principal triplets, shift-invert Lanczos for the minor triplets of square weights
+    with r <= 16 (side / LARGE_SIDE)^2; eigh otherwise. Lanczos' cost grows with r (and with
+    how crowded the spectrum is at the block's edge: rectangular weights have a dense soft
+    edge at the bottom, LLM weights a dense bulk under a few outliers at the top), the dense
+    solver's only with side^3. Thresholds measured on 2 CPU cores (benchmarks/RESULTS.md).
     """
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}.")
@@ -100,14 +103,13 @@ def resolve_solver(
         return solver
     if selection == "random":
         return "svd"
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or shape is None or r is None or min(shape) < LARGE_SIDE:
         return "eigh"
-    if selection == "pissa":
+    side = min(shape)
+    if selection == "pissa" and r <= 8:
         return "lanczos"
-    if selection == "milora" and shape is not None and shape[0] == shape[1] and r is not None:
-        side = shape[0]
-        if side >= LARGE_SIDE and r <= 16 * (side / LARGE_SIDE) ** 2:
-            return "lanczos"
+    if selection == "milora" and shape[0] == shape[1] and r <= 16 * (side / LARGE_SIDE) ** 2:
+        return "lanczos"
     return "eigh"
 
 

@@ -123,13 +123,15 @@ def test_reconstruction_exact_to_weight_dtype(dtype, unit_roundoff, solver, kind
 
 
 def test_auto_solver_rule():
-    """Lanczos where it measured faster (large square minor / any principal), eigh elsewhere."""
+    """Lanczos where it measured faster (large weights, small r), eigh elsewhere."""
     assert resolve_solver("auto", "milora", "cpu", (4096, 4096), 64) == "lanczos"
     assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 16) == "lanczos"
     assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 32) == "eigh"
     assert resolve_solver("auto", "milora", "cpu", (576, 576), 8) == "eigh"
     assert resolve_solver("auto", "milora", "cpu", (11008, 4096), 8) == "eigh"
-    assert resolve_solver("auto", "pissa", "cpu", (576, 1536), 64) == "lanczos"
+    assert resolve_solver("auto", "pissa", "cpu", (4096, 11008), 8) == "lanczos"
+    assert resolve_solver("auto", "pissa", "cpu", (4096, 11008), 16) == "eigh"
+    assert resolve_solver("auto", "pissa", "cpu", (576, 1536), 8) == "eigh"
     assert resolve_solver("auto", "middle", "cpu", (4096, 4096), 8) == "eigh"
     assert resolve_solver("auto", "random", "cpu", (4096, 4096), 8) == "svd"
     assert resolve_solver("auto", "milora", "cuda", (4096, 4096), 8) == "eigh"
