@@ -166,7 +166,8 @@ def select_components_many(
     one BLAS thread. LAPACK's eigensolvers spend half their time in memory-bound level-2
     steps that barely use a second core on weights of a few thousand columns or less, so
     whole-model throughput scales with the cores; the cost is ``workers`` sets of float64
-    work buffers alive at once instead of one.
+    work buffers alive at once instead of one. Close the generator (``contextlib.closing``)
+    if you stop early: that cancels waiting tasks and restores the thread settings.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}.")
@@ -174,16 +175,20 @@ def select_components_many(
         for weight, r, generator in tasks:
             yield select_components(weight, r, selection, solver, generator)
         return
-    with _one_blas_thread_each(), ThreadPoolExecutor(workers, thread_name_prefix="milora-svd") as pool:
-        pending = deque()  # at most one task waiting per worker: results do not pile up in memory
-        for weight, r, generator in tasks:
-            if weight.device.type != "cpu":
-                raise ValueError(f"workers={workers} applies to CPU weights; got one on {weight.device}: use workers=1.")
-            pending.append(pool.submit(select_components, weight, r, selection, solver, generator))
-            if len(pending) >= 2 * workers:
+    with _one_blas_thread_each():
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="milora-svd")
+        try:
+            pending = deque()  # at most one task waiting per worker: results do not pile up in memory
+            for weight, r, generator in tasks:
+                if weight.device.type != "cpu":
+                    raise ValueError(f"workers={workers} applies to CPU weights; got one on {weight.device}: use workers=1.")
+                pending.append(pool.submit(select_components, weight, r, selection, solver, generator))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:  # also on an early close: running tasks finish, waiting ones are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager

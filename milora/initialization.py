@@ -15,6 +15,7 @@ the rounded factors, so the identity never depends on the solver's accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -112,7 +113,7 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
     """The modules PEFT will adapt, by name, after checking each one can take an SVD start.
 
     Raises a ValueError naming the problem (missing target, unsupported or quantised module,
-    rank too large, non-finite weight) before anything is modified.
+    rank too large, non-finite weight, a weight shared by two targets) before anything is modified.
     """
     config = _expand_all_linear(model, lora_config)
     matched = {name: module for name, module in model.named_modules() if name and check_target_module_exists(config, name)}
@@ -128,6 +129,14 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
         raise ValueError(f"No module matches target_modules={config.target_modules!r}. Linear modules: {', '.join(leaf_names)}.")
     for name, module in matched.items():
         _check_module(name, module, rank_for(config, name))
+    shared = {}
+    for name, module in matched.items():
+        first = shared.setdefault(module.weight.data_ptr(), name)
+        if first != name:
+            raise ValueError(
+                f"Modules {first} and {name} share one weight tensor (tied weights): the init replaces each adapted "
+                "weight by its residual, so a shared weight cannot be adapted twice. Adapt only one of them."
+            )
     return matched
 
 
@@ -257,7 +266,7 @@ def get_model(
     modules = target_modules(model, lora_config)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
-        _check_workers(workers, device, modules)
+        _check_devices(solver, workers, device, modules)
     record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed, fingerprint=fingerprint(modules))
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
@@ -278,14 +287,18 @@ def _release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _check_workers(workers: int | None, device, modules: dict[str, torch.nn.Module]) -> None:
-    if workers is None:
-        return
-    if not isinstance(workers, int) or workers < 1:
+def _check_devices(solver: str, workers: int | None, device, modules: dict[str, torch.nn.Module]) -> None:
+    """Options that only work for decompositions on CPU, checked before the model is modified."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}.")
     devices = {torch.device(device).type} if device is not None else {weight_matrix(m).device.type for m in modules.values()}
-    if workers > 1 and devices != {"cpu"}:
+    if devices == {"cpu"}:
+        return
+    if workers is not None and workers > 1:
         raise ValueError(f"workers={workers} runs several CPU decompositions at once; decompositions on {sorted(devices)} need workers=1.")
+    if solver == "lanczos":
+        raise ValueError(f"The lanczos solver runs on CPU, but decompositions would run on {sorted(devices)}: "
+                         "use solver='eigh' (or 'auto'), or device='cpu'.")
 
 
 def _initialise_layers(
@@ -309,44 +322,46 @@ def _initialise_layers(
         for index, layer in owned
     )
     start = time.perf_counter()
-    owned_parts = select_components_many(tasks, record.init, solver, workers)
     bar = tqdm(layers, desc=f"{record.init} init", unit="weight", disable=not progress or rank != 0)
-    for index, (name, layer) in enumerate(bar):
-        owner = index % world
-        weight = weight_matrix(layer.get_base_layer())
-        here = work_device(layer)
-        # gloo moves CPU tensors, NCCL device tensors: communicate on the work device
-        adapter_dtype = layer.lora_A[adapter].weight.dtype
-        r, scaling = layer.r[adapter], layer.scaling[adapter]
-        A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
-        B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
-        stats = torch.zeros(4, dtype=torch.float64, device=here)
-        chosen = resolve_solver(solver, record.init, here, tuple(weight.shape), r)
-        if rank == owner:
-            parts = next(owned_parts)
-            root = (parts.S / scaling).sqrt()
-            B.copy_(parts.U * root)
-            A.copy_(root[:, None] * parts.Vh)
-            stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, parts.solver != chosen]))
-        if world > 1:
-            for tensor in (A, B, stats):
-                dist.broadcast(tensor, src=owner)
-        error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
-        record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
-        _release_freed_memory()
-        sigma_max, sigma_min, gap, fell_back = stats.tolist()
-        record.report.append(
-            {
-                "module": name,
-                "shape": list(weight.shape),
-                "rank": r,
-                "scaling": scaling,
-                "solver": f"eigh ({chosen} failed)" if fell_back else chosen,
-                "sigma_max_selected": sigma_max,
-                "sigma_min_selected": sigma_min,
-                "boundary_gap": None if math.isnan(gap) else gap,
-                "reconstruction_error": error,
-            }
-        )
+    # closing: an exception below (Ctrl-C, a failed broadcast) cancels waiting decompositions
+    # and restores the BLAS thread settings at once, not when the generator is collected
+    with contextlib.closing(select_components_many(tasks, record.init, solver, workers)) as owned_parts:
+        for index, (name, layer) in enumerate(bar):
+            owner = index % world
+            weight = weight_matrix(layer.get_base_layer())
+            here = work_device(layer)
+            # gloo moves CPU tensors, NCCL device tensors: communicate on the work device
+            adapter_dtype = layer.lora_A[adapter].weight.dtype
+            r, scaling = layer.r[adapter], layer.scaling[adapter]
+            A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
+            B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
+            stats = torch.zeros(4, dtype=torch.float64, device=here)
+            chosen = resolve_solver(solver, record.init, here, tuple(weight.shape), r)
+            if rank == owner:
+                parts = next(owned_parts)
+                root = (parts.S / scaling).sqrt()
+                B.copy_(parts.U * root)
+                A.copy_(root[:, None] * parts.Vh)
+                stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, parts.solver != chosen]))
+            if world > 1:
+                for tensor in (A, B, stats):
+                    dist.broadcast(tensor, src=owner)
+            error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
+            record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
+            _release_freed_memory()
+            sigma_max, sigma_min, gap, fell_back = stats.tolist()
+            record.report.append(
+                {
+                    "module": name,
+                    "shape": list(weight.shape),
+                    "rank": r,
+                    "scaling": scaling,
+                    "solver": f"eigh ({chosen} failed)" if fell_back else chosen,
+                    "sigma_max_selected": sigma_max,
+                    "sigma_min_selected": sigma_min,
+                    "boundary_gap": None if math.isnan(gap) else gap,
+                    "reconstruction_error": error,
+                }
+            )
     record.measured["init_seconds"] = time.perf_counter() - start
     record.measured["workers"] = workers

@@ -23,19 +23,19 @@ _get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
 _get_pointer.restype, _get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
 
 
-def _routine(module, name: str):
+def _routine(module, name: str, arguments: int):
     """The C function scipy exports as ``module.name``, every argument passed as a pointer."""
     capsule = module.__pyx_capi__[name]
     signature = _get_name(capsule)
-    if b"int *" not in signature:  # an ILP64 build would need 64-bit integers
+    # reference BLAS/LAPACK argument lists with 32-bit integers (an ILP64 build would differ)
+    if signature.count(b"*") != arguments or b"int *" not in signature:
         raise ImportError(f"scipy's {name} has an unexpected signature {signature!r}")
-    arguments = signature.count(b"*")
     return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * arguments)(_get_pointer(capsule, signature))
 
 
-_dsyrk = _routine(cython_blas, "dsyrk")
-_dgemm = _routine(cython_blas, "dgemm")
-_dsyevr = _routine(cython_lapack, "dsyevr")
+_dsyrk = _routine(cython_blas, "dsyrk", 10)
+_dgemm = _routine(cython_blas, "dgemm", 13)
+_dsyevr = _routine(cython_lapack, "dsyevr", 21)
 
 
 def _char(value: str):
@@ -54,9 +54,11 @@ def _data(array: np.ndarray):
     return ctypes.c_void_p(array.ctypes.data)
 
 
-def _float64_c(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.float64 or not array.flags.c_contiguous:
-        raise ValueError("expected a C-contiguous float64 array")
+def _float64_c(array: np.ndarray, writeable: bool = False) -> np.ndarray:
+    if array.dtype != np.float64 or not array.flags.c_contiguous or 0 in array.shape:
+        raise ValueError("expected a non-empty C-contiguous float64 array")
+    if writeable and not array.flags.writeable:
+        raise ValueError("expected a writeable array (it is overwritten)")
     return array
 
 
@@ -97,7 +99,7 @@ def eigh_range(g: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.nda
     ``scipy.linalg.eigh(g, subset_by_index=[first, last], driver="evr")``. Returns the
     eigenvalues (ascending) and the eigenvectors as the columns of a k x count array.
     """
-    g = _float64_c(g)
+    g = _float64_c(g, writeable=True)
     k = g.shape[0]
     if g.shape != (k, k) or not 0 <= first <= last < k:
         raise ValueError(f"need a square matrix and 0 <= first <= last < {k}, got {g.shape}, {first}, {last}")

@@ -9,6 +9,8 @@ and only where the gap is above 1e-6: inside a cluster the subspace is not uniqu
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -170,7 +172,7 @@ def test_lapack_calls_match_numpy(shape):
     assert np.allclose(values, ref_values[2:10], rtol=0, atol=1e-12 * scale)
     assert np.allclose(vectors.T @ vectors, np.eye(8), atol=1e-12)
     assert np.allclose(reference @ vectors, vectors * values, rtol=0, atol=1e-12 * scale)
-    with pytest.raises(ValueError, match="C-contiguous float64"):
+    with pytest.raises(ValueError, match="non-empty C-contiguous float64"):
         lapack.gram(a.astype(np.float32))
     with pytest.raises(ValueError, match="first <= last"):
         lapack.eigh_range(lapack.gram(a), 5, k)
@@ -193,3 +195,13 @@ def test_many_with_workers_matches_sequential():
         assert torch.allclose(one.U @ one.Vh, other.U @ other.Vh, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="workers must be at least 1"):
         list(select_components_many([], workers=0))
+    # stopping early (an exception in the caller's loop) and closing restores the settings at once
+    torch.set_num_threads(2)
+    blas_threads = [pool["num_threads"] for pool in threadpool_info()]
+    try:
+        with contextlib.closing(select_components_many(((w, 6, None) for w in weights), "milora", "eigh", 2)) as many:
+            next(many)
+            assert torch.get_num_threads() == 1 and all(pool["num_threads"] == 1 for pool in threadpool_info())
+        assert torch.get_num_threads() == 2 and [pool["num_threads"] for pool in threadpool_info()] == blas_threads
+    finally:
+        torch.set_num_threads(threads)

@@ -84,13 +84,27 @@ def test_unknown_init_mode_and_solver():
         milora.get_model(tiny_llama(), config(), init="random", solver="eigh")
 
 
-def test_bad_workers():
+def test_bad_workers_and_cpu_only_options():
     model = tiny_llama()
     with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
         milora.get_model(model, config(), workers=0)
+    with pytest.raises(ValueError, match="workers must be a positive integer, got True"):
+        milora.get_model(model, config(), workers=True)
+    with pytest.raises(ValueError, match=r"The lanczos solver runs on CPU, but decompositions would run on \['meta'\]"):
+        milora.get_model(model, config(), solver="lanczos", device="meta")
     with pytest.raises(ValueError, match=r"workers=2 runs several CPU decompositions at once; decompositions on \['meta'\] need workers=1"):
         milora.get_model(model, config(), workers=2, device="meta")
     assert_untouched(model, tiny_llama())
+
+
+def test_tied_target_weights():
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    reference = tiny_llama()
+    reference.model.layers[1].mlp.up_proj.weight = reference.model.layers[0].mlp.up_proj.weight
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj and model.layers.1.mlp.up_proj share one weight"):
+        milora.get_model(model, config())
+    assert_untouched(model, reference)
 
 
 def test_conflicting_lora_options():

@@ -185,3 +185,30 @@ def test_concurrent_init_matches_sequential():
     assert state_one.keys() == state_two.keys()
     for name, value in state_one.items():
         assert torch.allclose(value, state_two[name], rtol=1e-6, atol=1e-7), name
+
+
+def test_failure_mid_init_restores_thread_settings(monkeypatch):
+    """An exception in the init loop (here: the third weight) must not leave torch on the
+    single thread the concurrent decompositions use."""
+    import milora.initialization
+
+    calls = []
+    original = milora.initialization.set_adapter_factors
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(milora.initialization, "set_adapter_factors", failing)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        milora.get_model(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS), workers=2, progress=False)
+    except KeyboardInterrupt as interrupt:  # the traceback keeps the init's frames alive here, as in a debugger
+        assert interrupt.__traceback__ is not None and torch.get_num_threads() == 2
+    else:
+        pytest.fail("the init should have been interrupted")
+    finally:
+        torch.set_num_threads(threads)
