@@ -264,7 +264,9 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
         factor = scipy.linalg.cho_factor(lapack.gram(wn), lower=True, check_finite=False)
         apply = lambda x: scipy.linalg.cho_solve(factor, x)
     operator = scipy.sparse.linalg.LinearOperator((k, k), matvec=apply, matmat=apply, dtype=np.float64)
-    start = np.ones(k) / np.sqrt(k)  # fixed start vector: deterministic results
+    # seeded random start: deterministic, and (unlike a structured vector such as all ones)
+    # not orthogonal to the wanted eigenvectors of a structured weight
+    start = np.random.default_rng(0).standard_normal(k)
     values, vectors = scipy.sparse.linalg.eigsh(operator, k=wanted, which="LA", v0=start, tol=0)
     if not np.all(np.isfinite(values)) or (selection != "pissa" and np.any(values <= 0)):
         raise FloatingPointError("non-finite or non-positive Ritz values")
