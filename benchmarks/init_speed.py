@@ -29,7 +29,12 @@ import time
 import numpy as np
 import torch
 
-from milora.decomposition import default_workers, principal_angle_sine, select_components, select_components_many
+from milora.decomposition import (
+    default_workers,
+    principal_angle_sine,
+    select_components,
+    select_components_many,
+)
 
 RANKS = (8, 32, 64)
 REPEATS = 2  # per-weight timings: best of 2, for the paper's SVD and milora alike
@@ -145,24 +150,22 @@ def _rss_bytes() -> int:
 
 
 def init_memory(r: int) -> None:
-    """Peak resident memory of a whole-model get_model above the model with its LoRA modules.
+    """Peak resident memory of a whole-model `milora.get_model` above the model.
 
     The model's weights are memory-mapped from the safetensors cache and only become
-    resident when read, so they are all read first; PEFT's injection is done first too, so
-    what is left is the init's own memory: the initial factors it keeps (needed to save the
-    adapter) and its transient work buffers.
+    resident when read, so they are all read first. What the init adds is its LoRA modules
+    and the initial factors it keeps (both needed: the adapter, and saving it) plus its
+    transient work buffers, reported separately.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     import milora
     from milora.cli import PAPER_TARGETS
-    from milora.initialization import InitRecord, _initialise_layers
 
     model, _ = milora.load_base_model()
     for parameter in model.parameters():  # make the memory-mapped weights resident
         float(parameter.detach().sum())
     largest = max(m.weight.numel() for n, m in model.named_modules() if n.endswith(PAPER_TARGETS))
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=list(PAPER_TARGETS)))
     before = _rss_bytes()
     peak = [before]
     done = threading.Event()
@@ -174,16 +177,17 @@ def init_memory(r: int) -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    record = InitRecord(init="milora", solver="auto", seed=0, fingerprint={})
-    _initialise_layers(peft_model, record, "default", "auto", None, None, progress=False)
+    peft_model = milora.get_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=list(PAPER_TARGETS)), progress=False)
     done.set()
     sampler.join()
+    record = peft_model.milora_init
+    adapter = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
     kept = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in record.initial_factors.values())
-    extra, copy = peak[0] - before, 8 * largest
+    work, copy = peak[0] - before - adapter - kept, 8 * largest
     print(f"== peak memory of a whole-model init (r={r}, {record.measured['workers']} workers) ==")
-    print(f"model + LoRA modules {before / 2**20:.0f} MiB resident; peak during init +{extra / 2**20:.0f} MiB: "
-          f"initial factors kept {kept / 2**20:.0f} MiB + work buffers {(extra - kept) / 2**20:.0f} MiB "
-          f"= {(extra - kept) / copy:.1f} float64 copies of the largest weight ({copy / 2**20:.1f} MiB)")
+    print(f"model {before / 2**20:.0f} MiB resident; peak during init +{(peak[0] - before) / 2**20:.0f} MiB: "
+          f"LoRA modules {adapter / 2**20:.0f} MiB + initial factors kept {kept / 2**20:.0f} MiB + work buffers "
+          f"{work / 2**20:.0f} MiB = {work / copy:.1f} float64 copies of the largest weight ({copy / 2**20:.1f} MiB)")
 
 
 def main() -> None:

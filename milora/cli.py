@@ -37,7 +37,8 @@ def _add_init_command(subparsers) -> None:
     parser.add_argument("--init", default="milora", choices=list(INIT_MODES))
     parser.add_argument("--solver", default="auto", choices=list(SOLVERS))
     parser.add_argument("--workers", type=int, default=None,
-                        help="CPU weights decomposed at once, one BLAS thread each (default: threads, at most 4)")
+                        help="CPU weights decomposed at once, one BLAS thread each (default: one per thread, at most 4, "
+                             "when every weight is below 2048; else 1)")
     parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")

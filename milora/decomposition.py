@@ -113,14 +113,14 @@ def resolve_solver(
     return "eigh"
 
 
-def default_workers(shapes: Iterable[tuple[int, int]], device: torch.device | str = "cpu") -> int:
-    """How many weights `select_components_many` should decompose at once by default.
+def default_workers(shapes: Iterable[tuple[int, int]]) -> int:
+    """How many CPU weights `select_components_many` should decompose at once by default.
 
-    On CPU, when every weight's smaller side is below LARGE_SIDE, one per torch thread (at
-    most MAX_WORKERS): LAPACK cannot keep several cores busy on one such weight. Otherwise 1:
+    When every weight's smaller side is below LARGE_SIDE, one per torch thread (at most
+    MAX_WORKERS): LAPACK cannot keep several cores busy on one such weight. Otherwise 1:
     large weights use the cores on their own, and sequential work keeps one set of buffers.
     """
-    if torch.device(device).type != "cpu" or any(min(shape) >= LARGE_SIDE for shape in shapes):
+    if any(min(shape) >= LARGE_SIDE for shape in shapes):
         return 1
     return max(1, min(torch.get_num_threads(), MAX_WORKERS))
 

@@ -165,10 +165,14 @@ def format_report(report: dict) -> str:
     lines = [
         "",
         f"MiLoRA demo: SmolLM2-135M-Instruct on reasoning-gym '{report['task']}' {report['task_options']}",
-        f"  held-out accuracy: {report['accuracy_before']:.1%} before -> {report['accuracy_after']:.1%} after "
-        f"({report['held_out_items']} items, greedy, the task's scorer; mean score {report['mean_score_before']:.3f} -> {report['mean_score_after']:.3f})",
-        f"  training: {report['steps']} steps on {report['train_examples']} examples, loss {report['loss_first']:.3f} -> "
-        f"{report['loss_last']:.3f} (min {report['loss_min']:.3f}), {report['train_seconds']:.0f} s",
+        (
+            f"  held-out accuracy: {report['accuracy_before']:.1%} before -> {report['accuracy_after']:.1%} after "
+            f"({report['held_out_items']} items, greedy, the task's scorer; mean score {report['mean_score_before']:.3f} -> {report['mean_score_after']:.3f})"
+        ),
+        (
+            f"  training: {report['steps']} steps on {report['train_examples']} examples, loss {report['loss_first']:.3f} -> "
+            f"{report['loss_last']:.3f} (min {report['loss_min']:.3f}), {report['train_seconds']:.0f} s"
+        ),
         "  loss curve: " + ", ".join(f"step {step}: {loss:.3f}" for step, loss in report["loss_curve"]),
         f"  total time: {report['total_seconds']:.0f} s",
         f"  adapter: {report['adapter_dir']}  (milora.load_model(base, dir), or plain PEFT on the original base)",

@@ -33,15 +33,19 @@ from peft.utils.other import get_pattern_key
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from milora.decomposition import SELECTIONS, default_workers, resolve_solver, select_components_many
+from milora.decomposition import (
+    SELECTIONS,
+    default_workers,
+    resolve_solver,
+    select_components_many,
+)
 
 INIT_MODES = SELECTIONS + ("lora",)
 # Below this relative boundary gap the selected subspace is sensitive: a relative
 # perturbation delta of W can rotate it by about delta / gap.
 SENSITIVE_GAP = 1e-3
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
-    _LIBC = None
+_LIBC_PATH = ctypes.util.find_library("c")
+_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC_PATH), "malloc_trim", None) if _LIBC_PATH else None  # glibc only
 _QUANTISED_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "hqq", "torchao", "eetq")
 
 
@@ -258,9 +262,10 @@ def get_model(
     triplets) or lora (PEFT's default). The base model is modified in place, as with
     `peft.get_peft_model`. ``device`` is where the decompositions run (default: each weight's
     own device). ``workers``: CPU weights decomposed at once, one BLAS thread each (default:
-    `milora.decomposition.default_workers`: one per thread for small weights, else 1). Under torch.distributed the weights are split across ranks and the factors
-    broadcast, so every rank ends with identical adapters. Save the result with
-    `milora.save_adapter`, not `save_pretrained` (whose rank-r factors need the residual base).
+    `milora.decomposition.default_workers`, one per thread for small weights, else 1). Under
+    torch.distributed the weights are split across ranks and the factors broadcast, so every
+    rank ends with identical adapters. Save the result with `milora.save_adapter`, not
+    `save_pretrained` (whose rank-r factors need the residual base).
     """
     validate_lora_config(lora_config, init)
     modules = target_modules(model, lora_config)
@@ -280,11 +285,10 @@ def _release_freed_memory() -> None:
 
     Each weight's float64 buffers are freed after use, but glibc keeps freed blocks in its
     heaps, and the small long-lived tensors kept per weight (the initial factors) pin them:
-    measured on SmolLM2, the resident size grew by about 4 float64 weight copies per 10
-    weights without this, and stays within a few copies with it (benchmarks/RESULTS.md).
+    a SmolLM2 init ended 389 MiB larger without this, 63 MiB with it (benchmarks/RESULTS.md).
     """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _check_devices(solver: str, workers: int | None, device, modules: dict[str, torch.nn.Module]) -> None:
@@ -311,10 +315,10 @@ def _initialise_layers(
     def work_device(layer: LoraLayer) -> torch.device:
         return torch.device(device) if device is not None else weight_matrix(layer.get_base_layer()).device
 
-    devices = {work_device(layer).type for _, layer in layers}
     if workers is None:
+        on_cpu = all(work_device(layer).type == "cpu" for _, layer in layers)
         shapes = [tuple(weight_matrix(layer.get_base_layer()).shape) for _, layer in layers]
-        workers = default_workers(shapes, "cpu" if devices == {"cpu"} else (devices - {"cpu"}).pop())
+        workers = default_workers(shapes) if on_cpu else 1
     owned = [(index, layer) for index, (_, layer) in enumerate(layers) if index % world == rank]
     tasks = (
         (weight_matrix(layer.get_base_layer()).detach().to(work_device(layer)), layer.r[adapter],

@@ -187,9 +187,8 @@ def _check_output_dir(config: TrainConfig) -> str | None:
 
 
 def _check_environment(config: TrainConfig) -> None:
-    if config.report_to == "tensorboard":
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("report_to is 'tensorboard' but tensorboard is not installed: `pip install tensorboard`, or set report_to: none.")
+    if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("report_to is 'tensorboard' but tensorboard is not installed: `pip install tensorboard`, or set report_to: none.")
     if config.fp16 and not torch.cuda.is_available():
         raise ConfigError("fp16 mixed precision needs a GPU; on CPU use bf16: true or neither.")
 

@@ -145,7 +145,6 @@ def test_default_workers():
         torch.set_num_threads(2)
         assert default_workers([(576, 576), (1536, 576)]) == 2
         assert default_workers([(576, 576), (11008, 4096)]) == 1  # one large weight: sequential, all cores each
-        assert default_workers([(576, 576)], "cuda") == 1
         torch.set_num_threads(16)
         assert default_workers([(576, 576)]) == 4  # capped: memory grows with workers
     finally:
@@ -167,7 +166,7 @@ def test_lapack_calls_match_numpy(shape):
     assert np.allclose(lapack.matmul(a, b), a @ b, rtol=0, atol=1e-12 * k)
     assert np.allclose(lapack.matmul(a, c, transpose_a=True), a.T @ c, rtol=0, atol=1e-12 * k)
     values, vectors = lapack.eigh_range(g, 2, 9)
-    ref_values, ref_vectors = np.linalg.eigh(reference)
+    ref_values = np.linalg.eigvalsh(reference)
     scale = ref_values[-1]
     assert np.allclose(values, ref_values[2:10], rtol=0, atol=1e-12 * scale)
     assert np.allclose(vectors.T @ vectors, np.eye(8), atol=1e-12)

@@ -44,10 +44,10 @@ def adapter_product(layer) -> np.ndarray:
 
 
 CASES = [
-    pytest.param(dict(r=8, lora_alpha=8), id="alpha=r"),
-    pytest.param(dict(r=8, lora_alpha=32), id="alpha=4r"),
-    pytest.param(dict(r=8, lora_alpha=5, use_rslora=True), id="rslora"),
-    pytest.param(dict(r=8, lora_alpha=8, rank_pattern={"k_proj": 4}, alpha_pattern={"up_proj": 3}), id="patterns"),
+    pytest.param({"r": 8, "lora_alpha": 8}, id="alpha=r"),
+    pytest.param({"r": 8, "lora_alpha": 32}, id="alpha=4r"),
+    pytest.param({"r": 8, "lora_alpha": 5, "use_rslora": True}, id="rslora"),
+    pytest.param({"r": 8, "lora_alpha": 8, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"up_proj": 3}}, id="patterns"),
 ]
 
 

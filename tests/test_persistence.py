@@ -20,8 +20,8 @@ import milora
 from milora.persistence import load_trained_state
 
 MODELS = {
-    "llama": (tiny_llama, dict(target_modules=LLAMA_TARGETS)),
-    "gpt2": (tiny_gpt2, dict(target_modules=GPT2_TARGETS, fan_in_fan_out=True)),
+    "llama": (tiny_llama, {"target_modules": LLAMA_TARGETS}),
+    "gpt2": (tiny_gpt2, {"target_modules": GPT2_TARGETS, "fan_in_fan_out": True}),
 }
 
 
@@ -48,10 +48,10 @@ def logits(model, tokens):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("init,options", [
-    ("milora", dict(r=4, lora_alpha=8)),
-    ("pissa", dict(r=4, lora_alpha=4)),
-    ("milora", dict(r=4, lora_alpha=3, use_rslora=True)),
-    ("lora", dict(r=4, lora_alpha=8)),
+    ("milora", {"r": 4, "lora_alpha": 8}),
+    ("pissa", {"r": 4, "lora_alpha": 4}),
+    ("milora", {"r": 4, "lora_alpha": 3, "use_rslora": True}),
+    ("lora", {"r": 4, "lora_alpha": 8}),
 ])
 def test_round_trips(family, init, options, tokens, tmp_path):
     build, targets = MODELS[family]
