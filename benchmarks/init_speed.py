@@ -37,7 +37,10 @@ from milora.decomposition import (
 )
 
 RANKS = (8, 32, 64)
-REPEATS = 2  # per-weight timings: best of 2, for the paper's SVD and milora alike
+# Timings are the best of several runs (the minimum filters out interference from other
+# processes on shared cores): enough runs for the paper's method to take about TIMING_BUDGET
+# seconds, between MIN_REPEATS and MAX_REPEATS, the same number for both methods.
+TIMING_BUDGET, MIN_REPEATS, MAX_REPEATS = 10.0, 2, 5
 
 
 def llm_like(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -58,10 +61,9 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int = 1):
-    """fn's result and its best wall time over ``repeats`` runs (the minimum filters out
-    interference from other processes on the shared cores). Waits for the GPU, if any."""
-    best = math.inf
+def timed(fn, repeats: int = 1, best: float = math.inf):
+    """fn's result and its best wall time over ``repeats`` runs and an earlier ``best``.
+    Waits for the GPU, if any."""
     for _ in range(repeats):
         _synchronize()
         start = time.perf_counter()
@@ -71,6 +73,10 @@ def timed(fn, repeats: int = 1):
     return result, best
 
 
+def repeats_for(seconds: float) -> int:
+    return min(MAX_REPEATS, max(MIN_REPEATS, math.ceil(TIMING_BUDGET / seconds)))
+
+
 def paper_svd(weight: torch.Tensor):
     """The paper's svd_init: float32 full SVD (U, S, Vh, descending)."""
     return torch.linalg.svd(weight.float(), full_matrices=False)
@@ -78,11 +84,13 @@ def paper_svd(weight: torch.Tensor):
 
 def compare_weight(weight: torch.Tensor, ranks) -> list[dict]:
     U64, _, Vh64 = torch.linalg.svd(weight.double(), full_matrices=False)
-    (U32, _, Vh32), paper_seconds = timed(lambda: paper_svd(weight), REPEATS)  # one SVD serves every r
+    _, first = timed(lambda: paper_svd(weight))
+    repeats = repeats_for(first)
+    (U32, _, Vh32), paper_seconds = timed(lambda: paper_svd(weight), repeats - 1, first)  # one SVD serves every r
     rows = []
     for r in ranks:
         reference = (U64[:, -r:], Vh64[-r:])
-        parts, seconds = timed(functools.partial(select_components, weight, r, "milora"), REPEATS)
+        parts, seconds = timed(functools.partial(select_components, weight, r, "milora"), repeats)
         rows.append({
             "shape": tuple(weight.shape), "r": r, "paper_s": paper_seconds, "milora_s": seconds, "solver": parts.solver,
             "paper_err": subspace_error(U32[:, -r:].double(), Vh32[-r:].double(), reference),
@@ -131,10 +139,12 @@ def whole_model(r: int) -> None:
     for weight in weights:
         U64, _, Vh64 = torch.linalg.svd(weight.double(), full_matrices=False)
         references.append((U64[:, -r:], Vh64[-r:]))
-    paper, paper_seconds = timed(lambda: [paper_svd(weight) for weight in weights], REPEATS)
+    paper, first = timed(lambda: [paper_svd(weight) for weight in weights])
+    repeats = repeats_for(first)
+    paper, paper_seconds = timed(lambda: [paper_svd(weight) for weight in weights], repeats - 1, first)
     workers = default_workers([tuple(weight.shape) for weight in weights])
     ours, milora_seconds = timed(
-        lambda: list(select_components_many(((w, r, None) for w in weights), "milora", "auto", workers)), REPEATS
+        lambda: list(select_components_many(((w, r, None) for w in weights), "milora", "auto", workers)), repeats
     )
     paper_worst = max(subspace_error(U[:, -r:].double(), Vh[-r:].double(), ref) for (U, _, Vh), ref in zip(paper, references))
     milora_worst = max(subspace_error(parts.U, parts.Vh, ref) for parts, ref in zip(ours, references))

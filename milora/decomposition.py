@@ -261,7 +261,7 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
             raise np.linalg.LinAlgError("numerically singular weight")
         apply = lambda x: scipy.linalg.lu_solve(lu, scipy.linalg.lu_solve(lu, x, trans=1))
     else:
-        factor = scipy.linalg.cho_factor(lapack.gram(wn), lower=True, check_finite=False)
+        factor = scipy.linalg.cho_factor(lapack.gram(wn), lower=False, check_finite=False)
         apply = lambda x: scipy.linalg.cho_solve(factor, x)
     operator = scipy.sparse.linalg.LinearOperator((k, k), matvec=apply, matmat=apply, dtype=np.float64)
     # seeded random start: deterministic, and (unlike a structured vector such as all ones)

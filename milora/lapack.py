@@ -65,16 +65,17 @@ def _float64_c(array: np.ndarray, writeable: bool = False) -> np.ndarray:
 def gram(a: np.ndarray) -> np.ndarray:
     """The k x k Gram matrix of the smaller side of ``a`` (m x n): a^T a if m >= n, else a a^T.
 
-    BLAS syrk (half the flops of a product). Only the lower triangle is set; the upper is zero.
+    BLAS syrk (half the flops of a product). Only the upper triangle is set; the lower is zero
+    (it is LAPACK's lower triangle, which LAPACK's tridiagonal reduction handles faster).
     """
     a = _float64_c(a)
     m, n = a.shape
     k = min(m, n)
     g = np.zeros((k, k))
     # column-major, a is n x m: a^T a (row-major) = A A^T ('N'); a a^T = A^T A ('T').
-    # LAPACK's upper triangle is the row-major lower one.
+    # LAPACK's lower triangle is the row-major upper one.
     trans, depth = ("N", m) if m >= n else ("T", n)
-    _dsyrk(_char("U"), _char(trans), _int(k), _int(depth), _double(1.0), _data(a), _int(n), _double(0.0), _data(g), _int(k))
+    _dsyrk(_char("L"), _char(trans), _int(k), _int(depth), _double(1.0), _data(a), _int(n), _double(0.0), _data(g), _int(k))
     return g
 
 
@@ -95,7 +96,7 @@ def matmul(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndarra
 def eigh_range(g: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs ``first..last`` (0-based, inclusive, ascending order) of a symmetric matrix.
 
-    Reads the lower triangle of ``g`` and overwrites ``g``. LAPACK dsyevr (MRRR), as
+    Reads the upper triangle of ``g`` (as `gram` sets it) and overwrites ``g``. LAPACK dsyevr (MRRR), as
     ``scipy.linalg.eigh(g, subset_by_index=[first, last], driver="evr")``. Returns the
     eigenvalues (ascending) and the eigenvectors as the columns of a k x count array.
     """
@@ -110,7 +111,7 @@ def eigh_range(g: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.nda
     found, info = ctypes.c_int(0), ctypes.c_int(0)
 
     def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
-        _dsyevr(_char("V"), _char("I"), _char("U"), _int(k), _data(g), _int(k), _double(0.0), _double(0.0),
+        _dsyevr(_char("V"), _char("I"), _char("L"), _int(k), _data(g), _int(k), _double(0.0), _double(0.0),
                 _int(first + 1), _int(last + 1), _double(0.0), ctypes.byref(found), _data(values), _data(vectors),
                 _int(k), _data(support), _data(work), _int(lwork), _data(iwork), _int(liwork), ctypes.byref(info))
 

@@ -159,8 +159,8 @@ def test_lapack_calls_match_numpy(shape):
     k = min(shape)
     reference = a.T @ a if shape[0] >= shape[1] else a @ a.T
     g = lapack.gram(a)
-    assert np.allclose(np.tril(g), np.tril(reference), rtol=0, atol=1e-12 * np.abs(reference).max())
-    assert not np.triu(g, 1).any()  # documented: lower triangle only
+    assert np.allclose(np.triu(g), np.triu(reference), rtol=0, atol=1e-12 * np.abs(reference).max())
+    assert not np.tril(g, -1).any()  # documented: upper triangle only
     b = RNG.standard_normal((shape[1], 5))
     c = RNG.standard_normal((shape[0], 3))
     assert np.allclose(lapack.matmul(a, b), a @ b, rtol=0, atol=1e-12 * k)
