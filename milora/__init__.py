@@ -1,5 +1,6 @@
 """MiLoRA: LoRA fine-tuning that starts from the minor singular components of each weight."""
 
+from milora.analysis import analyze_adapter
 from milora.config import TrainConfig, load_config
 from milora.decomposition import select_components
 from milora.initialization import INIT_MODES, get_model
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "INIT_MODES",
     "TrainConfig",
+    "analyze_adapter",
     "get_model",
     "load_base_model",
     "load_config",

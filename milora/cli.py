@@ -1,4 +1,4 @@
-"""The `milora` command line: `milora init`, `milora train`, `milora eval`."""
+"""The `milora` command line: `milora init`, `merge`, `train`, `eval`, `analyze`, `demo`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(subparsers)
     _add_demo_command(subparsers)
     _add_eval_command(subparsers)
+    _add_analyze_command(subparsers)
     return parser
 
 
@@ -257,6 +258,56 @@ def _add_eval_command(subparsers) -> None:
         return 0
 
     parser.set_defaults(handler=run_eval)
+
+
+def _add_analyze_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="measure what fine-tuning changed: each update against the weight's principal and minor subspaces",
+        description="For every adapted weight W and its update Delta W: the share of Delta W in W's top-k and "
+        "bottom-k singular subspaces, the amplification factor, and how far the top-k subspace rotated "
+        "(see milora.analysis). Several adapters are compared side by side.",
+    )
+    parser.add_argument("adapters", nargs="+", help="adapter directories saved by milora (or plain PEFT LoRA)")
+    parser.add_argument("--model", default=None, help="the ORIGINAL base model (default: embedded SmolLM2)")
+    parser.add_argument("--rank", type=int, default=None, help="size k of the compared subspaces (default: adapter rank)")
+    parser.add_argument("--output", default=None, help="write the per-layer results as JSON")
+    parser.add_argument("--plot", default=None, help="write per-layer curves as an image (e.g. analysis.png)")
+    parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
+
+    def run_analyze(args) -> int:
+        from pathlib import Path
+
+        from milora.analysis import analyze_adapter, format_analysis, plot_analysis
+        from milora.evaluation import write_results
+        from milora.models import load_causal_lm
+
+        for adapter in args.adapters:  # fail before the slow part, and before writing anything
+            if not Path(adapter).is_dir():
+                raise SystemExit(f"error: adapter directory {adapter} does not exist.")
+        if args.rank is not None and args.rank < 1:
+            raise SystemExit(f"error: --rank must be a positive integer, got {args.rank}.")
+        if args.plot is not None:
+            from matplotlib.figure import Figure
+
+            formats = Figure().canvas.get_supported_filetypes()
+            if Path(args.plot).suffix.lstrip(".").lower() not in formats:
+                raise SystemExit(f"error: --plot {args.plot}: use one of the extensions {', '.join(sorted(formats))}.")
+        results = []
+        for adapter in args.adapters:
+            model = load_causal_lm(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
+            try:
+                results.append(analyze_adapter(model, adapter, rank=args.rank))
+            except (ValueError, FileNotFoundError) as error:
+                raise SystemExit(f"error: {error}") from None
+        print(format_analysis(results))
+        if args.output:
+            print(f"results written to {write_results(results, args.output)}")
+        if args.plot:
+            print(f"plot written to {plot_analysis(results, args.plot)}")
+        return 0
+
+    parser.set_defaults(handler=run_analyze)
 
 
 def main(argv: list[str] | None = None) -> int:

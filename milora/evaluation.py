@@ -587,7 +587,8 @@ def _format_score(value: float | None, accuracy: bool) -> str:
     return f"{100 * value:.1f}" if accuracy else f"{value:.4f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned text table: first column left-aligned, the others right-aligned, a rule under the header."""
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header] + rows]
@@ -604,7 +605,7 @@ def format_summary(result: dict) -> str:
     if accuracy and summary["average"] is not None and len(summary["scores"]) > 1:
         rows.append(["Avg.", _format_score(summary["average"], True)])
     header = [f"{summary['label']} · {summary['task']} (n={summary['n']})", "accuracy %" if accuracy else "value"]
-    return _table(header, rows)
+    return format_table(header, rows)
 
 
 COMPARED_FORGETTING_METRICS = ("forgetting_loss", "perplexity")
@@ -641,4 +642,4 @@ def compare(result_files: list[str | Path]) -> str:
         average = sum(accuracies) / len(accuracies) if accuracies else None
         table.append([label] + [_format_score(values.get(c), accuracy_columns[c]) for c in columns]
                      + [_format_score(average, True)])
-    return _table(header, table)
+    return format_table(header, table)

@@ -203,13 +203,10 @@ def load_model(
     and can continue training with ``is_trainable=True``. The base model is modified in place.
     """
     saved_config, weights, metadata = read_adapter(adapter_dir)
-    lora_config = copy.deepcopy(saved_config)
-    if metadata["init"] != "lora":
-        for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
-            setattr(lora_config, key, metadata[key])
+    lora_config = trainable_config(saved_config, metadata)
     lora_config.inference_mode = not is_trainable
     modules = target_modules(base_model, lora_config)
-    _check_fingerprint(modules, metadata, adapter_dir)
+    check_fingerprint(modules, metadata, adapter_dir)
     _check_weight_shapes(modules, weights, lora_config, metadata, adapter_dir)
 
     peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
@@ -233,7 +230,17 @@ def load_model(
     return peft_model
 
 
-def _check_fingerprint(modules: dict, metadata: dict, adapter_dir) -> None:
+def trainable_config(saved_config: LoraConfig, metadata: dict) -> LoraConfig:
+    """The rank-r config the adapter trains with (the saved one is the rank-2r update's for SVD inits)."""
+    lora_config = copy.deepcopy(saved_config)
+    if metadata["init"] != "lora":
+        for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+            setattr(lora_config, key, metadata[key])
+    return lora_config
+
+
+def check_fingerprint(modules: dict, metadata: dict, adapter_dir) -> None:
+    """Refuse base modules other than the original ones the adapter was initialised from."""
     found, expected = fingerprint(modules), metadata["fingerprint"]
     low_precision = weight_matrix(next(iter(modules.values()))).dtype in (torch.bfloat16, torch.float16)
     if found["float32"] == expected["float32"] or (low_precision and found["bfloat16"] == expected["bfloat16"]):
