@@ -30,13 +30,19 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import closing
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
 
-from milora.decomposition import principal_angle_sine, select_components
+from milora.decomposition import (
+    default_workers,
+    map_concurrently,
+    principal_angle_sine,
+    select_components,
+)
 from milora.evaluation import format_table
 from milora.initialization import lora_layers, rank_for, target_modules, weight_matrix
 from milora.persistence import (
@@ -114,7 +120,8 @@ def analyze_adapter(
 ) -> dict:
     """Analyse a saved adapter (milora or plain PEFT LoRA) on its ORIGINAL base model.
 
-    ``rank``: size k of the compared subspaces (default: each layer's adapter rank r).
+    ``rank``: size k of the compared subspaces (default: each layer's adapter rank r). CPU
+    weights are analysed several at once, as `milora.get_model` decomposes them.
     ``base_model`` is wrapped in place by PEFT. Returns ``{"label", "adapter", "init",
     "layers": [{"module", "shape", "k", <metrics>}], "summary": {module kind: mean metrics,
     "all": ...}}``.
@@ -123,14 +130,21 @@ def analyze_adapter(
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")
     adapter_dir = Path(adapter_dir)
     peft_model, config, init = _open_adapter(base_model, adapter_dir)
+    tasks = []  # (name, W, s B, A, k)
+    with torch.no_grad():
+        for name, layer in lora_layers(peft_model).items():
+            adapter = layer.active_adapters[0]
+            if adapter not in layer.lora_A:
+                raise ValueError(f"{name} is a {type(layer).__name__} LoRA layer; milora analyses Linear and Conv1D layers.")
+            left = layer.lora_B[adapter].weight * layer.scaling[adapter]
+            tasks.append((name, weight_matrix(layer.get_base_layer()), left, layer.lora_A[adapter].weight, rank or rank_for(config, name)))
+    on_cpu = all(weight.device.type == "cpu" for _, weight, *_ in tasks)
+    workers = default_workers([tuple(weight.shape) for _, weight, *_ in tasks]) if on_cpu else 1
     layers = []
-    for name, layer in tqdm(lora_layers(peft_model).items(), desc="analysing", disable=not progress):
-        adapter = layer.active_adapters[0]
-        k = rank or rank_for(config, name)
-        weight = weight_matrix(layer.get_base_layer())
-        left = layer.lora_B[adapter].weight * layer.scaling[adapter]
-        metrics = update_metrics(weight, left, layer.lora_A[adapter].weight, k)
-        layers.append({"module": name, "shape": list(weight.shape), "k": k, **metrics})
+    with closing(map_concurrently(update_metrics, (task[1:] for task in tasks), workers)) as results:
+        for (name, weight, _, _, k), metrics in tqdm(zip(tasks, results), total=len(tasks), desc="analysing",
+                                                    disable=not progress):
+            layers.append({"module": name, "shape": list(weight.shape), "k": k, **metrics})
     return {
         "label": label or adapter_dir.name,
         "adapter": str(adapter_dir),

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import scipy.linalg
@@ -46,6 +47,7 @@ SELECTIONS = ("milora", "pissa", "middle", "random")
 SOLVERS = ("auto", "eigh", "lanczos", "svd")
 # Smaller side from which one weight keeps several cores busy (and Lanczos can pay off)
 LARGE_SIDE = 2048
+T = TypeVar("T")
 # Cap on concurrent CPU decompositions: each holds a float64 copy of its weight and a Gram
 # matrix, so more workers trade memory for little speed.
 MAX_WORKERS = 4
@@ -163,38 +165,57 @@ def select_components_many(
     """`select_components` of each ``(weight, r, generator)``, yielded in order.
 
     With ``workers > 1`` (CPU weights only) that many weights are decomposed at once, each on
-    one BLAS thread. LAPACK's eigensolvers spend half their time in memory-bound level-2
-    steps that barely use a second core on weights of a few thousand columns or less, so
-    whole-model throughput scales with the cores; the cost is ``workers`` sets of float64
-    work buffers alive at once instead of one. Close the generator (``contextlib.closing``)
-    if you stop early: that cancels waiting tasks and restores the thread settings.
+    one BLAS thread (see `map_concurrently`). LAPACK's eigensolvers spend half their time in
+    memory-bound level-2 steps that barely use a second core on weights of a few thousand
+    columns or less, so whole-model throughput scales with the cores; the cost is ``workers``
+    sets of float64 work buffers alive at once instead of one. Close the generator
+    (``contextlib.closing``) if you stop early: that cancels waiting tasks and restores the
+    thread settings.
+    """
+
+    def checked(task):
+        if workers > 1 and task[0].device.type != "cpu":
+            raise ValueError(f"workers={workers} applies to CPU weights; got one on {task[0].device}: use workers=1.")
+        return task
+
+    def decompose(weight, r, generator):
+        return select_components(weight, r, selection, solver, generator)
+
+    return map_concurrently(decompose, (checked(task) for task in tasks), workers)
+
+
+def map_concurrently(function: Callable[..., T], tasks: Iterable[tuple], workers: int = 1) -> Iterator[T]:
+    """``function(*task)`` for each task, yielded in order, ``workers`` at a time (threads).
+
+    For float64 linear algebra on CPU that releases the GIL (`milora.lapack`, torch): while
+    it runs, torch and the BLAS libraries use one thread each (restored after), so concurrent
+    tasks use one core each instead of thread pools oversubscribing the cores. At most two
+    finished results per worker wait to be consumed, so results do not pile up in memory.
+    Close the generator if you stop early: waiting tasks are cancelled, running ones finish.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}.")
     if workers == 1:
-        for weight, r, generator in tasks:
-            yield select_components(weight, r, selection, solver, generator)
+        for task in tasks:
+            yield function(*task)
         return
     with _one_blas_thread_each():
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="milora-svd")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="milora-linalg")
         try:
-            pending = deque()  # at most one task waiting per worker: results do not pile up in memory
-            for weight, r, generator in tasks:
-                if weight.device.type != "cpu":
-                    raise ValueError(f"workers={workers} applies to CPU weights; got one on {weight.device}: use workers=1.")
-                pending.append(pool.submit(select_components, weight, r, selection, solver, generator))
+            pending = deque()
+            for task in tasks:
+                pending.append(pool.submit(function, *task))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
-        finally:  # also on an early close: running tasks finish, waiting ones are dropped
+        finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager
 def _one_blas_thread_each():
-    """Single-threaded torch and BLAS for the duration (restored after): concurrent workers
-    then use one core each instead of competing thread pools oversubscribing the cores."""
+    """Single-threaded torch and BLAS for the duration (restored after)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -18,7 +18,7 @@ from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from peft import LoraConfig, get_peft_model
 
 import milora
-from milora.analysis import analyze_adapter, format_analysis, update_metrics
+from milora.analysis import METRICS, analyze_adapter, format_analysis, update_metrics
 from milora.cli import main
 from milora.initialization import lora_layers, weight_matrix
 
@@ -133,6 +133,25 @@ def test_minor_start_keeps_the_update_out_of_the_principal_subspace(tmp_path):
         energies[init] = result["summary"]["all"]
     assert energies["milora"]["minor_energy"] > 10 * energies["milora"]["principal_energy"]
     assert energies["pissa"]["principal_energy"] > 10 * energies["pissa"]["minor_energy"]
+
+
+def test_concurrent_analysis_matches_sequential(tmp_path):
+    """With 2 torch threads the layers are analysed 2 at a time: same results (to 1e-12)."""
+    peft_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), progress=False)
+    _perturb_adapter(peft_model)
+    milora.save_adapter(peft_model, tmp_path / "adapter")
+    sequential = analyze_adapter(tiny_llama(), tmp_path / "adapter", progress=False)["layers"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        concurrent = analyze_adapter(tiny_llama(), tmp_path / "adapter", progress=False)["layers"]
+        assert torch.get_num_threads() == 2  # restored after the concurrent section
+    finally:
+        torch.set_num_threads(threads)
+    assert [entry["module"] for entry in concurrent] == [entry["module"] for entry in sequential]
+    for one, other in zip(sequential, concurrent):
+        for name in METRICS:
+            assert one[name] == pytest.approx(other[name], rel=1e-12, abs=1e-15), (one["module"], name)
 
 
 def test_plain_peft_adapter_and_wrong_base(tmp_path):
