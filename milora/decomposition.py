@@ -248,12 +248,17 @@ def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -
     k = min(w.shape)
     lo_pos, hi_pos = _neighbourhood(positions, k)
     lo_asc, hi_asc = k - 1 - hi_pos, k - 1 - lo_pos  # ascending eigen-indices, inclusive
-    if w.device.type == "cpu":
+    if _on_lapack(w):
         evals, evecs = map(torch.from_numpy, lapack.eigh_range(lapack.gram(_as_numpy(w)), lo_asc, hi_asc))
     else:
         all_evals, all_evecs = torch.linalg.eigh(w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T)
         evals, evecs = all_evals[lo_asc : hi_asc + 1], all_evecs[:, lo_asc : hi_asc + 1]
     return _complete(w, evals.flip(0), evecs.flip(1), positions, lo_pos, selection, "eigh")
+
+
+def _on_lapack(w: torch.Tensor) -> bool:
+    """CPU tensors go through `milora.lapack` (scipy's OpenBLAS), others through torch's device solvers."""
+    return w.device.type == "cpu"
 
 
 def _as_numpy(w: torch.Tensor) -> np.ndarray:
@@ -316,7 +321,7 @@ def _complete(
     tall = w.shape[0] >= w.shape[1]
     first, count = int(positions[0]), positions.numel()
     basis = evecs[:, first - lo_pos : first - lo_pos + count].to(w.device)  # right (tall) or left (wide), k x r
-    if w.device.type == "cpu":  # the same BLAS and LAPACK as the eigensolver (see milora.lapack)
+    if _on_lapack(w):  # the same BLAS and LAPACK as the eigensolver
         basis = _as_numpy(basis)
         projected = lapack.matmul(_as_numpy(w), basis, transpose_a=not tall)  # (m or n) x r
         Q, S, Rh = scipy.linalg.svd(projected, full_matrices=False, check_finite=False)

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig
 
 import milora
-from milora import lapack
+from milora import decomposition, lapack
 from milora.decomposition import (
     default_workers,
     principal_angle_sine,
@@ -83,6 +83,26 @@ def test_solvers_match_reference(shape, kind, selection, r):
             np.testing.assert_allclose(parts.S.numpy(), S[block], atol=1e-12)
         else:  # the boundary cuts a cluster: the report must say so
             assert kind == "clustered" and selection == "milora" and r < 12
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", ["geometric", "clustered", "rank_deficient"])
+@pytest.mark.parametrize("selection", ["milora", "pissa", "middle"])
+def test_device_code_path_matches_cpu_path(monkeypatch, shape, kind, selection):
+    """The eigh path GPUs take (torch Gram matrix, torch.linalg.eigh, torch thin SVD), run on
+    CPU tensors, gives the CPU (milora.lapack) path's triplets: singular values to 1e-12, the
+    selected part U S Vh to the gap-bound tolerance above, and the same boundary gap. (Only
+    the transfers to and from a real device are left untested without a GPU.)"""
+    W = with_spectrum(*shape, spectrum(kind, min(shape)))
+    cpu_path = select_components(W, 8, selection, "eigh")
+    monkeypatch.setattr(decomposition, "_on_lapack", lambda w: False)
+    device_path = select_components(W, 8, selection, "eigh")
+    np.testing.assert_allclose(device_path.S.numpy(), cpu_path.S.numpy(), rtol=0, atol=1e-12)
+    # gaps come from Gram eigenvalues, known to about eps (sigma_max / sigma_r)^2 = 2e-10 relative here
+    assert device_path.boundary_gap == pytest.approx(cpu_path.boundary_gap, rel=1e-6, abs=1e-9)
+    if cpu_path.boundary_gap > 1e-6:
+        difference = (device_path.U * device_path.S) @ device_path.Vh - (cpu_path.U * cpu_path.S) @ cpu_path.Vh
+        assert float(torch.linalg.matrix_norm(difference, 2)) <= min(1e-9 / cpu_path.boundary_gap, 1e-3) * float(cpu_path.S.max()) + 1e-12
 
 
 def test_gap_reported_inside_and_outside_cluster():

@@ -16,6 +16,7 @@ from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from peft import LoraConfig
 
 import milora
+from milora import decomposition
 from milora.decomposition import principal_angle_sine
 from milora.initialization import lora_layers, weight_matrix
 
@@ -51,9 +52,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("code_path", ["cpu", "device"])
 @pytest.mark.parametrize("init", ["milora", "pissa", "middle"])
 @pytest.mark.parametrize("options", CASES)
-def test_selected_part_matches_float64_reference(init, options):
+def test_selected_part_matches_float64_reference(init, options, code_path, monkeypatch):
+    """code_path "device": the torch solvers a GPU uses (see test_decomposition), on CPU tensors."""
+    if code_path == "device":
+        monkeypatch.setattr(decomposition, "_on_lapack", lambda w: False)
     model = tiny_llama()
     weights = original_weights(model)
     peft_model = milora.get_model(model, LoraConfig(target_modules=LLAMA_TARGETS, **options), init=init, progress=False)
