@@ -17,7 +17,9 @@ adapter's rank unless given. Per weight, in float64:
   subspaces of W and of W + Delta W (max over the left and right sides), and
   ``principal_value_change``: max over the top k of |sigma_i(W + Delta W) - sigma_i(W)| / sigma_i(W).
   Both measure how far fine-tuning moved W's dominant directions, the pretrained knowledge
-  MiLoRA aims to leave alone.
+  MiLoRA aims to leave alone. ``principal_gap`` (per layer) is the relative gap between
+  sigma_{k-1} and sigma_k of W: where it is tiny, the top-k subspace is not well defined and
+  even a small update can rotate it far.
 
 Delta W is handled through its factors (rank <= 2r): its norm and singular vectors come from
 QR factorisations of the factors and an SVD of the small core. W's components come from
@@ -65,16 +67,15 @@ def update_metrics(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     w, left, right = weight.detach().double(), left.detach().double(), right.detach().double()
     m, n = w.shape
     top = select_components(w, k, "pissa")
-    bottom = select_components(w, k, "milora")
     q_left, r_left = torch.linalg.qr(left)  # Delta W = q_left (r_left r_right^T) q_right^T
     q_right, r_right = torch.linalg.qr(right.T)
     core_u, core_s, core_vh = torch.linalg.svd(r_left @ r_right.T)
     norm = float(torch.linalg.norm(core_s))
     # a milora adapter saved before training encodes s (B0 A0 - B0 A0): zero up to rounding
+    shared = {"chance_energy": k * k / (m * n), "principal_gap": top.boundary_gap}
     if norm <= ZERO_UPDATE * float(torch.linalg.norm(left) * torch.linalg.norm(right)):
-        return {"relative_update": 0.0, "chance_energy": k * k / (m * n), "principal_rotation": 0.0,
-                "principal_value_change": 0.0, **dict.fromkeys(("principal_energy", "minor_energy", "amplification"))}
-    metrics = {"relative_update": norm / float(torch.linalg.norm(w)), "chance_energy": k * k / (m * n)}
+        return {**shared, "relative_update": 0.0, "principal_rotation": 0.0, "principal_value_change": 0.0,
+                **dict.fromkeys(("principal_energy", "minor_energy", "amplification"))}
 
     def energy(parts) -> float:
         return float(torch.linalg.norm((parts.U.T @ left) @ (right @ parts.Vh.T))) ** 2 / norm**2
@@ -83,9 +84,10 @@ def update_metrics(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     update_u, update_v = q_left @ core_u[:, :directions], q_right @ core_vh[:directions].T
     updated = select_components(w + left @ right, k, "pissa")
     return {
-        **metrics,
+        **shared,
+        "relative_update": norm / float(torch.linalg.norm(w)),
         "principal_energy": energy(top),
-        "minor_energy": energy(bottom),
+        "minor_energy": energy(select_components(w, k, "milora")),
         "amplification": _ratio(norm, float(torch.linalg.norm(update_u.T @ w @ update_v))),
         "principal_rotation": max(principal_angle_sine(top.U, updated.U), principal_angle_sine(top.Vh.T, updated.Vh.T)),
         "principal_value_change": float(((updated.S - top.S).abs() / top.S).max()),

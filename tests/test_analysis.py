@@ -42,6 +42,7 @@ def reference_metrics(w: np.ndarray, update: np.ndarray, k: int) -> dict:
             np.sin(scipy.linalg.subspace_angles(Vt[:k].T, Vt2[:k].T)).max(),
         ),
         "principal_value_change": np.max(np.abs(S2[:k] - S[:k]) / S[:k]),
+        "principal_gap": (S[k - 1] - S[k]) / S[k - 1],
     }
 
 
