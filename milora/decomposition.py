@@ -47,10 +47,10 @@ SELECTIONS = ("milora", "pissa", "middle", "random")
 SOLVERS = ("auto", "eigh", "lanczos", "svd")
 # Smaller side from which one weight keeps several cores busy (and Lanczos can pay off)
 LARGE_SIDE = 2048
-T = TypeVar("T")
 # Cap on concurrent CPU decompositions: each holds a float64 copy of its weight and a Gram
 # matrix, so more workers trade memory for little speed.
 MAX_WORKERS = 4
+T = TypeVar("T")
 
 
 @dataclass
