@@ -138,8 +138,12 @@ def analyze_adapter(
             adapter = layer.active_adapters[0]
             if adapter not in layer.lora_A:
                 raise ValueError(f"{name} is a {type(layer).__name__} LoRA layer; milora analyses Linear and Conv1D layers.")
+            weight, k = weight_matrix(layer.get_base_layer()), rank or rank_for(config, name)
+            if k >= min(weight.shape):
+                raise ValueError(f"Subspace size k={k} is too large for {name} ({weight.shape[0]} x {weight.shape[1]}): "
+                                 f"it must be below {min(weight.shape)}; pass a smaller rank.")
             left = layer.lora_B[adapter].weight * layer.scaling[adapter]
-            tasks.append((name, weight_matrix(layer.get_base_layer()), left, layer.lora_A[adapter].weight, rank or rank_for(config, name)))
+            tasks.append((name, weight, left, layer.lora_A[adapter].weight, k))
     on_cpu = all(weight.device.type == "cpu" for _, weight, *_ in tasks)
     workers = default_workers([tuple(weight.shape) for _, weight, *_ in tasks]) if on_cpu else 1
     layers = []

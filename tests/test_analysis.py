@@ -167,6 +167,8 @@ def test_plain_peft_adapter_and_wrong_base(tmp_path):
         analyze_adapter(tiny_llama(seed=1), tmp_path / "milora", progress=False)
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         analyze_adapter(tiny_llama(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"k=40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\)"):
+        analyze_adapter(tiny_llama(), tmp_path / "plain", rank=40, progress=False)
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         analyze_adapter(tiny_llama(), tmp_path / "plain", rank=0, progress=False)
 
