@@ -238,10 +238,7 @@ def _add_eval_command(subparsers) -> None:
             if args.adapter:
                 from milora import load_model
 
-                try:
-                    model = load_model(model, args.adapter)
-                except ValueError as error:  # a bad or mismatched adapter directory
-                    raise SystemExit(f"error: {error}") from None
+                model = load_model(model, args.adapter)
             label = args.label or Path(args.adapter or args.model or EMBEDDED_MODEL).name
             result = evaluate(
                 model, tokenizer, args.task, args.data, limit=args.limit, batch_size=args.batch_size,
@@ -251,7 +248,7 @@ def _add_eval_command(subparsers) -> None:
             )
             slug = args.task.replace(":", "-").replace(",", "+")
             output = write_results(result, args.output or f"{label}-{slug}.json")
-        except (DataError, FileNotFoundError) as error:
+        except (DataError, FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
         print(format_summary(result))
         print(f"results written to {output}")
@@ -295,8 +292,8 @@ def _add_analyze_command(subparsers) -> None:
                 raise SystemExit(f"error: --plot {args.plot}: use one of the extensions {', '.join(sorted(formats))}.")
         results = []
         for adapter in args.adapters:
-            model = load_causal_lm(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
             try:
+                model = load_causal_lm(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
                 results.append(analyze_adapter(model, adapter, rank=args.rank))
             except (ValueError, FileNotFoundError) as error:
                 raise SystemExit(f"error: {error}") from None

@@ -39,6 +39,7 @@ from milora.decomposition import (
     resolve_solver,
     select_components_many,
 )
+from milora.models import check_device
 
 INIT_MODES = SELECTIONS + ("lora",)
 # Below this relative boundary gap the selected subspace is sensitive: a relative
@@ -295,6 +296,8 @@ def _check_devices(solver: str, workers: int | None, device, modules: dict[str, 
     """Options that only work for decompositions on CPU, checked before the model is modified."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    if device is not None:
+        check_device(device)
     devices = {torch.device(device).type} if device is not None else {weight_matrix(m).device.type for m in modules.values()}
     if devices == {"cpu"}:
         return

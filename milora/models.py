@@ -22,6 +22,15 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_device(device: str | torch.device) -> None:
+    """A clear ValueError for a device this machine cannot use (torch's own error is an
+    AssertionError deep in the first transfer)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"device={str(device)!r} is not usable on this machine ({error}); use 'cpu' or omit it.") from None
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MILORA_CACHE", Path.home() / ".cache" / "milora"))
 
@@ -79,6 +88,8 @@ def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "
         if dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
         dtype = DTYPES[dtype]
+    if device is not None:
+        check_device(device)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
     if device is not None:
         model.to(device)

@@ -62,3 +62,16 @@ def test_init_then_merge(model_dir, tmp_path, tokens):
         assert float((merged(tokens).logits.double() - expected).norm() / expected.norm()) < 1e-5
     with pytest.raises(SystemExit, match="already exists"):
         main(["merge", str(tmp_path / "adapter"), "--model", str(model_dir), "--output", str(tmp_path / "merged")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unusable_device_is_a_clear_error(model_dir, tmp_path):
+    """Not torch's AssertionError from deep inside the first transfer, and nothing written."""
+    for command in (
+        ["init", str(model_dir), "--output", str(tmp_path / "out"), "--rank", "4", "--device", "cuda"],
+        ["eval", "--model", str(model_dir), "--task", "gsm8k", "--device", "cuda", "--output", str(tmp_path / "r.json")],
+        ["analyze", str(tmp_path), "--model", str(model_dir), "--device", "cuda", "--output", str(tmp_path / "a.json")],
+    ):
+        with pytest.raises(SystemExit, match="device='cuda' is not usable on this machine"):
+            main(command)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]

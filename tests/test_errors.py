@@ -94,6 +94,11 @@ def test_bad_workers_and_cpu_only_options():
         milora.get_model(model, config(), solver="lanczos", device="meta")
     with pytest.raises(ValueError, match=r"workers=2 runs several CPU decompositions at once; decompositions on \['meta'\] need workers=1"):
         milora.get_model(model, config(), workers=2, device="meta")
+    with pytest.raises(ValueError, match=r"device='gpu0' is not usable on this machine \(.*\); use 'cpu' or omit it"):
+        milora.get_model(model, config(), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' is not usable on this machine"):
+            milora.get_model(model, config(), device="cuda")
     assert_untouched(model, tiny_llama())
 
 
