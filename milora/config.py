@@ -230,6 +230,8 @@ def _check_consistency(config: TrainConfig) -> None:
         raise ConfigError("'dataset' is required: a local .json/.jsonl/.parquet file or a hub dataset name.")
     if config.output_dir is None:
         raise ConfigError("'output_dir' is required: the directory that receives the adapter, config and metrics.")
+    if config.lora_alpha is not None and config.lora_alpha <= 0:
+        raise ConfigError(f"'lora_alpha' must be positive, got {config.lora_alpha} (it sets the scaling alpha / r).")
     if config.lora_dropout >= 1:
         raise ConfigError(f"'lora_dropout' must be below 1, got {config.lora_dropout}.")
     if config.bf16 and config.fp16:

@@ -112,6 +112,12 @@ def validate_lora_config(lora_config: LoraConfig, init: str) -> None:
     for option, value, default in (("use_dora", lora_config.use_dora, False), ("bias", lora_config.bias, "none")):
         if value != default:
             raise ValueError(f"LoraConfig.{option}={value!r} is not supported with init={init!r}; use {default!r}.")
+    # B = U sqrt(S / s) needs a positive scaling s = alpha / r (or alpha / sqrt(r))
+    for option, values in (("r", [lora_config.r, *lora_config.rank_pattern.values()]),
+                           ("lora_alpha", [lora_config.lora_alpha, *lora_config.alpha_pattern.values()])):
+        bad = [value for value in values if not value > 0]
+        if bad:
+            raise ValueError(f"LoraConfig.{option} (and its pattern) must be positive for init={init!r}, got {bad[0]!r}.")
 
 
 def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, torch.nn.Module]:

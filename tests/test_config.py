@@ -89,6 +89,7 @@ def test_lenient_but_exact_coercions(data_file, tmp_path):
         ({"init": "milorra"}, r"'init' must be one of .* \(did you mean 'milora'\?\)"),
         ({"lora_rank": 0}, "'lora_rank' must be at least 1"),
         ({"lora_dropout": 1.0}, "'lora_dropout' must be below 1"),
+        ({"lora_alpha": 0}, "'lora_alpha' must be positive, got 0"),
         ({"bf16": True, "fp16": True}, "choose one mixed-precision mode"),
         ({"eval_steps": 10}, "val_size"),
         ({"val_size": 2.5}, "fraction below 1 or a whole count"),

@@ -84,6 +84,21 @@ def test_unknown_init_mode_and_solver():
         milora.get_model(tiny_llama(), config(), init="random", solver="eigh")
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"r": 0}, "LoraConfig.r .* must be positive for init='milora', got 0"),
+    ({"r": 4, "rank_pattern": {"k_proj": 0}}, "LoraConfig.r .* must be positive"),
+    ({"r": 4, "lora_alpha": -1}, "LoraConfig.lora_alpha .* must be positive for init='milora', got -1"),
+    ({"r": 4, "lora_alpha": 0}, "LoraConfig.lora_alpha .* must be positive"),
+    ({"r": 4, "alpha_pattern": {"up_proj": -2}}, "LoraConfig.lora_alpha .* must be positive"),
+])
+def test_non_positive_rank_or_alpha(options, message):
+    """A non-positive scaling would make B = U sqrt(S / s) NaN: rejected before any change."""
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        milora.get_model(model, LoraConfig(target_modules=LLAMA_TARGETS, **options))
+    assert_untouched(model, tiny_llama())
+
+
 def test_bad_workers_and_cpu_only_options():
     model = tiny_llama()
     with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
