@@ -511,6 +511,10 @@ def evaluate(model, tokenizer, task: str, data: str | Path | None = None, *, lim
         raise DataError(f"--batch-size must be at least 1 (got {batch_size}).")
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1 (got {limit}).")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise DataError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).")
+    if max_length < 2:
+        raise DataError(f"--max-length must be at least 2 tokens (got {max_length}).")
     if scorer not in SCORERS:
         raise DataError(f"Unknown scorer {scorer!r}: choose one of {', '.join(SCORERS)}.")
     if scorer == "loglik" and task != "commonsense":
@@ -538,7 +542,7 @@ def evaluate(model, tokenizer, task: str, data: str | Path | None = None, *, lim
                                        limit=limit, batch_size=batch_size, progress=progress)
         elif task in ACCURACY_TASKS:
             examples, source = load_examples(task, data, limit)
-            max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
             settings.update(scorer=scorer if task == "commonsense" else "generate", max_new_tokens=max_new_tokens)
             if task != "commonsense":
                 settings["stop_strings"] = list(MATH_STOP_STRINGS)

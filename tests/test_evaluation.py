@@ -307,6 +307,10 @@ def test_evaluate_rejects_bad_requests(smol):
         evaluate(model, tokenizer, "gsm8k", scorer="loglik")
     with pytest.raises(DataError, match="batch-size"):
         evaluate(model, tokenizer, "gsm8k", batch_size=0)
+    with pytest.raises(DataError, match="--max-new-tokens must be at least 1 \\(got 0\\)"):  # not "0 = default"
+        evaluate(model, tokenizer, "gsm8k", max_new_tokens=0)
+    with pytest.raises(DataError, match="--max-length must be at least 2"):
+        evaluate(model, tokenizer, "forgetting", max_length=1)
     assert not model.training
 
 
