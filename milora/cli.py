@@ -185,7 +185,10 @@ def _add_demo_command(subparsers) -> None:
         from milora.demo import run_demo
 
         options = {key: value for key, value in (("task", args.task), ("max_steps", args.steps), ("eval_size", args.eval_size)) if value is not None}
-        run_demo(args.output, seed=args.seed, **options)
+        try:
+            run_demo(args.output, seed=args.seed, **options)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         return 0
 
     parser.set_defaults(handler=run)

@@ -117,6 +117,10 @@ def run_demo(
     from milora.persistence import load_model
     from milora.training import train
 
+    for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps), ("batch_size", batch_size),
+                        ("lora_rank", lora_rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     start = time.perf_counter()
     options = DEFAULT_TASK_OPTIONS if task_options is None and task == DEFAULT_TASK else (task_options or {})
     output_dir = Path(output_dir)

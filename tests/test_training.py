@@ -260,6 +260,15 @@ def test_demo_recipe_matches_the_demo():
     assert recipe == embedded
 
 
+def test_demo_rejects_bad_sizes_before_any_work(tmp_path):
+    from milora.cli import main
+
+    for flag, value, name in (("--steps", "0", "max_steps"), ("--eval-size", "-1", "eval_size")):
+        with pytest.raises(SystemExit, match=f"{name} must be a positive integer, got {value}"):
+            main(["demo", "--output", str(tmp_path / "demo"), flag, value])
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.slow
 def test_smollm2_short_run_loss_decreases(tmp_path):
     """The embedded SmolLM2-135M, 8 steps on 8 short chat examples: the training loss goes down."""
