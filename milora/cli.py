@@ -239,9 +239,16 @@ def _add_eval_command(subparsers) -> None:
             if args.task == "forgetting" and (args.adapter or args.base_model):
                 base, _ = load_base_model(args.base_model or args.model, dtype=args.dtype, device=args.device)
             if args.adapter:
-                from milora import load_model
+                from peft import PeftModel
 
-                model = load_model(model, args.adapter)
+                from milora import load_model
+                from milora.persistence import ADAPTER_CONFIG, MILORA_CONFIG
+
+                adapter = Path(args.adapter)
+                if (adapter / ADAPTER_CONFIG).is_file() and not (adapter / MILORA_CONFIG).is_file():
+                    model = PeftModel.from_pretrained(model, adapter).eval()  # a plain PEFT LoRA
+                else:
+                    model = load_model(model, adapter)  # a milora adapter (or a clear error)
             label = args.label or Path(args.adapter or args.model or EMBEDDED_MODEL).name
             result = evaluate(
                 model, tokenizer, args.task, args.data, limit=args.limit, batch_size=args.batch_size,

@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -365,16 +366,21 @@ def test_cli_forgetting_of_a_saved_milora_adapter(tmp_path, capsys):
             if "lora_B" in name:
                 parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
     save_adapter(peft_model, tmp_path / "trained")
+    # the same update as a plain PEFT LoRA directory (milora's format without its metadata)
+    shutil.copytree(tmp_path / "trained", tmp_path / "plain")
+    (tmp_path / "plain" / "milora_config.json").unlink()
     text = tmp_path / "general.txt"
     text.write_text(GENERAL_TEXT)
     losses = {}
-    for name in ("initial", "trained"):
+    for name in ("initial", "trained", "plain"):
         output = tmp_path / f"{name}-forgetting.json"
         assert main(["eval", "--adapter", str(tmp_path / name), "--task", "forgetting", "--data", str(text),
                      "--limit", "2", "--max-length", "48", "--output", str(output)]) == 0
         losses[name] = json.loads(output.read_text())["summary"]["scores"]["forgetting_loss"]
     # The initial MiLoRA model equals the base up to the float32 rounding of its residual weights.
     assert abs(losses["initial"]) < 1e-6 and losses["trained"] > 1e-4
+    # PEFT computes W x + s [B | -B0] [A ; A0] x instead of W_res x + s B A x: float32 rounding apart
+    assert losses["plain"] == pytest.approx(losses["trained"], rel=1e-3)
     assert "forgetting_loss" in capsys.readouterr().out
 
 
