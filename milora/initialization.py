@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import get_pattern_key
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -126,6 +126,11 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
     Raises a ValueError naming the problem (missing target, unsupported or quantised module,
     rank too large, non-finite weight, a weight shared by two targets) before anything is modified.
     """
+    if isinstance(model, PeftModel) or any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "The model already holds PEFT adapter layers; milora needs the original base model. Load it again "
+            "(or take peft_model.unload() of a plain PEFT model; a milora model's base holds residual weights)."
+        )
     config = _expand_all_linear(model, lora_config)
     matched = {name: module for name, module in model.named_modules() if name and check_target_module_exists(config, name)}
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_matrix_module(m)})
@@ -275,6 +280,8 @@ def get_model(
     `save_pretrained` (whose rank-r factors need the residual base).
     """
     validate_lora_config(lora_config, init)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}.")
     modules = target_modules(model, lora_config)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes

@@ -99,6 +99,20 @@ def test_non_positive_rank_or_alpha(options, message):
     assert_untouched(model, tiny_llama())
 
 
+def test_model_already_wrapped_and_bad_seed(tmp_path):
+    peft_model = milora.get_model(tiny_llama(), config(), progress=False)
+    for model in (peft_model, peft_model.get_base_model()):
+        with pytest.raises(ValueError, match="already holds PEFT adapter layers; milora needs the original base model"):
+            milora.get_model(model, config())
+    with pytest.raises(TypeError, match="seed must be an integer, got 'x'"):
+        milora.get_model(tiny_llama(), config(), init="random", seed="x")
+    (tmp_path / "file").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="is a file, not a directory"):
+            milora.save_adapter(peft_model, tmp_path / "file", overwrite=overwrite)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_bad_workers_and_cpu_only_options():
     model = tiny_llama()
     with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
