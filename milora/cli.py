@@ -281,6 +281,7 @@ def _add_analyze_command(subparsers) -> None:
     parser.add_argument("--output", default=None, help="write the per-layer results as JSON")
     parser.add_argument("--plot", default=None, help="write per-layer curves as an image (e.g. analysis.png)")
     parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
+    parser.add_argument("--labels", default=None, help="comma-separated names, one per adapter (default: directory names)")
 
     def run_analyze(args) -> int:
         from pathlib import Path
@@ -294,6 +295,9 @@ def _add_analyze_command(subparsers) -> None:
                 raise SystemExit(f"error: adapter directory {adapter} does not exist.")
         if args.rank is not None and args.rank < 1:
             raise SystemExit(f"error: --rank must be a positive integer, got {args.rank}.")
+        labels = args.labels.split(",") if args.labels is not None else [None] * len(args.adapters)
+        if len(labels) != len(args.adapters):
+            raise SystemExit(f"error: --labels has {len(labels)} names for {len(args.adapters)} adapters.")
         if args.plot is not None:
             from matplotlib.figure import Figure
 
@@ -301,10 +305,10 @@ def _add_analyze_command(subparsers) -> None:
             if Path(args.plot).suffix.lstrip(".").lower() not in formats:
                 raise SystemExit(f"error: --plot {args.plot}: use one of the extensions {', '.join(sorted(formats))}.")
         results = []
-        for adapter in args.adapters:
+        for adapter, label in zip(args.adapters, labels):
             try:
                 model = load_causal_lm(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
-                results.append(analyze_adapter(model, adapter, rank=args.rank))
+                results.append(analyze_adapter(model, adapter, rank=args.rank, label=label))
             except (ValueError, FileNotFoundError) as error:
                 raise SystemExit(f"error: {error}") from None
         print(format_analysis(results))

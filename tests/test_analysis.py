@@ -182,9 +182,12 @@ def test_cli_analyze_compares_adapters(tmp_path, capsys):
         main(["analyze", str(tmp_path / "milora"), "--model", str(tmp_path / "model"), "--plot", str(tmp_path / "a.xyz")])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["analyze", str(tmp_path / "nowhere"), "--model", str(tmp_path / "model")])
+    with pytest.raises(SystemExit, match="--labels has 1 names for 2 adapters"):
+        main(["analyze", str(tmp_path / "milora"), str(tmp_path / "pissa"), "--labels", "MiLoRA"])
     assert main(["analyze", str(tmp_path / "milora"), str(tmp_path / "pissa"), "--model", str(tmp_path / "model"),
-                 "--rank", "2", "--output", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png")]) == 0
-    assert "milora" in capsys.readouterr().out and (tmp_path / "a.png").stat().st_size > 0
+                 "--rank", "2", "--output", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png"),
+                 "--labels", "MiLoRA,PiSSA"]) == 0
+    assert "MiLoRA" in capsys.readouterr().out and (tmp_path / "a.png").stat().st_size > 0
     results = json.loads((tmp_path / "a.json").read_text())
-    assert [r["init"] for r in results] == ["milora", "pissa"]
+    assert [r["init"] for r in results] == ["milora", "pissa"] and [r["label"] for r in results] == ["MiLoRA", "PiSSA"]
     assert all(entry["k"] == 2 and entry["relative_update"] == 0 for r in results for entry in r["layers"])
