@@ -135,7 +135,8 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
     matched = {name: module for name, module in model.named_modules() if name and check_target_module_exists(config, name)}
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_matrix_module(m)})
     if isinstance(config.target_modules, (list, set, tuple)):
-        missing = sorted(t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in matched))
+        names = [name for name, _ in model.named_modules()]  # not only the matched: exclude_modules may drop some
+        missing = sorted(t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names))
         if missing:
             raise ValueError(
                 f"Target module(s) {missing} not found in {type(model).__name__}. "

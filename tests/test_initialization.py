@@ -217,3 +217,19 @@ def test_failure_mid_init_restores_thread_settings(monkeypatch):
         pytest.fail("the init should have been interrupted")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("options,count", [
+    ({"target_modules": r".*\.(q_proj|v_proj)"}, 4),  # a regex, matched in full by PEFT
+    ({"target_modules": LLAMA_TARGETS, "layers_to_transform": [1]}, 5),
+    ({"target_modules": LLAMA_TARGETS, "exclude_modules": ["k_proj"]}, 8),
+    ({"target_modules": "all-linear"}, 14),
+])
+def test_peft_target_selection_options(options, count, tokens):
+    """Every way PEFT selects modules gives the modules PEFT adapts, and the base model's output."""
+    base = tiny_llama()
+    peft_model = milora.get_model(tiny_llama(), LoraConfig(r=4, **options), progress=False)
+    assert len(lora_layers(peft_model)) == len(peft_model.milora_init.report) == count
+    with torch.no_grad():
+        expected = base(tokens).logits.double()
+        assert float((peft_model(tokens).logits.double() - expected).norm() / expected.norm()) < TOL
