@@ -48,9 +48,8 @@ from milora.decomposition import (
 from milora.evaluation import format_table
 from milora.initialization import lora_layers, rank_for, target_modules, weight_matrix
 from milora.persistence import (
-    ADAPTER_CONFIG,
-    MILORA_CONFIG,
     check_fingerprint,
+    is_plain_peft_adapter,
     read_adapter,
     trainable_config,
 )
@@ -100,16 +99,14 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 def _open_adapter(base_model: torch.nn.Module, adapter_dir: Path) -> tuple[PeftModel, LoraConfig, str]:
     """The adapter on its original base (checked when milora saved it), its trainable config, its init."""
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_CONFIG}: give a directory saved by milora or PEFT.")
-    if (adapter_dir / MILORA_CONFIG).is_file():
-        saved_config, _, metadata = read_adapter(adapter_dir)
-        config, init = trainable_config(saved_config, metadata), metadata["init"]
-        check_fingerprint(target_modules(base_model, config), metadata, adapter_dir)
-    else:  # a plain PEFT LoRA: nothing tells which base it belongs to
+    if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
         config, init = LoraConfig.from_pretrained(str(adapter_dir)), "peft"
         if config.use_dora:
             raise ValueError(f"{adapter_dir} is a DoRA adapter: its update is not B A; milora analyses LoRA adapters.")
+    else:  # a milora adapter, or read_adapter's error naming what is missing
+        saved_config, _, metadata = read_adapter(adapter_dir)
+        config, init = trainable_config(saved_config, metadata), metadata["init"]
+        check_fingerprint(target_modules(base_model, config), metadata, adapter_dir)
     return PeftModel.from_pretrained(base_model, str(adapter_dir)), config, init
 
 

@@ -242,13 +242,12 @@ def _add_eval_command(subparsers) -> None:
                 from peft import PeftModel
 
                 from milora import load_model
-                from milora.persistence import ADAPTER_CONFIG, MILORA_CONFIG
+                from milora.persistence import is_plain_peft_adapter
 
-                adapter = Path(args.adapter)
-                if (adapter / ADAPTER_CONFIG).is_file() and not (adapter / MILORA_CONFIG).is_file():
-                    model = PeftModel.from_pretrained(model, adapter).eval()  # a plain PEFT LoRA
+                if is_plain_peft_adapter(args.adapter):
+                    model = PeftModel.from_pretrained(model, args.adapter).eval()
                 else:
-                    model = load_model(model, adapter)  # a milora adapter (or a clear error)
+                    model = load_model(model, args.adapter)  # a milora adapter (or a clear error)
             label = args.label or Path(args.adapter or args.model or EMBEDDED_MODEL).name
             result = evaluate(
                 model, tokenizer, args.task, args.data, limit=args.limit, batch_size=args.batch_size,

@@ -96,7 +96,8 @@ def matmul(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndarra
 def eigh_range(g: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs ``first..last`` (0-based, inclusive, ascending order) of a symmetric matrix.
 
-    Reads the upper triangle of ``g`` (as `gram` sets it) and overwrites ``g``. LAPACK dsyevr (MRRR), as
+    Reads the upper triangle of ``g`` (as `gram` sets it) and overwrites ``g``. LAPACK dsyevr
+    (tridiagonal reduction, then bisection and inverse iteration for a subset), as
     ``scipy.linalg.eigh(g, subset_by_index=[first, last], driver="evr")``. Returns the
     eigenvalues (ascending) and the eigenvectors as the columns of a k x count array.
     """

@@ -162,6 +162,12 @@ def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str) ->
     PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])
 
 
+def is_plain_peft_adapter(adapter_dir: str | os.PathLike) -> bool:
+    """A PEFT adapter directory without milora's metadata (one PEFT itself loads, on any base)."""
+    adapter_dir = Path(adapter_dir)
+    return (adapter_dir / ADAPTER_CONFIG).is_file() and not (adapter_dir / MILORA_CONFIG).is_file()
+
+
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
     """Read and check a milora adapter directory: (saved LoRA config, weights, milora metadata)."""
     adapter_dir = Path(adapter_dir)
