@@ -7,7 +7,7 @@ between the computed and the reference minor subspaces (max over the left and ri
 Synthetic weights have an LLM-like spectrum: a Gaussian bulk (Marchenko-Pastur, with its hard
 edge at 0 for square weights) plus 16 outlier directions. Then all adapted weights of the
 embedded SmolLM2-135M (targets q,k,v,up,down) as a whole-model init decomposes them (several
-at once on CPU, see `milora.decomposition.default_workers`), and the peak memory of a
+at once on CPU, see `milora.linalg.decomposition.default_workers`), and the peak memory of a
 whole-model init above the model.
 
     python benchmarks/init_speed.py            # full run (several minutes on 2 cores)
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from milora.decomposition import (
+from milora.linalg.decomposition import (
     default_workers,
     principal_angle_sine,
     select_components,

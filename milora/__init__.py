@@ -2,7 +2,7 @@
 
 from milora.analysis import analyze_adapter
 from milora.config import TrainConfig, load_config
-from milora.decomposition import select_components
+from milora.linalg.decomposition import select_components
 from milora.initialization import INIT_MODES, get_model
 from milora.models import load_base_model
 from milora.persistence import load_model, save_adapter

@@ -39,7 +39,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
 
-from milora.decomposition import (
+from milora.linalg.decomposition import (
     default_workers,
     map_concurrently,
     principal_angle_sine,

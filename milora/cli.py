@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from milora.decomposition import SOLVERS
+from milora.linalg.decomposition import SOLVERS
 from milora.initialization import INIT_MODES
 
 

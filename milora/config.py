@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from milora.decomposition import SOLVERS
+from milora.linalg.decomposition import SOLVERS
 from milora.initialization import INIT_MODES
 
 INIT_CHOICES = INIT_MODES

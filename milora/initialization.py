@@ -33,7 +33,7 @@ from peft.utils.other import get_pattern_key
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from milora.decomposition import (
+from milora.linalg.decomposition import (
     SELECTIONS,
     default_workers,
     resolve_solver,
@@ -275,7 +275,7 @@ def get_model(
     triplets) or lora (PEFT's default). The base model is modified in place, as with
     `peft.get_peft_model`. ``device`` is where the decompositions run (default: each weight's
     own device). ``workers``: CPU weights decomposed at once, one BLAS thread each (default:
-    `milora.decomposition.default_workers`, one per thread for small weights, else 1). Under
+    `milora.linalg.decomposition.default_workers`, one per thread for small weights, else 1). Under
     torch.distributed the weights are split across ranks and the factors broadcast, so every
     rank ends with identical adapters. Save the result with `milora.save_adapter`, not
     `save_pretrained` (whose rank-r factors need the residual base).

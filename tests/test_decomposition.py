@@ -17,8 +17,8 @@ import torch
 from peft import LoraConfig
 
 import milora
-from milora import decomposition, lapack
-from milora.decomposition import (
+from milora.linalg import decomposition, lapack
+from milora.linalg.decomposition import (
     default_workers,
     principal_angle_sine,
     resolve_solver,
@@ -90,7 +90,7 @@ def test_solvers_match_reference(shape, kind, selection, r):
 @pytest.mark.parametrize("selection", ["milora", "pissa", "middle"])
 def test_device_code_path_matches_cpu_path(monkeypatch, shape, kind, selection):
     """The eigh path GPUs take (torch Gram matrix, torch.linalg.eigh, torch thin SVD), run on
-    CPU tensors, gives the CPU (milora.lapack) path's triplets: singular values to 1e-12, the
+    CPU tensors, gives the CPU (milora.linalg.lapack) path's triplets: singular values to 1e-12, the
     selected part U S Vh to the gap-bound tolerance above, and the same boundary gap. (Only
     the transfers to and from a real device are left untested without a GPU.)"""
     W = with_spectrum(*shape, spectrum(kind, min(shape)))
@@ -173,7 +173,7 @@ def test_default_workers():
 
 @pytest.mark.parametrize("shape", [(90, 60), (60, 90), (64, 64)])
 def test_lapack_calls_match_numpy(shape):
-    """milora.lapack (scipy's BLAS/LAPACK through ctypes) against numpy: products exact to
+    """milora.linalg.lapack (scipy's BLAS/LAPACK through ctypes) against numpy: products exact to
     rounding (1e-12 relative), eigenpairs within 1e-12 of numpy's float64 eigh."""
     a = RNG.standard_normal(shape)
     k = min(shape)

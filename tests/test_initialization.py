@@ -16,8 +16,8 @@ from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from peft import LoraConfig
 
 import milora
-from milora import decomposition
-from milora.decomposition import principal_angle_sine
+from milora.linalg import decomposition
+from milora.linalg.decomposition import principal_angle_sine
 from milora.initialization import lora_layers, weight_matrix
 
 TOL = 1e-5

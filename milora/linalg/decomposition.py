@@ -21,7 +21,7 @@ product W @ V (or W^T @ U) followed by a thin SVD of that m x r block, which als
 re-orthonormalises it. A float32 Gram matrix would lose the minor subspace (sigma^2 falls
 below float32 resolution), hence float64 throughout.
 ``auto`` chooses per weight (see `resolve_solver`). On CPU the heavy steps go through
-`milora.lapack` (scipy's OpenBLAS, GIL released), so `select_components_many` can decompose
+`milora.linalg.lapack` (scipy's OpenBLAS, GIL released), so `select_components_many` can decompose
 several weights at once.
 """
 
@@ -41,7 +41,7 @@ import scipy.sparse.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
-from milora import lapack
+from milora.linalg import lapack
 
 SELECTIONS = ("milora", "pissa", "middle", "random")
 SOLVERS = ("auto", "eigh", "lanczos", "svd")
@@ -187,7 +187,7 @@ def select_components_many(
 def map_concurrently(function: Callable[..., T], tasks: Iterable[tuple], workers: int = 1) -> Iterator[T]:
     """``function(*task)`` for each task, yielded in order, ``workers`` at a time (threads).
 
-    For float64 linear algebra on CPU that releases the GIL (`milora.lapack`, torch): while
+    For float64 linear algebra on CPU that releases the GIL (`milora.linalg.lapack`, torch): while
     it runs, torch and the BLAS libraries use one thread each (restored after), so concurrent
     tasks use one core each instead of thread pools oversubscribing the cores. At most two
     finished results per worker wait to be consumed, so results do not pile up in memory.
@@ -257,7 +257,7 @@ def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -
 
 
 def _on_lapack(w: torch.Tensor) -> bool:
-    """CPU tensors go through `milora.lapack` (scipy's OpenBLAS), others through torch's device solvers."""
+    """CPU tensors go through `milora.linalg.lapack` (scipy's OpenBLAS), others through torch's device solvers."""
     return w.device.type == "cpu"
 
 
