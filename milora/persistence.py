@@ -25,8 +25,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,31 +33,23 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from milora.initialization import (
+from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
+from milora.errors import AdapterError, AdapterNotFoundError, OutputExistsError
+from milora.init import (
     InitRecord,
+    attach_record,
     fingerprint,
+    init_record,
     lora_layers,
     rank_for,
     set_adapter_factors,
     target_modules,
     weight_matrix,
 )
+from milora.io import staged_directory
 
 FORMAT_VERSION = 1
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MILORA_CONFIG = "milora_config.json"
 _PREFIX = "base_model.model."
-
-
-def init_record(peft_model: PeftModel) -> InitRecord:
-    record = getattr(peft_model, "milora_init", None)
-    if record is None:
-        raise ValueError(
-            "This model was not made by milora.get_model or milora.load_model, so milora cannot tell how its "
-            "adapter was initialised. Create it with milora.get_model, or save plain LoRA models with save_pretrained."
-        )
-    return record
 
 
 def save_adapter(
@@ -78,9 +68,9 @@ def save_adapter(
     record = init_record(peft_model)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} is a file, not a directory: choose another path for the adapter.")
+        raise OutputExistsError(f"{output_dir} is a file, not a directory: choose another path for the adapter.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists and is not empty: choose another directory or pass overwrite=True.")
+        raise OutputExistsError(f"{output_dir} already exists and is not empty: choose another directory or pass overwrite=True.")
     trained_config = peft_model.peft_config[adapter_name]
     weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
     config = trained_config
@@ -103,22 +93,12 @@ def save_adapter(
         "measured": record.measured,
         "report": record.report,
     }
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the adapter directory should not be
-    try:
+    with staged_directory(output_dir, replace=overwrite) as staging:
         config.save_pretrained(staging)
         save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (staging / ADAPTER_WEIGHTS).chmod(0o644)
         (staging / MILORA_CONFIG).write_text(json.dumps(_json_safe(metadata), indent=2) + "\n")
         if save_residual:
             _save_residual(peft_model, staging, adapter_name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -172,11 +152,11 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
     """Read and check a milora adapter directory: (saved LoRA config, weights, milora metadata)."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"Adapter directory {adapter_dir} does not exist.")
+        raise AdapterNotFoundError(f"Adapter directory {adapter_dir} does not exist.")
     for filename in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG):
         if not (adapter_dir / filename).is_file():
             hint = " (a plain PEFT adapter? load it with peft.PeftModel.from_pretrained)" if filename == MILORA_CONFIG else ""
-            raise FileNotFoundError(
+            raise AdapterNotFoundError(
                 f"{adapter_dir} has no {filename}: it is not a complete milora adapter directory{hint}. "
                 "Save adapters with milora.save_adapter."
             )
@@ -185,13 +165,13 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
-        raise ValueError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
+        raise AdapterError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
     try:
         weights = load_file(adapter_dir / ADAPTER_WEIGHTS)
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} is corrupt ({error}); re-save the adapter.") from error
+        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} is corrupt ({error}); re-save the adapter.") from error
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise AdapterError(
             f"{adapter_dir / MILORA_CONFIG} has format_version {metadata.get('format_version')!r}; "
             f"this milora reads version {FORMAT_VERSION}."
         )
@@ -232,7 +212,7 @@ def load_model(
         A, A0, B, B0 = saved_A[:r], saved_A[r:], saved_B[:, :r], -saved_B[:, r:]
         set_adapter_factors(layer, adapter_name, A, B, A0, B0, device=device)
         record.initial_factors[name] = (A0.clone(), B0.clone())
-    peft_model.milora_init = record
+    attach_record(peft_model, record)
     if not is_trainable:
         peft_model.eval()
     return peft_model
@@ -253,7 +233,7 @@ def check_fingerprint(modules: dict, metadata: dict, adapter_dir) -> None:
     low_precision = weight_matrix(next(iter(modules.values()))).dtype in (torch.bfloat16, torch.float16)
     if found["float32"] == expected["float32"] or (low_precision and found["bfloat16"] == expected["bfloat16"]):
         return
-    raise ValueError(
+    raise AdapterError(
         f"The adapter in {adapter_dir} was initialised from different base weights (fingerprint "
         f"{expected['float32'][:12]}, this model {found['float32'][:12]}). Load the original base model it was made "
         "from (not a residual or merged model, not another checkpoint)."
@@ -270,15 +250,15 @@ def _check_weight_shapes(modules: dict, weights: dict, lora_config: LoraConfig, 
             key = f"{_PREFIX}{name}.{suffix}"
             expected_keys.add(key)
             if key not in weights:
-                raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; re-save the adapter.")
+                raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; re-save the adapter.")
             if tuple(weights[key].shape) != shape:
-                raise ValueError(
+                raise AdapterError(
                     f"{adapter_dir / ADAPTER_WEIGHTS}: {key} has shape {tuple(weights[key].shape)}, expected {shape}; "
                     "the file does not belong to this configuration."
                 )
     unexpected = sorted(set(weights) - expected_keys)
     if unexpected:
-        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} has unexpected tensors {unexpected[:3]}: this milora cannot load them.")
+        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} has unexpected tensors {unexpected[:3]}: this milora cannot load them.")
 
 
 def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
@@ -289,14 +269,14 @@ def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, ad
     record = init_record(peft_model)
     _, weights, metadata = read_adapter(adapter_dir)
     if metadata["init"] != record.init:
-        raise ValueError(f"{adapter_dir} holds an init={metadata['init']!r} adapter, the model is init={record.init!r}.")
+        raise AdapterError(f"{adapter_dir} holds an init={metadata['init']!r} adapter, the model is init={record.init!r}.")
     for name, layer in lora_layers(peft_model).items():
         saved_A, saved_B = weights[f"{_PREFIX}{name}.lora_A.weight"], weights[f"{_PREFIX}{name}.lora_B.weight"]
         r = layer.r[adapter_name]
         if record.init != "lora":
             A0, B0 = record.initial_factors[name]
             if not (torch.equal(saved_A[r:], A0.to(saved_A.dtype)) and torch.equal(-saved_B[:, r:], B0.to(saved_B.dtype))):
-                raise ValueError(
+                raise AdapterError(
                     f"{adapter_dir} was trained from a different initialisation than this model (module {name}); "
                     "build the model with the same base, config and init before resuming."
                 )

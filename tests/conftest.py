@@ -33,3 +33,17 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(123))
+
+
+def cli_error(argv: list[str]) -> str:
+    """Run the command line expecting a user error: exit status 2; returns what it printed to stderr."""
+    import contextlib
+    import io
+
+    from milora.cli import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        code = main(argv)
+    assert code == 2, f"expected exit status 2, got {code}"
+    return buffer.getvalue()

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from milora.config import (
+from milora.train.config import (
     ConfigError,
     TrainConfig,
     from_dict,

@@ -8,18 +8,17 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from milora.config import from_dict
-from milora.data import (
+from milora.train.config import from_dict
+from milora.errors import DataError
+from milora.prompts import TEMPLATES, render_prompt
+from milora.train.data import (
     IGNORE_INDEX,
-    TEMPLATES,
-    DataError,
-    SupervisedCollator,
     build_datasets,
     detect_format,
     encode_records,
     load_records,
     normalise_record,
-    render_prompt,
+    supervised_collator,
 )
 from milora.models import embedded_model_dir
 
@@ -131,11 +130,12 @@ def test_overlong_truncate_and_drop(smol_tokenizer):
 def test_collator_pads_with_ignored_labels(smol_tokenizer):
     eos = smol_tokenizer.eos_token_id
     batch = [{"input_ids": [5, eos, 7], "labels": [IGNORE_INDEX, eos, 7]}, {"input_ids": [9], "labels": [9]}]
-    out = SupervisedCollator(pad_token_id=eos)(batch)
+    smol_tokenizer.pad_token = smol_tokenizer.eos_token
+    out = supervised_collator(smol_tokenizer)(batch)
     assert out["input_ids"].tolist() == [[5, eos, 7], [9, eos, eos]]
     assert out["labels"].tolist() == [[IGNORE_INDEX, eos, 7], [9, IGNORE_INDEX, IGNORE_INDEX]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]  # from lengths: the EOS inside row 0 is attended
-    assert SupervisedCollator(pad_token_id=0, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
+    assert supervised_collator(smol_tokenizer, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
 
 
 RECORDS = [{"instruction": f"Add {a} and {b}", "input": "", "output": f"{a + b}", "answer": str(a + b)} for a in range(3) for b in range(4)]

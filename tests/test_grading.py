@@ -2,7 +2,7 @@
 
 import pytest
 
-from milora.grading import (
+from milora.eval.grading import (
     LABEL_SETS,
     DataError,
     NormalizationError,

@@ -18,7 +18,7 @@ from peft import LoraConfig
 import milora
 from milora.linalg import decomposition
 from milora.linalg.decomposition import principal_angle_sine
-from milora.initialization import lora_layers, weight_matrix
+from milora.init import lora_layers, weight_matrix
 
 TOL = 1e-5
 
@@ -195,10 +195,10 @@ def test_concurrent_init_matches_sequential():
 def test_failure_mid_init_restores_thread_settings(monkeypatch):
     """An exception in the init loop (here: the third weight) must not leave torch on the
     single thread the concurrent decompositions use."""
-    import milora.initialization
+    import milora.init.initialize
 
     calls = []
-    original = milora.initialization.set_adapter_factors
+    original = milora.init.initialize.set_adapter_factors
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -206,7 +206,7 @@ def test_failure_mid_init_restores_thread_settings(monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(milora.initialization, "set_adapter_factors", failing)
+    monkeypatch.setattr(milora.init.initialize, "set_adapter_factors", failing)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel
 
 import milora
-from milora.cli import PAPER_TARGETS
+from milora.constants import PAPER_TARGETS
 
 pytestmark = pytest.mark.slow
 

@@ -1,3 +1,4 @@
+import re
 """Training end to end: outputs, Ctrl-C + resume, 2-process DDP, recipes, CLI, and a real SmolLM2 run.
 
 Most tests use a tiny random LLaMA (hidden 64, 2 layers) with a small BPE tokenizer, both built
@@ -13,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import cli_error
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -25,12 +27,13 @@ from transformers import (
 )
 
 from milora import cli
-from milora.config import ConfigError, from_dict
-from milora.data import DataError, render_prompt
-from milora.initialization import get_model
+from milora.train.config import ConfigError, from_dict
+from milora.errors import DataError
+from milora.prompts import render_prompt
+from milora.init import get_model
 from milora.models import load_base_model
 from milora.persistence import load_model
-from milora.training import build_lora_config, train
+from milora.train.run import build_lora_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = [
@@ -174,7 +177,7 @@ DDP_WORKER = textwrap.dedent(
     import torch.distributed as dist
     from safetensors.torch import save_file
     from transformers import TrainerCallback
-    from milora.training import train
+    from milora.train.run import train
 
     class Dump(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -264,8 +267,7 @@ def test_demo_rejects_bad_sizes_before_any_work(tmp_path):
     from milora.cli import main
 
     for flag, value, name in (("--steps", "0", "max_steps"), ("--eval-size", "-1", "eval_size")):
-        with pytest.raises(SystemExit, match=f"{name} must be a positive integer, got {value}"):
-            main(["demo", "--output", str(tmp_path / "demo"), flag, value])
+        assert re.search(f"{name} must be a positive integer, got {value}", cli_error(["demo", "--output", str(tmp_path / "demo"), flag, value]))
     assert not (tmp_path / "demo").exists()
 
 

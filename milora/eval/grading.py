@@ -18,12 +18,10 @@ import math
 import re
 from collections.abc import Iterable
 
+from milora.errors import DataError
+
 NUMERIC_RTOL = 1e-4
 """Relative tolerance of numeric comparisons: ``|pred - gold| <= NUMERIC_RTOL * max(1, |gold|)``."""
-
-
-class DataError(ValueError):
-    """Evaluation data or answers that cannot be used; the message names the problem and the fix."""
 
 
 # ---------------------------------------------------------------- math word problems

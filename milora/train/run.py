@@ -1,18 +1,8 @@
 """`milora train`: fine-tune a MiLoRA (or PiSSA, middle, random, LoRA) adapter from one config.
 
-Built on transformers' `Trainer`, subclassed in two places because a MiLoRA adapter's rank-r
-factors are only valid on the residual base:
-
-- `MiloraTrainer.save_model` writes checkpoints and the final adapter with
-  `milora.save_adapter` (a rank-2r LoRA valid on the ORIGINAL base), gathering sharded
-  parameters first under DeepSpeed ZeRO-3 / FSDP;
-- `MiloraTrainer._load_from_checkpoint` restores the trainable factors with
-  `load_trained_state` into the freshly (and deterministically) initialised model; Trainer
-  restores the optimizer, scheduler, RNG and data position as usual.
-
-Layout of ``output_dir``: ``train_config.yaml`` (the resolved config, written at the start),
-``checkpoint-N/`` (adapter + optimizer/scheduler/RNG/trainer state), ``runs/`` (TensorBoard),
-and at the end the adapter (``adapter_config.json``, ``adapter_model.safetensors``,
+Layout of ``output_dir``: ``train_config.yaml`` (the resolved config, written once the run is
+accepted), ``checkpoint-N/`` (adapter + optimizer/scheduler/RNG/trainer state), ``runs/``
+(TensorBoard), and at the end the adapter (``adapter_config.json``, ``adapter_model.safetensors``,
 ``milora_config.json``; load with `milora.load_model(base, output_dir)`) and ``metrics.json``.
 Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and
 stops; ``resume_from_checkpoint: true`` continues from the latest checkpoint.
@@ -22,30 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from milora.config import ConfigError, TrainConfig, load_config, save_config
-from milora.data import SupervisedCollator, build_datasets
-
-CONFIG_FILE = "train_config.yaml"
-METRICS_FILE = "metrics.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "milora_config.json")  # moved in this order
+from milora.constants import METRICS_FILE, TRAIN_CONFIG_FILE
+from milora.errors import ConfigError, ModelError
+from milora.io import atomic_write_json
+from milora.train.config import TrainConfig, load_config, save_config
+from milora.train.data import build_datasets, supervised_collator
+from milora.train.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
 
 
 @dataclass
@@ -58,104 +43,6 @@ class TrainResult:
     interrupted: bool
     metrics: dict[str, Any]
 
-
-def write_adapter(peft_model, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """`milora.save_adapter` into ``directory``, which may already hold other files (config, logs).
-
-    The adapter is written complete to a staging directory first, then its files are moved in
-    one by one with ``milora_config.json`` last, so a directory that has it has the whole adapter.
-    """
-    from milora.persistence import save_adapter
-
-    directory = Path(directory)
-    if not directory.exists() or not any(directory.iterdir()):
-        return save_adapter(peft_model, directory, overwrite=True, state_dict=state_dict)
-    staging = directory / ".adapter-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        save_adapter(peft_model, staging, state_dict=state_dict)
-        for name in ADAPTER_FILES:
-            os.replace(staging / name, directory / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
-
-
-class MiloraTrainer(Trainer):
-    """`Trainer` whose checkpoints and final output are milora adapters (see module docstring)."""
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        output_dir = output_dir or self.args.output_dir
-        state_dict = None
-        if self.is_fsdp_enabled:  # collective: every rank takes part, rank 0 gets the full state dict
-            state_dict = self.accelerator.get_state_dict(self.model)
-        elif self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            state_dict = self.accelerator.get_state_dict(self.model_wrapped)
-        if self.args.should_save:
-            write_adapter(self.accelerator.unwrap_model(self.model), output_dir, state_dict)
-        # other ranks write their RNG state into the same checkpoint directory right after this
-        self.accelerator.wait_for_everyone()
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        if self.is_fsdp_enabled:  # FSDP resumes from its own sharded model state, saved beside the adapter
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from milora.persistence import load_trained_state
-
-        load_trained_state(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
-
-
-class StopOnSignal(TrainerCallback):
-    """After Ctrl-C/SIGTERM (``requested``), save a checkpoint at the end of the step and stop.
-
-    Under torch.distributed the request is all-reduced every step, so all ranks stop together.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.stopped_at: int | None = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([int(requested)], device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        if requested:
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped_at = state.global_step
-        return control
-
-
-@contextmanager
-def _signals_request_stop(callback: StopOnSignal, announce: bool):
-    """First Ctrl-C/SIGTERM asks ``callback`` to checkpoint and stop; a second one aborts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        if callback.requested:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-            raise KeyboardInterrupt
-        callback.requested = True
-        if announce:
-            print(
-                "\nmilora: interrupt received; saving a checkpoint at the end of this step "
-                "(interrupt again to abort without saving).",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _check_output_dir(config: TrainConfig) -> str | None:
@@ -178,9 +65,9 @@ def _check_output_dir(config: TrainConfig) -> str | None:
                 f"output_dir {output_dir} already exists and is not empty: choose a new output_dir, resume with "
                 "resume_from_checkpoint=true, or set overwrite_output_dir=true to delete its contents."
             )
-        if not (output_dir / CONFIG_FILE).is_file():
+        if not (output_dir / TRAIN_CONFIG_FILE).is_file():
             raise ConfigError(
-                f"overwrite_output_dir is true but {output_dir} is not a milora training directory (no {CONFIG_FILE}); "
+                f"overwrite_output_dir is true but {output_dir} is not a milora training directory (no {TRAIN_CONFIG_FILE}); "
                 "refusing to delete it: choose a new output_dir."
             )
     return None
@@ -265,7 +152,7 @@ def train(
     """
     from accelerate import PartialState
 
-    from milora.initialization import get_model
+    from milora.init import get_model, init_record
     from milora.models import load_base_model
 
     start = time.perf_counter()
@@ -278,7 +165,7 @@ def train(
     set_seed(config.seed)
     try:
         model, tokenizer = load_base_model(config.model, dtype=config.dtype)
-    except OSError as error:
+    except ModelError as error:
         raise ConfigError(f"cannot load model {config.model!r}: {error}") from None
     model.config.use_cache = False
     train_dataset, val_dataset, stats = build_datasets(config, tokenizer, progress=main)
@@ -297,7 +184,7 @@ def train(
         if resume is None and output_dir.exists():
             shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / CONFIG_FILE)
+        save_config(config, output_dir / TRAIN_CONFIG_FILE)
     state.wait_for_everyone()
 
     stopper = StopOnSignal()
@@ -306,10 +193,10 @@ def train(
         args=_training_arguments(config, has_eval=val_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=val_dataset,
-        data_collator=SupervisedCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+        data_collator=supervised_collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
         callbacks=[stopper, *callbacks],
     )
-    with _signals_request_stop(stopper, announce=main):
+    with signals_request_stop(stopper, announce=main):
         output = trainer.train(resume_from_checkpoint=resume)
     interrupted = stopper.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
     metrics = {
@@ -319,7 +206,7 @@ def train(
         "train": output.metrics,
         "data": stats.as_dict(),
         "eval_examples": len(val_dataset) if val_dataset is not None else 0,
-        "init": peft_model.milora_init.summary(),
+        "init": init_record(peft_model).summary(),
         "loss_history": [
             {key: entry[key] for key in ("step", "loss", "eval_loss", "learning_rate", "grad_norm") if key in entry}
             for entry in trainer.state.log_history
@@ -340,8 +227,6 @@ def train(
         return TrainResult(output_dir, None, checkpoint, True, metrics)
     trainer.save_model(str(output_dir))
     if main:
-        staging = output_dir / f".{METRICS_FILE}.tmp"
-        staging.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-        os.replace(staging, output_dir / METRICS_FILE)
+        atomic_write_json(output_dir / METRICS_FILE, metrics)
     state.wait_for_everyone()
     return TrainResult(output_dir, output_dir, checkpoint if checkpoint.is_dir() else None, False, metrics)

@@ -19,25 +19,22 @@ from typing import Any
 
 import yaml
 
-from milora.linalg.decomposition import SOLVERS
-from milora.initialization import INIT_MODES
+from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS
+from milora.errors import ConfigError
+from milora.io import atomic_write_text
+from milora.prompts import TEMPLATE_NAMES
 
 INIT_CHOICES = INIT_MODES
 SOLVER_CHOICES = SOLVERS
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = DTYPE_NAMES
 FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages")
-TEMPLATE_CHOICES = ("alpaca", "metamath", "chat", "plain")
+TEMPLATE_CHOICES = TEMPLATE_NAMES
 OVERLONG_CHOICES = ("truncate", "drop")
 SCHEDULER_CHOICES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )
 REPORT_CHOICES = ("tensorboard", "none")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
-PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-
-
-class ConfigError(ValueError):
-    """A training configuration that cannot be run; the message names the key and the fix."""
 
 
 def _key(kind: str, help: str, choices: Sequence[str] | None = None, minimum: float | None = None, **default):
@@ -295,7 +292,4 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | TrainConfig, ove
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically); `load_config` reads it back to the same config."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(staging, path)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,4 +1,4 @@
-"""Training data: loading, record formats, prompt templates and tokenisation with prompt masking.
+"""Training data: loading, record formats and tokenisation with prompt masking.
 
 Record formats (``dataset_format``, detected from the first record when ``auto``):
 
@@ -8,7 +8,7 @@ Record formats (``dataset_format``, detected from the first record when ``auto``
 - ``messages``: ``messages``, a list of ``{"role", "content"}`` turns, rendered with the
   tokenizer's chat template (``template: chat``); every assistant turn is trained on.
 
-Prompt templates (``template``) for instruction records, see `TEMPLATES`. An example is
+Prompt templates (``template``) for instruction records: `milora.prompts`. An example is
 ``prompt + response + EOS``; its ``labels`` are -100 on the prompt and on padding, so the loss
 covers the response and EOS only. Examples longer than ``cutoff_len`` are truncated (keeping
 the start, losing EOS) or dropped, per ``overlong``; an example whose prompt alone fills
@@ -17,7 +17,6 @@ the start, losing EOS) or dropped, per ``overlong``; an example whose prompt alo
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,56 +26,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from milora.errors import DataError
+from milora.io import read_records
+from milora.prompts import apply_chat_template, join_input, render_prompt
+
 IGNORE_INDEX = -100
-
-_ALPACA_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-_ALPACA_INPUT_HEAD = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-)
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the file/record and the fix."""
-
-
-@dataclass(frozen=True)
-class Template:
-    """A named prompt template. ``prompt`` has an ``{instruction}`` field; ``prompt_with_input``
-    also ``{input}`` (``None``: a non-empty input is appended to the instruction after a blank line)."""
-
-    name: str
-    description: str
-    prompt: str | None
-    prompt_with_input: str | None = None
-
-
-TEMPLATES: dict[str, Template] = {
-    "alpaca": Template(
-        "alpaca",
-        "The paper's Alpaca-style prompt (LLM-Adapters commonsense/instruction training), with the "
-        "'paired with an input' variant when the record has an input.",
-        _ALPACA_HEAD + "### Instruction:\n{instruction}\n\n### Response:\n",
-        _ALPACA_INPUT_HEAD + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-    ),
-    "metamath": Template(
-        "metamath",
-        "MetaMath/PiSSA math training prompt (the paper's math setting): Alpaca header, ending in "
-        "'### Response:' with the response appended directly; evaluate with '### Response: Let's think step by step.'",
-        _ALPACA_HEAD + "### Instruction:\n{instruction}\n\n### Response:",
-    ),
-    "plain": Template(
-        "plain",
-        "No wrapper: the instruction (and input after a blank line), then a newline, then the response.",
-        "{instruction}\n",
-    ),
-    "chat": Template(
-        "chat",
-        "The tokenizer's chat template: instruction (+ input) as the user turn, the output as the assistant "
-        "turn; required for 'messages' records.",
-        None,
-    ),
-}
 
 
 @dataclass
@@ -103,36 +57,6 @@ class DataStats:
         )
 
 
-def render_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:
-    """The prompt text of an instruction record (what the model sees before its response).
-
-    ``template="chat"`` needs the ``tokenizer`` (its chat template, with the generation prompt).
-    """
-    if template not in TEMPLATES:
-        raise DataError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}.")
-    spec = TEMPLATES[template]
-    if spec.prompt is None:
-        if tokenizer is None:
-            raise DataError("template 'chat' renders with a tokenizer's chat template: pass the tokenizer.")
-        return _apply_chat(tokenizer, [{"role": "user", "content": _join(instruction, input)}], generation_prompt=True)
-    if input and spec.prompt_with_input is not None:
-        return spec.prompt_with_input.format(instruction=instruction, input=input)
-    return spec.prompt.format(instruction=_join(instruction, input))
-
-
-def _join(instruction: str, input: str) -> str:
-    return f"{instruction}\n\n{input}" if input else instruction
-
-
-def _apply_chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            "this tokenizer has no chat template, so 'messages' records and template 'chat' cannot be rendered: "
-            "use instruction records with template alpaca, metamath or plain, or a model with a chat template."
-        )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -140,51 +64,11 @@ def load_records(dataset: str, split: str = "train", config_name: str | None = N
     """All records of a local .json/.jsonl/.parquet file, a local dataset directory or a hub dataset."""
     path = Path(dataset)
     if path.is_file():
-        records = _read_local_file(path)
+        records = read_records(path)
     else:
         records = _load_with_datasets(dataset, split, config_name, local=path.is_dir())
     if not records:
         raise DataError(f"dataset {dataset} has no records: give a file with at least one example.")
-    bad = next((i for i, record in enumerate(records) if not isinstance(record, dict)), None)
-    if bad is not None:
-        raise DataError(f"{dataset}: record {bad} is a {type(records[bad]).__name__}, not an object with named fields.")
-    return records
-
-
-def _read_local_file(path: Path) -> list:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except (pyarrow.ArrowException, OSError) as error:
-            raise DataError(f"{path} is not a readable Parquet file: {error}") from None
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            if error.msg != "Extra data":  # a .json file holding JSON Lines is common (and what datasets accepts)
-                raise DataError(f"{path} is not valid JSON: {error}") from None
-            return _parse_json_lines(path, text)
-        if not isinstance(data, list):
-            raise DataError(f"{path} must hold a JSON list of records (or JSON Lines), not a {type(data).__name__}.")
-        return data
-    if suffix == ".jsonl":
-        return _parse_json_lines(path, text)
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .parquet.")
-
-
-def _parse_json_lines(path: Path, text: str) -> list:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from None
     return records
 
 
@@ -298,8 +182,8 @@ def _chat_example(messages: list[dict], tokenizer, special: _Special, index: int
     for k, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        prompt = _apply_chat(tokenizer, messages[:k], generation_prompt=True)
-        full = _apply_chat(tokenizer, messages[: k + 1], generation_prompt=False)
+        prompt = apply_chat_template(tokenizer, messages[:k], generation_prompt=True)
+        full = apply_chat_template(tokenizer, messages[: k + 1], generation_prompt=False)
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise DataError(
                 f"record {index}: the tokenizer's chat template does not render conversations prefix by prefix, so "
@@ -349,7 +233,7 @@ def encode_records(
 
 
 def _as_messages(item: dict) -> list[dict]:
-    return [{"role": "user", "content": _join(item["instruction"], item["input"])}, {"role": "assistant", "content": item["output"]}]
+    return [{"role": "user", "content": join_input(item["instruction"], item["input"])}, {"role": "assistant", "content": item["output"]}]
 
 
 def _fit(example: dict, cutoff_len: int, overlong: str, stats: DataStats, kept: list) -> None:
@@ -383,31 +267,22 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-@dataclass
-class SupervisedCollator:
-    """Right-pads a batch to its longest example (rounded up to ``pad_to_multiple_of``).
+def supervised_collator(tokenizer, pad_to_multiple_of: int | None = None):
+    """Right-pads a batch of examples to its longest (rounded up to ``pad_to_multiple_of``).
 
-    Returns LongTensors ``input_ids``, ``labels`` and ``attention_mask`` of shape (batch, length);
-    padding has ``attention_mask`` 0 and label -100. The mask comes from the lengths, not from
-    the pad id, which is often EOS and also occurs inside examples.
+    transformers' `DataCollatorForSeq2Seq` (it also serves decoder-only models): LongTensors
+    ``input_ids``, ``labels`` and ``attention_mask`` of shape (batch, length); padding has
+    ``attention_mask`` 0 and label -100. The mask comes from the lengths, not from the pad id,
+    which is often EOS and also occurs inside examples. Sets the tokenizer to right padding
+    (left padding would shift the positions of a causal LM's training examples).
     """
+    from transformers import DataCollatorForSeq2Seq
 
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(example["input_ids"]) for example in batch)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, example in enumerate(batch):
-            n = len(example["input_ids"])
-            input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of,
+        return_tensors="pt",
+    )
 
 
 def build_datasets(config, tokenizer, progress: bool = True) -> tuple[SupervisedDataset, SupervisedDataset | None, DataStats]:

@@ -1,0 +1,37 @@
+"""The `milora` command line: `init`, `merge`, `train`, `eval`, `analyze`, `demo`.
+
+Each sub-command lives in a module of this package with ``add(subparsers)``; heavy libraries
+(torch, transformers, peft) are imported inside the commands, so ``--help`` starts fast.
+Every error a user can fix is a `milora.errors.MiloraError`: printed once here as
+``milora <command>: error: <message>``, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from milora.cli import adapter, evaluate, train
+from milora.errors import MiloraError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="milora", description="MiLoRA fine-tuning for Hugging Face models.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    adapter.add(subparsers)
+    train.add(subparsers)
+    evaluate.add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MiloraError as error:
+        print(f"milora {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

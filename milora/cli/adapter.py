@@ -1,0 +1,109 @@
+"""`milora init` (decompose and save an initial adapter) and `milora merge` (fold one into its base)."""
+
+from __future__ import annotations
+
+from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS
+
+
+def add(subparsers) -> None:
+    _add_init(subparsers)
+    _add_merge(subparsers)
+
+
+def _add_init(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "init",
+        help="initialise an adapter offline from a model directory and save it",
+        description="Decompose each target weight and save the initial adapter (the paper's svd_init step).",
+    )
+    parser.add_argument("model", nargs="?", default=None, help="model directory or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--output", required=True, help="directory to create for the adapter")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64, the paper's math setting)")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
+    parser.add_argument("--target-modules", default=",".join(PAPER_TARGETS), help="comma-separated module names")
+    parser.add_argument("--init", default="milora", choices=list(INIT_MODES))
+    parser.add_argument("--solver", default="auto", choices=list(SOLVERS))
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CPU weights decomposed at once, one BLAS thread each (default: one per thread, at most 4, "
+                             "when every weight is below 2048; else 1)")
+    parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+    parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init")
+    parser.add_argument("--save-residual", action="store_true", help="also write the residual model + rank-r adapter")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory, if it is an adapter milora wrote")
+    parser.set_defaults(handler=_run_init)
+
+
+def _run_init(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from peft import LoraConfig
+
+    from milora.errors import OutputExistsError
+    from milora.init import get_model, init_record
+    from milora.io import check_replaceable
+    from milora.models import load_causal_lm
+    from milora.persistence import save_adapter
+
+    output = Path(args.output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        if not args.overwrite:
+            raise OutputExistsError(f"{output} already exists and is not empty; choose another --output or pass --overwrite.")
+        check_replaceable(output)
+    model = load_causal_lm(args.model, dtype=args.dtype)
+    lora_config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha if args.alpha is not None else args.rank,
+        target_modules=[name.strip() for name in args.target_modules.split(",") if name.strip()],
+        use_rslora=args.rslora,
+        task_type="CAUSAL_LM",
+    )
+    probe = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(probe).logits.double()
+    peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed,
+                           workers=args.workers)
+    with torch.no_grad():
+        after = peft_model(probe).logits.double()
+    record = init_record(peft_model)
+    record.measured["output_relative_error"] = float((after - before).norm() / before.norm())
+    save_adapter(peft_model, output, overwrite=args.overwrite, save_residual=args.save_residual)
+    print(json.dumps(record.summary(), indent=2))
+    print(f"adapter saved to {output} (rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
+    return 0
+
+
+def _add_merge(subparsers) -> None:
+    parser = subparsers.add_parser("merge", help="fold a saved adapter into the base model and save the full model")
+    parser.add_argument("adapter", help="adapter directory written by milora")
+    parser.add_argument("--model", default=None, help="original base model (default: embedded SmolLM2)")
+    parser.add_argument("--output", required=True, help="directory to create for the merged model")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+    parser.set_defaults(handler=_run_merge)
+
+
+def _run_merge(args) -> int:
+    from pathlib import Path
+
+    from milora.errors import OutputExistsError
+    from milora.io import staged_directory
+    from milora.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from milora.persistence import load_model
+
+    output = Path(args.output)
+    if output.exists():
+        raise OutputExistsError(f"{output} already exists; choose another --output.")
+    model = load_causal_lm(args.model, dtype=args.dtype)
+    merged = load_model(model, args.adapter).merge_and_unload()
+    source = Path(resolve_model_path(args.model))
+    has_tokenizer = not source.is_dir() or any((source / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    with staged_directory(output) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        if has_tokenizer:  # keep the merged directory self-contained when the base has a tokenizer
+            load_tokenizer(args.model).save_pretrained(staging)
+    print(f"merged model saved to {output}")
+    return 0

@@ -1,0 +1,157 @@
+"""`milora eval` (benchmarks, forgetting, harness tasks; --compare tables) and `milora analyze`."""
+
+from __future__ import annotations
+
+from milora.constants import DTYPE_NAMES
+
+
+def add(subparsers) -> None:
+    _add_eval(subparsers)
+    _add_analyze(subparsers)
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a base model or adapter: gsm8k, math, commonsense, forgetting, lm-eval:<tasks>",
+        description="Evaluate with the paper's protocols and write a results JSON (summary + per-item records); "
+        "or, with --compare, print saved results side by side.",
+    )
+    parser.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--adapter", default=None, help="adapter directory saved by milora (or any PEFT LoRA)")
+    parser.add_argument("--task", help="gsm8k, math, commonsense, forgetting, or lm-eval:<task,...>")
+    parser.add_argument(
+        "--data",
+        help="data file or directory (commonsense: LLM-Adapters file or <task>/test.json dirs; forgetting: "
+        "text/JSONL file or hub name, default the offline Wikipedia summaries; lm-eval: dir of task YAMLs, whose "
+        "!function entries run that directory's utils.py: only use directories you trust)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="items per dataset (forgetting: text windows)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output", default=None, help="results JSON (default: <label>-<task>.json)")
+    parser.add_argument("--scorer", default=None, choices=["generate", "loglik"], help="commonsense scoring (default generate)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 512 for math, 32 for commonsense")
+    parser.add_argument("--max-length", type=int, default=None, help="forgetting window in tokens (default 1024)")
+    parser.add_argument("--base-model", default=None, help="forgetting: the original base of a merged --model")
+    parser.add_argument("--label", default=None, help="method name in results and --compare (default: adapter/model name)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
+    parser.add_argument("--compare", nargs="+", metavar="RESULTS", help="print result files as the paper's table")
+
+    def run(args) -> int:
+        if args.compare:
+            from milora.report import results_table
+
+            print(results_table(args.compare))
+            return 0
+        if not args.task:
+            parser.error("give --task (or --compare RESULTS...)")
+        return _run_eval(args)
+
+    parser.set_defaults(handler=run)
+
+
+def _task_options(args) -> dict:
+    """The task options given on the command line (only those set: a task rejects options it does not take)."""
+    chosen = {"scorer": args.scorer, "max_new_tokens": args.max_new_tokens, "max_length": args.max_length}
+    return {key: value for key, value in chosen.items() if value is not None}
+
+
+def _run_eval(args) -> int:
+    from pathlib import Path
+
+    from milora.constants import EMBEDDED_MODEL
+    from milora.eval import evaluate, find_task
+    from milora.eval.runner import check_common
+    from milora.models import load_base_model
+    from milora.report import format_summary, write_results
+
+    spec, _ = find_task(args.task)  # unknown task or options: an error before the model loads
+    check_common(args.limit, args.batch_size)
+    options = _task_options(args)
+    spec.check_options(options)
+    model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=args.device)
+    if args.task == "forgetting" and (args.adapter or args.base_model):
+        options["base_model"], _ = load_base_model(args.base_model or args.model, dtype=args.dtype, device=args.device)
+    if args.adapter:
+        model = _with_adapter(model, args.adapter)
+    label = args.label or Path(args.adapter or args.model or EMBEDDED_MODEL).name
+    result = evaluate(
+        model, tokenizer, args.task, args.data, limit=args.limit, batch_size=args.batch_size, label=label,
+        metadata={"model": args.model or EMBEDDED_MODEL, "adapter": args.adapter}, **options,
+    )
+    slug = args.task.replace(":", "-").replace(",", "+")
+    output = write_results(result, args.output or f"{label}-{slug}.json")
+    print(format_summary(result))
+    print(f"results written to {output}")
+    return 0
+
+
+def _with_adapter(model, adapter_dir: str):
+    """``model`` with a saved adapter: a plain PEFT LoRA through PEFT, a milora adapter through milora."""
+    from milora.persistence import is_plain_peft_adapter, load_model
+
+    if is_plain_peft_adapter(adapter_dir):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter_dir).eval()
+    return load_model(model, adapter_dir)  # a milora adapter (or a clear error)
+
+
+def _add_analyze(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="measure what fine-tuning changed: each update against the weight's principal and minor subspaces",
+        description="For every adapted weight W and its update Delta W: the share of Delta W in W's top-k and "
+        "bottom-k singular subspaces, the amplification factor, and how far the top-k subspace rotated "
+        "(see milora.analysis). Several adapters are compared side by side.",
+    )
+    parser.add_argument("adapters", nargs="+", help="adapter directories saved by milora (or plain PEFT LoRA)")
+    parser.add_argument("--model", default=None, help="the ORIGINAL base model (default: embedded SmolLM2)")
+    parser.add_argument("--rank", type=int, default=None, help="size k of the compared subspaces (default: adapter rank)")
+    parser.add_argument("--output", default=None, help="write the per-layer results as JSON")
+    parser.add_argument("--plot", default=None, help="write per-layer curves as an image (e.g. analysis.png)")
+    parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
+    parser.add_argument("--labels", default=None, help="comma-separated names, one per adapter (default: directory names)")
+    parser.set_defaults(handler=_run_analyze)
+
+
+def _check_analyze_args(args) -> list:
+    """Fail before the slow part, and before writing anything; returns the labels."""
+    from pathlib import Path
+
+    from milora.errors import AdapterNotFoundError, ConfigError
+
+    for adapter in args.adapters:
+        if not Path(adapter).is_dir():
+            raise AdapterNotFoundError(f"adapter directory {adapter} does not exist.")
+    if args.rank is not None and args.rank < 1:
+        raise ConfigError(f"--rank must be a positive integer, got {args.rank}.")
+    labels = args.labels.split(",") if args.labels is not None else [None] * len(args.adapters)
+    if len(labels) != len(args.adapters):
+        raise ConfigError(f"--labels has {len(labels)} names for {len(args.adapters)} adapters.")
+    if args.plot is not None:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if Path(args.plot).suffix.lstrip(".").lower() not in formats:
+            raise ConfigError(f"--plot {args.plot}: use one of the extensions {', '.join(sorted(formats))}.")
+    return labels
+
+
+def _run_analyze(args) -> int:
+    from milora.analysis import analyze_adapter, format_analysis, plot_analysis
+    from milora.models import load_causal_lm
+    from milora.report import write_results
+
+    labels = _check_analyze_args(args)
+    results = []
+    for adapter, label in zip(args.adapters, labels):
+        model = load_causal_lm(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
+        results.append(analyze_adapter(model, adapter, rank=args.rank, label=label))
+    print(format_analysis(results))
+    if args.output:
+        print(f"results written to {write_results(results, args.output)}")
+    if args.plot:
+        print(f"plot written to {plot_analysis(results, args.plot)}")
+    return 0

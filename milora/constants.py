@@ -1,0 +1,25 @@
+"""Names every stage shares: init modes, solvers, dtypes, default targets, file names.
+
+Plain Python only (no torch): the command line reads these at start-up.
+"""
+
+SELECTIONS = ("milora", "pissa", "middle", "random")
+"""Which singular triplets an SVD-based init takes (see `milora.linalg.decomposition`)."""
+INIT_MODES = (*SELECTIONS, "lora")
+"""Adapter initialisations: the SVD-based selections, and PEFT's default LoRA start."""
+SOLVERS = ("auto", "eigh", "lanczos", "svd")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+"""The modules the paper adapts (its math setting; also milora's default)."""
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+
+# a saved adapter directory (see milora.persistence)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MILORA_CONFIG = "milora_config.json"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MILORA_CONFIG)
+"""In the order they are moved into place: a directory with milora_config.json has them all."""
+
+# a training run's directory (see milora.train.run)
+TRAIN_CONFIG_FILE = "train_config.yaml"
+METRICS_FILE = "metrics.json"

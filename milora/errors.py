@@ -1,0 +1,42 @@
+"""One hierarchy for every error a user can cause and fix.
+
+Each message names the problem and the fix. All are ``ValueError`` subclasses (bad values);
+the "not found" / "exists" ones are also the matching ``OSError``. The command line catches
+`MiloraError` once, prints ``milora <command>: error: <message>`` and exits with status 2.
+"""
+
+
+class MiloraError(ValueError):
+    """Input that milora cannot use."""
+
+
+class ConfigError(MiloraError):
+    """A run or sweep configuration that cannot be run (unknown key, wrong type, bad value)."""
+
+
+class DataError(MiloraError):
+    """Training or evaluation data that cannot be used (missing file, bad record, unparseable answer)."""
+
+
+class ModelError(MiloraError):
+    """A model, its target modules or a device unfit for the requested adapter."""
+
+
+class AdapterError(MiloraError):
+    """A saved adapter that cannot be loaded (incomplete, corrupt, for another base)."""
+
+
+class AdapterNotFoundError(AdapterError, FileNotFoundError):
+    """An adapter directory or one of its files does not exist."""
+
+
+class OutputError(MiloraError):
+    """An output path milora must not or cannot write (exists, is a file, held by another run)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output path already holds something milora will not replace."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data file or directory does not exist."""

@@ -1,0 +1,86 @@
+"""Batched model calls shared by the evaluation tasks: greedy generation and log-likelihoods."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from milora.errors import DataError
+
+
+@contextmanager
+def padding_side(tokenizer, side: str):
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = previous
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _truncate_at_stop(text: str, stop_strings) -> str:
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
+             stop_strings: tuple[str, ...] = (), add_special_tokens: bool = True, progress: bool = True,
+             desc: str = "generate") -> list[str]:
+    """Greedy completions of ``prompts`` (batched, left padding, KV cache), cut at the first stop string.
+
+    Prompts are sorted by length so that batches hold similar lengths; outputs come back in the
+    prompts' order. ``add_special_tokens=False`` for prompts that already hold them (chat templates).
+    """
+    if tokenizer.pad_token_id is None:
+        raise DataError("The tokenizer has no pad token: set `tokenizer.pad_token = tokenizer.eos_token`.")
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = sorted(set(eos + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
+    outputs: list[str] = [""] * len(prompts)
+    with padding_side(tokenizer, "left"), torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            batch = order[start:start + batch_size]
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model_device(model))
+            sequences = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
+                top_p=None, top_k=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
+            )
+            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):
+                outputs[index] = _truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings)
+    return outputs
+
+
+def continuation_logprobs(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 8,
+                          progress: bool = True, desc: str = "loglik") -> list[float]:
+    """Sum of log-probabilities of each continuation given its context (lm-eval's encoding:
+    the continuation's tokens are those of ``context + continuation`` after the context's)."""
+    pairs = []
+    for context, continuation in requests:
+        context_ids = tokenizer(context)["input_ids"]
+        whole = tokenizer(context + continuation)["input_ids"]
+        if len(whole) <= len(context_ids):
+            raise DataError(f"The continuation {continuation!r} adds no tokens to its context.")
+        pairs.append((whole, len(whole) - len(context_ids)))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]), reverse=True)
+    scores = [0.0] * len(pairs)
+    with padding_side(tokenizer, "right"), torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            batch = order[start:start + batch_size]
+            inputs = tokenizer.pad({"input_ids": [pairs[i][0] for i in batch]}, return_tensors="pt").to(model_device(model))
+            logits = model(**inputs).logits
+            for row, index in enumerate(batch):
+                ids, count = pairs[index]
+                logprobs = logits[row, len(ids) - count - 1:len(ids) - 1].float().log_softmax(-1)
+                targets = torch.tensor(ids[-count:], device=logprobs.device)
+                scores[index] = logprobs[torch.arange(count, device=logprobs.device), targets].sum().item()
+    return scores
+

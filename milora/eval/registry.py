@@ -1,0 +1,119 @@
+"""The evaluation tasks `milora.eval.evaluate` dispatches through.
+
+A task is a function ``run(job) -> TaskResult`` registered under a name with `register`,
+in one of the modules listed in ``_TASK_MODULES`` (imported on first lookup). A name ending
+in ``:`` is a family taking an argument after the colon (``lm-eval:boolq,piqa``).
+Each task declares the options it takes beyond ``data``, ``limit`` and ``batch_size``;
+`evaluate` rejects any other, so no option is silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from milora.errors import DataError
+
+_TASK_MODULES = ("milora.eval.benchmarks", "milora.eval.forgetting", "milora.eval.lm_eval")
+
+
+@dataclass
+class Job:
+    """What a task run gets: the model, its tokenizer and the caller's choices."""
+
+    model: Any
+    tokenizer: Any
+    task: str
+    argument: str | None  # the part after the colon of a family name
+    data: Any
+    limit: int | None
+    batch_size: int
+    progress: bool
+    options: dict[str, Any]
+
+
+@dataclass
+class TaskResult:
+    """``scores``: dataset (column) name -> accuracy, or metric name -> value; ``items``: per-item
+    records; ``source``: where the data came from; ``settings``: protocol details for the results."""
+
+    scores: dict[str, float]
+    items: list[dict]
+    source: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    average: float | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A task option: its default (``None``: the task decides), and the checks on a given value."""
+
+    default: Any = None
+    minimum: int | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, task: str, name: str, value: Any) -> None:
+        if value is None:
+            return
+        if self.minimum is not None and (isinstance(value, bool) or not isinstance(value, int) or value < self.minimum):
+            raise DataError(f"{name} must be an integer of at least {self.minimum} (got {value!r}) for task {task}.")
+        if self.choices is not None and value not in self.choices:
+            raise DataError(f"Unknown {name} {value!r} for task {task}: choose one of {', '.join(self.choices)}.")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    run: Callable[[Job], TaskResult]
+    description: str
+    options: dict[str, Option]
+    metric: str = "accuracy"  # "accuracy" (fractions, averaged) or "value"
+    table_scores: tuple[str, ...] = ()  # for "value" tasks: the scores `milora eval --compare` shows
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with defaults filled in; an option the task does not take, or a bad value, is an error."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = ", ".join(self.options) or "none"
+            raise DataError(f"Task {self.name} does not take the option(s) {', '.join(unknown)} (its options: {takes}).")
+        for name, value in options.items():
+            self.options[name].check(self.name, name, value)
+        return {name: options.get(name, option.default) for name, option in self.options.items()}
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register(name: str, description: str, options: dict[str, Option] | None = None, metric: str = "accuracy",
+             table_scores: tuple[str, ...] = ()) -> Callable:
+    """Decorator: register ``run`` as the task ``name``."""
+
+    def decorate(run: Callable[[Job], TaskResult]) -> Callable[[Job], TaskResult]:
+        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores)
+        return run
+
+    return decorate
+
+
+def all_tasks() -> dict[str, Task]:
+    for module in _TASK_MODULES:
+        importlib.import_module(module)
+    return dict(_TASKS)
+
+
+def find_task(name: str) -> tuple[Task, str | None]:
+    """The task called ``name`` and, for a family (``lm-eval:x,y``), its argument."""
+    tasks = all_tasks()
+    family, colon, argument = name.partition(":")
+    key = family + colon
+    if key in tasks and (not colon or argument.strip()):
+        return tasks[key], argument.strip() if colon else None
+    if key in tasks:
+        raise DataError(f"Name the tasks after the colon, e.g. `{key}boolq,piqa`.")
+    match = difflib.get_close_matches(name, list(tasks), n=1)
+    hint = f" (did you mean {match[0]!r}?)" if match else ""
+    names = [f"{task}<name,...>" if task.endswith(":") else task for task in sorted(tasks)]
+    raise DataError(f"Unknown task {name!r}{hint}: choose one of {', '.join(names)}.")

@@ -1,0 +1,80 @@
+"""What milora knows about an adapter beyond PEFT's own config, and where a model keeps it.
+
+`get_model` and `milora.load_model` attach an `InitRecord` to the PEFT model they return;
+everything else reads it through `init_record` (which fails clearly for models milora did
+not make) or `find_record`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from milora.errors import ModelError
+
+# Below this relative boundary gap the selected subspace is sensitive: a relative
+# perturbation delta of W can rotate it by about delta / gap.
+SENSITIVE_GAP = 1e-3
+_ATTRIBUTE = "milora_init"
+
+
+@dataclass
+class InitRecord:
+    """What milora knows about an adapter beyond PEFT's own config.
+
+    ``initial_factors`` maps each adapted module (name relative to the base model) to its
+    initial ``(A0, B0)`` on CPU; empty for ``init="lora"``, whose base weights are untouched.
+    ``fingerprint`` identifies the original base weights (see `fingerprint`); ``measured``
+    holds checks made by the caller (e.g. the output error at init) and is saved with the adapter.
+    """
+
+    init: str
+    solver: str
+    seed: int
+    fingerprint: dict[str, str]
+    report: list[dict] = field(default_factory=list)
+    initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Aggregate of the per-weight report: solvers, worst init error, smallest boundary gap, time."""
+        gaps = [entry["boundary_gap"] for entry in self.report if entry["boundary_gap"] is not None]
+        errors = [entry["reconstruction_error"] for entry in self.report]
+        return {
+            "init": self.init,
+            "weights": len(self.report),
+            "solvers": sorted({entry["solver"] for entry in self.report}),
+            "max_reconstruction_error": max(errors, default=0.0),
+            "min_boundary_gap": min(gaps, default=math.nan),
+            "sensitive_subspaces": sum(gap < SENSITIVE_GAP for gap in gaps),
+            **self.measured,
+        }
+
+
+def attach_record(peft_model: torch.nn.Module, record: InitRecord) -> None:
+    """Keep ``record`` with the model (read it back with `init_record` / `find_record`)."""
+    setattr(peft_model, _ATTRIBUTE, record)
+
+
+def find_record(model: torch.nn.Module) -> InitRecord | None:
+    """The record of a model made by milora, or None for any other model."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
+def init_record(peft_model: torch.nn.Module) -> InitRecord:
+    """The record of a model made by `milora.get_model` / `milora.load_model` (a clear error otherwise)."""
+    record = find_record(peft_model)
+    if record is None:
+        raise ModelError(
+            "This model was not made by milora.get_model or milora.load_model, so milora cannot tell how its "
+            "adapter was initialised. Create it with milora.get_model, or save plain LoRA models with save_pretrained."
+        )
+    return record
+
+
+def has_residual_base(model: torch.nn.Module) -> bool:
+    """True for a milora model whose base weights are residuals W - s B0 A0 (any init but plain LoRA)."""
+    record = find_record(model)
+    return record is not None and record.init != "lora"

@@ -1,0 +1,169 @@
+"""Which modules an adapter covers, and whether each can take an SVD-based start.
+
+`target_modules` resolves a `peft.LoraConfig`'s target selection (names, regex,
+``layers_to_transform``, ``exclude_modules``, ``all-linear``) on a model exactly as PEFT will,
+and checks every selected module before anything is modified: supported type, floating
+weight, finite values, a rank below min(out, in), not quantised, no weight shared by two
+targets. `fingerprint` identifies the original base weights an adapter belongs to.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils.other import get_pattern_key
+from transformers.pytorch_utils import Conv1D
+
+from milora.constants import INIT_MODES
+from milora.errors import ModelError
+
+_QUANTISED_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "hqq", "torchao", "eetq")
+
+
+def weight_matrix(module: torch.nn.Module) -> torch.Tensor:
+    """The (out x in) weight of a Linear or GPT-2 style Conv1D (stored in x out)."""
+    weight = module.weight
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+def validate_lora_config(lora_config: LoraConfig, init: str) -> None:
+    """Reject options that would be silently wrong with an SVD-based start."""
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"Expected a peft.LoraConfig, got {type(lora_config).__name__}.")
+    if init not in INIT_MODES:
+        raise ModelError(f"Unknown init mode {init!r}: choose one of {', '.join(INIT_MODES)}.")
+    if init == "lora":
+        if lora_config.init_lora_weights not in (True, "gaussian"):
+            raise ModelError(
+                f"init='lora' uses PEFT's default initialisation, but init_lora_weights="
+                f"{lora_config.init_lora_weights!r}; for SVD-based starts use milora's init= instead."
+            )
+        return
+    if lora_config.init_lora_weights is not True:
+        raise ModelError(
+            f"init={init!r} sets the adapter itself; leave LoraConfig.init_lora_weights at its default "
+            f"(got {lora_config.init_lora_weights!r})."
+        )
+    if lora_config.modules_to_save:
+        raise ModelError("LoraConfig.modules_to_save is not supported by milora; train those modules separately.")
+    for option, value, default in (("use_dora", lora_config.use_dora, False), ("bias", lora_config.bias, "none")):
+        if value != default:
+            raise ModelError(f"LoraConfig.{option}={value!r} is not supported with init={init!r}; use {default!r}.")
+    # B = U sqrt(S / s) needs a positive scaling s = alpha / r (or alpha / sqrt(r))
+    for option, values in (("r", [lora_config.r, *lora_config.rank_pattern.values()]),
+                           ("lora_alpha", [lora_config.lora_alpha, *lora_config.alpha_pattern.values()])):
+        bad = [value for value in values if not value > 0]
+        if bad:
+            raise ModelError(f"LoraConfig.{option} (and its pattern) must be positive for init={init!r}, got {bad[0]!r}.")
+
+
+def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, torch.nn.Module]:
+    """The modules PEFT will adapt, by name, after checking each one can take an SVD start.
+
+    Raises a ValueError naming the problem (missing target, unsupported or quantised module,
+    rank too large, non-finite weight, a weight shared by two targets) before anything is modified.
+    """
+    if isinstance(model, PeftModel) or any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ModelError(
+            "The model already holds PEFT adapter layers; milora needs the original base model. Load it again "
+            "(or take peft_model.unload() of a plain PEFT model; a milora model's base holds residual weights)."
+        )
+    config = _expand_all_linear(model, lora_config)
+    matched = {name: module for name, module in model.named_modules() if name and check_target_module_exists(config, name)}
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_matrix_module(m)})
+    if isinstance(config.target_modules, (list, set, tuple)):
+        names = [name for name, _ in model.named_modules()]  # not only the matched: exclude_modules may drop some
+        missing = sorted(t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names))
+        if missing:
+            raise ModelError(
+                f"Target module(s) {missing} not found in {type(model).__name__}. "
+                f"Linear modules it has: {', '.join(leaf_names)}."
+            )
+    if not matched:
+        raise ModelError(f"No module matches target_modules={config.target_modules!r}. Linear modules: {', '.join(leaf_names)}.")
+    for name, module in matched.items():
+        _check_module(name, module, rank_for(config, name))
+    shared = {}
+    for name, module in matched.items():
+        first = shared.setdefault(module.weight.data_ptr(), name)
+        if first != name:
+            raise ModelError(
+                f"Modules {first} and {name} share one weight tensor (tied weights): the init replaces each adapted "
+                "weight by its residual, so a shared weight cannot be adapted twice. Adapt only one of them."
+            )
+    return matched
+
+
+def _expand_all_linear(model: torch.nn.Module, lora_config: LoraConfig) -> LoraConfig:
+    if lora_config.target_modules != "all-linear":
+        return lora_config
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_matrix_module(m) and m is not output}
+    config = copy.copy(lora_config)
+    config.target_modules = names
+    return config
+
+
+def _is_matrix_module(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.Linear, Conv1D)) or _quantised_by(module) is not None
+
+
+def _quantised_by(module: torch.nn.Module) -> str | None:
+    """The quantisation package a module (or its weight) comes from, judged by class, not dtype."""
+    for cls in (type(module), type(getattr(module, "weight", None))):
+        for package in _QUANTISED_PACKAGES:
+            if cls.__module__.startswith(package):
+                return package
+    return None
+
+
+def rank_for(config: LoraConfig, name: str) -> int:
+    return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+
+
+def _check_module(name: str, module: torch.nn.Module, rank: int) -> None:
+    package = _quantised_by(module)
+    if package is not None:
+        raise ModelError(
+            f"Module {name} is quantised ({package} {type(module).__name__}): an SVD start needs the full-precision "
+            "weight. Load the model without quantisation, initialise, then quantise the residual model if needed."
+        )
+    if not isinstance(module, (torch.nn.Linear, Conv1D)):
+        raise ModelError(
+            f"Module {name} is a {type(module).__name__}; MiLoRA supports torch.nn.Linear and transformers Conv1D. "
+            "Remove it from target_modules."
+        )
+    weight = weight_matrix(module)
+    if not weight.is_floating_point():
+        raise ModelError(f"Module {name} has a {weight.dtype} weight: load the model in float32, float16 or bfloat16.")
+    out_features, in_features = weight.shape
+    if not 0 < rank < min(out_features, in_features):
+        raise ModelError(
+            f"Rank {rank} is too large for {name} ({out_features} x {in_features}): it must be below "
+            f"min(out, in) = {min(out_features, in_features)}. Lower r or set rank_pattern for this module."
+        )
+    if not torch.isfinite(weight).all():
+        raise ModelError(f"Module {name} has NaN or Inf in its weight: the checkpoint is corrupt or was loaded wrongly.")
+
+
+def fingerprint(modules: dict[str, torch.nn.Module], samples: int = 4096) -> dict[str, str]:
+    """SHA-256 over names, shapes and an evenly strided sample of each weight, in float32 and bfloat16.
+
+    The bfloat16 digest lets a model loaded in a lower precision match an adapter made in float32.
+    """
+    digests = {"float32": hashlib.sha256(), "bfloat16": hashlib.sha256()}
+    for name in sorted(modules):
+        weight = weight_matrix(modules[name]).detach()
+        flat = weight.reshape(-1)
+        count = min(samples, flat.numel())
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+        sample = flat[index].float().cpu()
+        for dtype, digest in digests.items():
+            digest.update(f"{name}:{tuple(weight.shape)}".encode())
+            values = sample.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else sample
+            digest.update(values.numpy().tobytes())
+    return {dtype: digest.hexdigest() for dtype, digest in digests.items()}

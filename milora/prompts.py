@@ -1,0 +1,119 @@
+"""Prompt templates, shared by training and evaluation so that the two cannot drift apart.
+
+The paper trains and evaluates with Alpaca-style prompts (LLM-Adapters for commonsense,
+MetaMath/PiSSA for math). Every template is assembled from the same pieces below; the math
+evaluation prompt is the training prompt followed by the chain-of-thought cue.
+
+- ``alpaca``: "### Instruction: ... ### Response:" (the "paired with an input" variant when a
+  record has an input), the response on the next line;
+- ``metamath``: the same header, ending in "### Response:" with the response appended directly;
+- ``plain``: the instruction (and input after a blank line) and a newline;
+- ``chat``: the tokenizer's chat template, instruction (+ input) as the user turn.
+
+`eval_prompt` gives the evaluation prompts of the paper's benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from milora.errors import DataError
+
+_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+_HEAD_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+_INSTRUCTION = "### Instruction:\n{instruction}\n\n"
+_INPUT = "### Input:\n{input}\n\n"
+RESPONSE_HEADER = "### Response:"
+MATH_COT_CUE = " Let's think step by step."
+"""Appended to the math training prompt at evaluation (MetaMath/PiSSA protocol)."""
+MATH_STOP_STRINGS = ("Question:", "Question", "USER:", "USER", "ASSISTANT:", "ASSISTANT",
+                     "Instruction:", "Instruction", "Response:", "Response")
+"""Stop strings of the MetaMath/PiSSA math evaluation used by the paper."""
+COMMONSENSE_ANSWER_PREFIX = "the correct answer is"
+"""How LLM-Adapters commonsense targets start ("the correct answer is answer2")."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A named prompt template. ``prompt`` has an ``{instruction}`` field; ``prompt_with_input``
+    also ``{input}`` (``None``: a non-empty input is appended to the instruction after a blank line).
+    ``prompt is None`` means the tokenizer's chat template."""
+
+    name: str
+    description: str
+    prompt: str | None
+    prompt_with_input: str | None = None
+
+
+TEMPLATES: dict[str, Template] = {
+    "alpaca": Template(
+        "alpaca",
+        "The paper's Alpaca-style prompt (LLM-Adapters commonsense/instruction training), with the "
+        "'paired with an input' variant when the record has an input.",
+        _HEAD + _INSTRUCTION + RESPONSE_HEADER + "\n",
+        _HEAD_WITH_INPUT + _INSTRUCTION + _INPUT + RESPONSE_HEADER + "\n",
+    ),
+    "metamath": Template(
+        "metamath",
+        "MetaMath/PiSSA math training prompt (the paper's math setting): Alpaca header, ending in "
+        "'### Response:' with the response appended directly; evaluate with '### Response: Let's think step by step.'",
+        _HEAD + _INSTRUCTION + RESPONSE_HEADER,
+    ),
+    "plain": Template(
+        "plain",
+        "No wrapper: the instruction (and input after a blank line), then a newline, then the response.",
+        "{instruction}\n",
+    ),
+    "chat": Template(
+        "chat",
+        "The tokenizer's chat template: instruction (+ input) as the user turn, the output as the assistant "
+        "turn; required for 'messages' records.",
+        None,
+    ),
+}
+TEMPLATE_NAMES = tuple(TEMPLATES)
+
+
+def join_input(instruction: str, input: str) -> str:
+    """Instruction and input as one text (for templates without an input section)."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def render_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:
+    """The prompt text of an instruction record (what the model sees before its response).
+
+    ``template="chat"`` needs the ``tokenizer`` (its chat template, with the generation prompt).
+    """
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}.")
+    spec = TEMPLATES[template]
+    if spec.prompt is None:
+        if tokenizer is None:
+            raise DataError("template 'chat' renders with a tokenizer's chat template: pass the tokenizer.")
+        return apply_chat_template(tokenizer, [{"role": "user", "content": join_input(instruction, input)}], True)
+    if input and spec.prompt_with_input is not None:
+        return spec.prompt_with_input.format(instruction=instruction, input=input)
+    return spec.prompt.format(instruction=join_input(instruction, input))
+
+
+def apply_chat_template(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    """``messages`` rendered as text by the tokenizer's chat template (a clear error if it has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "this tokenizer has no chat template, so 'messages' records and template 'chat' cannot be rendered: "
+            "use instruction records with template alpaca, metamath or plain, or a model with a chat template."
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def eval_prompt(task: str, instruction: str, input: str = "") -> str:
+    """The paper's evaluation prompt: the Alpaca training prompt; for math (``gsm8k``, ``math``)
+    its response header carries the chain-of-thought cue ("### Response: Let's think step by step.")."""
+    prompt = render_prompt("alpaca", instruction, input)
+    if task in ("gsm8k", "math"):
+        # the training prompt up to its response header, then the cue instead of the newline
+        prompt = prompt.removesuffix(RESPONSE_HEADER + "\n") + RESPONSE_HEADER + MATH_COT_CUE
+    return prompt

@@ -1,0 +1,104 @@
+"""Result files and tables: what `milora eval`, `analyze` and `compare` write and print.
+
+A result file is JSON ``{"summary": {...}, "items": [...]}`` (see `milora.eval`). Its summary's
+``scores`` are accuracies (fractions, shown in %) when ``summary["metric"]`` is ``"accuracy"``,
+else plain values (forgetting loss, perplexity) of which ``summary["table_scores"]`` are tabled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from milora.errors import DataError
+from milora.io import atomic_write_json
+
+PAPER_COLUMNS = {
+    "boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "siqa": "SIQA", "hellaswag": "HellaSwag",
+    "winogrande": "WinoGrande", "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c", "openbookqa": "OBQA",
+    "gsm8k": "GSM8K", "math": "MATH",
+}
+"""Column names of the paper's tables, in the paper's order."""
+
+
+def write_results(result, path: str | os.PathLike) -> Path:
+    """Write a result (any JSON value) atomically: a reader never sees half a file."""
+    return atomic_write_json(path, result)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned text table: first column left-aligned, the others right-aligned, a rule under the header."""
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def is_accuracy(summary: dict) -> bool:
+    """Whether a result's scores are accuracies (result files before the ``metric`` key: all but forgetting)."""
+    return summary.get("metric", "value" if summary.get("task") == "forgetting" else "accuracy") == "accuracy"
+
+
+def format_score(value: float | None, accuracy: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if accuracy else f"{value:.4f}"
+
+
+def format_summary(result: dict) -> str:
+    """A one-run table: one row per dataset or metric, the average last (accuracies in %)."""
+    summary = result["summary"]
+    accuracy = is_accuracy(summary)
+    rows = [[PAPER_COLUMNS.get(name, name), format_score(value, accuracy)] for name, value in summary["scores"].items()]
+    if accuracy and summary.get("average") is not None and len(summary["scores"]) > 1:
+        rows.append(["Avg.", format_score(summary["average"], True)])
+    header = [f"{summary['label']} · {summary['task']} (n={summary['n']})", "accuracy %" if accuracy else "value"]
+    return format_table(header, rows)
+
+
+def _tabled_scores(summary: dict) -> dict[str, float]:
+    if is_accuracy(summary):
+        return summary["scores"]
+    keys = summary.get("table_scores", ("forgetting_loss", "perplexity"))
+    return {key: value for key, value in summary["scores"].items() if key in keys}
+
+
+def results_table(result_files: list[str | os.PathLike]) -> str:
+    """The paper's table layout for several result files: one row per method (``summary.label``),
+    one column per dataset (plus tabled values such as forgetting loss), the average accuracy last."""
+    rows: dict[str, dict[str, float]] = {}
+    accuracy_columns: dict[str, bool] = {}
+    origin: dict[tuple[str, str], Path] = {}
+    for file in map(Path, result_files):
+        try:
+            summary = json.loads(file.read_text(encoding="utf-8"))["summary"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{file} is not a milora eval result ({error}).") from error
+        for column, value in _tabled_scores(summary).items():
+            key = (summary["label"], column)
+            if key in origin:
+                raise DataError(f"{origin[key]} and {file} both hold {column} for {summary['label']!r}: "
+                                "give the runs different names with --label.")
+            origin[key] = file
+            rows.setdefault(summary["label"], {})[column] = value
+            accuracy_columns[column] = is_accuracy(summary)
+    paper_order = list(PAPER_COLUMNS)
+    columns = sorted(accuracy_columns, key=lambda c: (not accuracy_columns[c],
+                                                      paper_order.index(c) if c in paper_order else len(paper_order)))
+    header = ["Method"] + [PAPER_COLUMNS.get(c, c) for c in columns] + ["Avg."]
+    table = []
+    for label, values in rows.items():
+        accuracies = [values[c] for c in columns if accuracy_columns[c] and c in values]
+        average = sum(accuracies) / len(accuracies) if accuracies else None
+        table.append([label] + [format_score(values.get(c), accuracy_columns[c]) for c in columns]
+                     + [format_score(average, True)])
+    return format_table(header, table)
