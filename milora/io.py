@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.constants import ADAPTER_FILES, MILORA_CONFIG, TRAIN_CONFIG_FILE
-from milora.errors import DataError, OutputError, OutputExistsError
+from milora.errors import ConfigError, DataError, OutputError, OutputExistsError
 
 LOCK_FILE = ".milora.lock"
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^/]+$")
@@ -190,6 +190,43 @@ def _parse_json_lines(path: Path, text: str) -> list:
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from None
     return records
+
+
+def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any]:
+    """The mapping of a YAML config file; a key given twice is a `ConfigError` (YAML would keep the last).
+
+    ``needs`` completes the message for an empty file (what the file must at least hold).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}.")
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(
+                        f"{path}: key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                        "YAML would silently keep the last one: remove one of them."
+                    )
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except DataError as error:
+        raise ConfigError(str(error)) from None
+    if values is None:
+        raise ConfigError(f"{path} is empty" + (f": {needs}." if needs else "."))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, not a {type(values).__name__}.")
+    return values
 
 
 # ---------------------------------------------------------------- guarding outputs

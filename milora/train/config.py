@@ -1,106 +1,141 @@
 """The training configuration: one YAML file (plus ``key=value`` overrides) describes a run.
 
-`load_config` reads and validates everything before anything is written: an unknown key is
-an error naming the closest valid key, values are checked for type and range, and a local
-dataset file must exist. `TrainConfig` is the validated result; `TrainConfig.to_dict()` is
-what `milora train` saves next to its outputs (``train_config.yaml``).
+`TrainConfig` is a pydantic model: each key's type, default, range and help live in one
+declaration, and validation is pydantic's. `load_config` reads and validates everything
+before anything is written: an unknown key is an error naming the closest valid key (also
+inside ``trainer_args``, checked against transformers' `TrainingArguments`), duplicate YAML
+keys are errors, values are checked for type and range, and a local dataset file must exist.
+`TrainConfig.to_dict()` is what `milora train` saves next to its outputs (``train_config.yaml``).
+
+Keys named like a `TrainingArguments` field (``learning_rate``, ``warmup_steps``, ...) are
+passed to the Trainer as they are; ``trainer_args`` passes any other Trainer option.
+Relative paths (``dataset``, ``output_dir``, ...) are relative to the current directory,
+not to the YAML file (as with transformers' and torchtune's configs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS
 from milora.errors import ConfigError
-from milora.io import atomic_write_text
+from milora.io import atomic_write_text, read_yaml_mapping
 from milora.prompts import TEMPLATE_NAMES
 
-INIT_CHOICES = INIT_MODES
-SOLVER_CHOICES = SOLVERS
-DTYPE_CHOICES = DTYPE_NAMES
 FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages")
-TEMPLATE_CHOICES = TEMPLATE_NAMES
-OVERLONG_CHOICES = ("truncate", "drop")
 SCHEDULER_CHOICES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )
-REPORT_CHOICES = ("tensorboard", "none")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
-def _key(kind: str, help: str, choices: Sequence[str] | None = None, minimum: float | None = None, **default):
-    return field(metadata={"kind": kind, "help": help, "choices": choices, "minimum": minimum}, **default)
+# ---------------------------------------------------------------- value types (strict, with YAML's quirks)
 
 
-@dataclass
-class TrainConfig:
+def _integral(value: Any) -> Any:
+    """10.0 -> 10 (YAML and key=value overrides write whole numbers either way)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _number(value: Any) -> Any:
+    """'3e-4' -> 3e-4: YAML 1.1 reads exponent notation without a dot as a string."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def _name_list(value: Any) -> Any:
+    """'q_proj, v_proj' -> ['q_proj', 'v_proj']; list items stripped, empty ones dropped."""
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, list) and all(isinstance(item, str) for item in items):
+        return [item.strip() for item in items if item.strip()]
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral), Field(strict=True)]
+Float = Annotated[float, BeforeValidator(_number), Field(strict=True, allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+Str = Annotated[str, BeforeValidator(_stripped), Field(strict=True, min_length=1)]
+Names = Annotated[list[Str], BeforeValidator(_name_list), Field(strict=True, min_length=1)]
+Resume = Annotated[Union[Bool, Str], Field(union_mode="left_to_right")]  # noqa: UP007 (pydantic union mode)
+
+
+def Key(default: Any = None, help: str = "", **constraints: Any) -> Any:  # noqa: N802 (reads as a declaration)
+    return Field(default, description=help, **constraints)
+
+
+class TrainConfig(BaseModel):
     """Every key of a training run. ``None`` means "not set" (see each key's help)."""
 
+    model_config = ConfigDict(extra="forbid", validate_default=False, use_attribute_docstrings=False)
+
     # model and adapter
-    model: str | None = _key("str?", "base model: hub id or local directory (default: the embedded SmolLM2-135M-Instruct)", default=None)
-    dtype: str = _key("str", "dtype the base model is loaded in", DTYPE_CHOICES, default="float32")
-    init: str = _key("str", "adapter initialisation", INIT_CHOICES, default="milora")
-    solver: str = _key("str", "decomposition solver of the SVD-based inits", SOLVER_CHOICES, default="auto")
-    lora_rank: int = _key("int", "LoRA rank r", minimum=1, default=16)
-    lora_alpha: float | None = _key(
-        "float?", "LoRA alpha (default: r for milora/pissa/middle/random, 2r for lora, as in the paper)", minimum=0, default=None
-    )
-    lora_dropout: float = _key("float", "dropout on the LoRA input, in [0, 1)", minimum=0, default=0.05)
-    lora_target: list[str] = _key(
-        "strlist", "modules to adapt: comma-separated string or list, or 'all-linear'", default_factory=lambda: list(PAPER_TARGETS)
-    )
-    use_rslora: bool = _key("bool", "rank-stabilised scaling alpha/sqrt(r)", default=False)
+    model: Str | None = Key(None, "base model: hub id or local directory (default: the embedded SmolLM2-135M-Instruct)")
+    dtype: Literal[DTYPE_NAMES] = Key("float32", "dtype the base model is loaded in")
+    init: Literal[INIT_MODES] = Key("milora", "adapter initialisation")
+    solver: Literal[SOLVERS] = Key("auto", "decomposition solver of the SVD-based inits")
+    lora_rank: Int = Key(16, "LoRA rank r", ge=1)
+    lora_alpha: Float | None = Key(None, "LoRA alpha (default: r for milora/pissa/middle/random, 2r for lora, as in the paper)",
+                                   gt=0)
+    lora_dropout: Float = Key(0.05, "dropout on the LoRA input, in [0, 1)", ge=0, lt=1)
+    lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'")
+    use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
     # data
-    dataset: str | None = _key("str?", "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name (required)", default=None)
-    dataset_format: str = _key("str", "record format (auto-detected from the first record by default)", FORMAT_CHOICES, default="auto")
-    dataset_config: str | None = _key("str?", "hub dataset configuration (subset) name", default=None)
-    dataset_split: str = _key("str", "hub dataset split, slices allowed ('train[:100000]'); local files: 'train'", default="train")
-    template: str = _key("str", "prompt template for instruction records ('chat' for messages records)", TEMPLATE_CHOICES, default="alpaca")
-    cutoff_len: int = _key("int", "maximum tokens per example (prompt + response + EOS)", minimum=2, default=512)
-    overlong: str = _key("str", "examples longer than cutoff_len: truncate them or drop them", OVERLONG_CHOICES, default="truncate")
-    max_samples: int | None = _key("int?", "use only the first N records", minimum=1, default=None)
-    val_size: float = _key("float", "held-out validation records: a fraction (< 1) or a count (>= 1); 0 = none", minimum=0, default=0.0)
-    # optimisation
-    learning_rate: float = _key("float", "peak learning rate", minimum=0, default=3e-4)
-    lr_scheduler: str = _key("str", "learning-rate schedule after warm-up", SCHEDULER_CHOICES, default="linear")
-    warmup_steps: int = _key("int", "linear warm-up steps", minimum=0, default=0)
-    num_train_epochs: float = _key("float", "epochs over the training set (ignored when max_steps is set)", minimum=0, default=3.0)
-    max_steps: int | None = _key("int?", "total optimizer steps (overrides num_train_epochs)", minimum=1, default=None)
-    per_device_train_batch_size: int = _key("int", "examples per device per micro-batch", minimum=1, default=4)
-    gradient_accumulation_steps: int = _key("int", "micro-batches per optimizer step", minimum=1, default=1)
-    weight_decay: float = _key("float", "AdamW weight decay", minimum=0, default=0.0)
-    max_grad_norm: float = _key("float", "gradient clipping norm (0 = off)", minimum=0, default=1.0)
-    optim: str = _key("str", "transformers optimizer name (adamw_torch, adamw_torch_fused, adafactor, ...)", default="adamw_torch")
-    gradient_checkpointing: bool = _key("bool", "recompute activations to save memory", default=False)
-    bf16: bool = _key("bool", "bfloat16 mixed precision", default=False)
-    fp16: bool = _key("bool", "float16 mixed precision (GPU only)", default=False)
-    seed: int = _key("int", "seed of data order, dropout and the random init", default=42)
+    dataset: Str | None = Key(None, "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name (required)")
+    dataset_format: Literal[FORMAT_CHOICES] = Key("auto", "record format (auto-detected from the first record by default)")
+    dataset_config: Str | None = Key(None, "hub dataset configuration (subset) name")
+    dataset_split: Str = Key("train", "hub dataset split, slices allowed ('train[:100000]'); local files: 'train'")
+    template: Literal[TEMPLATE_NAMES] = Key("alpaca", "prompt template for instruction records ('chat' for messages records)")
+    cutoff_len: Int = Key(512, "maximum tokens per example (prompt + response + EOS)", ge=2)
+    overlong: Literal["truncate", "drop"] = Key("truncate", "examples longer than cutoff_len: truncate them or drop them")
+    max_samples: Int | None = Key(None, "use only the first N records", ge=1)
+    val_size: Float = Key(0.0, "held-out validation records: a fraction (< 1) or a count (>= 1); 0 = none", ge=0)
+    # optimisation (names of TrainingArguments fields are passed to the Trainer as they are)
+    learning_rate: Float = Key(3e-4, "peak learning rate", ge=0)
+    lr_scheduler: Literal[SCHEDULER_CHOICES] = Key("linear", "learning-rate schedule after warm-up")
+    warmup_steps: Int = Key(0, "linear warm-up steps", ge=0)
+    num_train_epochs: Float = Key(3.0, "epochs over the training set (ignored when max_steps is set)", ge=0)
+    max_steps: Int | None = Key(None, "total optimizer steps (overrides num_train_epochs)", ge=1)
+    per_device_train_batch_size: Int = Key(4, "examples per device per micro-batch", ge=1)
+    gradient_accumulation_steps: Int = Key(1, "micro-batches per optimizer step", ge=1)
+    weight_decay: Float = Key(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: Float = Key(1.0, "gradient clipping norm (0 = off)", ge=0)
+    optim: Str = Key("adamw_torch", "transformers optimizer name (adamw_torch, adamw_torch_fused, adafactor, ...)")
+    gradient_checkpointing: Bool = Key(False, "recompute activations to save memory")
+    bf16: Bool = Key(False, "bfloat16 mixed precision")
+    fp16: Bool = Key(False, "float16 mixed precision (GPU only)")
+    seed: Int = Key(42, "seed of data order, dropout and the random init")
+    trainer_args: dict[str, Any] = Key({}, "any other transformers TrainingArguments option, e.g. {adam_beta2: 0.95}")
     # outputs
-    output_dir: str | None = _key("str?", "directory for the adapter, config, metrics, checkpoints and logs (required)", default=None)
-    overwrite_output_dir: bool = _key("bool", "allow a non-empty output_dir (its contents are deleted)", default=False)
-    logging_steps: int = _key("int", "log loss and learning rate every N steps", minimum=1, default=10)
-    save_steps: int = _key("int", "write a checkpoint every N steps", minimum=1, default=500)
-    save_total_limit: int | None = _key("int?", "keep at most N checkpoints (default: all)", minimum=1, default=None)
-    eval_steps: int | None = _key("int?", "validation loss every N steps (needs val_size; default: logging_steps)", minimum=1, default=None)
-    report_to: str = _key("str", "where losses are logged besides the metrics file", REPORT_CHOICES, default="tensorboard")
-    resume_from_checkpoint: str | bool | None = _key(
-        "resume", "checkpoint directory to resume from, or true for the latest in output_dir", default=None
-    )
-    deepspeed: str | None = _key("str?", "DeepSpeed JSON config (for torchrun; with accelerate, use its config file)", default=None)
-    dataloader_num_workers: int = _key("int", "data-loading worker processes", minimum=0, default=0)
+    output_dir: Str | None = Key(None, "directory for the adapter, config, metrics, checkpoints and logs (required)")
+    overwrite_output_dir: Bool = Key(False, "allow a non-empty output_dir of an earlier milora run (its contents are deleted)")
+    logging_steps: Int = Key(10, "log loss and learning rate every N steps", ge=1)
+    save_steps: Int = Key(500, "write a checkpoint every N steps", ge=1)
+    save_total_limit: Int | None = Key(None, "keep at most N checkpoints (default: all)", ge=1)
+    eval_steps: Int | None = Key(None, "validation loss every N steps (needs val_size; default: logging_steps)", ge=1)
+    report_to: Literal["tensorboard", "none"] = Key("tensorboard", "where losses are logged besides the metrics file")
+    resume_from_checkpoint: Resume | None = Key(None, "checkpoint directory to resume from, or true for the latest in output_dir")
+    deepspeed: Str | None = Key(None, "DeepSpeed JSON config (for torchrun; with accelerate, use its config file)")
+    dataloader_num_workers: Int = Key(0, "data-loading worker processes", ge=0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-serialisable values, every key present."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return self.model_dump()
 
     def resolved_alpha(self) -> float:
         """lora_alpha, or the paper's default: r for the SVD-based inits, 2r for plain LoRA."""
@@ -113,112 +148,98 @@ class TrainConfig:
         return is_local_path(self.dataset)
 
 
-def valid_keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-def key_help() -> list[tuple[str, str, Any, str]]:
-    """(key, kind, default, help) for every key: the table in the README."""
-    rows = []
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f.metadata["help"] + (f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
-        rows.append((f.name, f.metadata["kind"], default, help_text))
-    return rows
+# ---------------------------------------------------------------- key descriptions and messages
 
 
 def is_local_path(dataset: str | None) -> bool:
     return dataset is not None and (dataset.lower().endswith(LOCAL_SUFFIXES) or os.path.exists(dataset))
 
 
-def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'?" if match else "run `milora train --list-keys` for the valid keys"
+def valid_keys() -> list[str]:
+    return list(TrainConfig.model_fields)
 
 
-def _coerce(name: str, value: Any, kind: str) -> Any:
-    """Check ``value`` against ``kind``; YAML-1.1 strings such as '3e-4' are accepted as floats."""
-    optional = kind.endswith("?")
-    base = kind.rstrip("?")
+def _kind(annotation: Any) -> tuple[str, bool]:
+    """(kind, optional) of a field's annotation (pydantic keeps it without the Annotated metadata):
+    int, float, bool, str, strlist, choice, resume or mapping."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Union and type(None) in args:
+        return _kind(next(arg for arg in args if arg is not type(None)))[0], True
+    if origin is Annotated:
+        return _kind(args[0])
+    if origin is Union:
+        return "resume", False
+    if origin is Literal:
+        return "choice", False
+    return {list: "strlist", dict: "mapping"}.get(origin, getattr(annotation, "__name__", "value")), False
+
+
+_KIND_WORDS = {
+    "str": "a non-empty string", "bool": "true or false", "int": "an integer", "float": "a number",
+    "strlist": "a comma-separated string or a list of strings", "resume": "a checkpoint path or true",
+    "mapping": "a mapping of keys to values",
+}
+
+
+def _choices(name: str) -> tuple[str, ...] | None:
+    annotation = TrainConfig.model_fields[name].annotation
+    return get_args(annotation) if get_origin(annotation) is Literal else None
+
+
+def key_help() -> list[tuple[str, str, Any, str]]:
+    """(key, kind, default, help) for every key: the table in the README."""
+    rows = []
+    for name, info in TrainConfig.model_fields.items():
+        kind, optional = _kind(info.annotation)
+        choices = _choices(name)
+        help_text = info.description + (f" (one of: {', '.join(choices)})" if choices else "")
+        rows.append((name, ("str" if kind == "choice" else kind) + ("?" if optional else ""), info.default, help_text))
+    return rows
+
+
+def _closest(key: str, candidates: Sequence[str], hint: str) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"did you mean '{match[0]}'?" if match else hint
+
+
+def _message(error: dict) -> str:
+    """One pydantic error as milora's message: the key, what it must be, what it got."""
+    name, value = str(error["loc"][0]), error.get("input")
+    kind, _ = _kind(TrainConfig.model_fields[name].annotation)
+    context = error.get("ctx") or {}
     if value is None:
-        if optional or base == "resume":
-            return None
-        raise ConfigError(f"'{name}' must not be empty (null): give it a {base} value or remove the key for its default.")
-    wrong = ConfigError(f"'{name}' must be {_kind_words(base)}, got {value!r} ({type(value).__name__}).")
-    if base == "str":
-        if not isinstance(value, str) or not value.strip():
-            raise wrong
-        return value.strip()
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise wrong
-        return value
-    if base == "float":
-        if isinstance(value, bool):
-            raise wrong
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise wrong from None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise wrong
-        return float(value)
-    if base == "strlist":
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            raise wrong
-        items = [item.strip() for item in items if item.strip()]
-        if not items:
-            raise ConfigError(f"'{name}' is empty: list at least one module name, e.g. q_proj,v_proj.")
-        return items
-    if base == "resume":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-        raise wrong
-    raise AssertionError(f"unknown kind {kind}")
-
-
-def _kind_words(kind: str) -> str:
-    return {
-        "str": "a non-empty string",
-        "bool": "true or false",
-        "int": "an integer",
-        "float": "a number",
-        "strlist": "a comma-separated string or a list of strings",
-        "resume": "a checkpoint path or true",
-    }[kind]
+        return f"'{name}' must not be empty (null): give it a value or remove the key for its default."
+    if error["type"] == "literal_error" and isinstance(value, str):
+        choices = _choices(name)
+        match = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        return f"'{name}' must be one of {', '.join(choices)}; got {value!r}{hint}."
+    if error["type"] == "greater_than_equal":
+        return f"'{name}' must be at least {context['ge']}, got {value}."
+    if error["type"] == "greater_than":
+        return f"'{name}' must be positive, got {value} (it sets the scaling alpha / r)."
+    if error["type"] == "less_than":
+        return f"'{name}' must be below {context['lt']}, got {value}."
+    if error["type"] == "too_short" and kind == "strlist":
+        return f"'{name}' is empty: list at least one module name, e.g. q_proj,v_proj."
+    words = _KIND_WORDS["str" if kind == "choice" else kind]
+    return f"'{name}' must be {words}, got {value!r} ({type(value).__name__})."
 
 
 def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     """Validate a mapping of keys to values into a `TrainConfig` (raises `ConfigError`)."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"A training config must be a mapping of keys to values, got {type(values).__name__}.")
-    unknown = [key for key in values if key not in valid_keys()]
+    unknown = [key for key in values if key not in TrainConfig.model_fields]
     if unknown:
-        raise ConfigError("; ".join(f"unknown key '{key}': {_closest(str(key))}" for key in unknown))
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    checked = {}
-    for key, value in values.items():
-        meta = fields[key].metadata
-        value = _coerce(key, value, meta["kind"])
-        if value is not None and meta["choices"] and value not in meta["choices"]:
-            match = difflib.get_close_matches(value, meta["choices"], n=1)
-            hint = f" (did you mean '{match[0]}'?)" if match else ""
-            raise ConfigError(f"'{key}' must be one of {', '.join(meta['choices'])}; got {value!r}{hint}.")
-        if value is not None and meta["minimum"] is not None and value < meta["minimum"]:
-            raise ConfigError(f"'{key}' must be at least {meta['minimum']}, got {value}.")
-        checked[key] = value
-    config = TrainConfig(**checked)
+        hint = "run `milora train --list-keys` for the valid keys"
+        raise ConfigError("; ".join(f"unknown key '{key}': {_closest(str(key), valid_keys(), hint)}" for key in unknown))
+    try:
+        config = TrainConfig.model_validate(dict(values))
+    except ValidationError as error:
+        raise ConfigError(" ".join(_message(e) for e in error.errors(include_url=False))) from None
     _check_consistency(config)
+    _check_trainer_args(config.trainer_args)
     return config
 
 
@@ -227,10 +248,6 @@ def _check_consistency(config: TrainConfig) -> None:
         raise ConfigError("'dataset' is required: a local .json/.jsonl/.parquet file or a hub dataset name.")
     if config.output_dir is None:
         raise ConfigError("'output_dir' is required: the directory that receives the adapter, config and metrics.")
-    if config.lora_alpha is not None and config.lora_alpha <= 0:
-        raise ConfigError(f"'lora_alpha' must be positive, got {config.lora_alpha} (it sets the scaling alpha / r).")
-    if config.lora_dropout >= 1:
-        raise ConfigError(f"'lora_dropout' must be below 1, got {config.lora_dropout}.")
     if config.bf16 and config.fp16:
         raise ConfigError("'bf16' and 'fp16' are both true: choose one mixed-precision mode.")
     if config.max_steps is None and config.num_train_epochs <= 0:
@@ -239,6 +256,8 @@ def _check_consistency(config: TrainConfig) -> None:
         raise ConfigError(f"'val_size' must be a fraction below 1 or a whole count, got {config.val_size}.")
     if config.eval_steps is not None and config.val_size == 0:
         raise ConfigError("'eval_steps' is set but 'val_size' is 0: set val_size to hold out validation records.")
+    if config.learning_rate == 0:
+        warnings.warn("learning_rate is 0: the adapter will not change from its initialisation.", stacklevel=3)
     if config.is_local_dataset():
         path = Path(config.dataset)
         if not path.exists():
@@ -254,8 +273,45 @@ def _check_consistency(config: TrainConfig) -> None:
         raise ConfigError(f"'resume_from_checkpoint' directory not found: {config.resume_from_checkpoint}.")
 
 
+# TrainingArguments that milora sets itself: from keys whose meaning differs from the field of the
+# same name (max_steps: None, report_to: "none", eval_steps: only with validation data, ...) or fixed
+_SET_BY_MILORA = {
+    "output_dir", "max_steps", "report_to", "eval_steps", "resume_from_checkpoint", "gradient_checkpointing",
+    "activation_checkpointing", "lr_scheduler_type", "per_device_eval_batch_size", "data_seed", "logging_first_step",
+    "save_strategy", "eval_strategy", "remove_unused_columns", "use_cpu", "dataloader_pin_memory",
+    "ddp_find_unused_parameters",
+}
+
+
+def trainer_keys() -> list[str]:
+    """The keys passed to `TrainingArguments` as they are, under their own name."""
+    from transformers import TrainingArguments
+
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return sorted((set(TrainConfig.model_fields) & trainer_fields) - _SET_BY_MILORA)
+
+
+def _check_trainer_args(trainer_args: dict[str, Any]) -> None:
+    if not trainer_args:
+        return
+    from transformers import TrainingArguments
+
+    trainer_fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    for key in trainer_args:
+        if key in TrainConfig.model_fields or key in _SET_BY_MILORA:
+            raise ConfigError(f"trainer_args.{key}: milora sets this from its own keys; use the top-level key instead.")
+        if key not in trainer_fields:
+            hint = "see transformers' TrainingArguments for the valid options"
+            raise ConfigError(f"unknown key 'trainer_args.{key}': {_closest(key, trainer_fields, hint)}")
+
+
+# ---------------------------------------------------------------- files and overrides
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``["key=value", ...]`` to a dict; values are parsed as YAML (``lora_rank=8`` is an int)."""
+    import yaml
+
     parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -275,21 +331,13 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | TrainConfig, ove
     elif isinstance(source, Mapping):
         values = dict(source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}.")
-        try:
-            values = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
-        if values is None:
-            raise ConfigError(f"{path} is empty: it needs at least 'dataset' and 'output_dir'.")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys to values, not a {type(values).__name__}.")
+        values = read_yaml_mapping(source, "it needs at least 'dataset' and 'output_dir'")
     values.update(parse_overrides(overrides))
     return from_dict(values)
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically); `load_config` reads it back to the same config."""
+    import yaml
+
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -10,7 +10,6 @@ stops; ``resume_from_checkpoint: true`` continues from the latest checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import shutil
@@ -28,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from milora.constants import METRICS_FILE, TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, ModelError
 from milora.io import atomic_write_json
-from milora.train.config import TrainConfig, load_config, save_config
+from milora.train.config import TrainConfig, load_config, save_config, trainer_keys
 from milora.train.data import build_datasets, supervised_collator
 from milora.train.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
 
@@ -86,42 +85,31 @@ def _multi_process_cpu() -> bool:
 
 
 def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
-    extra = {}
+    """Keys named like TrainingArguments fields pass as they are (`trainer_keys`), ``trainer_args`` too;
+    the rest is milora's meaning of its own keys."""
+    checkpointing = {}
     if config.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5.x
-        name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
-        extra = {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+        fields = TrainingArguments.__dataclass_fields__
+        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}}
     return TrainingArguments(
+        **{key: getattr(config, key) for key in trainer_keys()},
+        **config.trainer_args,
+        **checkpointing,
         output_dir=config.output_dir,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_steps,
-        num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        optim=config.optim,
-        bf16=config.bf16,
-        fp16=config.fp16,
-        seed=config.seed,
+        lr_scheduler_type=config.lr_scheduler,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
         data_seed=config.seed,
-        logging_steps=config.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(config.eval_steps or config.logging_steps) if has_eval else None,
         report_to=[] if config.report_to == "none" else [config.report_to],
-        deepspeed=config.deepspeed,
-        dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         use_cpu=_multi_process_cpu(),
-        **extra,
     )
 
 
@@ -157,7 +145,7 @@ def train(
 
     start = time.perf_counter()
     config = load_config(config, overrides)
-    config = dataclasses.replace(config, lora_alpha=config.resolved_alpha())
+    config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
     resume = _check_output_dir(config)
     _check_environment(config)
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
