@@ -39,20 +39,16 @@ import torch
 from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
 
+from milora.constants import ADAPTER_CONFIG
 from milora.errors import AdapterError, ModelError
-from milora.init import lora_layers, rank_for, target_modules, weight_matrix
+from milora.init import lora_layers, rank_for, weight_matrix
 from milora.linalg.decomposition import (
     default_workers,
     map_concurrently,
     principal_angle_sine,
     select_components,
 )
-from milora.persistence import (
-    check_fingerprint,
-    is_plain_peft_adapter,
-    read_adapter,
-    trainable_config,
-)
+from milora.persistence import is_plain_peft_adapter, open_peft_adapter, read_adapter, trainable_config
 from milora.report import format_table
 
 ZERO_UPDATE = 1e-13
@@ -100,15 +96,17 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 def _open_adapter(base_model: torch.nn.Module, adapter_dir: Path) -> tuple[PeftModel, LoraConfig, str]:
     """The adapter on its original base (checked when milora saved it), its trainable config, its init."""
-    if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
-        config, init = LoraConfig.from_pretrained(str(adapter_dir)), "peft"
+    if is_plain_peft_adapter(adapter_dir):
+        try:
+            config, init = LoraConfig.from_pretrained(str(adapter_dir)), "peft"
+        except (TypeError, ValueError) as error:
+            raise AdapterError(f"{adapter_dir} has an unreadable {ADAPTER_CONFIG} ({error}).") from None
         if config.use_dora:
             raise AdapterError(f"{adapter_dir} is a DoRA adapter: its update is not B A; milora analyses LoRA adapters.")
-    else:  # a milora adapter, or read_adapter's error naming what is missing
+    else:
         saved_config, _, metadata = read_adapter(adapter_dir)
         config, init = trainable_config(saved_config, metadata), metadata["init"]
-        check_fingerprint(target_modules(base_model, config), metadata, adapter_dir)
-    return PeftModel.from_pretrained(base_model, str(adapter_dir)), config, init
+    return open_peft_adapter(base_model, adapter_dir), config, init
 
 
 def analyze_adapter(

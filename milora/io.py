@@ -273,6 +273,19 @@ def check_replaceable(path: str | os.PathLike) -> None:
         )
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Fail now, not after the work, if a result file cannot be written at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a directory: give a file path for the results, e.g. {path / 'results.json'}.")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"{parent} is a file, so {path} cannot be created under it: choose another path.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent} is not writable: choose another path for {path.name}.")
+    return path
+
+
 class RunLock:
     """Exclusive hold of a run's output directory: ``.milora.lock`` with the holder's host and pid.
 

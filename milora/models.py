@@ -103,8 +103,8 @@ def _from_pretrained(loader, name_or_path, **kwargs):
     path = resolve_model_path(name_or_path)
     try:
         return loader.from_pretrained(path, **kwargs)
-    except OSError as error:
-        raise ModelError(f"cannot load model {path}: {error}") from None
+    except (OSError, ValueError) as error:  # missing or unreadable files, an offline hub
+        raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from None
 
 
 def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):

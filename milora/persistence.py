@@ -22,6 +22,7 @@ Writes go to a staging directory that is renamed into place, so a failure leaves
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -46,9 +47,10 @@ from milora.init import (
     target_modules,
     weight_matrix,
 )
-from milora.io import staged_directory
+from milora.io import check_replaceable, staged_directory
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 (milora 0.1) lacks the weights checksum and the target list
 _PREFIX = "base_model.model."
 
 
@@ -69,16 +71,22 @@ def save_adapter(
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExistsError(f"{output_dir} is a file, not a directory: choose another path for the adapter.")
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{output_dir} already exists and is not empty: choose another directory or pass overwrite=True.")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{output_dir} already exists and is not empty: choose another directory or pass "
+                                    "overwrite=True.")
+        check_replaceable(output_dir)  # overwrite replaces only what milora wrote
     trained_config = peft_model.peft_config[adapter_name]
     weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
     config = trained_config
     if record.init != "lora":
         weights = _update_as_lora(weights, record)
         config = _doubled_rank_config(trained_config)
+    check_finite(weights, output_dir / ADAPTER_WEIGHTS)
     metadata = {
         "format_version": FORMAT_VERSION,
+        "weights_sha256": weights_checksum(weights),
+        "target_modules": _target_list(trained_config.target_modules),
         "init": record.init,
         "solver": record.solver,
         "seed": record.seed,
@@ -142,6 +150,66 @@ def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str) ->
     PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])
 
 
+def weights_checksum(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (not over the file,
+    whose header layout is the writer's business)."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_finite(weights: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Refuse NaN / Inf in adapter weights, naming the first such tensor."""
+    for name in sorted(weights):
+        if weights[name].is_floating_point() and not torch.isfinite(weights[name]).all():
+            raise AdapterError(
+                f"{where}: tensor {name} holds NaN or Inf values; the adapter is corrupt or its training diverged "
+                "(re-save it from a good checkpoint, or retrain with a lower learning rate)."
+            )
+
+
+def _target_list(targets) -> list[str] | str | None:
+    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+
+
+def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of any LoRA adapter directory (milora or plain PEFT), checked to be finite.
+
+    safetensors only: a pickled ``adapter_model.bin`` is refused (loading it can run code).
+    """
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        pickled = " (it has a pickled adapter_model.bin, which milora does not load: convert it to safetensors)" \
+            if (adapter_dir / "adapter_model.bin").exists() else ""
+        raise AdapterNotFoundError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}{pickled}.")
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path} is corrupt ({error}); re-save the adapter.") from error
+    check_finite(weights, path)
+    return weights
+
+
+def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike) -> PeftModel:
+    """Any saved LoRA adapter loaded by PEFT itself onto the ORIGINAL base (for a milora adapter:
+    its rank-2r update), after milora's checks: finite weights, and for milora adapters the
+    checksum, the two configs agreeing and the base fingerprint. ``base_model`` is wrapped in place."""
+    adapter_dir = Path(adapter_dir)
+    if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
+        read_adapter_weights(adapter_dir)
+    else:  # a milora adapter, or read_adapter's error naming what is missing
+        saved_config, _, metadata = read_adapter(adapter_dir)
+        check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
+    try:
+        return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
+        raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from None
+
+
 def is_plain_peft_adapter(adapter_dir: str | os.PathLike) -> bool:
     """A PEFT adapter directory without milora's metadata (one PEFT itself loads, on any base)."""
     adapter_dir = Path(adapter_dir)
@@ -166,16 +234,51 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
         raise AdapterError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
-    try:
-        weights = load_file(adapter_dir / ADAPTER_WEIGHTS)
-    except (SafetensorError, OSError) as error:
-        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} is corrupt ({error}); re-save the adapter.") from error
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise AdapterError(
             f"{adapter_dir / MILORA_CONFIG} has format_version {metadata.get('format_version')!r}; "
-            f"this milora reads version {FORMAT_VERSION}."
+            f"this milora reads versions {', '.join(map(str, READABLE_VERSIONS))}."
         )
+    weights = read_adapter_weights(adapter_dir)
+    if metadata["format_version"] >= 2 and weights_checksum(weights) != metadata.get("weights_sha256"):
+        raise AdapterError(
+            f"{adapter_dir / ADAPTER_WEIGHTS} does not match the checksum recorded in {MILORA_CONFIG}: the file was "
+            "corrupted or replaced after saving. Re-save the adapter (or restore the file from a backup)."
+        )
+    _check_configs_agree(config, metadata, adapter_dir)
     return config, weights, metadata
+
+
+def _check_configs_agree(saved: LoraConfig, metadata: dict, adapter_dir: Path) -> None:
+    """adapter_config.json (what PEFT, vLLM and lm-eval read) and milora_config.json (what milora
+    reads) must describe the same adapter: rank, alpha, patterns, rsLoRA, targets."""
+    svd = metadata["init"] != "lora"
+    alpha_factor = (math.sqrt(2) if saved.use_rslora else 2) if svd else 1
+    rank_factor = 2 if svd else 1
+    pairs = [
+        ("r", saved.r, rank_factor * metadata["r"]),
+        ("lora_alpha", saved.lora_alpha, alpha_factor * metadata["lora_alpha"]),
+        ("use_rslora", saved.use_rslora, metadata["use_rslora"]),
+        ("rank_pattern", dict(saved.rank_pattern), {k: rank_factor * v for k, v in metadata["rank_pattern"].items()}),
+        ("alpha_pattern", dict(saved.alpha_pattern), {k: alpha_factor * v for k, v in metadata["alpha_pattern"].items()}),
+    ]
+    if "target_modules" in metadata:
+        pairs.append(("target_modules", _target_list(saved.target_modules), metadata["target_modules"]))
+    for key, in_peft, expected in pairs:
+        if not _same(in_peft, expected):
+            raise AdapterError(
+                f"{adapter_dir}: {ADAPTER_CONFIG} has {key}={in_peft!r} but {MILORA_CONFIG} implies {expected!r}"
+                f"{' (the saved update has rank 2r and alpha scaled to keep s)' if svd else ''}; one of the files was "
+                "edited. Restore the original files or re-save the adapter with milora.save_adapter."
+            )
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-12)
+    return a == b
 
 
 def load_model(
@@ -190,6 +293,7 @@ def load_model(
     The result equals the model that was saved (same outputs to the rounding of the residual)
     and can continue training with ``is_trainable=True``. The base model is modified in place.
     """
+    adapter_dir = Path(adapter_dir)
     saved_config, weights, metadata = read_adapter(adapter_dir)
     lora_config = trainable_config(saved_config, metadata)
     lora_config.inference_mode = not is_trainable

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from milora.prompts import render_prompt
 
 # Two cores: one BLAS/OpenMP thread per process avoids oversubscription stalls.
 torch.set_num_threads(int(os.environ.get("MILORA_TEST_THREADS", "1")))
@@ -47,3 +51,32 @@ def cli_error(argv: list[str]) -> str:
         code = main(argv)
     assert code == 2, f"expected exit status 2, got {code}"
     return buffer.getvalue()
+
+
+RECORDS = [
+    {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}." + " Done." * (a % 3)}
+    for a in range(8)
+    for b in range(6)
+]
+
+
+def make_model_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, kv_heads: int = 2) -> Path:
+    """A tiny random LLaMA + byte-level BPE tokenizer (vocab ~ 400) saved as a model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = [render_prompt("alpaca", r["instruction"]) + r["output"] for r in RECORDS]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=kv_heads, vocab_size=len(fast), max_position_embeddings=512,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

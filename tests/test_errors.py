@@ -175,12 +175,15 @@ def test_corrupt_json(saved):
 
 
 def test_weights_that_do_not_fit(saved):
-    metadata = json.loads((saved / "milora_config.json").read_text())
-    metadata["r"] = 3
-    (saved / "milora_config.json").write_text(json.dumps(metadata))
+    """Both config files edited alike (so they agree): the tensors' shapes no longer fit them.
+    (Editing one file only is refused earlier: see test_reliability.py.) A str path, as in the README."""
+    for name, rank in (("milora_config.json", 3), ("adapter_config.json", 6)):
+        values = json.loads((saved / name).read_text())
+        values["r"] = rank
+        (saved / name).write_text(json.dumps(values))
     model = tiny_llama()
     with pytest.raises(ValueError, match="has shape .* expected"):
-        milora.load_model(model, saved)
+        milora.load_model(model, str(saved))
     assert_untouched(model, tiny_llama())
 
 

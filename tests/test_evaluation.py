@@ -1,9 +1,9 @@
-import re
 """Evaluation end to end on the embedded SmolLM2 (CPU), and the shared benchmark files."""
 
 import copy
 import importlib.util
 import json
+import re
 import math
 import shutil
 from pathlib import Path

@@ -1,4 +1,3 @@
-import re
 """Training end to end: outputs, Ctrl-C + resume, 2-process DDP, recipes, CLI, and a real SmolLM2 run.
 
 Most tests use a tiny random LLaMA (hidden 64, 2 layers) with a small BPE tokenizer, both built
@@ -6,6 +5,7 @@ here and saved to a directory like any hub model.
 """
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import cli_error
+from conftest import RECORDS, cli_error, make_model_dir
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -36,32 +36,6 @@ from milora.persistence import load_model
 from milora.train.run import build_lora_config, train
 
 REPO = Path(__file__).resolve().parents[1]
-RECORDS = [
-    {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}." + " Done." * (a % 3)}
-    for a in range(8)
-    for b in range(6)
-]
-
-
-def make_model_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, kv_heads: int = 2) -> Path:
-    """A tiny random LLaMA + byte-level BPE tokenizer (vocab ~ 400) saved as a model directory."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    corpus = [render_prompt("alpaca", r["instruction"]) + r["output"] for r in RECORDS]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=kv_heads, vocab_size=len(fast), max_position_embeddings=512,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")

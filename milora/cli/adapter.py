@@ -30,6 +30,9 @@ def _add_init(subparsers) -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init")
+    parser.add_argument("--null-space", default="zero", choices=["zero", "random"],
+                        help="start of exactly-zero selected singular values (rank-deficient weights): zero, the paper's "
+                             "(those directions cannot train), or random inside the null space, as LoRA (B = 0)")
     parser.add_argument("--save-residual", action="store_true", help="also write the residual model + rank-r adapter")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output directory, if it is an adapter milora wrote")
@@ -50,6 +53,8 @@ def _run_init(args) -> int:
     from milora.persistence import save_adapter
 
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"{output} is a file, not a directory: choose another --output for the adapter.")
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not args.overwrite:
             raise OutputExistsError(f"{output} already exists and is not empty; choose another --output or pass --overwrite.")
@@ -66,7 +71,7 @@ def _run_init(args) -> int:
     with torch.no_grad():
         before = model(probe).logits.double()
     peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed,
-                           workers=args.workers)
+                           workers=args.workers, null_space=args.null_space)
     with torch.no_grad():
         after = peft_model(probe).logits.double()
     record = init_record(peft_model)

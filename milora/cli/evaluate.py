@@ -63,25 +63,27 @@ def _run_eval(args) -> int:
     from milora.constants import EMBEDDED_MODEL
     from milora.eval import evaluate, find_task
     from milora.eval.runner import check_common
+    from milora.io import check_output_file
     from milora.models import load_base_model
     from milora.report import format_summary, write_results
 
-    spec, _ = find_task(args.task)  # unknown task or options: an error before the model loads
+    spec, _ = find_task(args.task)  # unknown task, options or output path: an error before the model loads
     check_common(args.limit, args.batch_size)
     options = _task_options(args)
     spec.check_options(options)
+    label = args.label or Path(args.adapter or args.model or EMBEDDED_MODEL).name
+    slug = args.task.replace(":", "-").replace(",", "+")
+    output = check_output_file(args.output or f"{label}-{slug}.json")
     model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=args.device)
     if args.task == "forgetting" and (args.adapter or args.base_model):
         options["base_model"], _ = load_base_model(args.base_model or args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
         model = _with_adapter(model, args.adapter)
-    label = args.label or Path(args.adapter or args.model or EMBEDDED_MODEL).name
     result = evaluate(
         model, tokenizer, args.task, args.data, limit=args.limit, batch_size=args.batch_size, label=label,
         metadata={"model": args.model or EMBEDDED_MODEL, "adapter": args.adapter}, **options,
     )
-    slug = args.task.replace(":", "-").replace(",", "+")
-    output = write_results(result, args.output or f"{label}-{slug}.json")
+    write_results(result, output)
     print(format_summary(result))
     print(f"results written to {output}")
     return 0
@@ -89,12 +91,10 @@ def _run_eval(args) -> int:
 
 def _with_adapter(model, adapter_dir: str):
     """``model`` with a saved adapter: a plain PEFT LoRA through PEFT, a milora adapter through milora."""
-    from milora.persistence import is_plain_peft_adapter, load_model
+    from milora.persistence import is_plain_peft_adapter, load_model, open_peft_adapter
 
     if is_plain_peft_adapter(adapter_dir):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, adapter_dir).eval()
+        return open_peft_adapter(model, adapter_dir)
     return load_model(model, adapter_dir)  # a milora adapter (or a clear error)
 
 
@@ -121,6 +121,7 @@ def _check_analyze_args(args) -> list:
     from pathlib import Path
 
     from milora.errors import AdapterNotFoundError, ConfigError
+    from milora.io import check_output_file
 
     for adapter in args.adapters:
         if not Path(adapter).is_dir():
@@ -130,6 +131,9 @@ def _check_analyze_args(args) -> list:
     labels = args.labels.split(",") if args.labels is not None else [None] * len(args.adapters)
     if len(labels) != len(args.adapters):
         raise ConfigError(f"--labels has {len(labels)} names for {len(args.adapters)} adapters.")
+    for path in (args.output, args.plot):
+        if path is not None:
+            check_output_file(path)
     if args.plot is not None:
         from matplotlib.figure import Figure
 

@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import math
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from milora.init.targets import fingerprint, target_modules, validate_lora_confi
 from milora.linalg.decomposition import default_workers, resolve_solver, select_components_many
 from milora.models import check_device
 
+NULL_SPACE_STARTS = ("zero", "random")
 _LIBC_PATH = ctypes.util.find_library("c")
 _MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC_PATH), "malloc_trim", None) if _LIBC_PATH else None  # glibc only
 
@@ -77,6 +79,7 @@ def get_model(
     progress: bool = True,
     adapter_name: str = "default",
     workers: int | None = None,
+    null_space: str = "zero",
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model whose adapters start from the chosen singular triplets.
 
@@ -87,9 +90,15 @@ def get_model(
     `milora.linalg.decomposition.default_workers`, one per thread for small weights, else 1). Under
     torch.distributed the weights are split across ranks and the factors broadcast, so every
     rank ends with identical adapters. Save the result with `milora.save_adapter`, not
-    `save_pretrained` (whose rank-r factors need the residual base).
+    `save_pretrained` (whose rank-r factors need the residual base). ``null_space``: how
+    selected singular values that are exactly 0 (rank-deficient weights) start: ``"zero"``
+    (the paper's start; those directions cannot train, and a warning says so) or ``"random"``
+    (see `start_factors`). Interrupted (Ctrl-C, an error), the model is restored to its
+    original weights (up to one rounding) and plain modules before the exception propagates.
     """
     validate_lora_config(lora_config, init)
+    if null_space not in NULL_SPACE_STARTS:
+        raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}.")
     modules = target_modules(model, lora_config)
@@ -99,9 +108,30 @@ def get_model(
     record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed, fingerprint=fingerprint(modules))
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
-        _initialise_layers(peft_model, record, adapter_name, solver, device, workers, progress)
+        try:
+            _initialise_layers(peft_model, record, adapter_name, solver, device, workers, progress, null_space)
+        except BaseException as error:
+            _undo(peft_model, record, adapter_name, error)
+            raise
     attach_record(peft_model, record)
     return peft_model
+
+
+def _undo(peft_model: PeftModel, record: InitRecord, adapter: str, error: BaseException) -> None:
+    """Put back the original weights (W_res + s B0 A0, rounded once) of the layers already
+    initialised, and the plain modules PEFT replaced, so an interrupted init leaves a usable model."""
+    layers = lora_layers(peft_model)
+    with torch.no_grad():
+        for name, (A0, B0) in record.initial_factors.items():
+            layer = layers[name]
+            weight = weight_matrix(layer.get_base_layer())
+            restored = weight.detach().double() + layer.scaling[adapter] * (B0.double() @ A0.double()).to(weight.device)
+            weight.data.copy_(restored.to(weight.dtype))
+    peft_model.unload()
+    error.add_note(
+        f"milora: the initialisation was interrupted after {len(record.initial_factors)} of {len(layers)} weights; "
+        "the model was restored to its original weights (to one rounding of each initialised weight) and modules."
+    )
 
 
 def _release_freed_memory() -> None:
@@ -132,7 +162,8 @@ def _check_devices(solver: str, workers: int | None, device, modules: dict[str, 
 
 
 def _initialise_layers(
-    peft_model: PeftModel, record: InitRecord, adapter: str, solver: str, device, workers: int | None, progress: bool
+    peft_model: PeftModel, record: InitRecord, adapter: str, solver: str, device, workers: int | None, progress: bool,
+    null_space: str,
 ) -> None:
     distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
@@ -165,33 +196,88 @@ def _initialise_layers(
             r, scaling = layer.r[adapter], layer.scaling[adapter]
             A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
             B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
-            stats = torch.zeros(4, dtype=torch.float64, device=here)
+            stats = torch.zeros(5, dtype=torch.float64, device=here)
             chosen = resolve_solver(solver, record.init, here, tuple(weight.shape), r)
             if rank == owner:
                 parts = next(owned_parts)
-                root = (parts.S / scaling).sqrt()
-                B.copy_(parts.U * root)
-                A.copy_(root[:, None] * parts.Vh)
-                stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, parts.solver != chosen]))
+                zero = _zero_components(parts.S, weight)
+                generator = torch.Generator().manual_seed(record.seed + index)
+                A_start, B_start = start_factors(parts.U, parts.S, parts.Vh, scaling, zero, null_space, generator)
+                A.copy_(A_start)
+                B.copy_(B_start)
+                stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap,
+                                          parts.solver != chosen, int(zero.sum())]))
             if world > 1:
                 for tensor in (A, B, stats):
                     dist.broadcast(tensor, src=owner)
             error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
             record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
             _release_freed_memory()
-            sigma_max, sigma_min, gap, fell_back = stats.tolist()
-            record.report.append(
-                {
-                    "module": name,
-                    "shape": list(weight.shape),
-                    "rank": r,
-                    "scaling": scaling,
-                    "solver": f"eigh ({chosen} failed)" if fell_back else chosen,
-                    "sigma_max_selected": sigma_max,
-                    "sigma_min_selected": sigma_min,
-                    "boundary_gap": None if math.isnan(gap) else gap,
-                    "reconstruction_error": error,
-                }
-            )
+            record.report.append(_report_entry(name, weight, r, scaling, chosen, stats.tolist(), error))
     record.measured["init_seconds"] = time.perf_counter() - start
     record.measured["workers"] = workers
+    _warn_zero_components(record, null_space)
+
+
+def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, chosen: str, stats: list, error: float) -> dict:
+    sigma_max, sigma_min, gap, fell_back, zeros = stats
+    return {
+        "module": name,
+        "shape": list(weight.shape),
+        "rank": r,
+        "scaling": scaling,
+        "solver": f"eigh ({chosen} failed)" if fell_back else chosen,
+        "sigma_max_selected": sigma_max,
+        "sigma_min_selected": sigma_min,
+        "boundary_gap": None if math.isnan(gap) else gap,
+        "zero_components": int(zeros),
+        "reconstruction_error": error,
+    }
+
+
+def _zero_components(S: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Selected singular values that are zero to float64 resolution (an exactly rank-deficient W).
+
+    The triplets come from a product W V, so their singular values carry an absolute error of
+    about eps ||W||; below min(m, n) eps ||W||_F a value is indistinguishable from 0.
+    """
+    norm = float(torch.linalg.norm(weight.detach().double()))
+    return S <= min(weight.shape) * torch.finfo(torch.float64).eps * norm
+
+
+def start_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float, zero: torch.Tensor, null_space: str,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's start (A: r x in, B: out x r) from triplets U (out x r), S (r,), Vh (r x in).
+
+    B = U sqrt(S / s), A = sqrt(S / s) Vh, so s B A = U diag(S) Vh. Components with S = 0
+    (``zero``) make both factors 0 there, and gradients never reach them (dL/dB = g (A x)^T,
+    dL/dA = B^T g x^T). ``null_space="random"`` starts those components as LoRA does instead:
+    B's columns 0 and A's rows a random orthonormal mix of the null-space directions Vh[zero],
+    scaled to the row norm of LoRA's default A (1 / sqrt(3)); s B A is unchanged (still 0 there).
+    """
+    root = (S / scaling).sqrt()
+    B, A = U * root, root[:, None] * Vh
+    count = int(zero.sum())
+    if null_space == "random" and count:
+        mix, _ = torch.linalg.qr(torch.randn(count, count, generator=generator, dtype=torch.float64))
+        A[zero] = (mix.to(Vh.device) @ Vh[zero]) / math.sqrt(3)
+        B[:, zero] = 0
+    return A, B
+
+
+def _warn_zero_components(record: InitRecord, null_space: str) -> None:
+    dead = [entry for entry in record.report if entry["zero_components"]]
+    if not dead or null_space != "zero":
+        return
+    count = sum(entry["zero_components"] for entry in dead)
+    names = ", ".join(entry["module"] for entry in dead[:3]) + (", ..." if len(dead) > 3 else "")
+    warnings.warn(
+        f"{len(dead)} weight(s) ({names}) are rank-deficient: {count} selected singular values are exactly 0, so "
+        "the paper's start sets both factors to 0 there and those adapter directions can never train (the minor "
+        "subspace of a rank-deficient weight is any basis of its null space). Pass null_space='random' (CLI "
+        "--null-space random, config null_space: random) to start them inside the null space as LoRA does "
+        "(B = 0, A random), or leave such modules out of the targets.",
+        stacklevel=3,
+    )

@@ -95,6 +95,8 @@ class TrainConfig(BaseModel):
     lora_dropout: Float = Key(0.05, "dropout on the LoRA input, in [0, 1)", ge=0, lt=1)
     lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'")
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
+    null_space: Literal["zero", "random"] = Key(
+        "zero", "start of exactly-zero selected singular values: zero (the paper's; cannot train) or random (B = 0)")
     # data
     dataset: Str | None = Key(None, "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name (required)")
     dataset_format: Literal[FORMAT_CHOICES] = Key("auto", "record format (auto-detected from the first record by default)")

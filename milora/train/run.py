@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import time
@@ -22,11 +23,10 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from milora.constants import METRICS_FILE, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, ModelError
-from milora.io import atomic_write_json
+from milora.constants import ADAPTER_FILES, METRICS_FILE, TRAIN_CONFIG_FILE
+from milora.errors import ConfigError, ModelError, OutputError
+from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.train.config import TrainConfig, load_config, save_config, trainer_keys
 from milora.train.data import build_datasets, supervised_collator
 from milora.train.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
@@ -44,21 +44,31 @@ class TrainResult:
 
 
 
+# keys a resumed run may change; any other difference from the run's train_config.yaml is refused
+RESUMABLE_CHANGES = {
+    "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "report_to",
+    "resume_from_checkpoint", "overwrite_output_dir", "dataloader_num_workers", "deepspeed",
+}
+
+
 def _check_output_dir(config: TrainConfig) -> str | None:
     """Validate ``output_dir`` against resuming/overwriting; returns the checkpoint to resume from."""
     output_dir = Path(config.output_dir)
     resume = config.resume_from_checkpoint
     if resume is True:
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        checkpoint = latest_complete_checkpoint(output_dir)
         if checkpoint is None:
             raise ConfigError(
-                f"resume_from_checkpoint is true but {output_dir} has no checkpoint-N directory: "
+                f"resume_from_checkpoint is true but {output_dir} has no checkpoint-N directory (complete ones only): "
                 "run without resume_from_checkpoint, or point it at a checkpoint directory."
             )
-        return checkpoint
+        return str(checkpoint)
     if resume:
+        if not is_complete_checkpoint(Path(resume)):
+            raise ConfigError(f"resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json "
+                              "or adapter files): point it at a complete checkpoint-N directory.")
         return str(resume)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+    if output_dir.exists() and (not output_dir.is_dir() or set(entry.name for entry in output_dir.iterdir()) - {LOCK_FILE}):
         if not config.overwrite_output_dir:
             raise ConfigError(
                 f"output_dir {output_dir} already exists and is not empty: choose a new output_dir, resume with "
@@ -69,7 +79,46 @@ def _check_output_dir(config: TrainConfig) -> str | None:
                 f"overwrite_output_dir is true but {output_dir} is not a milora training directory (no {TRAIN_CONFIG_FILE}); "
                 "refusing to delete it: choose a new output_dir."
             )
+        try:
+            check_replaceable(output_dir)
+        except OutputError as error:
+            raise ConfigError(f"overwrite_output_dir is true but {error}") from None
     return None
+
+
+def is_complete_checkpoint(directory: Path) -> bool:
+    """A checkpoint Trainer can resume from: its trainer state and a whole milora adapter."""
+    return directory.is_dir() and all((directory / name).is_file() for name in ("trainer_state.json", *ADAPTER_FILES))
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The complete ``checkpoint-N`` with the largest N; incomplete ones (a run killed while writing
+    one with an older milora) are skipped with a message."""
+    if not output_dir.is_dir():
+        return None
+    found = [p for p in output_dir.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    for checkpoint in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        if is_complete_checkpoint(checkpoint):
+            return checkpoint
+        print(f"milora: skipping {checkpoint}: incomplete (no trainer_state.json or adapter files)", file=sys.stderr)
+    return None
+
+
+def _check_resume_matches(config: TrainConfig, checkpoint: str) -> None:
+    """Refuse to resume with settings the checkpoint was not trained with (before anything is written)."""
+    run_dir = Path(checkpoint).parent
+    saved_path = run_dir / TRAIN_CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved = load_config(saved_path).to_dict()
+    changed = [key for key, value in config.to_dict().items() if key not in RESUMABLE_CHANGES and saved.get(key) != value]
+    if changed:
+        details = "; ".join(f"{key}={config.to_dict()[key]!r} but the run used {saved.get(key)!r}" for key in changed)
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: {details} ({saved_path}). Resume with the run's settings "
+            f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'resume_from_checkpoint', 'overwrite_output_dir'}))} may "
+            "change), or start a new run in another output_dir."
+        )
 
 
 def _check_environment(config: TrainConfig) -> None:
@@ -134,47 +183,80 @@ def train(
 ) -> TrainResult:
     """Run one training job described by ``config`` (a `TrainConfig`, mapping or YAML path).
 
-    Everything is validated (config, output directory, data) before anything is written.
-    Launch with ``accelerate launch`` or ``torchrun`` for DDP/DeepSpeed/FSDP: every rank
-    builds identical adapters, and only the main process writes files.
+    Everything is validated (config, output directory, resume compatibility, model, data)
+    before anything is written. The run holds ``output_dir`` for its lifetime (`RunLock`): a
+    second run on the same directory is refused, naming the holder. Launch with ``accelerate
+    launch`` or ``torchrun`` for DDP/DeepSpeed/FSDP: every rank builds identical adapters, and
+    only the main process writes files.
     """
     from accelerate import PartialState
-
-    from milora.init import get_model, init_record
-    from milora.models import load_base_model
 
     start = time.perf_counter()
     config = load_config(config, overrides)
     config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
-    resume = _check_output_dir(config)
     _check_environment(config)
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
-    main = state.is_main_process
+    lock = RunLock(config.output_dir, purpose="milora train") if state.is_main_process else None
+    created = not Path(config.output_dir).exists()
+    if lock is not None:
+        lock.acquire()
+    try:
+        resume = _check_output_dir(config)
+        if resume is not None:
+            _check_resume_matches(config, resume)
+        peft_model, tokenizer, train_dataset, val_dataset, stats = _build(config, state)
+        if state.is_main_process:
+            _start_record(config, resume)
+        state.wait_for_everyone()
+        return _run(config, state, peft_model, tokenizer, train_dataset, val_dataset, stats, callbacks, resume, start)
+    finally:
+        if lock is not None:
+            lock.release()
+            output_dir = Path(config.output_dir)
+            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+                output_dir.rmdir()  # refused before anything was written: leave no trace
+
+
+def _build(config: TrainConfig, state):
+    """Base model, data and the initialised adapter of a run (nothing written)."""
+    from milora.init import get_model
+    from milora.models import load_base_model
+
     set_seed(config.seed)
     try:
         model, tokenizer = load_base_model(config.model, dtype=config.dtype)
     except ModelError as error:
         raise ConfigError(f"cannot load model {config.model!r}: {error}") from None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and config.cutoff_len > positions:
+        raise ConfigError(f"cutoff_len={config.cutoff_len} is above the model's max_position_embeddings={positions}: "
+                          f"lower cutoff_len to at most {positions}.")
     model.config.use_cache = False
-    train_dataset, val_dataset, stats = build_datasets(config, tokenizer, progress=main)
-    if main:
+    train_dataset, val_dataset, stats = build_datasets(config, tokenizer, progress=state.is_main_process)
+    if state.is_main_process:
         print(f"milora: data: {stats.describe(config.cutoff_len)}", flush=True)
     set_seed(config.seed)  # PEFT's random init (init: lora) draws from the global generator
     svd_device = state.device if state.device.type != "cpu" else None
     try:
-        peft_model = get_model(
-            model, build_lora_config(config), init=config.init, solver=config.solver, device=svd_device, seed=config.seed, progress=main
-        )
+        peft_model = get_model(model, build_lora_config(config), init=config.init, solver=config.solver,
+                               device=svd_device, seed=config.seed, progress=state.is_main_process,
+                               null_space=config.null_space)
     except ValueError as error:  # e.g. a target module the model lacks, a rank too large for a layer
         raise ConfigError(f"cannot build the adapter: {error}") from None
-    output_dir = Path(config.output_dir)
-    if main:
-        if resume is None and output_dir.exists():
-            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / TRAIN_CONFIG_FILE)
-    state.wait_for_everyone()
+    return peft_model, tokenizer, train_dataset, val_dataset, stats
 
+
+def _start_record(config: TrainConfig, resume: str | None) -> None:
+    """The run is accepted: clear an overwritten directory (keeping the lock) and write its config."""
+    output_dir = Path(config.output_dir)
+    if resume is None:
+        for entry in output_dir.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    save_config(config, output_dir / TRAIN_CONFIG_FILE)
+
+
+def _run(config, state, peft_model, tokenizer, train_dataset, val_dataset, stats, callbacks, resume, start) -> TrainResult:
     stopper = StopOnSignal()
     trainer = MiloraTrainer(
         model=peft_model,
@@ -184,37 +266,40 @@ def train(
         data_collator=supervised_collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
         callbacks=[stopper, *callbacks],
     )
-    with signals_request_stop(stopper, announce=main):
+    with signals_request_stop(stopper, announce=state.is_main_process):
         output = trainer.train(resume_from_checkpoint=resume)
     interrupted = stopper.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
-    metrics = {
+    metrics = _metrics(trainer, output, stats, val_dataset, interrupted, start, state.num_processes)
+    output_dir = Path(config.output_dir)
+    checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
+    if interrupted:
+        if state.is_main_process:
+            print(f"milora: stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved to "
+                  f"{checkpoint}. Resume with resume_from_checkpoint=true.", file=sys.stderr, flush=True)
+        return TrainResult(output_dir, None, checkpoint, True, metrics)
+    trainer.save_model(str(output_dir))
+    if state.is_main_process:
+        atomic_write_json(output_dir / METRICS_FILE, metrics)
+    state.wait_for_everyone()
+    return TrainResult(output_dir, output_dir, checkpoint if checkpoint.is_dir() else None, False, metrics)
+
+
+def _metrics(trainer, output, stats, val_dataset, interrupted: bool, start: float, world_size: int) -> dict[str, Any]:
+    from milora.init import init_record
+
+    return {
         "interrupted": interrupted,
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "train": output.metrics,
         "data": stats.as_dict(),
         "eval_examples": len(val_dataset) if val_dataset is not None else 0,
-        "init": init_record(peft_model).summary(),
+        "init": init_record(trainer.model).summary(),
         "loss_history": [
             {key: entry[key] for key in ("step", "loss", "eval_loss", "learning_rate", "grad_norm") if key in entry}
             for entry in trainer.state.log_history
             if "loss" in entry or "eval_loss" in entry
         ],
         "wall_seconds": time.perf_counter() - start,
-        "world_size": state.num_processes,
+        "world_size": world_size,
     }
-    checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
-    if interrupted:
-        if main:
-            print(
-                f"milora: stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved to "
-                f"{checkpoint}. Resume with resume_from_checkpoint=true.",
-                file=sys.stderr,
-                flush=True,
-            )
-        return TrainResult(output_dir, None, checkpoint, True, metrics)
-    trainer.save_model(str(output_dir))
-    if main:
-        atomic_write_json(output_dir / METRICS_FILE, metrics)
-    state.wait_for_everyone()
-    return TrainResult(output_dir, output_dir, checkpoint if checkpoint.is_dir() else None, False, metrics)

@@ -9,6 +9,10 @@ residual base:
 - `MiloraTrainer._load_from_checkpoint` restores the trainable factors with
   `load_trained_state` into the freshly (and deterministically) initialised model; Trainer
   restores the optimizer, scheduler, RNG and data position as usual.
+
+and for reliability: checkpoints are written to a hidden staging directory and renamed into
+place (a kill never leaves a half-written ``checkpoint-N``), and a run resumed at its last step
+does not train one step more (see `MiloraTrainer._run_epoch`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from milora.constants import ADAPTER_FILES
 from milora.persistence import load_trained_state, save_adapter
@@ -63,6 +68,40 @@ class MiloraTrainer(Trainer):
             write_adapter(self.accelerator.unwrap_model(self.model), output_dir, state_dict)
         # other ranks write their RNG state into the same checkpoint directory right after this
         self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        return getattr(self, "_checkpoint_staging", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        """Trainer's checkpoint (adapter, optimizer, scheduler, RNG, trainer state) written into
+        ``.staging-N/checkpoint-N`` and renamed to ``checkpoint-N`` once complete."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f".staging-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # every rank writes its RNG state into it
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if (run_dir / name).exists():  # a resumed run saving the step it resumed from again
+                shutil.rmtree(run_dir / name)
+            os.replace(staging / name, run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers runs at least one step per epoch, even for a run resumed from a checkpoint
+        # at max_steps in the middle of an epoch: it would train step max_steps + 1.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if self.is_fsdp_enabled:  # FSDP resumes from its own sharded model state, saved beside the adapter
