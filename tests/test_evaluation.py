@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import cli_error
+from conftest import cli_error, make_model_dir
 import torch
 
 from milora.cli import main
@@ -43,6 +43,15 @@ GENERAL_TEXT = (
     "Photosynthesis is the process by which green plants use sunlight to make sugars from carbon "
     "dioxide and water. Oxygen is released as a by-product, and most life on Earth depends on it."
 )
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny random LLaMA and its BPE tokenizer (conftest.make_model_dir): the fast forgetting tests."""
+    from milora.models import load_base_model
+
+    model, tokenizer = load_base_model(str(make_model_dir(tmp_path_factory.mktemp("tiny") / "model")))
+    return model.eval(), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +225,8 @@ def _perturbed(model, scale):
     return copy_
 
 
-@pytest.mark.slow
-def test_forgetting_is_zero_for_the_base_and_grows_with_perturbation(smol, tmp_path):
-    model, tokenizer = smol
+def test_forgetting_is_zero_for_the_base_and_grows_with_perturbation(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
     text = tmp_path / "general.txt"
     text.write_text(GENERAL_TEXT)
     kwargs = {"limit": 3, "max_length": 48, "batch_size": 2, "progress": False}
@@ -238,11 +246,34 @@ def test_forgetting_is_zero_for_the_base_and_grows_with_perturbation(smol, tmp_p
     assert len(result["items"]) == 3 and all(i["tokens"] == 47 for i in result["items"][:2])
 
 
-@pytest.mark.slow
-def test_forgetting_of_a_peft_adapter_uses_the_disabled_adapter_as_base(smol, tmp_path):
+def test_forgetting_scores_match_a_direct_computation(tiny_lm, tmp_path):
+    """Perplexity and KL against an independent per-window computation in float64 (no batching,
+    no padding): the evaluated windows are the text's tokens cut every max_length (rel. 1e-5)."""
+    model, tokenizer = tiny_lm
+    text = tmp_path / "general.txt"
+    text.write_text(GENERAL_TEXT)
+    tuned = _perturbed(model, 0.05)
+    result = evaluate(tuned, tokenizer, "forgetting", text, base_model=model, max_length=40, batch_size=3,
+                      progress=False)["summary"]["scores"]
+    ids = tokenizer(GENERAL_TEXT + "\n\n", add_special_tokens=False)["input_ids"]
+    windows = [ids[start:start + 40] for start in range(0, len(ids), 40) if len(ids[start:start + 40]) > 1]
+    nll = kl = tokens = 0.0
+    with torch.no_grad():
+        for window in windows:
+            inputs = torch.tensor([window])
+            logp = tuned(inputs).logits[0, :-1].double().log_softmax(-1)
+            base_logp = model(inputs).logits[0, :-1].double().log_softmax(-1)
+            nll -= float(logp.gather(-1, inputs[0, 1:, None]).sum())
+            kl += float((base_logp.exp() * (base_logp - logp)).sum())
+            tokens += len(window) - 1
+    assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert result["forgetting_loss"] == pytest.approx(kl / tokens, rel=1e-4)
+
+
+def test_forgetting_of_a_peft_adapter_uses_the_disabled_adapter_as_base(tiny_lm, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = smol
+    model, tokenizer = tiny_lm
     text = tmp_path / "general.txt"
     text.write_text(GENERAL_TEXT)
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -299,9 +330,8 @@ def test_lm_eval_task_on_local_files(smol, tmp_path):
 # ---------------------------------------------------------------- errors, results, compare, CLI
 
 
-@pytest.mark.slow
-def test_evaluate_rejects_bad_requests(smol):
-    model, tokenizer = smol
+def test_evaluate_rejects_bad_requests(tiny_lm):
+    model, tokenizer = tiny_lm
     with pytest.raises(DataError, match="Unknown task"):
         evaluate(model, tokenizer, "squad")
     with pytest.raises(DataError, match=r"Task gsm8k does not take the option\(s\) scorer"):

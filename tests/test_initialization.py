@@ -49,6 +49,7 @@ CASES = [
     pytest.param({"r": 8, "lora_alpha": 32}, id="alpha=4r"),
     pytest.param({"r": 8, "lora_alpha": 5, "use_rslora": True}, id="rslora"),
     pytest.param({"r": 8, "lora_alpha": 8, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"up_proj": 3}}, id="patterns"),
+    pytest.param({"r": 5, "lora_alpha": 5, "rank_pattern": {"k_proj": 5}}, id="odd-offset"),  # middle: (k - r) // 2 odd
 ]
 
 
@@ -66,7 +67,7 @@ def test_selected_part_matches_float64_reference(init, options, code_path, monke
     assert len(layers) == 2 * len(LLAMA_TARGETS)
     for name, layer in layers.items():
         r = layer.r["default"]
-        assert r == (4 if name.endswith("k_proj") and "rank_pattern" in options else 8)
+        assert r == options.get("rank_pattern", {}).get("k_proj", options["r"]) if name.endswith("k_proj") else options["r"]
         U_sel, S_sel, Vh_sel, _ = reference_block(weights[name], init, r)
         selected = (U_sel * S_sel) @ Vh_sel
         product = adapter_product(layer)

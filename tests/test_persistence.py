@@ -143,3 +143,46 @@ def test_bfloat16_base_matches_float32_fingerprint(tmp_path, tokens):
     milora.save_adapter(model, tmp_path / "adapter")
     reloaded = milora.load_model(tiny_llama(dtype=torch.bfloat16), tmp_path / "adapter")
     assert reloaded(tokens).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rank_2r_export_with_rank_and_alpha_patterns(rslora, tokens, tmp_path):
+    """Per-module ranks and alphas survive the rank-2r export: plain PEFT (what lm-eval and vLLM
+    use) gets each module's scaling right, after training (float32: relative error < 1e-5)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_rslora=rslora,
+                        rank_pattern={"v_proj": 2, "down_proj": 6}, alpha_pattern={"k_proj": 3, "down_proj": 12})
+    model = milora.get_model(tiny_llama(), config, progress=False)
+    train_steps(model, tokens)
+    trained = logits(model, tokens)
+    milora.save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    factor = 2 ** 0.5 if rslora else 2
+    assert saved["rank_pattern"] == {"v_proj": 4, "down_proj": 12}
+    assert saved["alpha_pattern"] == pytest.approx({"k_proj": 3 * factor, "down_proj": 12 * factor})
+    plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    assert relative_error(logits(plain, tokens), trained) < 1e-5
+    assert relative_error(logits(plain, tokens), logits(tiny_llama(), tokens)) > 1e-3  # the update is there
+
+
+def test_a_bfloat16_base_of_another_model_is_refused(tmp_path, tokens):
+    """The bfloat16 fingerprint admits the same weights in bfloat16, not any bfloat16 model."""
+    model = milora.get_model(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS), progress=False)
+    milora.save_adapter(model, tmp_path / "adapter")
+    milora.load_model(tiny_llama(seed=0, dtype=torch.bfloat16), tmp_path / "adapter")
+    with pytest.raises(ValueError, match="initialised from different base weights"):
+        milora.load_model(tiny_llama(seed=1, dtype=torch.bfloat16), tmp_path / "adapter")
+
+
+def test_an_adapter_saved_by_milora_0_1_loads_bit_identically():
+    """tests/fixtures/adapter_v1: format 1, written by milora 0.1 (commit 412c2a0) after three AdamW
+    steps, with the logits its own load_model gave; today's loader gives the same logits, bit for bit."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    fixture = Path(__file__).parent / "fixtures" / "adapter_v1"
+    expected = load_file(fixture / "expected_logits.safetensors")
+    assert json.loads((fixture / "adapter" / "milora_config.json").read_text())["format_version"] == 1
+    with torch.no_grad():
+        found = milora.load_model(tiny_llama(), fixture / "adapter")(expected["tokens"]).logits
+    assert torch.equal(found, expected["logits"])

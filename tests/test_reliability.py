@@ -393,6 +393,8 @@ def test_stale_staging_is_cleaned_and_permissions_are_ordinary(tmp_path, saved, 
         os.umask(old_mask)
     assert not stale.exists()
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()} == {0o644}
+    assert stat.S_IMODE((saved / "adapter_model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
 
 

@@ -4,6 +4,7 @@ Most tests use a tiny random LLaMA (hidden 64, 2 layers) with a small BPE tokeni
 here and saved to a directory like any hub model.
 """
 
+import contextlib
 import json
 import re
 import os
@@ -91,6 +92,19 @@ def test_output_dir_holds_adapter_config_metrics(tiny, tmp_path):
         base, _ = load_base_model(tiny["model"])
         reloaded = load_model(base, out)(probe).logits
     assert torch.allclose(reloaded, trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("learning_rate", [0.0, 1e-2])
+def test_the_adapter_moves_with_the_learning_rate(tiny, tmp_path, learning_rate):
+    """The saved [A; A0] and [B | -B0]: with lr 0 the trainable part is its start, bit for bit; with
+    lr 1e-2 every factor of every layer moved (a trainer ignoring the learning rate fails one case)."""
+    with pytest.warns(UserWarning) if learning_rate == 0 else contextlib.nullcontext():
+        train(run_config(tiny, tmp_path / "out", learning_rate=learning_rate, lora_dropout=0.0))
+    weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    for key, value in weights.items():
+        trainable, start = (value[:4], value[4:]) if key.endswith("lora_A.weight") else (value[:, :4], -value[:, 4:])
+        moved = float((trainable - start).abs().max())
+        assert (moved == 0) if learning_rate == 0 else (moved > 1e-3), (key, moved)
 
 
 def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(tiny, tmp_path):
