@@ -14,16 +14,17 @@ from milora.errors import MiloraError
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "TrainConfig": "milora.train.config",
+    "TrainConfig": "milora.training.config",
     "analyze_adapter": "milora.analysis",
+    "compare": "milora.comparison",
     "evaluate": "milora.eval",
     "get_model": "milora.init",
     "load_base_model": "milora.models",
-    "load_config": "milora.train.config",
+    "load_config": "milora.training.config",
     "load_model": "milora.persistence",
     "save_adapter": "milora.persistence",
     "select_components": "milora.linalg.decomposition",
-    "train": "milora.train.run",
+    "train": "milora.training.run",
 }
 
 __all__ = ["INIT_MODES", "MiloraError", *sorted(_PUBLIC)]

@@ -20,6 +20,6 @@ MILORA_CONFIG = "milora_config.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MILORA_CONFIG)
 """In the order they are moved into place: a directory with milora_config.json has them all."""
 
-# a training run's directory (see milora.train.run)
+# a training run's directory (see milora.training.run)
 TRAIN_CONFIG_FILE = "train_config.yaml"
 METRICS_FILE = "metrics.json"

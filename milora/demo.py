@@ -105,7 +105,7 @@ def run_demo(
     """Run the demo end to end (see module docstring); returns the report and writes it as ``report.json``."""
     from milora.models import load_base_model
     from milora.persistence import load_model
-    from milora.train.run import train
+    from milora.training.run import train
 
     for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps), ("batch_size", batch_size),
                         ("lora_rank", lora_rank)):

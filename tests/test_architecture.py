@@ -21,10 +21,10 @@ STAGES = [
     ("decompose", ("milora.linalg",)),
     ("initialise", ("milora.init", "milora.quantization")),
     ("persist", ("milora.persistence",)),
-    ("train", ("milora.train",)),
+    ("train", ("milora.training",)),
     ("evaluate", ("milora.eval",)),
     ("analyse", ("milora.analysis",)),
-    ("compare", ("milora.compare",)),
+    ("compare", ("milora.comparison",)),
     ("top", ("milora.demo", "milora.cli", "milora")),
 ]
 
@@ -77,9 +77,9 @@ def test_imports_only_go_down_the_pipeline():
 def test_the_check_catches_an_upward_import(tmp_path):
     """The walker itself: an init module importing the trainer is reported."""
     fake = PACKAGE / "init" / "_upward_probe.py"
-    fake.write_text("def f():\n    from milora.train.run import train\n")
+    fake.write_text("def f():\n    from milora.training.run import train\n")
     try:
-        with pytest.raises(AssertionError, match=r"_upward_probe.py:2 \(initialise\) imports milora.train.run \(train\)"):
+        with pytest.raises(AssertionError, match=r"_upward_probe.py:2 \(initialise\) imports milora.training.run \(train\)"):
             test_imports_only_go_down_the_pipeline()
     finally:
         fake.unlink()
@@ -93,3 +93,16 @@ def test_help_starts_without_heavy_imports(argv):
             "print('HEAVY', heavy)")
     output = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
     assert output.strip().endswith("HEAVY []"), output[-300:]
+
+
+def test_public_functions_are_not_shadowed_by_subpackages():
+    """``import milora.training.run`` binds the package milora.training, never milora.train: every name
+    of the public API stays what README says it is, whatever was imported before."""
+    import importlib
+
+    import milora
+
+    for module in ("milora.training.run", "milora.comparison.sweep", "milora.eval.runner", "milora.init.initialize"):
+        importlib.import_module(module)
+    for name in ("train", "compare", "evaluate", "get_model", "load_model", "save_adapter", "analyze_adapter"):
+        assert callable(getattr(milora, name)), name

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from milora.train.config import (
+from milora.training.config import (
     ConfigError,
     TrainConfig,
     from_dict,

@@ -9,10 +9,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from conftest import tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from milora.train.config import from_dict
+from milora.training.config import from_dict
 from milora.errors import DataError
 from milora.prompts import TEMPLATES, render_prompt
-from milora.train.data import (
+from milora.training.data import (
     IGNORE_INDEX,
     build_datasets,
     detect_format,

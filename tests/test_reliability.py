@@ -25,7 +25,7 @@ import milora
 from milora.cli import main
 from milora.errors import AdapterError, ConfigError, DataError, OutputError
 from milora.io import LOCK_FILE, RunLock, check_replaceable
-from milora.train.run import train
+from milora.training.run import train
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_resume_skips_an_incomplete_checkpoint(tmp_path, tiny, capsys):
 
 
 def test_a_checkpoint_killed_while_saving_is_not_there(tmp_path, tiny, monkeypatch):
-    from milora.train.trainer import MiloraTrainer
+    from milora.training.trainer import MiloraTrainer
 
     original = MiloraTrainer._save_rng_state
 

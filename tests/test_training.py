@@ -28,13 +28,13 @@ from transformers import (
 )
 
 from milora import cli
-from milora.train.config import ConfigError, from_dict
+from milora.training.config import ConfigError, from_dict
 from milora.errors import DataError
 from milora.prompts import render_prompt
 from milora.init import get_model
 from milora.models import load_base_model
 from milora.persistence import load_model
-from milora.train.run import build_lora_config, train
+from milora.training.run import build_lora_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ DDP_WORKER = textwrap.dedent(
     import torch.distributed as dist
     from safetensors.torch import save_file
     from transformers import TrainerCallback
-    from milora.train.run import train
+    from milora.training.run import train
 
     class Dump(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):

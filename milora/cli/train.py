@@ -22,7 +22,7 @@ def _add_train(subparsers) -> None:
 
     def run(args) -> int:
         if args.list_keys:
-            from milora.train.config import key_help
+            from milora.training.config import key_help
 
             for key, kind, default, text in key_help():
                 print(f"{key:<30} {kind:<8} default={default!r:<28} {text}")
@@ -31,7 +31,7 @@ def _add_train(subparsers) -> None:
             parser.error("give a CONFIG file (or --list-keys)")
         from accelerate import PartialState
 
-        from milora.train.run import train
+        from milora.training.run import train
 
         result = train(args.config, args.overrides)
         if result.interrupted:

@@ -27,9 +27,9 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from milora.constants import ADAPTER_FILES, METRICS_FILE, TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
-from milora.train.config import TrainConfig, load_config, save_config, trainer_keys
-from milora.train.data import build_datasets, supervised_collator
-from milora.train.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
+from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
+from milora.training.data import build_datasets, supervised_collator
+from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
 
 
 @dataclass
