@@ -1,4 +1,4 @@
-"""The `milora` command line: `init`, `merge`, `train`, `eval`, `analyze`, `demo`.
+"""The `milora` command line: `init`, `merge`, `train`, `eval`, `analyze`, `compare`, `demo`.
 
 Each sub-command lives in a module of this package with ``add(subparsers)``; heavy libraries
 (torch, transformers, peft) are imported inside the commands, so ``--help`` starts fast.
@@ -9,9 +9,10 @@ Every error a user can fix is a `milora.errors.MiloraError`: printed once here a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from milora.cli import adapter, evaluate, train
+from milora.cli import adapter, compare, evaluate, train
 from milora.errors import MiloraError
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add(subparsers)
     train.add(subparsers)
     evaluate.add(subparsers)
+    compare.add(subparsers)
     return parser
 
 
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except MiloraError as error:
         print(f"milora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` & co., which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""Running a sweep's grid: resumably, on this machine one process at a time, or as Ray Tune trials.
+
+Layout of ``output_dir``: ``sweep.yaml`` (the resolved sweep, written once the sweep is
+accepted), ``data/`` (the training and held-out validation records of a validation_size
+sweep), ``runs/<method>-lr<rate>-seed<seed>/`` (``job.json``, ``train/`` = the `milora train`
+output, ``validation.json`` / ``test.json`` / ``forgetting.json`` eval results, ``run.json`` =
+the run's record, written last), ``runs/base/`` (the base model's scores), and the report.
+
+Resuming: a run with a record is finished and is skipped (a failed one too, unless
+``retry_failed``); a run killed mid-way resumes from its last checkpoint. Changing a shared
+setting of a sweep that has runs is refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, shared_settings_digest, write_split
+from milora.comparison.worker import RECORD
+from milora.errors import ConfigError
+from milora.io import atomic_write_json, read_yaml_mapping
+
+SWEEP_FILE = "sweep.yaml"
+
+
+def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
+    """Everything the worker needs for one run (``spec=None``: the base model's scores), as JSON."""
+    config = sweep.config
+    name = spec.name if spec is not None else "base"
+    run_dir = (sweep.output_dir / "runs" / name).absolute()
+    train = {**sweep.train, "dataset": str(sweep.train_file.absolute()), "output_dir": str(run_dir / "train")}
+    identity = {"method": "base", "learning_rate": None, "seed": None}
+    if spec is not None:
+        train.update(init=spec.method, learning_rate=spec.learning_rate, seed=spec.seed)
+        identity = {"method": spec.method, "learning_rate": spec.learning_rate, "seed": spec.seed}
+    return {
+        "name": name, "run_dir": str(run_dir), "identity": identity, "train": train,
+        "eval_task": config.eval_task, "eval_data": config.eval_data, "eval_options": config.eval_options,
+        "validation_data": str(sweep.validation_file.absolute()), "test_limit": config.test_limit,
+        "eval_batch_size": config.eval_batch_size, "forgetting": config.forgetting,
+        "forgetting_data": config.forgetting_data, "forgetting_windows": config.forgetting_windows,
+        "forgetting_length": config.forgetting_length, "retention_task": config.retention_task,
+        "retention_data": config.retention_data, "retention_options": config.retention_options,
+        "retention_limit": config.retention_limit,
+    }
+
+
+def check_same_sweep(sweep: Sweep) -> None:
+    """Refuse a sweep whose shared settings differ from those of the runs already in output_dir."""
+    path = sweep.output_dir / SWEEP_FILE
+    if not path.is_file():
+        return
+    before, now = shared_settings_digest(read_yaml_mapping(path)), shared_settings_digest(sweep.resolved())
+    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+    if changed:
+        raise ConfigError(
+            f"{sweep.output_dir} holds runs of a sweep with other settings: {', '.join(changed)} changed "
+            f"(see {path}). Only {', '.join(GRID_KEYS)} may change between runs of one sweep: restore the settings, "
+            "or give the new sweep another output_dir."
+        )
+
+
+def pending(sweep: Sweep) -> list[dict[str, Any]]:
+    """The jobs still to run: the base scores first, then the grid, skipping finished runs."""
+    jobs = []
+    for spec in [None, *sweep.runs]:
+        job = job_for(sweep, spec)
+        record = read_record(Path(job["run_dir"]))
+        if record is None or (record["status"] == "failed" and sweep.config.retry_failed):
+            jobs.append(job)
+    return jobs
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prepare(sweep: Sweep) -> list[dict[str, Any]]:
+    """Accept the sweep: write its data split and sweep.yaml, and each pending job's job.json."""
+    import yaml
+
+    from milora.io import atomic_write_text
+
+    check_same_sweep(sweep)
+    write_split(sweep)
+    atomic_write_text(sweep.output_dir / SWEEP_FILE, yaml.safe_dump(sweep.resolved(), sort_keys=False))
+    jobs = pending(sweep)
+    for job in jobs:
+        atomic_write_json(Path(job["run_dir"]) / "job.json", job)
+    return jobs
+
+
+def run_local(jobs: list[dict[str, Any]], progress: bool = True) -> None:
+    """One job after the other, each in a fresh Python process (a crash or a leak stays in it)."""
+    for index, job in enumerate(jobs, start=1):
+        if progress:
+            print(f"milora compare: [{index}/{len(jobs)}] {job['name']}", file=sys.stderr, flush=True)
+        run_dir = Path(job["run_dir"])
+        completed = subprocess.run([sys.executable, "-m", "milora.comparison.worker", str(run_dir / "job.json")],
+                                   capture_output=not progress, text=True)
+        if read_record(run_dir) is None:  # the process died before it could write its record
+            tail = (completed.stderr or "")[-2000:] if not progress else "(see the output above)"
+            atomic_write_json(run_dir / RECORD, {**job["identity"], "status": "failed",
+                                                 "error": f"the run's process exited with status {completed.returncode}",
+                                                 "stderr": tail})
+
+
+def run_ray(jobs: list[dict[str, Any]], sweep: Sweep) -> None:
+    """Every job as a Ray Tune trial with ``cpus_per_run`` / ``gpus_per_run`` (ray_address: a cluster
+    whose workers see output_dir at the same path, e.g. a shared file system)."""
+    import ray
+    from ray import tune
+
+    config = sweep.config
+    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False,
+             **({} if config.ray_address else {"num_cpus": None}))
+    try:
+        trainable = tune.with_resources(_ray_trial, {"cpu": config.cpus_per_run, "gpu": config.gpus_per_run})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"job": tune.grid_search(jobs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=None),
+            run_config=tune.RunConfig(name="milora-compare", storage_path=str((sweep.output_dir / "ray").absolute()),
+                                      verbose=0),
+        )
+        tuner.fit()
+    finally:
+        if config.ray_address is None:
+            ray.shutdown()
+
+
+def _ray_trial(params: dict) -> None:
+    """A Ray Tune trial: the same `run_one` as a local run, its record reported as the trial's result."""
+    from ray import tune
+
+    from milora.comparison.worker import run_base, run_one
+
+    job = params["job"]
+    record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+    tune.report({key: value for key, value in record.items() if isinstance(value, (int, float, str, type(None)))})

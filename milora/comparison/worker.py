@@ -1,0 +1,134 @@
+"""One run of a sweep, start to finish: train, then score validation, test, forgetting, retention.
+
+`run_one(job)` is what every backend executes (the local one in a fresh process through
+``python -m milora.comparison.worker JOB.json``, Ray inside a trial), so both give the same
+results. It writes the run's record, ``run.json``, last and atomically: a run with a record is
+finished and is never repeated. A failure (a diverged training, an error) is recorded with its
+reason instead of stopping the sweep. `run_base` scores the base model once (test accuracy,
+retention before fine-tuning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from milora.errors import MiloraError
+from milora.io import atomic_write_json
+
+RECORD = "run.json"
+
+
+def _evaluate(model, tokenizer, task: str, data, options: dict, limit, batch_size: int, label: str) -> dict:
+    from milora.eval import evaluate
+
+    return evaluate(model, tokenizer, task, data, limit=limit, batch_size=batch_size, label=label, progress=False,
+                    **options)
+
+
+def _accuracy_record(result: dict) -> dict[str, Any]:
+    """The average accuracy and the per-item correctness (for paired, item-level statistics)."""
+    return {"accuracy": result["summary"]["average"], "correct": [bool(item["correct"]) for item in result["items"]]}
+
+
+def _scores(job: dict, model, tokenizer, base_model, run_dir: Path, label: str) -> dict[str, Any]:
+    """Validation, test, forgetting and retention of ``model`` (an adapter on the base, or the base)."""
+    from milora.report import write_results
+
+    scores: dict[str, Any] = {}
+    evals = [("test", job["eval_task"], job["eval_data"], job["eval_options"], job["test_limit"])]
+    if job.get("validation_data"):
+        evals.insert(0, ("validation", job["eval_task"], job["validation_data"], job["eval_options"], None))
+    if job.get("retention_task"):
+        evals.append(("retention", job["retention_task"], job["retention_data"], job["retention_options"],
+                      job["retention_limit"]))
+    for name, task, data, options, limit in evals:
+        result = _evaluate(model, tokenizer, task, data, options, limit, job["eval_batch_size"], label)
+        write_results(result, run_dir / f"{name}.json")
+        scores[name] = _accuracy_record(result)
+    if job.get("forgetting") and base_model is not None:
+        result = _evaluate(model, tokenizer, "forgetting", job.get("forgetting_data"),
+                           {"base_model": base_model, "max_length": job["forgetting_length"]},
+                           job["forgetting_windows"], job["eval_batch_size"], label)
+        write_results(result, run_dir / "forgetting.json")
+        scores["forgetting_kl"] = result["summary"]["scores"]["forgetting_loss"]
+    return scores
+
+
+def _trainable_parameters(model) -> int:
+    """The rank-r factors A and B that training updates (loaded for inference, they are frozen now)."""
+    return sum(parameter.numel() for name, parameter in model.named_parameters() if ".lora_" in name)
+
+
+def _train_and_score(job: dict, run_dir: Path) -> dict[str, Any]:
+    from milora.models import load_base_model
+    from milora.persistence import load_model
+    from milora.training.run import train
+
+    started = time.perf_counter()
+    resume = _latest_checkpoint(run_dir)
+    # a killed attempt may have left this run's own training directory: resume it, or start it over
+    result = train({**job["train"], "resume_from_checkpoint": resume, "overwrite_output_dir": resume is None})
+    if result.interrupted:
+        raise KeyboardInterrupt
+    losses = [entry["loss"] for entry in result.metrics["loss_history"] if "loss" in entry]
+    if losses and not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"training diverged: the last logged loss is {losses[-1]}")
+    train_seconds = time.perf_counter() - started
+    base, tokenizer = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))
+    reference = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))[0] \
+        if job.get("forgetting") else None
+    model = load_model(base, result.adapter_dir)
+    scores = _scores(job, model, tokenizer, reference, run_dir, job["name"])
+    return {"status": "done", "train_seconds": train_seconds, "trainable_parameters": _trainable_parameters(model),
+            "loss_history": result.metrics["loss_history"], "adapter_dir": str(result.adapter_dir), **scores}
+
+
+def _latest_checkpoint(run_dir: Path) -> bool | None:
+    """Resume a run whose process was killed (it left checkpoints but no record)."""
+    from milora.training.run import latest_complete_checkpoint
+
+    return True if latest_complete_checkpoint(run_dir / "train") is not None else None
+
+
+def run_one(job: dict) -> dict[str, Any]:
+    """Run one job of the sweep (see `milora.comparison.runner.job_for`) and write its record."""
+    run_dir = Path(job["run_dir"])
+    started = time.perf_counter()
+    try:
+        record = _train_and_score(job, run_dir)
+    except (MiloraError, FloatingPointError, RuntimeError, ValueError) as error:
+        diverged = "NaN or Inf" in str(error) or isinstance(error, FloatingPointError)
+        record = {"status": "failed", "reason": "diverged (NaN/Inf)" if diverged else type(error).__name__,
+                  "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=-3)}
+    record = {**job["identity"], **record, "wall_seconds": time.perf_counter() - started}
+    atomic_write_json(run_dir / RECORD, record)
+    return record
+
+
+def run_base(job: dict) -> dict[str, Any]:
+    """Score the base model itself (no adapter): test accuracy and the retention probe before tuning."""
+    from milora.models import load_base_model
+
+    run_dir = Path(job["run_dir"])
+    model, tokenizer = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))
+    scores = _scores({**job, "forgetting": False, "validation_data": None}, model, tokenizer, None, run_dir, "base")
+    record = {**job["identity"], "status": "done", **scores}
+    atomic_write_json(run_dir / RECORD, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    path = Path((argv or sys.argv[1:])[0])
+    job = json.loads(path.read_text())
+    record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+    return 0 if record["status"] == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""`milora compare`: selection on validation, the statistics, resuming, failures, bad input, and a
+small sweep end to end on a tiny model with the local and the Ray backends."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import cli_error, make_model_dir
+from scipy import stats as scipy_stats
+
+from milora.comparison.stats import mean_interval, paired_difference, verdict
+from milora.comparison.summary import select, summarise
+from milora.comparison.sweep import load_sweep
+from milora.errors import ConfigError
+
+# ---------------------------------------------------------------- statistics against a direct computation
+
+
+def test_mean_interval_is_the_student_t_interval():
+    values = [0.61, 0.55, 0.58]
+    interval = mean_interval(values)
+    direct = scipy_stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=scipy_stats.sem(values))
+    assert interval.mean == pytest.approx(np.mean(values), abs=1e-15)
+    assert (interval.low, interval.high) == pytest.approx(direct, abs=1e-12)
+    single = mean_interval([0.5])
+    assert single.low is None and single.as_list() is None
+
+
+def test_paired_difference_pairs_by_seed():
+    rng = np.random.default_rng(0)
+    method = {seed: list(rng.random(50) < 0.6) for seed in (0, 1, 2)}
+    baseline = {seed: list(rng.random(50) < 0.5) for seed in (0, 1, 2, 7)}  # seed 7 has no partner: left out
+    difference = paired_difference(method, baseline)
+    per_seed = [np.mean(method[s]) - np.mean(baseline[s]) for s in (0, 1, 2)]
+    direct = scipy_stats.ttest_rel([np.mean(method[s]) for s in (0, 1, 2)], [np.mean(baseline[s]) for s in (0, 1, 2)])
+    low, high = direct.confidence_interval(0.95)
+    assert difference.mean == pytest.approx(np.mean(per_seed), abs=1e-15)
+    assert (difference.low, difference.high) == pytest.approx((low, high), abs=1e-12)
+    assert difference.n == 3 and "Student t over 3 seeds" in difference.method
+
+
+def test_one_seed_uses_a_paired_bootstrap_over_items():
+    method, baseline = [True] * 30 + [False] * 10, [True] * 20 + [False] * 20
+    difference = paired_difference({0: method}, {0: baseline})
+    assert difference.mean == pytest.approx(0.25)
+    assert difference.low < 0.25 < difference.high and "bootstrap" in difference.method
+    assert verdict(difference) == "better"
+    same = paired_difference({0: method}, {0: method})
+    assert (same.mean, same.low, same.high) == (0, 0, 0) and verdict(same) == "no significant difference"
+
+
+# ---------------------------------------------------------------- selection
+
+
+def record(method, rate, seed, val, test, status="done", items=40):
+    if status == "failed":
+        return {"method": method, "learning_rate": rate, "seed": seed, "status": "failed", "error": "failed"}
+    correct = [i < round(test * items) for i in range(items)]
+    random.Random(hash((method, rate, seed))).shuffle(correct)
+    return {"method": method, "learning_rate": rate, "seed": seed, "status": status,
+            "validation": {"accuracy": val, "correct": []}, "test": {"accuracy": sum(correct) / items, "correct": correct},
+            "forgetting_kl": 0.01 * rate * 1e3, "train_seconds": 10.0, "trainable_parameters": 1000,
+            "loss_history": [], "adapter_dir": f"/x/{method}-{rate}-{seed}"}
+
+
+def test_selection_uses_validation_not_test():
+    """lora: validation prefers 1e-4, test would prefer 1e-3; the report gives 1e-4's test accuracy."""
+    records = [record("lora", 1e-4, s, val=0.70, test=0.40) for s in (0, 1, 2)]
+    records += [record("lora", 1e-3, s, val=0.60, test=0.90) for s in (0, 1, 2)]
+    records += [record("milora", 1e-4, s, val=0.65, test=0.50) for s in (0, 1, 2)]
+    summary = summarise(records, ["lora", "milora"], "lora")
+    lora = next(m for m in summary["methods"] if m["method"] == "lora")
+    assert lora["selected_learning_rate"] == 1e-4 and lora["test_accuracy_mean"] == pytest.approx(0.40)
+    milora = next(m for m in summary["methods"] if m["method"] == "milora")
+    assert milora["difference_to_baseline"] == pytest.approx(0.10)
+    assert len(summary["runs"]) == 9 and summary["baseline"] == "lora"
+    assert any("test set played no part" in sentence for sentence in summary["statistics"])
+
+
+def test_failed_rates_are_left_out_and_an_all_failed_method_is_reported():
+    records = [record("lora", 1e-4, s, 0.5, 0.5) for s in (0, 1)]
+    records += [record("lora", 1e-2, 0, 0.9, 0.9), record("lora", 1e-2, 1, None, None, status="failed")]
+    records[-1]["error"] = "AdapterError: diverged"
+    rate, note = select(records, "lora")
+    assert rate == 1e-4 and "left out: 0.01" in note
+    diverged = [dict(record("pissa", r, s, None, None, status="failed"), error="diverged") for r in (1, 2) for s in (0,)]
+    summary = summarise(records + diverged, ["lora", "pissa"], "lora")
+    pissa = next(m for m in summary["methods"] if m["method"] == "pissa")
+    assert pissa["status"] == "failed" and "diverged" in pissa["selection"]
+
+
+def test_no_significant_difference_is_said_so():
+    records = [record("lora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.5, 0.55, 0.45))]
+    records += [record("milora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.55, 0.5, 0.5))]
+    summary = summarise(records, ["lora", "milora"], "lora")
+    milora = next(m for m in summary["methods"] if m["method"] == "milora")
+    assert milora["verdict"] == "no significant difference"
+    assert any("no significant difference" in sentence for sentence in summary["statistics"])
+
+
+# ---------------------------------------------------------------- a sweep on a tiny model
+
+QUESTIONS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in range(12) for b in range(12) if a != b]
+
+
+def commonsense_records(pairs):
+    return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
+             "answer": a} for q, a in pairs]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    pairs = QUESTIONS[:]
+    random.Random(0).shuffle(pairs)
+    (root / "train.json").write_text(json.dumps(commonsense_records(pairs[:80])))
+    (root / "test.json").write_text(json.dumps(commonsense_records(pairs[80:104])))
+    (root / "text.txt").write_text("The river flows south to the sea, past the mills of the old town. " * 30)
+    return {"root": root, "model": str(make_model_dir(root / "model"))}
+
+
+def sweep_values(setup, output_dir, **extra):
+    return {
+        "output_dir": str(output_dir),
+        "train": {"model": setup["model"], "dataset": str(setup["root"] / "train.json"), "lora_rank": 2,
+                  "max_steps": 3, "per_device_train_batch_size": 4, "report_to": "none", "cutoff_len": 128,
+                  "save_steps": 100, "logging_steps": 1, "lora_dropout": 0.0, "optim": "sgd"},
+        "methods": ["lora", "milora"], "learning_rates": [0.1, 1.0], "seeds": [0, 1],
+        "eval_task": "commonsense", "eval_data": str(setup["root"] / "test.json"), "eval_options": {"scorer": "loglik"},
+        "validation_size": 10, "forgetting_data": str(setup["root"] / "text.txt"), "forgetting_windows": 2,
+        "forgetting_length": 32, "analyze": True, **extra,
+    }
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"methods": ["lora", "dora"]}, "methods"),
+    ({"learning_rates": []}, "learning-rate list of lora is empty"),
+    ({"learning_rates": {"lora": [1e-3], "milora": []}}, "learning-rate list of milora is empty"),
+    ({"seeds": [0, "one"]}, "seeds"),
+    ({"seeds": [0.5]}, "seeds"),
+    ({"learning_rat": [1e-3]}, "unknown sweep key 'learning_rat': did you mean 'learning_rates'"),
+    ({"test_limit": 5}, "test_limit"),
+    ({"validation_size": None}, "exactly one of validation_data"),
+    ({"train": {"dataset": "x.json", "learning_rate": 1e-4}}, "set by the sweep"),
+    ({"baseline": "pissa"}, "baseline 'pissa' is not among the methods"),
+])
+def test_bad_sweeps_are_refused_before_anything_is_written(setup, tmp_path, change, message):
+    values = sweep_values(setup, tmp_path / "out")
+    values.update(change)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(values)
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_overlapping_the_test_set_is_refused(setup, tmp_path):
+    with pytest.raises(ConfigError, match="also appear in the test set"):
+        load_sweep(sweep_values(setup, tmp_path / "out", validation_size=None,
+                                validation_data=str(setup["root"] / "test.json")))
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(commonsense_records(QUESTIONS[:10])))
+    with pytest.raises(ConfigError, match="the test set has 10 items: at least 20"):
+        load_sweep(sweep_values(setup, tmp_path / "out", eval_data=str(small)))
+
+
+def test_ray_backend_without_ray_is_refused(setup, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match="backend: ray needs Ray"):
+        load_sweep(sweep_values(setup, tmp_path / "out", backend="ray"))
+
+
+@pytest.fixture(scope="module")
+def local_sweep(setup, tmp_path_factory):
+    """The 2 methods x 2 rates x 2 seeds sweep, local backend, with a third lora rate at which SGD diverges."""
+    from milora.comparison import compare
+
+    output = tmp_path_factory.mktemp("local") / "out"
+    values = sweep_values(setup, output, learning_rates={"lora": [0.1, 1.0, 1e30], "milora": [0.1, 1.0]})
+    return output, values, compare(values, progress=False)
+
+
+@pytest.mark.slow
+def test_local_sweep_end_to_end(local_sweep):
+    output, _, summary = local_sweep
+    assert {p.name for p in output.iterdir()} >= {"compare.md", "compare.json", "sweep.yaml", "lr_curves.png",
+                                                  "accuracy_vs_forgetting.png", "loss_curves.png", "runs", "data"}
+    assert json.loads((output / "compare.json").read_text())["methods"] == summary["methods"]
+    runs = {(r["method"], r["learning_rate"], r["seed"]): r for r in summary["runs"]}
+    assert len(runs) == 10
+    diverged = [r for key, r in runs.items() if key[1] == 1e30]
+    assert all(r["status"] == "failed" and r["reason"] == "diverged (NaN/Inf)" for r in diverged)  # and the sweep went on
+    assert len({r["test_accuracy"] for r in runs.values() if r["status"] == "done"}) > 1  # the runs differ
+    for method in summary["methods"]:
+        assert method["status"] == "done" and method["selected_learning_rate"] in (0.1, 1.0)
+        assert 0 <= method["test_accuracy_mean"] <= 1 and method["forgetting_kl_mean"] >= 0
+    assert summary["methods"][1]["difference_ci95"] is not None and len(summary["analysis"]) == 2
+    assert summary["setup"]["test_items"] == 24 and summary["setup"]["validation_items"] == 10
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_runs_and_refuses_a_changed_sweep(local_sweep):
+    from milora.comparison import compare
+
+    output, values, first = local_sweep
+    records = sorted(output.glob("runs/*/run.json"))
+    stamps = {path: path.stat().st_mtime_ns for path in records}
+    again = compare(values, progress=False)  # nothing left to run: the same report
+    assert {path: path.stat().st_mtime_ns for path in records} == stamps
+    assert again["methods"] == first["methods"]
+    changed = {**values, "train": {**values["train"], "lora_rank": 4}}
+    with pytest.raises(ConfigError, match=r"train.lora_rank changed"):
+        compare(changed, progress=False)
+    assert "train.lora_rank changed" in cli_error(["compare", str(_write(output.parent / "s.yaml", changed))])
+
+
+def _write(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="optional extra milora[ray] not installed")
+def test_ray_backend_gives_the_local_results(local_sweep, tmp_path):
+    """Same sweep (without the diverging rate) as Ray Tune trials on a local 2-CPU instance. Same seeds
+    give the same adapters up to float rounding (Ray runs each trial on one thread): accuracies agree
+    within one test item, forgetting to 1e-3 relative."""
+    from milora.comparison import compare
+
+    output, values, local = local_sweep
+    values = {**values, "output_dir": str(tmp_path / "ray"), "backend": "ray", "cpus_per_run": 1,
+              "learning_rates": {"lora": [0.1, 1.0], "milora": [0.1, 1.0]}}
+    remote = compare(values, progress=False)
+    local_runs = {(r["method"], r["learning_rate"], r["seed"]): r for r in local["runs"]}
+    for run in remote["runs"]:
+        twin = local_runs[(run["method"], run["learning_rate"], run["seed"])]
+        assert run["status"] == twin["status"] == "done"
+        assert abs(run["test_accuracy"] - twin["test_accuracy"]) <= 1 / 24 + 1e-12
+        assert math.isclose(run["forgetting_kl"], twin["forgetting_kl"], rel_tol=1e-3)
