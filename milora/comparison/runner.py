@@ -33,6 +33,8 @@ def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
     name = spec.name if spec is not None else "base"
     run_dir = (sweep.output_dir / "runs" / name).absolute()
     train = {**sweep.train, "dataset": str(sweep.train_file.absolute()), "output_dir": str(run_dir / "train")}
+    if sweep.config.validation_size:  # the runs read the split written under output_dir/data, a local file
+        train = {key: value for key, value in train.items() if key not in ("dataset_split", "dataset_config")}
     identity = {"method": "base", "learning_rate": None, "seed": None}
     if spec is not None:
         train.update(init=spec.method, learning_rate=spec.learning_rate, seed=spec.seed)

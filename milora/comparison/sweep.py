@@ -261,7 +261,10 @@ def validation_records(sweep: Sweep) -> list[dict]:
 
 
 def _split(sweep: Sweep) -> tuple[list[dict], list[dict]]:
-    records = read_records(sweep.train["dataset"])
+    from milora.training.data import load_records  # local files, dataset directories and hub datasets
+
+    train = sweep.train
+    records = load_records(train["dataset"], train.get("dataset_split", "train"), train.get("dataset_config"))
     size = sweep.config.validation_size
     if size >= len(records):
         raise ConfigError(f"validation_size={size} leaves no training records out of {len(records)}: lower it.")
@@ -279,7 +282,7 @@ def write_split(sweep: Sweep) -> None:
         return
     train, validation = _split(sweep)
     for path, records in ((sweep.train_file, train), (sweep.validation_file, validation)):
-        atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record in records))
 
 
 def shared_settings_digest(resolved: dict[str, Any]) -> dict[str, str]:

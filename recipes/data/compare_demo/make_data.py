@@ -1,0 +1,43 @@
+"""The data of recipes/compare_demo.yaml: three one-digit terms added or subtracted (reasoning-gym's
+`chain_sum`, e.g. "8 + 0 - 7 ="), in the LLM-Adapters math format that `milora eval --task gsm8k` scores.
+
+- train.json: 800 problems (the sweep holds out 200 of them as its validation split);
+- test.json: 200 other problems (no question text in common with train.json).
+Training targets follow the MetaMath protocol the gsm8k task evaluates with: the training prompt
+(template metamath) ends in "### Response:", the target starts with the evaluation's cue
+" Let's think step by step." and ends in "The answer is N.".
+
+    python recipes/data/compare_demo/make_data.py     # rewrites both files (deterministic)
+"""
+
+import json
+from pathlib import Path
+
+import reasoning_gym
+
+OPTIONS = {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+HERE = Path(__file__).parent
+
+
+def records(size: int, seed: int, exclude: set[str]) -> list[dict]:
+    chosen, seen = [], set(exclude)
+    for entry in reasoning_gym.create_dataset("chain_sum", size=4 * size, seed=seed, **OPTIONS):
+        if entry["question"] not in seen:
+            seen.add(entry["question"])
+            answer = str(entry["answer"])
+            chosen.append({"instruction": entry["question"], "input": "", "answer": answer,
+                           "output": f" Let's think step by step. The answer is {answer}."})
+        if len(chosen) == size:
+            return chosen
+    raise RuntimeError("not enough distinct problems")
+
+
+def main() -> None:
+    test = records(200, seed=1, exclude=set())
+    train = records(800, seed=0, exclude={record["instruction"] for record in test})
+    for name, data in (("train.json", train), ("test.json", test)):
+        (HERE / name).write_text(json.dumps(data, indent=0) + "\n")
+
+
+if __name__ == "__main__":
+    main()
