@@ -196,7 +196,8 @@ def test_local_sweep_end_to_end(local_sweep):
     assert len(runs) == 10
     diverged = [r for key, r in runs.items() if key[1] == 1e30]
     assert all(r["status"] == "failed" and r["reason"] == "diverged (NaN/Inf)" for r in diverged)  # and the sweep went on
-    assert len({r["test_accuracy"] for r in runs.values() if r["status"] == "done"}) > 1  # the runs differ
+    # the runs differ (a random tiny model's loglik answers hardly depend on the question: KL does)
+    assert len({round(r["forgetting_kl"], 6) for r in runs.values() if r["status"] == "done"}) == 8
     for method in summary["methods"]:
         assert method["status"] == "done" and method["selected_learning_rate"] in (0.01, 0.1)
         assert 0 <= method["test_accuracy_mean"] <= 1 and method["forgetting_kl_mean"] >= 0

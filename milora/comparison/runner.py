@@ -27,26 +27,34 @@ from milora.io import atomic_write_json, read_yaml_mapping
 SWEEP_FILE = "sweep.yaml"
 
 
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute (Ray runs trials in their own working directory); hub names kept."""
+    return str(Path(path).absolute()) if path is not None and Path(path).exists() else path
+
+
 def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
     """Everything the worker needs for one run (``spec=None``: the base model's scores), as JSON."""
     config = sweep.config
     name = spec.name if spec is not None else "base"
     run_dir = (sweep.output_dir / "runs" / name).absolute()
-    train = {**sweep.train, "dataset": str(sweep.train_file.absolute()), "output_dir": str(run_dir / "train")}
+    train = {**sweep.train, "dataset": _absolute(str(sweep.train_file)), "output_dir": str(run_dir / "train")}
     if sweep.config.validation_size:  # the runs read the split written under output_dir/data, a local file
         train = {key: value for key, value in train.items() if key not in ("dataset_split", "dataset_config")}
+    for key in ("model", "deepspeed"):
+        if train.get(key) is not None:
+            train[key] = _absolute(train[key])
     identity = {"method": "base", "learning_rate": None, "seed": None}
     if spec is not None:
         train.update(init=spec.method, learning_rate=spec.learning_rate, seed=spec.seed)
         identity = {"method": spec.method, "learning_rate": spec.learning_rate, "seed": spec.seed}
     return {
         "name": name, "run_dir": str(run_dir), "identity": identity, "train": train,
-        "eval_task": config.eval_task, "eval_data": config.eval_data, "eval_options": config.eval_options,
+        "eval_task": config.eval_task, "eval_data": _absolute(config.eval_data), "eval_options": config.eval_options,
         "validation_data": str(sweep.validation_file.absolute()), "test_limit": config.test_limit,
         "eval_batch_size": config.eval_batch_size, "forgetting": config.forgetting,
-        "forgetting_data": config.forgetting_data, "forgetting_windows": config.forgetting_windows,
+        "forgetting_data": _absolute(config.forgetting_data), "forgetting_windows": config.forgetting_windows,
         "forgetting_length": config.forgetting_length, "retention_task": config.retention_task,
-        "retention_data": config.retention_data, "retention_options": config.retention_options,
+        "retention_data": _absolute(config.retention_data), "retention_options": config.retention_options,
         "retention_limit": config.retention_limit,
     }
 
