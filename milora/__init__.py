@@ -18,6 +18,7 @@ _PUBLIC = {
     "analyze_adapter": "milora.analysis",
     "evaluate": "milora.eval",
     "get_model": "milora.init",
+    "language_model_targets": "milora.init",
     "load_base_model": "milora.models",
     "load_config": "milora.train.config",
     "load_model": "milora.persistence",

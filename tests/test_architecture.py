@@ -17,7 +17,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "milora"
 STAGES = [
-    ("shared", ("milora.constants", "milora.errors", "milora.io", "milora.prompts", "milora.report", "milora.models")),
+    ("shared", ("milora.constants", "milora.errors", "milora.io", "milora.prompts", "milora.report", "milora.models",
+                "milora.assemble")),
     ("decompose", ("milora.linalg",)),
     ("initialise", ("milora.init", "milora.quantization")),
     ("persist", ("milora.persistence",)),
