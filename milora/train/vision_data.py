@@ -55,7 +55,7 @@ def has_images(record: dict[str, Any]) -> bool:
                for turn in record.get("messages") or [])
 
 
-def _split_placeholders(text: str) -> list[dict[str, str]]:
+def split_placeholders(text: str) -> list[dict[str, str]]:
     """'<image>\\nWhat is it?' -> [image, text '\\nWhat is it?'] (empty texts dropped)."""
     content = []
     for position, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
@@ -83,7 +83,7 @@ def _llava_messages(record: dict[str, Any], index: int) -> tuple[list[dict], lis
             raise DataError(f"record {index}: every turn needs 'from' (human, gpt or system) and a string 'value', "
                             f"got {turn!r}.")
         role = _ROLES[turn["from"]]
-        messages.append({"role": role, "content": _split_placeholders(turn["value"]) if role == "user" else turn["value"]})
+        messages.append({"role": role, "content": split_placeholders(turn["value"]) if role == "user" else turn["value"]})
     return messages, _paths(record["image"], index, "image") if record.get("image") else []
 
 
@@ -97,7 +97,7 @@ def _chat_messages(record: dict[str, Any], index: int) -> tuple[list[dict], list
         content = turn.get("content") if isinstance(turn, dict) else None
         if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(content, (str, list)):
             raise DataError(f"record {index}: every turn needs a string 'role' and a 'content' string or list, got {turn!r}.")
-        items = _split_placeholders(content) if isinstance(content, str) and IMAGE_PLACEHOLDER in content else content
+        items = split_placeholders(content) if isinstance(content, str) and IMAGE_PLACEHOLDER in content else content
         if isinstance(items, list):
             converted = []
             for item in items:
