@@ -8,6 +8,7 @@ assistant header carries -100.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from milora.persistence import load_model
 from milora.train.data import IGNORE_INDEX
 from milora.train.run import train
 from milora.train.vision_data import check_records, encode_conversation, to_conversation, vision_collator
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +190,58 @@ def test_text_records_still_train_a_vision_language_model(setup, tmp_path):
     dataset = write_data(setup, "text.json", RECORDS[:8])
     result = train(vision_config(setup, tmp_path / "run", dataset, template="alpaca", max_steps=2))
     assert result.metrics["data"]["examples"] == 8
+
+
+@pytest.mark.parametrize("init", ["milora", "pissa", "lora"])
+def test_llava_recipes_parse_and_build(setup, init, tmp_path):
+    import yaml
+
+    from milora.init import get_model
+    from milora.train.config import from_dict
+    from milora.train.run import build_lora_config
+
+    raw = yaml.safe_load((REPO / "recipes" / f"llava_{init}.yaml").read_text())
+    assert (raw["init"], raw["lora_rank"], raw["lora_alpha"]) == (init, 128, 256 if init == "lora" else 128)
+    assert raw["learning_rate"] == 2e-4 and raw["num_train_epochs"] == 1 and raw["modules_to_save"] == "multi_modal_projector"
+    # LLaVA-1.5-7B and its 665K mixture are for GPU machines: check the rest on the tiny stand-in (rank 2)
+    config = from_dict({**raw, "model": setup["model"], "dataset": write_data(setup, "recipe.json", [llava_record()]),
+                        "image_folder": str(setup["images"]), "output_dir": str(tmp_path / "out"), "lora_rank": 2,
+                        "lora_alpha": 2, "dtype": "float32"})
+    model = load_pretrained_model(setup["model"])
+    peft_model = get_model(model, build_lora_config(config, model), init=config.init, progress=False)
+    adapted = milora_layers(peft_model)
+    assert len(adapted) == 2 * 7 and all(name.startswith("model.language_model.") for name in adapted)  # all-linear, LM only
+
+
+def milora_layers(peft_model):
+    from milora.init import lora_layers
+
+    return list(lora_layers(peft_model))
+
+
+def test_vqa_demo_recipe_matches_the_demo():
+    import yaml
+
+    from milora.train.config import from_dict
+    from milora.vqa_demo import vqa_demo_config
+
+    where = {"dataset": __file__, "image_folder": str(REPO)}
+    recipe = from_dict(yaml.safe_load((REPO / "recipes" / "vqa_demo.yaml").read_text()) | where)
+    assert recipe == from_dict(vqa_demo_config("runs/vqa_demo") | where)
+
+
+def test_vqa_demo_data_and_baselines(tmp_path):
+    from milora.vqa_demo import answer_type, make_data
+
+    data = make_data(tmp_path, train_size=50, eval_size=20, seed=0)
+    train_records = json.loads((tmp_path / "train.json").read_text())
+    test_records = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert len(train_records) == 50 and len(test_records) == 20
+    assert train_records[0]["conversations"][0]["value"].startswith("<image>\n")
+    conversations = check_records(train_records, "llava", Path(data["image_folder"]), progress=False)
+    assert all(len(c.images) == 1 for c in conversations)
+    counts = {}
+    for record in train_records:
+        counts[record["conversations"][1]["value"]] = counts.get(record["conversations"][1]["value"], 0) + 1
+    assert data["majority"] == max(counts, key=counts.get)
+    assert {answer_type(a, data["shapes"]) for a in data["majority_by_type"].values()} == {"yes/no", "shape", "colour"}
