@@ -114,6 +114,8 @@ def test_truncation_never_cuts_image_tokens(setup):
      "messages", r"record 3: 1 image entries .* but 2 paths in 'images'"),
     ({"conversations": [{"from": "gpt", "value": "A."}]}, "llava", "record 3: needs a user turn first"),
     ({"conversations": [{"from": "robot", "value": "A."}]}, "llava", "record 3: every turn needs 'from'"),
+    ({"image": "img0.png", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "<image>"}]},
+     "llava", "record 3: its assistant turn holds an image"),
 ])
 def test_bad_records_name_the_record(setup, record, fmt, message):
     good = llava_record() if fmt == "llava" else {"images": ["img0.png"], "messages": [

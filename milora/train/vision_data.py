@@ -82,8 +82,7 @@ def _llava_messages(record: dict[str, Any], index: int) -> tuple[list[dict], lis
         if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
             raise DataError(f"record {index}: every turn needs 'from' (human, gpt or system) and a string 'value', "
                             f"got {turn!r}.")
-        role = _ROLES[turn["from"]]
-        messages.append({"role": role, "content": split_placeholders(turn["value"]) if role == "user" else turn["value"]})
+        messages.append({"role": _ROLES[turn["from"]], "content": split_placeholders(turn["value"])})
     return messages, _paths(record["image"], index, "image") if record.get("image") else []
 
 
@@ -133,11 +132,14 @@ def to_conversation(record: dict[str, Any], fmt: str, index: int, image_folder: 
     roles = [m["role"] for m in messages]
     if "assistant" not in roles or roles[0] == "assistant":
         raise DataError(f"record {index}: needs a user turn first and at least one assistant turn to train on.")
-    if any(m["role"] == "assistant" and isinstance(m["content"], list) for m in messages):
-        raise DataError(f"record {index}: an assistant turn holds an image; images belong in the user turns.")
-    if any(m["role"] != "user" and isinstance(m["content"], list) and len(m["content"]) != sum(
-            i["type"] == "text" for i in m["content"]) for m in messages):
-        raise DataError(f"record {index}: an image in a {roles} turn other than the user's; images belong in user turns.")
+    misplaced = next((m["role"] for m in messages if m["role"] != "user" and isinstance(m["content"], list)
+                      and any(item["type"] == "image" for item in m["content"])), None)
+    if misplaced:
+        raise DataError(f"record {index}: its {misplaced} turn holds an image; images belong in the user turns.")
+    # multimodal chat templates (llava-hf's, ...) iterate over content entries: text turns become one entry too
+    for message in messages:
+        if isinstance(message["content"], str):
+            message["content"] = [{"type": "text", "text": message["content"]}]
     return Conversation(messages, [image_folder / path for path in paths])
 
 
