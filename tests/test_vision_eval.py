@@ -211,6 +211,10 @@ def test_cli_eval_and_init_on_a_vision_language_model(vlm, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert main(["merge", str(tmp_path / "adapter"), "--model", str(vlm["model_dir"]), "--output", str(merged)]) == 0
     assert (merged / "processor_config.json").is_file()
+    assert main(["analyze", str(tmp_path / "adapter"), "--model", str(vlm["model_dir"]), "--output",
+                 str(tmp_path / "analysis.json")]) == 0
+    layers = json.loads((tmp_path / "analysis.json").read_text())[0]["layers"]
+    assert len(layers) == 10 and all(layer["module"].startswith("model.language_model.") for layer in layers)
     error = cli_error(["init", str(vlm["model_dir"]), "--output", str(tmp_path / "other"), "--target-modules", "fc1"])
     assert "not found in the language model" in error and not (tmp_path / "other").exists()
     assert main(["init", str(vlm["model_dir"]), "--output", str(tmp_path / "whole"), "--rank", "2",
