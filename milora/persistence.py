@@ -151,8 +151,8 @@ def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str) ->
     """The paper's layout: residual base model and the rank-r adapter that goes with it."""
     base = peft_model.get_base_model()
     # modules_to_save: the original module goes into the residual model, the trained copy into the adapter
-    residual_state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v for k, v in base.state_dict().items()
-                      if "lora_" not in k and ".modules_to_save." not in k}
+    residual_state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+                      for k, v in base.state_dict().items() if "lora_" not in k and ".modules_to_save." not in k}
     base.save_pretrained(directory / "residual_model", state_dict=residual_state, safe_serialization=True)
     PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])
 

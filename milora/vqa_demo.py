@@ -59,7 +59,8 @@ def make_data(output_dir: Path, train_size: int, eval_size: int, seed: int) -> d
                                 {"from": "gpt", "value": answers[i]}]} for i in chosen]
     test_q, test_a, test_images = easy_vqa.get_test_questions()
     held_out = random.Random(seed + 1).sample(range(len(test_q)), eval_size)
-    test = [{"image": f"test/images/{test_images[i]}.png", "question": test_q[i], "answer": test_a[i]} for i in held_out]
+    test = [{"image": f"test/images/{test_images[i]}.png", "question": test_q[i], "answer": test_a[i]}
+            for i in held_out]
     atomic_write_text(output_dir / "train.json", json.dumps(train))
     atomic_write_text(output_dir / "test.jsonl", "".join(json.dumps(record) + "\n" for record in test))
     shapes = {"circle", "rectangle", "triangle"}
@@ -134,7 +135,8 @@ def run_vqa_demo(output_dir: str | Path = "runs/vqa_demo", train_size: int = 200
     model, processor = load_base_model(str(output_dir / "model"))
     before = _score(model, processor, output_dir, data["image_folder"], "base")
     del model
-    result = train(vqa_demo_config(output_dir, max_steps, batch_size, learning_rate, lora_rank, seed, data["image_folder"]))
+    config = vqa_demo_config(output_dir, max_steps, batch_size, learning_rate, lora_rank, seed, data["image_folder"])
+    result = train(config)
     base, processor = load_base_model(str(output_dir / "model"))
     after = _score(load_model(base, result.adapter_dir), processor, output_dir, data["image_folder"], "milora")
     report = _report(data, before, after, result, start, train_size, max_steps)
@@ -157,7 +159,8 @@ def _report(data, before, after, result, start, train_size, max_steps) -> dict:
     return {
         "train_questions": train_size, "test_questions": n, "steps": max_steps,
         "majority_baseline": {"answer": data["majority"], **binomial(sum(g == data["majority"] for g in golds), n)},
-        "type_majority_baseline": {"answers": by_type, **binomial(sum(g == by_type[k] for g, k in zip(golds, kinds)), n)},
+        "type_majority_baseline": {"answers": by_type,
+                                   **binomial(sum(g == by_type[k] for g, k in zip(golds, kinds)), n)},
         "before": binomial(sum(i["correct"] for i in before["items"]), n),
         "after": binomial(sum(i["correct"] for i in after["items"]), n),
         "after_by_type": per_type(after["items"]),
@@ -179,7 +182,8 @@ def format_vqa_report(report: dict) -> str:
         "MiLoRA vision demo: LLaVA(SmolLM2-135M-Instruct + random CLIP tower) on easy-VQA",
         f"  test questions: {report['test_questions']} (accuracy ± binomial standard error, normalised exact match)",
         f"  majority answer ({report['majority_baseline']['answer']!r}): {pct(report['majority_baseline'])}",
-        f"  question-type majority {report['type_majority_baseline']['answers']}: {pct(report['type_majority_baseline'])}",
+        f"  question-type majority {report['type_majority_baseline']['answers']}: "
+        f"{pct(report['type_majority_baseline'])}",
         f"  assembled model before training: {pct(report['before'])}",
         f"  after MiLoRA ({report['steps']} steps on {report['train_questions']} questions): {pct(report['after'])}",
         "  after, by type: " + ", ".join(f"{k} {pct(v)} (n={v['n']})" for k, v in report["after_by_type"].items()),

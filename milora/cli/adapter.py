@@ -73,7 +73,7 @@ def _run_init(args) -> int:
         r=args.rank,
         lora_alpha=args.alpha if args.alpha is not None else args.rank,
         target_modules=scoped_targets(model, names, args.target_scope),
-        modules_to_save=[name.strip() for name in args.modules_to_save.split(",") if name.strip()] if args.modules_to_save else None,
+        modules_to_save=[name.strip() for name in (args.modules_to_save or "").split(",") if name.strip()] or None,
         use_rslora=args.rslora,
         task_type="CAUSAL_LM",
     )

@@ -38,11 +38,13 @@ def _import_lmms_eval():
 
 def greedy_settings(gen_kwargs: dict[str, Any], task: str) -> tuple[int, list[str]]:
     """(max_new_tokens, stop strings) of an lmms-eval request; sampling or beam search is refused."""
-    if gen_kwargs.get("do_sample") or (gen_kwargs.get("temperature") or 0) > 0 or (gen_kwargs.get("num_beams") or 1) > 1:
-        raise DataError(f"lmms-eval task {task} asks for sampling or beam search ({gen_kwargs}); milora's bridge decodes "
-                        "greedily only.")
+    sampling = gen_kwargs.get("do_sample") or (gen_kwargs.get("temperature") or 0) > 0
+    if sampling or (gen_kwargs.get("num_beams") or 1) > 1:
+        raise DataError(f"lmms-eval task {task} asks for sampling or beam search ({gen_kwargs}); milora's bridge "
+                        "decodes greedily only.")
     until = gen_kwargs.get("until") or []
-    return int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), [until] if isinstance(until, str) else list(until)
+    stops = [until] if isinstance(until, str) else list(until)
+    return int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), stops
 
 
 def _cut(text: str, stops: list[str]) -> str:
@@ -80,7 +82,8 @@ def _model_class():
             context, gen_kwargs, doc_to_visual, doc_id, task, split = args[:6]
             visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
             if any(not hasattr(v, "convert") for v in visuals):
-                raise DataError(f"lmms-eval task {task} gives non-image visuals (video?); milora's bridge takes images.")
+                raise DataError(f"lmms-eval task {task} gives non-image visuals (video?); milora's bridge takes "
+                                "images.")
             content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]
             prompt = apply_chat_template(self.processor, [{"role": "user", "content": content}], True)
             max_new_tokens, stops = greedy_settings(dict(gen_kwargs or {}), task)
@@ -90,7 +93,8 @@ def _model_class():
             raise DataError("this lmms-eval task scores log-likelihoods; milora's bridge runs generation tasks only.")
 
         def generate_until_multi_round(self, requests):
-            raise DataError("this lmms-eval task is multi-round; milora's bridge runs single-turn generation tasks only.")
+            raise DataError("this lmms-eval task is multi-round; milora's bridge runs single-turn generation tasks "
+                            "only.")
 
     return MiloraLMM
 
@@ -98,16 +102,16 @@ def _model_class():
 def run_lmms_eval(model, processor, tasks: list[str], include_path, *, limit, batch_size, progress=True):
     """lmms-eval's ``simple_evaluate`` on the loaded model: (scores per task, per-sample items, raw results)."""
     if not hasattr(processor, "image_processor"):
-        raise DataError(f"lmms-eval tasks need an image-text-to-text model and its processor; {type(model).__name__} is "
-                        "text-only (use lm-eval:<tasks> for language models).")
+        raise DataError(f"lmms-eval tasks need an image-text-to-text model and its processor; "
+                        f"{type(model).__name__} is text-only (use lm-eval:<tasks> for language models).")
     if include_path is not None and not Path(include_path).exists():
         raise DataNotFoundError(f"lmms-eval include path {include_path} does not exist.")
-    _, simple_evaluate, TaskManager = _import_lmms_eval()  # noqa: N806 (a class)
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    _, simple_evaluate, task_manager = _import_lmms_eval()
+    manager = task_manager(include_path=str(include_path) if include_path is not None else None)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        raise DataError(f"Unknown lmms-eval task(s) {', '.join(unknown)}: check the names with `lmms-eval --tasks list`, "
-                        "or pass the directory of your task YAMLs with --data.")
+        raise DataError(f"Unknown lmms-eval task(s) {', '.join(unknown)}: check the names with "
+                        "`lmms-eval --tasks list`, or pass the directory of your task YAMLs with --data.")
     wrapper = _model_class()(model, processor, batch_size, progress)
     try:
         output = simple_evaluate(model=wrapper, tasks=tasks, limit=limit, task_manager=manager, log_samples=True)

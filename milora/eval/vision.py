@@ -83,7 +83,7 @@ def _answers(record: dict, where: str) -> list[str]:
 def _options(record: dict, where: str) -> list[str]:
     options = record.get("options", record.get("choices"))
     if options is None:
-        options = [record[letter] for letter in _LETTERS if isinstance(record.get(letter), str) and record[letter].strip()]
+        options = [record[key] for key in _LETTERS if isinstance(record.get(key), str) and record[key].strip()]
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
         raise DataError(f"{where}: needs at least two options ('options' / 'choices' list, or fields A, B, ...).")
     return options
@@ -108,7 +108,8 @@ def _item(task: str, record: dict, name: str, folder: Path, where: str) -> Visua
     images = [folder / image] if image else []
     if task == "mcq-image":
         options = _options(record, where)
-        hint = next((record[k] for k in ("hint", "context") if isinstance(record.get(k), str) and record[k].strip()), "")
+        hint = next((record[k] for k in ("hint", "context") if isinstance(record.get(k), str) and record[k].strip()),
+                    "")
         lettered = "\n".join(f"{letter}. {option}" for letter, option in zip(_LETTERS, options))
         text = (f"Context: {hint}\n" if hint else "") + f"{question}\n{lettered}"
         return VisualItem(name, images, image_question(text, MCQ_LETTER_ANSWER, len(images)),

@@ -48,7 +48,8 @@ _CONTRACTIONS = {
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = ("a", "an", "the")
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+                "!")
 _PERIOD = re.compile(r"\.(?!\d)")  # what the official "(?!<=\d)(\.)(?!\d)" does: a period not followed by a digit
 _DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
 
@@ -104,7 +105,8 @@ def pope_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, 
     fn = sum(p == "no" and g == "yes" for p, g in pairs)
     precision = tp / (tp + fp) if tp + fp else None
     recall = tp / (tp + fn) if tp + fn else None
-    f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if tp + fp and tp + fn else None)
+    f1 = None if precision is None or recall is None else (
+        2 * precision * recall / (precision + recall) if precision + recall else 0.0)
     return {
         "accuracy": sum(p == g for p, g in pairs) / len(pairs),
         "precision": precision,

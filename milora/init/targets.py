@@ -107,12 +107,13 @@ def saved_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, 
     entries = list(lora_config.modules_to_save or [])
     if not entries:
         return {}
-    selected = {name: module for name, module in model.named_modules() if name and any(name.endswith(e) for e in entries)}
+    selected = {name: module for name, module in model.named_modules()
+                if name and any(name.endswith(entry) for entry in entries)}
     missing = [entry for entry in entries if not any(name.endswith(entry) for name in selected)]
     if missing:
         parents = sorted({name.split(".")[-1] for name, m in model.named_modules() if name and len(list(m.children()))})
-        raise ModelError(f"modules_to_save {missing} not found in {type(model).__name__}; modules with children it has: "
-                         f"{', '.join(parents[:40])}.")
+        raise ModelError(f"modules_to_save {missing} not found in {type(model).__name__}; modules with children it "
+                         f"has: {', '.join(parents[:40])}.")
     unsaved = copy.copy(_expand_all_linear(model, lora_config))
     unsaved.modules_to_save = None
     targets = [name for name, _ in model.named_modules() if name and check_target_module_exists(unsaved, name)]

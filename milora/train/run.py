@@ -267,11 +267,12 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     vision = is_vision_language_model(model)
     if fmt == "llava" or any(vision_data.has_images(record) for record in records):
         if not vision:
-            raise ConfigError(f"the dataset {config.dataset} holds images, but the model {config.model or 'SmolLM2'} is "
-                              f"a text-only {type(model).__name__}: use an image-text-to-text model (LLaVA, ...).")
+            raise ConfigError(f"the dataset {config.dataset} holds images, but the model {config.model or 'SmolLM2'} "
+                              f"is a text-only {type(model).__name__}: use an image-text-to-text model (LLaVA, ...).")
         train_dataset, val_dataset, stats = vision_data.build_vision_datasets(config, records, fmt, tokenizer, progress)
         if progress:
-            print(f"milora: data: {stats['records']} records, {stats['images']} images checked; encoded lazily", flush=True)
+            print(f"milora: data: {stats['records']} records, {stats['images']} images checked; encoded lazily",
+                  flush=True)
         return train_dataset, val_dataset, stats, vision_data.vision_collator(tokenizer, model.dtype)
     text_tokenizer = tokenizer.tokenizer if vision else tokenizer
     train_dataset, val_dataset, stats = build_datasets(config, text_tokenizer, progress, (records, fmt))

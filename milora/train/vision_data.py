@@ -95,13 +95,15 @@ def _chat_messages(record: dict[str, Any], index: int) -> tuple[list[dict], list
     for turn in turns:
         content = turn.get("content") if isinstance(turn, dict) else None
         if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(content, (str, list)):
-            raise DataError(f"record {index}: every turn needs a string 'role' and a 'content' string or list, got {turn!r}.")
+            raise DataError(f"record {index}: every turn needs a string 'role' and a 'content' string or list, "
+                            f"got {turn!r}.")
         items = split_placeholders(content) if isinstance(content, str) and IMAGE_PLACEHOLDER in content else content
         if isinstance(items, list):
             converted = []
             for item in items:
                 if not isinstance(item, dict) or item.get("type") not in ("image", "text"):
-                    raise DataError(f"record {index}: content entries must be {{'type': 'text' | 'image', ...}}, got {item!r}.")
+                    raise DataError(f"record {index}: content entries must be {{'type': 'text' | 'image', ...}}, "
+                                    f"got {item!r}.")
                 if item["type"] == "text":
                     if not isinstance(item.get("text"), str):
                         raise DataError(f"record {index}: a text entry needs a string 'text', got {item!r}.")
@@ -125,10 +127,11 @@ def to_conversation(record: dict[str, Any], fmt: str, index: int, image_folder: 
     if fmt not in ("llava", "messages"):
         raise DataError(f"image data must be in the 'llava' or 'messages' format, not {fmt!r}.")
     messages, paths = (_llava_messages if fmt == "llava" else _chat_messages)(record, index)
-    placeholders = sum(isinstance(m["content"], list) and sum(i["type"] == "image" for i in m["content"]) for m in messages)
+    entries = [item for m in messages if isinstance(m["content"], list) for item in m["content"]]
+    placeholders = sum(item["type"] == "image" for item in entries)
     if placeholders != len(paths):
-        raise DataError(f"record {index} has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(paths)} image(s): "
-                        "each image needs exactly one placeholder in a user turn.")
+        raise DataError(f"record {index} has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(paths)} "
+                        "image(s): each image needs exactly one placeholder in a user turn.")
     roles = [m["role"] for m in messages]
     if "assistant" not in roles or roles[0] == "assistant":
         raise DataError(f"record {index}: needs a user turn first and at least one assistant turn to train on.")
@@ -156,8 +159,8 @@ def check_image(path: Path, index: int) -> None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"record {index}: image {path} is unreadable or corrupt ({error}).") from None
     if mode not in SUPPORTED_MODES:
-        raise DataError(f"record {index}: image {path} has mode {mode!r}, which milora does not convert to RGB: save it "
-                        f"as RGB (supported modes: {', '.join(SUPPORTED_MODES)}).")
+        raise DataError(f"record {index}: image {path} has mode {mode!r}, which milora does not convert to RGB: "
+                        f"save it as RGB (supported modes: {', '.join(SUPPORTED_MODES)}).")
 
 
 def load_image(path: Path, index: int):
@@ -172,7 +175,8 @@ def load_image(path: Path, index: int):
 
 
 def check_records(records: list[dict], fmt: str, image_folder: Path, progress: bool = True) -> list[Conversation]:
-    """Every record as a `Conversation`, every distinct image checked once (`check_image`): one pass, before training."""
+    """Every record as a `Conversation`, every distinct image checked once (`check_image`): one pass, before
+    training."""
     conversations, checked = [], set()
     for index, record in enumerate(tqdm(records, desc="checking images", unit="rec", disable=not progress)):
         conversation = to_conversation(record, fmt, index, image_folder)
@@ -215,7 +219,8 @@ def encode_conversation(conversation: Conversation, processor, cutoff_len: int, 
     for text, _ in segments:
         count = text.count(processor.image_token) if images else 0
         if count:
-            parts.append(processor(text=[text], images=images[taken:taken + count], add_special_tokens=False)["input_ids"][0])
+            encoded = processor(text=[text], images=images[taken:taken + count], add_special_tokens=False)
+            parts.append(encoded["input_ids"][0])
             taken += count
         else:
             parts.append(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
