@@ -129,20 +129,29 @@ def _model_loader(name_or_path: str | None):
     return AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
 
 
-def load_pretrained_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
-                          device: str | None = None):
-    """A causal LM or an image-text-to-text model (chosen from its config) in eval mode;
-    ``name_or_path=None`` is the embedded SmolLM2."""
+def _load(loader, name_or_path: str | None, dtype: str | torch.dtype, device: str | None):
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelError(f"Unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
         dtype = DTYPES[dtype]
     if device is not None:
         check_device(device)
-    model = _from_pretrained(_model_loader(name_or_path), name_or_path, dtype=dtype)
+    model = _from_pretrained(loader, name_or_path, dtype=dtype)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
+    """A causal LM in eval mode; ``name_or_path=None`` is the embedded SmolLM2."""
+    return _load(AutoModelForCausalLM, name_or_path, dtype, device)
+
+
+def load_pretrained_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
+                          device: str | None = None):
+    """A causal LM or an image-text-to-text model (chosen from its config) in eval mode;
+    ``name_or_path=None`` is the embedded SmolLM2."""
+    return _load(_model_loader(name_or_path), name_or_path, dtype, device)
 
 
 def load_tokenizer(name_or_path: str | None = None):
