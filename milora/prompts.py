@@ -36,6 +36,18 @@ COMMONSENSE_ANSWER_PREFIX = "the correct answer is"
 """How LLM-Adapters commonsense targets start ("the correct answer is answer2")."""
 
 
+VQA_SHORT_ANSWER = "Answer the question using a single word or phrase."
+"""LLaVA-1.5's instruction for short open answers (VQAv2, GQA, VizWiz, TextVQA, POPE)."""
+MCQ_LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+"""LLaVA-1.5's instruction for multiple choice with images (ScienceQA-IMG, MMBench)."""
+
+
+def image_question(question: str, instruction: str = VQA_SHORT_ANSWER, images: int = 1) -> str:
+    """A visual question as a LLaVA user turn: one ``<image>`` placeholder per image, the question, the
+    answer-format instruction (training records and evaluation prompts are built alike)."""
+    return "<image>" * images + ("\n" if images else "") + f"{question}\n{instruction}"
+
+
 @dataclass(frozen=True)
 class Template:
     """A named prompt template. ``prompt`` has an ``{instruction}`` field; ``prompt_with_input``

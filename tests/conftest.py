@@ -97,3 +97,28 @@ def make_model_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers
     LlamaForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def make_llava_dir(path: Path) -> Path:
+    """A tiny LLaVA (the tiny LLaMA of `make_model_dir` as language model, a random 2-layer CLIP vision
+    tower for 32 x 32 images in 8 x 8 patches: 16 image tokens) saved with its processor."""
+    from milora.assemble import assemble_llava
+
+    make_model_dir(path.parent / f"{path.name}-text")
+    return assemble_llava(path.parent / f"{path.name}-text", path, image_size=32, patch_size=8, vision_hidden=32,
+                          vision_layers=2, vision_heads=4)
+
+
+def write_images(folder: Path, count: int, size: int = 40) -> list[str]:
+    """``count`` random RGB PNG images (different sizes from the model's input) in ``folder``; their file names."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    names = []
+    for index in range(count):
+        pixels = generator.integers(0, 256, (size, size + index % 3, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+        names.append(f"img{index}.png")
+    return names

@@ -17,7 +17,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "milora"
 STAGES = [
-    ("shared", ("milora.constants", "milora.errors", "milora.io", "milora.prompts", "milora.report", "milora.models")),
+    ("shared", ("milora.constants", "milora.errors", "milora.io", "milora.prompts", "milora.report", "milora.models",
+                "milora.assemble")),
     ("decompose", ("milora.linalg",)),
     ("initialise", ("milora.init", "milora.quantization")),
     ("persist", ("milora.persistence",)),
@@ -25,7 +26,7 @@ STAGES = [
     ("evaluate", ("milora.eval",)),
     ("analyse", ("milora.analysis",)),
     ("compare", ("milora.comparison",)),
-    ("top", ("milora.demo", "milora.cli", "milora")),
+    ("top", ("milora.demo", "milora.vqa_demo", "milora.cli", "milora")),
 ]
 
 
@@ -86,7 +87,7 @@ def test_the_check_catches_an_upward_import(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["init", "--help"], ["train", "--help"], ["eval", "--help"],
-                                  ["analyze", "--help"], ["merge", "--help"], ["demo", "--help"]])
+                                  ["analyze", "--help"], ["merge", "--help"], ["demo", "--help"], ["demo-vqa", "--help"]])
 def test_help_starts_without_heavy_imports(argv):
     code = ("import sys; from milora.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'scipy', 'numpy') if m in sys.modules]\n"

@@ -1,4 +1,4 @@
-"""The `milora` command line: `init`, `merge`, `train`, `eval`, `analyze`, `compare`, `demo`.
+"""The `milora` command line: `init`, `merge`, `train`, `eval`, `analyze`, `compare`, `demo`, `demo-vqa`.
 
 Each sub-command lives in a module of this package with ``add(subparsers)``; heavy libraries
 (torch, transformers, peft) are imported inside the commands, so ``--help`` starts fast.

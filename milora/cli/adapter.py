@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS
+from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS, TARGET_SCOPES
 
 
 def add(subparsers) -> None:
@@ -20,7 +20,15 @@ def _add_init(subparsers) -> None:
     parser.add_argument("--output", required=True, help="directory to create for the adapter")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64, the paper's math setting)")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
-    parser.add_argument("--target-modules", default=",".join(PAPER_TARGETS), help="comma-separated module names")
+    parser.add_argument("--target-modules", default=",".join(PAPER_TARGETS),
+                        help="comma-separated module names (or all-linear); on an image-text-to-text model, names in its "
+                             "language model (see --target-scope)")
+    parser.add_argument("--target-scope", default="language_model", choices=list(TARGET_SCOPES),
+                        help="image-text-to-text models: adapt the named modules of the language model only (default), "
+                             "or wherever they are (vision tower too)")
+    parser.add_argument("--modules-to-save", default=None,
+                        help="comma-separated modules trained in full and saved with the adapter "
+                             "(e.g. multi_modal_projector, LLaVA's projector)")
     parser.add_argument("--init", default="milora", choices=list(INIT_MODES))
     parser.add_argument("--solver", default="auto", choices=list(SOLVERS))
     parser.add_argument("--workers", type=int, default=None,
@@ -47,9 +55,9 @@ def _run_init(args) -> int:
     from peft import LoraConfig
 
     from milora.errors import OutputExistsError
-    from milora.init import get_model, init_record
+    from milora.init import get_model, init_record, scoped_targets
     from milora.io import check_replaceable
-    from milora.models import load_causal_lm
+    from milora.models import load_pretrained_model
     from milora.persistence import save_adapter
 
     output = Path(args.output)
@@ -59,15 +67,18 @@ def _run_init(args) -> int:
         if not args.overwrite:
             raise OutputExistsError(f"{output} already exists and is not empty; choose another --output or pass --overwrite.")
         check_replaceable(output)
-    model = load_causal_lm(args.model, dtype=args.dtype)
+    model = load_pretrained_model(args.model, dtype=args.dtype)
+    names = [name.strip() for name in args.target_modules.split(",") if name.strip()]
     lora_config = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha if args.alpha is not None else args.rank,
-        target_modules=[name.strip() for name in args.target_modules.split(",") if name.strip()],
+        target_modules=scoped_targets(model, names, args.target_scope),
+        modules_to_save=[name.strip() for name in (args.modules_to_save or "").split(",") if name.strip()] or None,
         use_rslora=args.rslora,
         task_type="CAUSAL_LM",
     )
-    probe = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    vocab_size = model.config.get_text_config().vocab_size
+    probe = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(probe).logits.double()
     peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed,
@@ -96,19 +107,19 @@ def _run_merge(args) -> int:
 
     from milora.errors import OutputExistsError
     from milora.io import staged_directory
-    from milora.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from milora.models import is_vision_language_model, load_pretrained_model, load_processor, load_tokenizer, resolve_model_path
     from milora.persistence import load_model
 
     output = Path(args.output)
     if output.exists():
         raise OutputExistsError(f"{output} already exists; choose another --output.")
-    model = load_causal_lm(args.model, dtype=args.dtype)
+    model = load_pretrained_model(args.model, dtype=args.dtype)
     merged = load_model(model, args.adapter).merge_and_unload()
     source = Path(resolve_model_path(args.model))
     has_tokenizer = not source.is_dir() or any((source / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     with staged_directory(output) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
-        if has_tokenizer:  # keep the merged directory self-contained when the base has a tokenizer
-            load_tokenizer(args.model).save_pretrained(staging)
+        if has_tokenizer:  # keep the merged directory self-contained: tokenizer, or processor for image-text-to-text
+            (load_processor if is_vision_language_model(model) else load_tokenizer)(args.model).save_pretrained(staging)
     print(f"merged model saved to {output}")
     return 0

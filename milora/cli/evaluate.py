@@ -13,24 +13,31 @@ def add(subparsers) -> None:
 def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a base model or adapter: gsm8k, math, commonsense, forgetting, lm-eval:<tasks>",
+        help="evaluate a base model or adapter: gsm8k, math, commonsense, forgetting, vqa, pope, mcq-image, "
+             "lm-eval:<tasks>, lmms-eval:<tasks>",
         description="Evaluate with the paper's protocols and write a results JSON (summary + per-item records); "
         "or, with --compare, print saved results side by side.",
     )
     parser.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2)")
     parser.add_argument("--adapter", default=None, help="adapter directory saved by milora (or any PEFT LoRA)")
-    parser.add_argument("--task", help="gsm8k, math, commonsense, forgetting, or lm-eval:<task,...>")
+    parser.add_argument("--task", help="gsm8k, math, commonsense, forgetting, vqa, pope, mcq-image, lm-eval:<task,...> "
+                                       "or lmms-eval:<task,...> (image-text-to-text models)")
     parser.add_argument(
         "--data",
         help="data file or directory (commonsense: LLM-Adapters file or <task>/test.json dirs; forgetting: "
-        "text/JSONL file or hub name, default the offline Wikipedia summaries; lm-eval: dir of task YAMLs, whose "
+        "text/JSONL file or hub name, default the offline Wikipedia summaries; vqa, pope, mcq-image: a JSON/JSONL "
+        "file or a folder of them; lm-eval / lmms-eval: dir of task YAMLs, whose "
         "!function entries run that directory's utils.py: only use directories you trust)",
     )
+    parser.add_argument("--image-folder", default=None,
+                        help="vqa, pope, mcq-image: folder the records' image paths are relative to (default: the data "
+                             "file's folder)")
     parser.add_argument("--limit", type=int, default=None, help="items per dataset (forgetting: text windows)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", default=None, help="results JSON (default: <label>-<task>.json)")
     parser.add_argument("--scorer", default=None, choices=["generate", "loglik"], help="commonsense scoring (default generate)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 512 for math, 32 for commonsense")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default 512 for math, 32 for commonsense, 16 for vqa, 8 for pope and mcq-image")
     parser.add_argument("--max-length", type=int, default=None, help="forgetting window in tokens (default 1024)")
     parser.add_argument("--base-model", default=None, help="forgetting: the original base of a merged --model")
     parser.add_argument("--label", default=None, help="method name in results and --compare (default: adapter/model name)")
@@ -53,7 +60,8 @@ def _add_eval(subparsers) -> None:
 
 def _task_options(args) -> dict:
     """The task options given on the command line (only those set: a task rejects options it does not take)."""
-    chosen = {"scorer": args.scorer, "max_new_tokens": args.max_new_tokens, "max_length": args.max_length}
+    chosen = {"scorer": args.scorer, "max_new_tokens": args.max_new_tokens, "max_length": args.max_length,
+              "image_folder": args.image_folder}
     return {key: value for key, value in chosen.items() if value is not None}
 
 
@@ -145,13 +153,13 @@ def _check_analyze_args(args) -> list:
 
 def _run_analyze(args) -> int:
     from milora.analysis import analyze_adapter, format_analysis, plot_analysis
-    from milora.models import load_causal_lm
+    from milora.models import load_pretrained_model
     from milora.report import write_results
 
     labels = _check_analyze_args(args)
     results = []
     for adapter, label in zip(args.adapters, labels):
-        model = load_causal_lm(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
+        model = load_pretrained_model(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
         results.append(analyze_adapter(model, adapter, rank=args.rank, label=label))
     print(format_analysis(results))
     if args.output:

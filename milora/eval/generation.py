@@ -84,3 +84,35 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str, str]], *, 
                 scores[index] = logprobs[torch.arange(count, device=logprobs.device), targets].sum().item()
     return scores
 
+
+
+def generate_with_images(model, processor, prompts: list[str], images: list[list], *, max_new_tokens: int,
+                         batch_size: int = 8, progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy completions of chat-rendered ``prompts`` of an image-text-to-text model, batched with left padding.
+
+    ``images[i]``: the images of prompt i (one per image placeholder, in order), as paths opened batch
+    by batch (`milora.training.vision_data.load_image`) or PIL images; the processor expands the placeholders, its
+    floating tensors are cast to the model's dtype. Prompts are sorted by length, outputs come back
+    in the prompts' order.
+    """
+    from milora.training.vision_data import load_image
+
+    tokenizer = processor.tokenizer
+    order = sorted(range(len(prompts)), key=lambda i: (len(images[i]), len(prompts[i])), reverse=True)
+    dtype = next(model.parameters()).dtype
+    outputs: list[str] = [""] * len(prompts)
+    with padding_side(tokenizer, "left"), torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            batch = order[start:start + batch_size]
+            pictures = [image.convert("RGB") if hasattr(image, "convert") else load_image(image, index)
+                        for index in batch for image in images[index]]
+            inputs = processor(text=[prompts[i] for i in batch], images=pictures or None, padding=True,
+                               add_special_tokens=False, return_tensors="pt").to(model_device(model))
+            inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+            sequences = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                top_k=None, pad_token_id=tokenizer.pad_token_id,
+            )
+            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):
+                outputs[index] = tokenizer.decode(row, skip_special_tokens=True)
+    return outputs

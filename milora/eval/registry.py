@@ -17,7 +17,8 @@ from typing import Any
 
 from milora.errors import DataError
 
-_TASK_MODULES = ("milora.eval.benchmarks", "milora.eval.forgetting", "milora.eval.lm_eval")
+_TASK_MODULES = ("milora.eval.benchmarks", "milora.eval.forgetting", "milora.eval.lm_eval", "milora.eval.vision",
+                 "milora.eval.lmms_eval")
 
 
 @dataclass

@@ -26,11 +26,13 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from tqdm.auto import tqdm
 
 from milora.errors import ModelError
+from milora.init.multimodal import warn_outside_language_model
 from milora.init.record import InitRecord, attach_record
-from milora.init.targets import fingerprint, target_modules, validate_lora_config, weight_matrix
+from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
 from milora.linalg.decomposition import default_workers, resolve_solver, select_components_many
 from milora.models import check_device
 
@@ -44,6 +46,13 @@ def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
     prefix = "base_model.model."
     layers = {name.removeprefix(prefix): m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
     return dict(sorted(layers.items()))
+
+
+def saved_module_copies(peft_model: PeftModel, adapter: str = "default") -> dict[str, torch.nn.Module]:
+    """The trainable copies of the ``modules_to_save`` modules, keyed by module name relative to the base model."""
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): m.modules_to_save[adapter] for name, m in peft_model.named_modules()
+            if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save}
 
 
 def set_adapter_factors(
@@ -95,13 +104,19 @@ def get_model(
     (the paper's start; those directions cannot train, and a warning says so) or ``"random"``
     (see `start_factors`). Interrupted (Ctrl-C, an error), the model is restored to its
     original weights (up to one rounding) and plain modules before the exception propagates.
+    ``lora_config.modules_to_save`` (e.g. a vision-language model's projector) is trained in full and
+    saved with the adapter. On an image-text-to-text model, target names match anywhere (PEFT's
+    rule, with a warning when they reach past the language model): use
+    `milora.language_model_targets` to adapt the language model only.
     """
     validate_lora_config(lora_config, init)
     if null_space not in NULL_SPACE_STARTS:
         raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}.")
+    saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
+    warn_outside_language_model(model, lora_config.target_modules, modules)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
         _check_devices(solver, workers, device, modules)

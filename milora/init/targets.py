@@ -4,7 +4,9 @@
 ``layers_to_transform``, ``exclude_modules``, ``all-linear``) on a model exactly as PEFT will,
 and checks every selected module before anything is modified: supported type, floating
 weight, finite values, a rank below min(out, in), not quantised, no weight shared by two
-targets. `fingerprint` identifies the original base weights an adapter belongs to.
+targets. `saved_modules` resolves ``modules_to_save`` (modules trained in full and saved with the
+adapter, e.g. a vision-language model's projector) as PEFT does. `fingerprint` identifies the
+original base weights an adapter belongs to.
 """
 
 from __future__ import annotations
@@ -48,8 +50,6 @@ def validate_lora_config(lora_config: LoraConfig, init: str) -> None:
             f"init={init!r} sets the adapter itself; leave LoraConfig.init_lora_weights at its default "
             f"(got {lora_config.init_lora_weights!r})."
         )
-    if lora_config.modules_to_save:
-        raise ModelError("LoraConfig.modules_to_save is not supported by milora; train those modules separately.")
     for option, value, default in (("use_dora", lora_config.use_dora, False), ("bias", lora_config.bias, "none")):
         if value != default:
             raise ModelError(f"LoraConfig.{option}={value!r} is not supported with init={init!r}; use {default!r}.")
@@ -96,6 +96,33 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
                 "weight by its residual, so a shared weight cannot be adapted twice. Adapt only one of them."
             )
     return matched
+
+
+def saved_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, torch.nn.Module]:
+    """The modules ``modules_to_save`` selects (PEFT's rule: a module name ending with an entry), by name.
+
+    Each entry must select something, and no selected module may hold (or be) a target module:
+    PEFT would silently drop such a target (the module is copied and trained whole instead).
+    """
+    entries = list(lora_config.modules_to_save or [])
+    if not entries:
+        return {}
+    selected = {name: module for name, module in model.named_modules()
+                if name and any(name.endswith(entry) for entry in entries)}
+    missing = [entry for entry in entries if not any(name.endswith(entry) for name in selected)]
+    if missing:
+        parents = sorted({name.split(".")[-1] for name, m in model.named_modules() if name and len(list(m.children()))})
+        raise ModelError(f"modules_to_save {missing} not found in {type(model).__name__}; modules with children it "
+                         f"has: {', '.join(parents[:40])}.")
+    unsaved = copy.copy(_expand_all_linear(model, lora_config))
+    unsaved.modules_to_save = None
+    targets = [name for name, _ in model.named_modules() if name and check_target_module_exists(unsaved, name)]
+    for name in selected:
+        inside = sorted(target for target in targets if target == name or target.startswith(name + "."))
+        if inside:
+            raise ModelError(f"Module {name} is in modules_to_save (trained in full) but holds the target module "
+                             f"{inside[0]}, which PEFT would then leave out: remove one of them.")
+    return selected
 
 
 def _expand_all_linear(model: torch.nn.Module, lora_config: LoraConfig) -> LoraConfig:

@@ -25,12 +25,12 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS
+from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS, TARGET_SCOPES
 from milora.errors import ConfigError
 from milora.io import atomic_write_text, read_yaml_mapping
 from milora.prompts import TEMPLATE_NAMES
 
-FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages")
+FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages", "llava")
 SCHEDULER_CHOICES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )
@@ -94,6 +94,11 @@ class TrainConfig(BaseModel):
                                    gt=0)
     lora_dropout: Float = Key(0.05, "dropout on the LoRA input, in [0, 1)", ge=0, lt=1)
     lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'")
+    target_scope: Literal[TARGET_SCOPES] = Key(
+        "language_model", "image-text-to-text models: lora_target names match inside the language model only, or in the "
+                          "whole model (vision tower and projector too)")
+    modules_to_save: Names | None = Key(None, "modules trained in full and saved with the adapter, e.g. "
+                                              "multi_modal_projector (LLaVA's projector) for visual instruction tuning")
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
     null_space: Literal["zero", "random"] = Key(
         "zero", "start of exactly-zero selected singular values: zero (the paper's; cannot train) or random (B = 0)")
@@ -102,6 +107,8 @@ class TrainConfig(BaseModel):
     dataset_format: Literal[FORMAT_CHOICES] = Key("auto", "record format (auto-detected from the first record by default)")
     dataset_config: Str | None = Key(None, "hub dataset configuration (subset) name")
     dataset_split: Str = Key("train", "hub dataset split, slices allowed ('train[:100000]'); local files: 'train'")
+    image_folder: Str | None = Key(None, "folder the image paths of image records are relative to (default: the "
+                                         "dataset file's folder)")
     template: Literal[TEMPLATE_NAMES] = Key("alpaca", "prompt template for instruction records ('chat' for messages records)")
     cutoff_len: Int = Key(512, "maximum tokens per example (prompt + response + EOS)", ge=2)
     overlong: Literal["truncate", "drop"] = Key("truncate", "examples longer than cutoff_len: truncate them or drop them")
@@ -269,6 +276,8 @@ def _check_consistency(config: TrainConfig) -> None:
                 f"'dataset_split' is {config.dataset_split!r} but {path} is a single local file: remove dataset_split "
                 "(use max_samples to take the first N records)."
             )
+    if config.image_folder is not None and not Path(config.image_folder).is_dir():
+        raise ConfigError(f"'image_folder' {config.image_folder} is not a directory: give the folder holding the images.")
     if config.deepspeed is not None and not Path(config.deepspeed).is_file():
         raise ConfigError(f"DeepSpeed config file not found: {config.deepspeed}.")
     if isinstance(config.resume_from_checkpoint, str) and not Path(config.resume_from_checkpoint).is_dir():

@@ -6,7 +6,9 @@ Record formats (``dataset_format``, detected from the first record when ``auto``
   Commonsense170K and math files add ``answer``, which is ignored);
 - ``metamath``: ``query``, ``response`` (MetaMathQA);
 - ``messages``: ``messages``, a list of ``{"role", "content"}`` turns, rendered with the
-  tokenizer's chat template (``template: chat``); every assistant turn is trained on.
+  tokenizer's chat template (``template: chat``); every assistant turn is trained on;
+- ``llava``: LLaVA's visual instruction records (``image``, ``conversations``) and ``messages``
+  with image entries: `milora.training.vision_data`, for image-text-to-text models.
 
 Prompt templates (``template``) for instruction records: `milora.prompts`. An example is
 ``prompt + response + EOS``; its ``labels`` are -100 on the prompt and on padding, so the loss
@@ -91,13 +93,15 @@ def detect_format(record: dict[str, Any]) -> str:
     """The format of one record from its keys (see the module docstring)."""
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "llava"
     if "query" in record and "response" in record:
         return "metamath"
     if "instruction" in record and "output" in record:
         return "alpaca"
     raise DataError(
         f"cannot tell the format of a record with keys {sorted(record)}: expected 'instruction'/'input'/'output' "
-        "(Alpaca, LLM-Adapters), 'query'/'response' (MetaMathQA) or 'messages' (chat)."
+        "(Alpaca, LLM-Adapters), 'query'/'response' (MetaMathQA), 'messages' (chat) or 'conversations' (LLaVA)."
     )
 
 
@@ -138,18 +142,18 @@ def _check_messages(messages: Any, index: int) -> list[dict[str, str]]:
 
 
 @dataclass(frozen=True)
-class _Special:
+class Special:
     prefix: list[int]  # what the tokenizer puts in front of a text (e.g. [BOS]), [] for most chat models
     eos: int
 
 
-def _special_tokens(tokenizer) -> _Special:
+def special_tokens(tokenizer) -> Special:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training.")
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     start = next((i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain), 0)
-    return _Special(prefix=list(with_special[:start]), eos=tokenizer.eos_token_id)
+    return Special(prefix=list(with_special[:start]), eos=tokenizer.eos_token_id)
 
 
 def _segments_to_example(segments: Sequence[tuple[list[int], bool]]) -> dict[str, list[int]]:
@@ -161,7 +165,7 @@ def _segments_to_example(segments: Sequence[tuple[list[int], bool]]) -> dict[str
     return {"input_ids": input_ids, "labels": labels}
 
 
-def _instruction_examples(items: list[dict], template: str, tokenizer, special: _Special) -> list[dict]:
+def _instruction_examples(items: list[dict], template: str, tokenizer, special: Special) -> list[dict]:
     prompts = [render_prompt(template, item["instruction"], item["input"]) for item in items]
     full = [prompt + item["output"] for prompt, item in zip(prompts, items)]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -176,14 +180,16 @@ def _instruction_examples(items: list[dict], template: str, tokenizer, special: 
     return examples
 
 
-def _chat_example(messages: list[dict], tokenizer, special: _Special, index: int) -> dict:
-    """Render turn by turn; assistant turns (with their end-of-turn marker) carry the loss."""
+def chat_segments(messages: list[dict], renderer, index: int) -> list[tuple[str, bool]]:
+    """The conversation rendered by ``renderer``'s chat template (a tokenizer or a processor), as
+    ``(text, trained)`` segments: each assistant turn (with its end-of-turn marker) is trained,
+    the text before it (system, user turns, the assistant header) is not."""
     texts, rendered = [], ""
     for k, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        prompt = apply_chat_template(tokenizer, messages[:k], generation_prompt=True)
-        full = apply_chat_template(tokenizer, messages[: k + 1], generation_prompt=False)
+        prompt = apply_chat_template(renderer, messages[:k], generation_prompt=True)
+        full = apply_chat_template(renderer, messages[: k + 1], generation_prompt=False)
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise DataError(
                 f"record {index}: the tokenizer's chat template does not render conversations prefix by prefix, so "
@@ -191,13 +197,20 @@ def _chat_example(messages: list[dict], tokenizer, special: _Special, index: int
             )
         texts += [(prompt[len(rendered) :], False), (full[len(prompt) :], True)]
         rendered = full
+    return texts
+
+
+def with_eos(segment_ids: list[int], trained: bool, eos: int) -> list[int]:
+    """A trained segment ends with EOS (appended when the chat template's end-of-turn marker is another token)."""
+    return segment_ids + [eos] if trained and eos not in segment_ids else segment_ids
+
+
+def _chat_example(messages: list[dict], tokenizer, special: Special, index: int) -> dict:
+    """Render turn by turn; assistant turns (with their end-of-turn marker) carry the loss."""
+    texts = chat_segments(messages, tokenizer, index)
     ids = tokenizer([text for text, _ in texts], add_special_tokens=False)["input_ids"]
-    segments = []
-    for segment_ids, (_, trained) in zip(ids, texts):
-        if trained and special.eos not in segment_ids:
-            segment_ids = segment_ids + [special.eos]
-        segments.append((segment_ids, trained))
-    return _segments_to_example(segments)
+    return _segments_to_example([(with_eos(segment_ids, trained, special.eos), trained)
+                                 for segment_ids, (_, trained) in zip(ids, texts)])
 
 
 def encode_records(
@@ -206,7 +219,7 @@ def encode_records(
     """Tokenise normalised records into ``{"input_ids", "labels"}`` examples (see module docstring)."""
     if overlong not in ("truncate", "drop"):
         raise DataError(f"overlong must be 'truncate' or 'drop', got {overlong!r}.")
-    special = _special_tokens(tokenizer)
+    special = special_tokens(tokenizer)
     stats = DataStats(records=len(items))
     examples = []
     chunk = 1000
@@ -285,25 +298,37 @@ def supervised_collator(tokenizer, pad_to_multiple_of: int | None = None):
     )
 
 
-def build_datasets(config, tokenizer, progress: bool = True) -> tuple[SupervisedDataset, SupervisedDataset | None, DataStats]:
-    """Train (and validation, when ``config.val_size``) datasets from a `TrainConfig`.
-
-    Validation records are a seeded random subset taken before tokenisation; the stats cover
-    the training examples.
-    """
+def load_training_records(config) -> tuple[list[dict[str, Any]], str]:
+    """The records of a `TrainConfig`'s dataset (the first ``max_samples``) and their format."""
     records = load_records(config.dataset, config.dataset_split, config.dataset_config)
     if config.max_samples is not None:
         records = records[: config.max_samples]
-    fmt = detect_format(records[0]) if config.dataset_format == "auto" else config.dataset_format
-    items = [normalise_record(record, fmt, index) for index, record in enumerate(records)]
-    val_count = int(config.val_size) if config.val_size >= 1 else round(config.val_size * len(items))
+    return records, detect_format(records[0]) if config.dataset_format == "auto" else config.dataset_format
+
+
+def split_validation(items: list, val_size: float, seed: int) -> tuple[list, list]:
+    """(train, validation): ``val_size`` (a fraction below 1, or a count) of the items, a seeded random subset."""
+    val_count = int(val_size) if val_size >= 1 else round(val_size * len(items))
     if val_count >= len(items):
-        raise DataError(f"val_size={config.val_size} leaves no training records out of {len(items)}: lower it.")
+        raise DataError(f"val_size={val_size} leaves no training records out of {len(items)}: lower it.")
     order = list(range(len(items)))
-    random.Random(config.seed).shuffle(order)
+    random.Random(seed).shuffle(order)
     val_indices = set(order[:val_count])
-    train_items = [item for i, item in enumerate(items) if i not in val_indices]
-    val_items = [item for i, item in enumerate(items) if i in val_indices]
+    return ([item for i, item in enumerate(items) if i not in val_indices],
+            [item for i, item in enumerate(items) if i in val_indices])
+
+
+def build_datasets(config, tokenizer, progress: bool = True, records: tuple[list, str] | None = None,
+                   ) -> tuple[SupervisedDataset, SupervisedDataset | None, DataStats]:
+    """Train (and validation, when ``config.val_size``) datasets from a `TrainConfig`.
+
+    ``records``: the ``(records, format)`` of `load_training_records` when already loaded.
+    Validation records are a seeded random subset taken before tokenisation; the stats cover
+    the training examples.
+    """
+    records, fmt = records or load_training_records(config)
+    items = [normalise_record(record, fmt, index) for index, record in enumerate(records)]
+    train_items, val_items = split_validation(items, config.val_size, config.seed)
     train_examples, stats = encode_records(train_items, config.template, tokenizer, config.cutoff_len, config.overlong, progress)
     if not train_examples:
         raise DataError(

@@ -28,7 +28,7 @@ from milora.constants import ADAPTER_FILES, METRICS_FILE, TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
-from milora.training.data import build_datasets, supervised_collator
+from milora.training.data import build_datasets, load_training_records, supervised_collator
 from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
 
 
@@ -162,16 +162,25 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
     )
 
 
-def build_lora_config(config: TrainConfig):
-    """The `peft.LoraConfig` of a run (alpha resolved as in `TrainConfig.resolved_alpha`)."""
+def build_lora_config(config: TrainConfig, model=None):
+    """The `peft.LoraConfig` of a run (alpha resolved as in `TrainConfig.resolved_alpha`). Given the
+    ``model``, an image-text-to-text model's targets are scoped by ``target_scope`` (see
+    `milora.init.scoped_targets`); without it the names are PEFT's."""
     from peft import LoraConfig
 
+    from milora.init import scoped_targets
+
     targets = config.lora_target
+    if model is not None:
+        target_modules = scoped_targets(model, targets, config.target_scope)
+    else:
+        target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.resolved_alpha(),
         lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        target_modules=target_modules,
+        modules_to_save=config.modules_to_save,
         use_rslora=config.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
@@ -204,11 +213,11 @@ def train(
         resume = _check_output_dir(config)
         if resume is not None:
             _check_resume_matches(config, resume)
-        peft_model, tokenizer, train_dataset, val_dataset, stats = _build(config, state)
+        peft_model, train_dataset, val_dataset, stats, collator = _build(config, state)
         if state.is_main_process:
             _start_record(config, resume)
         state.wait_for_everyone()
-        return _run(config, state, peft_model, tokenizer, train_dataset, val_dataset, stats, callbacks, resume, start)
+        return _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume, start)
     finally:
         if lock is not None:
             lock.release()
@@ -218,32 +227,59 @@ def train(
 
 
 def _build(config: TrainConfig, state):
-    """Base model, data and the initialised adapter of a run (nothing written)."""
+    """Base model, data (and its collator) and the initialised adapter of a run (nothing written)."""
     from milora.init import get_model
-    from milora.models import load_base_model
+    from milora.models import is_vision_language_model, load_base_model
 
     set_seed(config.seed)
     try:
         model, tokenizer = load_base_model(config.model, dtype=config.dtype)
     except ModelError as error:
         raise ConfigError(f"cannot load model {config.model!r}: {error}") from None
-    positions = getattr(model.config, "max_position_embeddings", None)
+    text_config = model.config.get_text_config()
+    positions = getattr(text_config, "max_position_embeddings", None)
     if positions is not None and config.cutoff_len > positions:
         raise ConfigError(f"cutoff_len={config.cutoff_len} is above the model's max_position_embeddings={positions}: "
                           f"lower cutoff_len to at most {positions}.")
     model.config.use_cache = False
-    train_dataset, val_dataset, stats = build_datasets(config, tokenizer, progress=state.is_main_process)
-    if state.is_main_process:
-        print(f"milora: data: {stats.describe(config.cutoff_len)}", flush=True)
+    data = _build_data(config, model, tokenizer, state.is_main_process)
     set_seed(config.seed)  # PEFT's random init (init: lora) draws from the global generator
     svd_device = state.device if state.device.type != "cpu" else None
     try:
-        peft_model = get_model(model, build_lora_config(config), init=config.init, solver=config.solver,
+        peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
                                device=svd_device, seed=config.seed, progress=state.is_main_process,
                                null_space=config.null_space)
     except ValueError as error:  # e.g. a target module the model lacks, a rank too large for a layer
         raise ConfigError(f"cannot build the adapter: {error}") from None
-    return peft_model, tokenizer, train_dataset, val_dataset, stats
+    if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
+        print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
+              "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)
+    return peft_model, *data
+
+
+def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
+    """(train dataset, validation dataset, stats, collator): image records through the model's processor
+    (`milora.training.vision_data`), text records through its tokenizer."""
+    from milora.models import is_vision_language_model
+    from milora.train import vision_data
+
+    records, fmt = load_training_records(config)
+    vision = is_vision_language_model(model)
+    if fmt == "llava" or any(vision_data.has_images(record) for record in records):
+        if not vision:
+            raise ConfigError(f"the dataset {config.dataset} holds images, but the model {config.model or 'SmolLM2'} "
+                              f"is a text-only {type(model).__name__}: use an image-text-to-text model (LLaVA, ...).")
+        train_dataset, val_dataset, stats = vision_data.build_vision_datasets(config, records, fmt, tokenizer, progress)
+        if progress:
+            print(f"milora: data: {stats['records']} records, {stats['images']} images checked; encoded lazily",
+                  flush=True)
+        return train_dataset, val_dataset, stats, vision_data.vision_collator(tokenizer, model.dtype)
+    text_tokenizer = tokenizer.tokenizer if vision else tokenizer
+    train_dataset, val_dataset, stats = build_datasets(config, text_tokenizer, progress, (records, fmt))
+    if progress:
+        print(f"milora: data: {stats.describe(config.cutoff_len)}", flush=True)
+    collator = supervised_collator(text_tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    return train_dataset, val_dataset, stats.as_dict(), collator
 
 
 def _start_record(config: TrainConfig, resume: str | None) -> None:
@@ -256,14 +292,14 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
     save_config(config, output_dir / TRAIN_CONFIG_FILE)
 
 
-def _run(config, state, peft_model, tokenizer, train_dataset, val_dataset, stats, callbacks, resume, start) -> TrainResult:
+def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume, start) -> TrainResult:
     stopper = StopOnSignal()
     trainer = MiloraTrainer(
         model=peft_model,
         args=_training_arguments(config, has_eval=val_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=val_dataset,
-        data_collator=supervised_collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+        data_collator=collator,
         callbacks=[stopper, *callbacks],
     )
     with signals_request_stop(stopper, announce=state.is_main_process):
@@ -292,7 +328,7 @@ def _metrics(trainer, output, stats, val_dataset, interrupted: bool, start: floa
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "train": output.metrics,
-        "data": stats.as_dict(),
+        "data": stats,
         "eval_examples": len(val_dataset) if val_dataset is not None else 0,
         "init": init_record(trainer.model).summary(),
         "loss_history": [
