@@ -66,7 +66,7 @@ def test_llava_record_masks_image_prompt_and_human_turns(setup):
     ids, labels = example["input_ids"], example["labels"]
     assert int((ids == image_token).sum()) == 16  # (32 / 8)^2 patches, CLS dropped
     assert (labels[ids == image_token] == IGNORE_INDEX).all()
-    assert trained_text(setup, example) == "A circle.<|im_end|>\n</s>Red.<|im_end|>\n</s>"
+    assert trained_text(setup, example) == "A circle.<|im_end|>\nRed.<|im_end|>\n"  # EOS is <|im_end|>
     assert example["pixel_values"].shape == (1, 3, 32, 32)
     assert decode(setup, ids).startswith("<|im_start|>user\n" + "<image>" * 16 + "\nWhat shape is it?<|im_end|>")
     first_trained = next(i for i, label in enumerate(labels.tolist()) if label != IGNORE_INDEX)
@@ -75,7 +75,7 @@ def test_llava_record_masks_image_prompt_and_human_turns(setup):
 
 def test_text_only_llava_record_has_no_image_tensors(setup):
     example = encode(setup, llava_record(image=None, turns=(("Say hi.", "Hi."),)))
-    assert "pixel_values" not in example and trained_text(setup, example) == "Hi.<|im_end|>\n</s>"
+    assert "pixel_values" not in example and trained_text(setup, example) == "Hi.<|im_end|>\n"
 
 
 def test_messages_with_image_entries_and_an_images_list(setup):
@@ -86,7 +86,7 @@ def test_messages_with_image_entries_and_an_images_list(setup):
     first, second = encode(setup, own, "messages"), encode(setup, pooled, "messages")
     assert torch.equal(first["input_ids"], second["input_ids"]) and torch.equal(first["labels"], second["labels"])
     assert torch.equal(first["pixel_values"], second["pixel_values"])
-    assert trained_text(setup, first) == "Square.<|im_end|>\n</s>"
+    assert trained_text(setup, first) == "Square.<|im_end|>\n"
 
 
 def test_collator_pads_and_stacks_images(setup):

@@ -261,7 +261,7 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     """(train dataset, validation dataset, stats, collator): image records through the model's processor
     (`milora.training.vision_data`), text records through its tokenizer."""
     from milora.models import is_vision_language_model
-    from milora.train import vision_data
+    from milora.training import vision_data
 
     records, fmt = load_training_records(config)
     vision = is_vision_language_model(model)
