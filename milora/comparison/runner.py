@@ -111,7 +111,7 @@ def run_local(jobs: list[dict[str, Any]], progress: bool = True) -> None:
         if progress:
             print(f"milora compare: [{index}/{len(jobs)}] {job['name']}", file=sys.stderr, flush=True)
         run_dir = Path(job["run_dir"])
-        completed = subprocess.run([sys.executable, "-m", "milora.comparison.worker", str(run_dir / "job.json")],
+        completed = subprocess.run([sys.executable, "-m", "milora.comparison", str(run_dir / "job.json")],
                                    capture_output=not progress, text=True)
         if read_record(run_dir) is None:  # the process died before it could write its record
             tail = (completed.stderr or "")[-2000:] if not progress else "(see the output above)"

@@ -1,7 +1,7 @@
 """One run of a sweep, start to finish: train, then score validation, test, forgetting, retention.
 
 `run_one(job)` is what every backend executes (the local one in a fresh process through
-``python -m milora.comparison.worker JOB.json``, Ray inside a trial), so both give the same
+``python -m milora.comparison JOB.json``, Ray inside a trial), so both give the same
 results. It writes the run's record, ``run.json``, last and atomically: a run with a record is
 finished and is never repeated. A failure (a diverged training, an error) is recorded with its
 reason instead of stopping the sweep. `run_base` scores the base model once (test accuracy,
