@@ -77,6 +77,20 @@ TEMPLATES: dict[str, Template] = {
 }
 TEMPLATE_NAMES = tuple(TEMPLATES)
 
+CHAT_TEMPLATES = {
+    # open-instruct's Tulu format, for base models (LLaMA-2) fine-tuned on Tulu-style conversations
+    "tulu": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+        "{% if not loop.last %}{{ '\n' }}{% endif %}{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+"""Named chat templates for tokenizers without one (``chat_template`` in `milora train`, ``--chat-template`` in eval)."""
+
 
 def join_input(instruction: str, input: str) -> str:
     """Instruction and input as one text (for templates without an input section)."""
@@ -98,6 +112,18 @@ def render_prompt(template: str, instruction: str, input: str = "", tokenizer=No
     if input and spec.prompt_with_input is not None:
         return spec.prompt_with_input.format(instruction=instruction, input=input)
     return spec.prompt.format(instruction=join_input(instruction, input))
+
+
+def resolve_chat_template(value: str) -> str:
+    """The Jinja text of a chat template given by name (`CHAT_TEMPLATES`) or as a ``.jinja`` file path."""
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    from pathlib import Path
+
+    path = Path(value)
+    if not path.is_file():
+        raise DataError(f"chat template {value!r} is neither one of {', '.join(CHAT_TEMPLATES)} nor an existing file.")
+    return path.read_text(encoding="utf-8")
 
 
 def apply_chat_template(tokenizer, messages: list[dict], generation_prompt: bool) -> str:

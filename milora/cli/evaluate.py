@@ -64,6 +64,8 @@ def _add_instruction_flags(parser) -> None:
                        "HumanEval task_id, AlpacaEval index or instruction); no model is loaded")
     group.add_argument("--template", default=None, choices=list(TEMPLATE_NAMES),
                        help="ifeval / alpaca-eval prompt template (default: chat if the tokenizer has one, else alpaca)")
+    group.add_argument("--chat-template", default=None,
+                       help="chat template for a tokenizer without one, as in training: tulu or a .jinja file")
     group.add_argument("--missing-punkt", default=None, choices=["error", "skip"],
                        help="ifeval without NLTK's punkt_tab data: stop (default), or skip the prompts that need it")
     group.add_argument("--judge", default=None,
@@ -114,18 +116,24 @@ def _run_eval(args) -> int:
     check_common(args.limit, args.batch_size)
     options = _task_options(args)
     spec.check_options(options)
-    model = tokenizer = None
-    if args.predictions is None:  # answers made elsewhere need no model
-        model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=args.device)
-    elif args.adapter or args.model:
+    model = tokenizer = chat_template = None
+    if args.predictions is not None and (args.adapter or args.model or args.chat_template):
         from milora.errors import DataError
 
-        raise DataError("--predictions scores answers made elsewhere: drop --model / --adapter (or --predictions).")
+        raise DataError("--predictions scores answers made elsewhere: drop --model / --adapter / --chat-template.")
+    if args.chat_template is not None:
+        from milora.prompts import resolve_chat_template
+
+        chat_template = resolve_chat_template(args.chat_template)
+    if args.predictions is None:  # answers made elsewhere need no model
+        model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=args.device)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if args.task == "forgetting" and (args.adapter or args.base_model):
         options["base_model"], _ = load_base_model(args.base_model or args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
         model = _with_adapter(model, args.adapter)
-    label = args.label or Path(args.predictions or args.adapter or args.model or EMBEDDED_MODEL).stem
+    label = args.label or (Path(args.predictions).stem if args.predictions else Path(args.adapter or args.model or EMBEDDED_MODEL).name)
     metadata = {"model": args.model or EMBEDDED_MODEL, "adapter": args.adapter} if model is not None else {}
     result = evaluate(
         model, tokenizer, args.task, args.data, limit=args.limit, batch_size=args.batch_size, label=label,

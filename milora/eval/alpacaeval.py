@@ -61,12 +61,13 @@ def load_reference(reference: str | Path | None) -> tuple[list[dict], str]:
     return rows, source
 
 
-def _answers(job: Job, rows: list[dict]) -> tuple[list[str], list[str], dict]:
-    """``(prompts, answers, settings)``: generated, or read from the predictions file."""
+def _answers(job: Job, rows: list[dict], every: list[dict]) -> tuple[list[str], list[str], dict]:
+    """``(prompts, answers, settings)`` of ``rows`` (the first of ``every`` row of the data): generated, or
+    read from the predictions file (whose ids may name any of ``every``)."""
     options = job.options
     if options["predictions"] is not None:
         reject_generation_options(options, GENERATION_OPTIONS, "alpaca-eval")
-        outputs = load_predictions(options["predictions"], [[str(i), r["instruction"]] for i, r in enumerate(rows)],
+        outputs = load_predictions(options["predictions"], [[str(i), r["instruction"]] for i, r in enumerate(every)],
                                    len(rows))
         return [r["instruction"] for r in rows], outputs, {"predictions": str(options["predictions"])}
     prompts, template = instruction_prompts(job.tokenizer, [r["instruction"] for r in rows], options["template"])
@@ -137,16 +138,16 @@ def _run(job: Job) -> TaskResult:
         raise DataError("alpaca-eval needs a judge (CLI: --judge): an alpaca-eval annotator config such as "
                         "alpaca_eval_gpt4 (AlpacaEval 1.0; needs OPENAI_API_KEY), a local model directory, or the "
                         "URL of an OpenAI-compatible server.")
-    rows, source = load_reference(options["reference"])
-    rows = rows[:job.limit]
+    every, source = load_reference(options["reference"])
+    rows = every[:job.limit]
     if options["predictions"] is not None:  # a bad file is an error before the judge is even set up
-        prompts, answers, settings = _answers(job, rows)
+        prompts, answers, settings = _answers(job, rows, every)
     with tempfile.TemporaryDirectory(prefix="milora-judge-") as workdir:
         annotator, judge = build_annotator(options["judge"], Path(workdir), judge_model=options["judge_model"],
                                            batch_size=job.batch_size)
         judge.update(check_judge(annotator, options["judge"]))  # before generating 805 answers
         if options["predictions"] is None:
-            prompts, answers, settings = _answers(job, rows)
+            prompts, answers, settings = _answers(job, rows, every)
         annotations = _judge(annotator, rows, answers)
     scores, notes = win_rates(annotations)
     scores["avg_length"] = sum(map(len, answers)) / len(answers)

@@ -87,11 +87,13 @@ def _settings(options: dict, samples: int) -> tuple[tuple[int, ...], float]:
     return ks, temperature
 
 
-def _completions(job: Job, problems: list[dict], samples: int, temperature: float) -> tuple[list[list[str]], dict]:
-    """``samples`` completions per problem (``samples`` at ``temperature``), or those of the predictions file."""
+def _completions(job: Job, problems: list[dict], every: list[dict], samples: int,
+                 temperature: float) -> tuple[list[list[str]], dict]:
+    """``samples`` completions of each of ``problems`` (the first of ``every`` problem of the data) at
+    ``temperature``, or those of the predictions file (whose ids may name any of ``every``)."""
     options = job.options
     if options["predictions"] is not None:
-        outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in problems], len(problems),
+        outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in every], len(problems),
                                    samples=True)
         return [o if isinstance(o, list) else [o] for o in outputs], {"predictions": str(options["predictions"])}
     import torch
@@ -144,9 +146,9 @@ def _run(job: Job) -> TaskResult:
         ks = tuple(options["pass_k"] or (1,))
     else:
         ks, temperature = _settings(options, samples)  # before generating
-    problems, source = load_problems(job.data)
-    problems = problems[:job.limit]
-    completions, settings = _completions(job, problems, samples, temperature)
+    every, source = load_problems(job.data)
+    problems = every[:job.limit]
+    completions, settings = _completions(job, problems, every, samples, temperature)
     fewest = min(len(c) for c in completions)
     if max(ks) > fewest:
         raise DataError(f"pass@{max(ks)} needs at least {max(ks)} completions per problem, but some problem of the "

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.predictions import load_predictions
+from milora.eval.predictions import load_predictions, reject_generation_options
 from milora.eval.registry import Job, Option, TaskResult, register
 from milora.io import read_records
 from milora.prompts import TEMPLATE_NAMES, instruction_prompts
@@ -41,7 +41,7 @@ NEEDS_PUNKT = ("length_constraints:number_sentences", "change_case:capital_word_
 """The instructions whose lm-eval checkers call NLTK's punkt tokenizer (count_sentences, word_tokenize)."""
 MISSING_PUNKT = ("error", "skip")
 DEFAULT_MAX_NEW_TOKENS = 1280  # lm-eval's ifeval generation length
-SCORES = ("ifeval_prompt_strict", "ifeval_inst_strict", "ifeval_prompt_loose", "ifeval_inst_loose")
+GENERATION_OPTIONS = ("template", "max_new_tokens")
 
 
 @dataclass
@@ -172,12 +172,14 @@ def summarise(items: list[dict]) -> tuple[dict[str, float], dict]:
 # ---------------------------------------------------------------- the task
 
 
-def _responses(job: Job, prompts: list[Prompt], scored: list[Prompt]) -> tuple[list[str], list[str], dict]:
-    """``(rendered prompts, responses, settings)`` of the scored prompts: generated, or read from predictions."""
+def _responses(job: Job, every: list[Prompt], scored: list[Prompt]) -> tuple[list[str], list[str], dict]:
+    """``(rendered prompts, responses, settings)`` of the scored prompts: generated, or read from the
+    predictions file, which must answer the first ``limit`` of ``every`` prompt of the data."""
     options = job.options
     if options["predictions"] is not None:
-        outputs = load_predictions(options["predictions"], [[str(p.key)] for p in prompts], len(prompts))
-        by_key = {p.key: output for p, output in zip(prompts, outputs)}
+        reject_generation_options(options, GENERATION_OPTIONS, "ifeval")
+        outputs = load_predictions(options["predictions"], [[str(p.key)] for p in every], len(every[:job.limit]))
+        by_key = {p.key: output for p, output in zip(every, outputs)}
         return [p.prompt for p in scored], [by_key[p.key] for p in scored], {"predictions": str(options["predictions"])}
     rendered, template = instruction_prompts(job.tokenizer, [p.prompt for p in scored], options["template"])
     max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
@@ -191,13 +193,12 @@ def _responses(job: Job, prompts: list[Prompt], scored: list[Prompt]) -> tuple[l
            "max_new_tokens": Option(None, minimum=1), "missing_punkt": Option("error", choices=MISSING_PUNKT)},
           metric="rate", table_scores=("ifeval_prompt_strict", "ifeval_prompt_loose"))
 def _run(job: Job) -> TaskResult:
-    prompts, source = load_prompts(job.data)
-    prompts = prompts[:job.limit]
-    scored, skipped = _select(prompts, job.options["missing_punkt"])
+    every, source = load_prompts(job.data)
+    scored, skipped = _select(every[:job.limit], job.options["missing_punkt"])
     if not scored:
         raise DataError("Every selected IFEval prompt needs NLTK's punkt_tab data: install it (see --missing-punkt).")
     process_results = _scorer()
-    rendered, responses, settings = _responses(job, prompts, scored)
+    rendered, responses, settings = _responses(job, every, scored)
     items = []
     for prompt, text, response in zip(scored, rendered, responses):
         verdicts = score_response(prompt, response, process_results)

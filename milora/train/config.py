@@ -22,12 +22,12 @@ import yaml
 from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS
 from milora.errors import ConfigError
 from milora.io import atomic_write_text
-from milora.prompts import TEMPLATE_NAMES
+from milora.prompts import CHAT_TEMPLATES, TEMPLATE_NAMES
 
 INIT_CHOICES = INIT_MODES
 SOLVER_CHOICES = SOLVERS
 DTYPE_CHOICES = DTYPE_NAMES
-FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages")
+FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages", "sharegpt")
 TEMPLATE_CHOICES = TEMPLATE_NAMES
 OVERLONG_CHOICES = ("truncate", "drop")
 SCHEDULER_CHOICES = (
@@ -65,6 +65,10 @@ class TrainConfig:
     dataset_config: str | None = _key("str?", "hub dataset configuration (subset) name", default=None)
     dataset_split: str = _key("str", "hub dataset split, slices allowed ('train[:100000]'); local files: 'train'", default="train")
     template: str = _key("str", "prompt template for instruction records ('chat' for messages records)", TEMPLATE_CHOICES, default="alpaca")
+    chat_template: str | None = _key(
+        "str?", "chat template replacing the tokenizer's, for base models without one: 'tulu' or a .jinja file "
+        "(evaluate with the same --chat-template)", default=None
+    )
     cutoff_len: int = _key("int", "maximum tokens per example (prompt + response + EOS)", minimum=2, default=512)
     overlong: str = _key("str", "examples longer than cutoff_len: truncate them or drop them", OVERLONG_CHOICES, default="truncate")
     max_samples: int | None = _key("int?", "use only the first N records", minimum=1, default=None)
@@ -248,6 +252,9 @@ def _check_consistency(config: TrainConfig) -> None:
                 f"'dataset_split' is {config.dataset_split!r} but {path} is a single local file: remove dataset_split "
                 "(use max_samples to take the first N records)."
             )
+    if config.chat_template is not None and config.chat_template not in CHAT_TEMPLATES and not Path(config.chat_template).is_file():
+        raise ConfigError(f"'chat_template' must be one of {', '.join(CHAT_TEMPLATES)} or an existing .jinja file, "
+                          f"got {config.chat_template!r}.")
     if config.deepspeed is not None and not Path(config.deepspeed).is_file():
         raise ConfigError(f"DeepSpeed config file not found: {config.deepspeed}.")
     if isinstance(config.resume_from_checkpoint, str) and not Path(config.resume_from_checkpoint).is_dir():

@@ -28,6 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from milora.constants import METRICS_FILE, TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, ModelError
 from milora.io import atomic_write_json
+from milora.prompts import resolve_chat_template
 from milora.train.config import TrainConfig, load_config, save_config
 from milora.train.data import build_datasets, supervised_collator
 from milora.train.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
@@ -168,6 +169,8 @@ def train(
     except ModelError as error:
         raise ConfigError(f"cannot load model {config.model!r}: {error}") from None
     model.config.use_cache = False
+    if config.chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(config.chat_template)
     train_dataset, val_dataset, stats = build_datasets(config, tokenizer, progress=main)
     if main:
         print(f"milora: data: {stats.describe(config.cutoff_len)}", flush=True)
