@@ -460,3 +460,31 @@ def test_mt_bench_questions_load():
     """MT-Bench is not a milora task (it needs a judge over two turns); its file is checked here."""
     questions = [json.loads(line) for line in MT_BENCH_FILE.read_text().splitlines()]
     assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
+
+
+@pytest.mark.slow
+@needs_data
+def test_alpaca_eval_end_to_end_with_a_real_local_judge(tmp_path, offline_hub):
+    """SmolLM2 answers 6 AlpacaEval instructions and, as a (weak but real) local judge, compares them with
+    the GPT-4-turbo answers; then judges its answers against themselves (made distinct by a trailing
+    space), which the seeded random swap should put near 50 %."""
+    from milora.models import embedded_model_dir, load_base_model
+
+    model, tokenizer = load_base_model()
+    judge = str(embedded_model_dir())
+    result = evaluate(model, tokenizer, "alpaca-eval", judge=judge, reference=str(ALPACA_FILE), limit=6,
+                      max_new_tokens=48, batch_size=6, progress=False)
+    summary, items = result["summary"], result["items"]
+    assert summary["settings"]["judge"]["kind"] == "local" and summary["settings"]["template"] == "chat"
+    assert summary["scores"]["n_total"] + summary["scores"]["n_unparsed"] == 6
+    assert all(item["judge_raw"] is not None and item["output"] for item in items)
+    assert all(item["verdict"] in (1.0, 2.0, None) for item in items)
+    assert items[0]["prompt"].startswith("<|im_start|>") and items[0]["gold"].startswith("Several famous actors")
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps([{"instruction": i["instruction"], "output": i["output"], "generator": "smol"} for i in items]))
+    spaced = _jsonl(tmp_path / "spaced.jsonl", [{"id": i["index"], "output": i["output"] + " "} for i in items])
+    mirror = evaluate(None, None, "alpaca-eval", judge=judge, reference=str(own), predictions=str(spaced),
+                      progress=False)
+    scores = mirror["summary"]["scores"]
+    assert scores["n_draws"] == 0 and scores["n_total"] + scores["n_unparsed"] == 6  # the judge was asked each time
+    assert 0.2 <= scores["win_rate"] <= 0.8, scores
