@@ -402,6 +402,64 @@ def test_alpaca_eval_judge_errors_come_before_generation(tmp_path):
         evaluate(_NoModel(), None, "alpaca-eval", reference, judge="alpaca_eval_gpt4", progress=False)
 
 
+@pytest.fixture
+def judge_server():
+    """A minimal OpenAI-compatible server on the loopback interface, standing in for a vLLM judge:
+    it lists one model and ranks the first answer shown first; it records the requests it got."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._reply({"object": "list", "data": [{"id": "fake-judge", "object": "model", "created": 0, "owned_by": "t"}]})
+
+        def do_POST(self):
+            requests.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            verdict = "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]"
+            self._reply({"id": "x", "object": "chat.completion", "created": 0, "model": "fake-judge",
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": verdict}}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_alpaca_eval_with_an_openai_compatible_judge_server(tmp_path, judge_server, offline_hub):
+    url, requests = judge_server
+    reference, _ = _reference(tmp_path, 4)
+    answers = _jsonl(tmp_path / "answers.jsonl", [{"id": i, "output": f"Mine {i}"} for i in range(4)])
+    result = evaluate(None, None, "alpaca-eval", judge=url, reference=str(reference), predictions=str(answers),
+                      progress=False)
+    judge = result["summary"]["settings"]["judge"]
+    assert judge["kind"] == "server" and judge["probe_verdict"] == 1.0
+    assert len(requests) == 5  # the probe, then one request per item
+    path, body = requests[-1]
+    assert path == "/v1/chat/completions" and body["model"] == "fake-judge" and body["temperature"] == 0
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]  # the package's ChatML prompt as messages
+    assert result["summary"]["scores"]["n_total"] == 4 and result["summary"]["scores"]["n_unparsed"] == 0
+    with pytest.raises(DataError, match="judge_model only applies to a judge server URL"):
+        evaluate(None, None, "alpaca-eval", judge="alpaca_eval_gpt4", judge_model="m", reference=str(reference),
+                 predictions=str(answers), progress=False)
+
+
 @needs_data
 def test_alpaca_eval_shared_reference_loads(tmp_path):
     from milora.eval.alpacaeval import load_reference
@@ -488,3 +546,18 @@ def test_alpaca_eval_end_to_end_with_a_real_local_judge(tmp_path, offline_hub):
     scores = mirror["summary"]["scores"]
     assert scores["n_draws"] == 0 and scores["n_total"] + scores["n_unparsed"] == 6  # the judge was asked each time
     assert 0.2 <= scores["win_rate"] <= 0.8, scores
+
+
+@pytest.mark.slow
+def test_cli_humaneval_sampled_on_smollm2(tmp_path, capsys):
+    from milora.cli import main
+
+    output = tmp_path / "he.json"
+    assert main(["eval", "--task", "humaneval", "--allow-code-execution", "--limit", "2", "--samples", "2",
+                 "--pass-k", "1,2", "--max-new-tokens", "24", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    settings, items = result["summary"]["settings"], result["items"]
+    assert settings["samples"] == 2 and settings["temperature"] == 0.8 and settings["pass_k"] == [1, 2]
+    assert set(result["summary"]["scores"]) == {"humaneval_pass@1", "humaneval_pass@2"}
+    assert all(len(item["output"]) == 2 and len(item["execution"]) == 2 for item in items)
+    assert "HumanEval" in capsys.readouterr().out

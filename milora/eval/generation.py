@@ -39,8 +39,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     batches hold similar lengths; outputs come back in the prompts' order.
     ``add_special_tokens=False`` for prompts that already hold them (chat templates).
     """
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if temperature > 0 else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = {"do_sample": temperature > 0, "temperature": temperature or None, "top_k": None,
+                "top_p": top_p if temperature > 0 else None}
     if tokenizer.pad_token_id is None:
         raise DataError("The tokenizer has no pad token: set `tokenizer.pad_token = tokenizer.eos_token`.")
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
@@ -54,7 +54,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             batch = order[start:start + batch_size]
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model_device(model))
             sequences = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, num_beams=1, **sampling, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                **inputs, max_new_tokens=max_new_tokens, num_beams=1, **sampling, eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
             )
             for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):

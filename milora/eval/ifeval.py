@@ -132,6 +132,7 @@ def _select(prompts: list[Prompt], missing_punkt: str) -> tuple[list[Prompt], li
     if punkt_available():
         return prompts, []
     needing = [p for p in prompts if set(p.instruction_id_list) & set(NEEDS_PUNKT)]
+    left_out = {p.key for p in needing}
     if needing and missing_punkt == "error":
         raise DataError(
             f"{len(needing)} of the {len(prompts)} IFEval prompts use instructions checked with NLTK's punkt_tab "
@@ -139,7 +140,7 @@ def _select(prompts: list[Prompt], missing_punkt: str) -> tuple[list[Prompt], li
             "punkt_tab`, or set NLTK_DATA to a directory holding tokenizers/punkt_tab), or score the other prompts "
             "with missing_punkt='skip' (CLI: --missing-punkt skip), which reports how many were left out."
         )
-    return [p for p in prompts if p not in needing], needing
+    return [p for p in prompts if p.key not in left_out], needing
 
 
 def score_response(prompt: Prompt, response: str, process_results=None) -> dict:
@@ -207,6 +208,5 @@ def _run(job: Job) -> TaskResult:
                       "correct_loose": all(verdicts["loose"])})
     scores, statistics = summarise(items)
     settings.update(statistics, skipped_prompts=len(skipped), skipped_keys=[p.key for p in skipped],
-                    punkt_tab="installed" if not skipped else "missing: prompts with sentence or capital-word "
-                                                                    "counts left out")
+                    punkt_tab="installed" if punkt_available() else "missing (prompts needing it are left out)")
     return TaskResult(scores, items, source, settings)

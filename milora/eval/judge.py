@@ -109,9 +109,10 @@ def build_annotator(judge: str, workdir: Path, *, judge_model: str | None = None
     constants, PairwiseAnnotator = _alpaca_eval()
     kind = judge_kind(judge)
     extra = {}
+    if judge_model is not None and kind != "server":
+        raise DataError("judge_model only applies to a judge server URL; an annotator config or a model directory "
+                        "names its own model.")
     if kind == "config":
-        if judge_model is not None:
-            raise DataError("judge_model only applies to a judge server URL; an annotator config names its own model.")
         path = _config_path(constants, judge)
     elif kind == "local":
         config = _base_config(constants, LOCAL_BASE_CONFIG)
