@@ -94,6 +94,14 @@ def test_ifeval_strict_and_loose_differ_as_defined():
     assert score_response(both, "Intro line\nlower case, with a comma\nthe end") == {"strict": [False, False], "loose": [True, False]}
 
 
+def test_ifeval_random_checker_arguments_are_seeded():
+    """A letter outside a-z ('#', as in prompts 1122 and 1129) makes lm-eval draw a random letter at every
+    check; seeded, strict and loose agree and repeated runs give the same verdicts."""
+    prompt = _prompt(["keywords:letter_frequency"], [{"let_relation": "at least", "letter": "#", "let_frequency": 4}])
+    verdicts = [score_response(prompt, "a tweet #one #two #three #four, lots of letters here") for _ in range(5)]
+    assert all(v == verdicts[0] for v in verdicts) and verdicts[0]["strict"] == verdicts[0]["loose"]
+
+
 def test_ifeval_summary_is_prompt_and_instruction_level():
     items = [{"prediction": {"strict": [True, True], "loose": [True, True]}},
              {"prediction": {"strict": [True, False], "loose": [True, True]}},

@@ -6,7 +6,8 @@ The 25 instruction checkers and the strict / loose scoring are lm-eval's ``ifeva
 - strict: the response as generated; loose: the instruction also counts as followed when it holds
   for the response with its first and/or last line removed, or with ``*`` removed (8 variants);
 - prompt level: a prompt counts when all its instructions are followed; instruction level: the
-  fraction of all instructions followed (instructions of one prompt are not independent).
+  fraction of all instructions followed (instructions of one prompt are not independent);
+- an empty response follows nothing; random arguments some checkers draw are seeded (`score_response`).
 
 Data: a local JSONL file of ``key``, ``prompt``, ``instruction_id_list``, ``kwargs`` records, or
 the hub's ``google/IFEval`` when ``data`` is None. Prompts are rendered like `milora train`
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import io
+import random
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ NEEDS_PUNKT = ("length_constraints:number_sentences", "change_case:capital_word_
 """The instructions whose lm-eval checkers call NLTK's punkt tokenizer (count_sentences, word_tokenize)."""
 MISSING_PUNKT = ("error", "skip")
 DEFAULT_MAX_NEW_TOKENS = 1280  # lm-eval's ifeval generation length
+RANDOM_SEED = 0
 GENERATION_OPTIONS = ("template", "max_new_tokens")
 
 
@@ -115,7 +118,7 @@ def _no_nltk_download():
 
 
 def _scorer():
-    """lm-eval's ``process_results(doc, [response])`` for ifeval, with langdetect made deterministic."""
+    """lm-eval's ifeval ``utils`` module (strict and loose checks), with langdetect made deterministic."""
     try:
         with _no_nltk_download():
             from lm_eval.tasks.ifeval import utils
@@ -124,7 +127,7 @@ def _scorer():
         raise DataError(f"IFEval needs lm-eval's ifeval dependencies ({error}): "
                         "`pip install 'milora[ifeval]'` (lm-eval, langdetect, immutabledict, nltk).") from None
     langdetect.DetectorFactory.seed = 0  # language checks are otherwise random on short texts
-    return utils.process_results
+    return utils
 
 
 def _select(prompts: list[Prompt], missing_punkt: str) -> tuple[list[Prompt], list[Prompt]]:
@@ -143,16 +146,28 @@ def _select(prompts: list[Prompt], missing_punkt: str) -> tuple[list[Prompt], li
     return [p for p in prompts if p.key not in left_out], needing
 
 
-def score_response(prompt: Prompt, response: str, process_results=None) -> dict:
-    """lm-eval's verdicts on one response: ``{"strict": [bool per instruction], "loose": [...]}``."""
-    process_results = process_results or _scorer()
-    doc = {"key": prompt.key, "prompt": prompt.prompt, "instruction_id_list": prompt.instruction_id_list,
-           "kwargs": prompt.kwargs}
+def score_response(prompt: Prompt, response: str, utils=None) -> dict:
+    """lm-eval's verdicts on one response: ``{"strict": [bool per instruction], "loose": [...]}``.
+
+    Some checkers draw random arguments when the data's are unusable (``keywords:letter_frequency``
+    with a letter outside a-z, e.g. "#"): Python's ``random`` is seeded with the same value for the
+    strict and the loose check, so both use one draw and runs repeat (its state is restored after).
+    """
+    utils = utils or _scorer()
+    example = utils.InputExample(key=prompt.key, instruction_id_list=prompt.instruction_id_list,
+                                 prompt=prompt.prompt, kwargs=prompt.kwargs)
+    state = random.getstate()
+    verdicts = {}
     try:
-        result = process_results(doc, [response])
+        for mode, check in (("strict", utils.test_instruction_following_strict),
+                            ("loose", utils.test_instruction_following_loose)):
+            random.seed(RANDOM_SEED)
+            verdicts[mode] = list(check(example, response).follow_instruction_list)
     except LookupError as error:  # NLTK data: `_select` checks for it first, this is a safety net
         raise DataError(f"IFEval prompt {prompt.key}: an instruction checker needs NLTK data ({error}).") from None
-    return {"strict": list(result["inst_level_strict_acc"]), "loose": list(result["inst_level_loose_acc"])}
+    finally:
+        random.setstate(state)
+    return verdicts
 
 
 def summarise(items: list[dict]) -> tuple[dict[str, float], dict]:
@@ -198,11 +213,11 @@ def _run(job: Job) -> TaskResult:
     scored, skipped = _select(every[:job.limit], job.options["missing_punkt"])
     if not scored:
         raise DataError("Every selected IFEval prompt needs NLTK's punkt_tab data: install it (see --missing-punkt).")
-    process_results = _scorer()
+    utils = _scorer()
     rendered, responses, settings = _responses(job, every, scored)
     items = []
     for prompt, text, response in zip(scored, rendered, responses):
-        verdicts = score_response(prompt, response, process_results)
+        verdicts = score_response(prompt, response, utils)
         items.append({"key": prompt.key, "prompt": text, "output": response, "prediction": verdicts,
                       "gold": prompt.instruction_id_list, "correct": all(verdicts["strict"]),
                       "correct_loose": all(verdicts["loose"])})

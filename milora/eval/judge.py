@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def _alpaca_eval():
     """Import alpaca-eval (which sets the root logger to INFO on import: restored here)."""
     level = logging.getLogger().level
     try:
-        from alpaca_eval import constants
-        from alpaca_eval.annotators import PairwiseAnnotator
+        with warnings.catch_warnings():  # alpaca-eval 0.6.6 imports the deprecated pkg_resources
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            from alpaca_eval import constants
+            from alpaca_eval.annotators import PairwiseAnnotator
     except ImportError as error:
         raise DataError(f"AlpacaEval needs the `alpaca-eval` package ({error}): `pip install 'milora[alpaca-eval]'`.") from None
     finally:
