@@ -392,8 +392,10 @@ def test_alpaca_eval_answers_against_themselves_score_exactly_one_half(tmp_path,
     assert {item["prediction"] for item in result["items"]} == {"tie"}
 
 
-def test_alpaca_eval_judge_errors_come_before_generation(tmp_path):
+def test_alpaca_eval_judge_errors_come_before_generation(tmp_path, offline_hub):
     reference, _ = _reference(tmp_path)
+    with pytest.raises(DataError, match="Could not fetch alpaca_eval.json of tatsu-lab/alpaca_eval.*--reference FILE"):
+        evaluate(_NoModel(), None, "alpaca-eval", judge="alpaca_eval_gpt4", progress=False)
     with pytest.raises(DataError, match="needs a judge"):
         evaluate(_NoModel(), None, "alpaca-eval", reference=str(reference), progress=False)
     with pytest.raises(DataError, match="neither an alpaca-eval annotator config"):

@@ -1,7 +1,7 @@
 """AlpacaEval (Li et al., 2023): the model's answers judged pairwise against reference answers.
 
 The 805 AlpacaEval instructions come with the reference answers: the hub's
-``tatsu-lab/alpaca_eval`` (config ``alpaca_eval``: text-davinci-003 answers, the AlpacaEval 1.0
+``tatsu-lab/alpaca_eval`` (its ``alpaca_eval.json``: text-davinci-003 answers, the AlpacaEval 1.0
 protocol of the paper) when ``reference`` is None, or a local JSON / JSONL file of
 ``instruction`` + ``output`` records (``generator`` optional), e.g. the GPT-4-turbo answers of
 AlpacaEval 2.0. The model answers each instruction (prompt rendered like `milora train` does:
@@ -30,21 +30,21 @@ from milora.eval.registry import Job, Option, TaskResult, register
 from milora.io import read_records
 from milora.prompts import TEMPLATE_NAMES, instruction_prompts
 
-HUB_DATASET = ("tatsu-lab/alpaca_eval", "alpaca_eval")
+HUB_DATASET = ("tatsu-lab/alpaca_eval", "alpaca_eval.json")  # AlpacaEval 1.0: 805 text-davinci-003 answers
 DEFAULT_MAX_NEW_TOKENS = 2048
 GENERATION_OPTIONS = ("template", "max_new_tokens")
 
 
 def load_reference(reference: str | Path | None) -> tuple[list[dict], str]:
     """``[{"instruction", "output", "generator"}]`` in data order, and where they came from."""
-    if reference is None:
-        import datasets
+    if reference is None:  # the hub repository's data file (its loading script is not run: datasets 4 dropped scripts)
+        from huggingface_hub import hf_hub_download
 
         try:
-            records = list(datasets.load_dataset(*HUB_DATASET, split="eval"))
-        except Exception as error:  # datasets raises many types (network, script datasets, auth)
-            raise DataError(f"Could not load {'/'.join(HUB_DATASET)} from the hub ({type(error).__name__}: {error}); "
-                            "pass local reference answers with reference= (CLI: --reference FILE).") from error
+            records = read_records(hf_hub_download(HUB_DATASET[0], HUB_DATASET[1], repo_type="dataset"))
+        except Exception as error:  # network, authentication, a moved file
+            raise DataError(f"Could not fetch {HUB_DATASET[1]} of {HUB_DATASET[0]} from the hub ({type(error).__name__}: "
+                            f"{error}); pass local reference answers with reference= (CLI: --reference FILE).") from None
         source = "hub:" + "/".join(HUB_DATASET)
     else:
         if not Path(reference).is_file():
