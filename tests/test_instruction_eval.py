@@ -134,6 +134,9 @@ def test_ifeval_without_punkt_stops_before_work_or_skips_and_counts(tmp_path, mo
     assert summary["settings"]["skipped_prompts"] == 1 and summary["settings"]["skipped_keys"] == [2]
     assert summary["scores"]["ifeval_prompt_strict"] == 0.5 and summary["n"] == 2
     assert [item["key"] for item in result["items"]] == [1, 3]
+    without_2 = _jsonl(tmp_path / "without-2.jsonl", [{"id": 1, "output": "this answer is all lowercase english text"}, {"id": 3, "output": "no commas"}])
+    skipped = evaluate(None, None, "ifeval", data, predictions=str(without_2), missing_punkt="skip", progress=False)
+    assert skipped["summary"]["scores"]["ifeval_prompt_strict"] == 1.0  # a left-out prompt needs no answer
     assert "skipped" not in format_summary(result)  # scores table only; the count is in the settings
 
 
@@ -183,7 +186,8 @@ def test_ifeval_without_punkt_only_the_documented_instructions_need_it(monkeypat
 def test_predictions_are_checked_before_any_work(tmp_path):
     aliases = [["0", "first"], ["1", "second"], ["2", "third"]]
     good = _jsonl(tmp_path / "good.jsonl", [{"id": "second", "output": "b"}, {"id": 0, "output": "a"}])
-    assert load_predictions(good, aliases, 2) == ["a", "b"]
+    assert load_predictions(good, aliases, range(2)) == ["a", "b"]
+    assert load_predictions(good, aliases, [1]) == ["b"]
     cases = {
         "missing": ([{"id": 0, "output": "a"}], r"no answer for 1 of the 2 scored item\(s\): '1'"),
         "duplicate": ([{"id": 0, "output": "a"}, {"id": "first", "output": "a"}, {"id": 1, "output": "b"}],
@@ -195,9 +199,9 @@ def test_predictions_are_checked_before_any_work(tmp_path):
     }
     for name, (records, message) in cases.items():
         with pytest.raises(DataError, match=message):
-            load_predictions(_jsonl(tmp_path / f"{name}.jsonl", records), aliases, 2)
+            load_predictions(_jsonl(tmp_path / f"{name}.jsonl", records), aliases, range(2))
     with pytest.raises(FileNotFoundError):
-        load_predictions(tmp_path / "absent.jsonl", aliases, 2)
+        load_predictions(tmp_path / "absent.jsonl", aliases, range(2))
 
 
 def test_predictions_reject_generation_options(tmp_path):
@@ -371,9 +375,12 @@ def test_alpaca_eval_unparsed_verdicts_are_counted_not_dropped(tmp_path, offline
     regex = ("  completion_parser_kwargs:\n    outputs_to_match:\n      1: '(?:^|\\n) ?Output \\(a\\)'\n"
              "      2: '(?:^|\\n) ?Output \\(b\\)'\n")
     judge = _fake_judge(tmp_path, "I cannot decide.", "text_davinci_003/basic_prompt.txt", "regex_parser", regex)
-    with pytest.raises(DataError, match="could not be parsed for any of the 4 items"):
-        evaluate(None, None, "alpaca-eval", judge=judge, reference=str(reference), predictions=str(answers),
-                 progress=False)
+    unparsed = evaluate(None, None, "alpaca-eval", judge=judge, reference=str(reference), predictions=str(answers),
+                        progress=False)
+    assert unparsed["summary"]["scores"] == {"n_unparsed": 4, "n_total": 0, "avg_length": 6.0}
+    assert "none of the judge's 4 verdicts could be parsed" in unparsed["summary"]["settings"]["notes"]["win_rate"]
+    assert all(item["verdict"] is None and item["judge_raw"] == "I cannot decide." for item in unparsed["items"])
+    assert "AlpacaEval" not in format_summary(unparsed)
     judge = _fake_judge(tmp_path, "Output (b)", "text_davinci_003/basic_prompt.txt", "regex_parser", regex)
     result = evaluate(None, None, "alpaca-eval", judge=judge, reference=str(reference), predictions=str(answers),
                       progress=False)
@@ -533,18 +540,18 @@ def test_mt_bench_questions_load():
 @pytest.mark.slow
 @needs_data
 def test_alpaca_eval_end_to_end_with_a_real_local_judge(tmp_path, offline_hub):
-    """SmolLM2 answers 6 AlpacaEval instructions and, as a (weak but real) local judge, compares them with
+    """SmolLM2 answers 4 AlpacaEval instructions and, as a (weak but real) local judge, compares them with
     the GPT-4-turbo answers; then judges its answers against themselves (made distinct by a trailing
     space), which the seeded random swap should put near 50 %."""
     from milora.models import embedded_model_dir, load_base_model
 
     model, tokenizer = load_base_model()
     judge = str(embedded_model_dir())
-    result = evaluate(model, tokenizer, "alpaca-eval", judge=judge, reference=str(ALPACA_FILE), limit=6,
-                      max_new_tokens=48, batch_size=6, progress=False)
+    result = evaluate(model, tokenizer, "alpaca-eval", judge=judge, reference=str(ALPACA_FILE), limit=4,
+                      max_new_tokens=32, batch_size=4, progress=False)
     summary, items = result["summary"], result["items"]
     assert summary["settings"]["judge"]["kind"] == "local" and summary["settings"]["template"] == "chat"
-    assert summary["scores"]["n_total"] + summary["scores"]["n_unparsed"] == 6
+    assert summary["scores"]["n_total"] + summary["scores"]["n_unparsed"] == 4
     assert all(item["judge_raw"] is not None and item["output"] for item in items)
     assert all(item["verdict"] in (1.0, 2.0, None) for item in items)
     assert items[0]["prompt"].startswith("<|im_start|>") and items[0]["gold"].startswith("Several famous actors")
@@ -554,8 +561,8 @@ def test_alpaca_eval_end_to_end_with_a_real_local_judge(tmp_path, offline_hub):
     mirror = evaluate(None, None, "alpaca-eval", judge=judge, reference=str(own), predictions=str(spaced),
                       progress=False)
     scores = mirror["summary"]["scores"]
-    assert scores["n_draws"] == 0 and scores["n_total"] + scores["n_unparsed"] == 6  # the judge was asked each time
-    assert 0.2 <= scores["win_rate"] <= 0.8, scores
+    assert scores["n_draws"] == 0 and scores["n_total"] + scores["n_unparsed"] == 4  # the judge was asked each time
+    assert scores["n_total"] >= 3 and 0.25 <= scores["win_rate"] <= 0.75, scores
 
 
 @pytest.mark.slow

@@ -13,6 +13,9 @@ Scores are the package's (`alpaca_eval.metrics`): ``win_rate`` = mean preference
 items), ``discrete_win_rate``, the length-controlled win rate (``lc_win_rate``) when the
 package can compute it (it fetches instruction difficulties from the hub), ``avg_length`` of
 the answers in characters, and counts; win rates are fractions here (the package reports %).
+The length-controlled model uses each item's position as its AlpacaEval index: it means something
+only for the 805 AlpacaEval instructions in their published order (any reference answers), and
+its cross-validated fit is unstable on a few items.
 Verdicts the package cannot parse are counted (``n_unparsed``) and left out of the win rate.
 """
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.judge import build_annotator, check_judge, preference
+from milora.eval.judge import build_annotator, check_judge, preference, raw_completion, record_completions
 from milora.eval.predictions import load_predictions, reject_generation_options
 from milora.eval.registry import Job, Option, TaskResult, register
 from milora.io import read_records
@@ -68,7 +71,7 @@ def _answers(job: Job, rows: list[dict], every: list[dict]) -> tuple[list[str], 
     if options["predictions"] is not None:
         reject_generation_options(options, GENERATION_OPTIONS, "alpaca-eval")
         outputs = load_predictions(options["predictions"], [[str(i), r["instruction"]] for i, r in enumerate(every)],
-                                   len(rows))
+                                   range(len(rows)))
         return [r["instruction"] for r in rows], outputs, {"predictions": str(options["predictions"])}
     prompts, template = instruction_prompts(job.tokenizer, [r["instruction"] for r in rows], options["template"])
     max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
@@ -79,21 +82,22 @@ def _answers(job: Job, rows: list[dict], every: list[dict]) -> tuple[list[str], 
 
 
 def win_rates(annotations: list[dict]) -> tuple[dict[str, float], dict]:
-    """The package's win rates of the judged pairs (unparsed verdicts left out and counted)."""
+    """The package's win rates of the judged pairs (unparsed verdicts left out and counted), and notes on
+    what could not be computed."""
     import pandas as pd
     from alpaca_eval.metrics import get_length_controlled_winrate, get_winrate
 
     frame = pd.DataFrame(annotations)
     parsed = frame[frame["preference"].map(lambda v: preference({"preference": v}) is not None)]
-    scores = {"n_unparsed": int(len(frame) - len(parsed))}
-    if parsed.empty:
-        raise DataError(f"The judge's verdict could not be parsed for any of the {len(frame)} items: see the items' "
-                        "judge_raw; use a stronger judge or another annotator config.")
+    scores, notes = {"n_unparsed": int(len(frame) - len(parsed))}, {}
+    if parsed.empty:  # the answers and raw verdicts are still worth keeping: no scores, and why
+        notes["win_rate"] = (f"not computed: none of the judge's {len(frame)} verdicts could be parsed (see the items' "
+                             "judge_raw); use a stronger judge or another annotator config")
+        return {**scores, "n_total": 0}, notes
     metrics = get_winrate(parsed)
     scores.update(win_rate=metrics["win_rate"] / 100, standard_error=metrics["standard_error"] / 100,
                   discrete_win_rate=metrics["discrete_win_rate"] / 100,
                   **{key: int(metrics[key]) for key in ("n_wins", "n_wins_base", "n_draws", "n_total")})
-    notes = {}
     try:  # needs the package's instruction difficulties, from the hub
         lc = get_length_controlled_winrate(parsed.copy(), save_weights_dir=None, is_warn_extreme_changes=False)
         scores.update(lc_win_rate=lc["length_controlled_winrate"] / 100, lc_standard_error=lc["lc_standard_error"] / 100)
@@ -116,12 +120,17 @@ def _items(rows, prompts, answers, annotations) -> list[dict]:
 def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
     """The package's head-to-head annotation: output_1 the reference, output_2 the model; in data order."""
     model = "model" if rows[0]["generator"] != "model" else "evaluated-model"  # the LC win rate needs two names
+    log = record_completions(annotator)
     annotations = annotator.annotate_head2head(
         outputs_1=[{**row, "index": i} for i, row in enumerate(rows)],
         outputs_2=[{"instruction": r["instruction"], "output": a, "generator": model, "index": i}
                    for i, (r, a) in enumerate(zip(rows, answers))],
         is_ordered=True)
-    return sorted(annotations, key=lambda note: note["index"])
+    annotations = sorted(annotations, key=lambda note: note["index"])
+    for note, row, answer in zip(annotations, rows, answers):
+        if preference(note) is None and note.get("preference_raw_completion") is None:  # dropped by the package
+            note["preference_raw_completion"] = raw_completion(log, row["instruction"], row["output"], answer)
+    return annotations
 
 
 @register("alpaca-eval", "AlpacaEval: answers judged pairwise against reference answers (alpaca-eval), win rates",

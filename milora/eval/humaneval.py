@@ -93,7 +93,7 @@ def _completions(job: Job, problems: list[dict], every: list[dict], samples: int
     ``temperature``, or those of the predictions file (whose ids may name any of ``every``)."""
     options = job.options
     if options["predictions"] is not None:
-        outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in every], len(problems),
+        outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in every], range(len(problems)),
                                    samples=True)
         return [o if isinstance(o, list) else [o] for o in outputs], {"predictions": str(options["predictions"])}
     import torch

@@ -189,14 +189,15 @@ def summarise(items: list[dict]) -> tuple[dict[str, float], dict]:
 
 
 def _responses(job: Job, every: list[Prompt], scored: list[Prompt]) -> tuple[list[str], list[str], dict]:
-    """``(rendered prompts, responses, settings)`` of the scored prompts: generated, or read from the
-    predictions file, which must answer the first ``limit`` of ``every`` prompt of the data."""
+    """``(rendered prompts, responses, settings)`` of the scored prompts (some of the first ``limit`` of
+    ``every`` prompt of the data): generated, or read from the predictions file."""
     options = job.options
     if options["predictions"] is not None:
         reject_generation_options(options, GENERATION_OPTIONS, "ifeval")
-        outputs = load_predictions(options["predictions"], [[str(p.key)] for p in every], len(every[:job.limit]))
-        by_key = {p.key: output for p, output in zip(every, outputs)}
-        return [p.prompt for p in scored], [by_key[p.key] for p in scored], {"predictions": str(options["predictions"])}
+        position = {p.key: i for i, p in enumerate(every)}
+        outputs = load_predictions(options["predictions"], [[str(p.key)] for p in every],
+                                   [position[p.key] for p in scored])  # prompts left out need no answer
+        return [p.prompt for p in scored], outputs, {"predictions": str(options["predictions"])}
     rendered, template = instruction_prompts(job.tokenizer, [p.prompt for p in scored], options["template"])
     max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
     outputs = generate(job.model, job.tokenizer, rendered, max_new_tokens=max_new_tokens, batch_size=job.batch_size,

@@ -6,8 +6,10 @@
   ``alpaca_eval_gpt4``, the AlpacaEval 1.0 judge; ``weighted_alpaca_eval_gpt4_turbo``, 2.0) or a
   path to a ``configs.yaml`` (or its directory), used as it is (API judges read their keys from
   the environment, e.g. ``OPENAI_API_KEY``);
-- a local Hugging Face model directory: the package's config for local judges
-  (``oasst_pythia_12b``: its "Output (a) / Output (b)" prompt and regex parser) with that model.
+- a local Hugging Face model directory: the package's plain "Output (a) / Output (b)" judge config
+  (``text_davinci_003``: prompt, regex parser, 50 new tokens; its local ``oasst_pythia_12b`` config
+  has the same prompt wrapped in OASST's own special tokens) with that model, greedy, its answer cut
+  at the first blank line (`LOCAL_STOP_STRINGS`).
   Its decoder is `local_completions` below rather than the package's ``huggingface_local_completions``,
   which fails on CPU with transformers 5 (it passes ``load_in_8bit=False`` to the model) and
   reloads the model for every chunk; the prompt is rendered with the judge's chat template
@@ -35,7 +37,10 @@ import yaml
 
 from milora.errors import DataError
 
-LOCAL_BASE_CONFIG = "oasst_pythia_12b"
+LOCAL_BASE_CONFIG = "text_davinci_003"
+LOCAL_STOP_STRINGS = ("\n\n",)
+"""A local judge's answer ends at its first blank line: the verdict is one line, and small models go on
+to write the other option too ("Output (a)\n\nOutput (b)"), which the parser rightly refuses."""
 SERVER_BASE_CONFIG = "alpaca_eval_llama3_70b_fn"
 PROBE = {"instruction": "What is 2 + 2?", "output_1": "2 + 2 = 4.", "output_2": "It is 5."}
 
@@ -120,7 +125,9 @@ def build_annotator(judge: str, workdir: Path, *, judge_model: str | None = None
     elif kind == "local":
         config = _base_config(constants, LOCAL_BASE_CONFIG)
         config.pop("fn_completions")  # replaced by local_completions (see the module docstring)
-        config["completions_kwargs"].update(model_name=str(Path(judge).resolve()), batch_size=batch_size)
+        config["completions_kwargs"] = {"model_name": str(Path(judge).resolve()), "batch_size": batch_size,
+                                        "max_new_tokens": config["completions_kwargs"]["max_tokens"],
+                                        "stop_strings": list(LOCAL_STOP_STRINGS)}
         path, extra = _write_config(workdir, "milora_local_judge", config), {"fn_completions": local_completions}
     else:
         config = _base_config(constants, SERVER_BASE_CONFIG)
@@ -160,6 +167,25 @@ def preference(record: dict) -> float | None:
     return float(value)
 
 
+def record_completions(annotator) -> list[tuple[str, str]]:
+    """Wrap the annotator's decoders so that every ``(prompt, completion)`` is kept: the package drops
+    the raw text of verdicts its parser cannot read, and milora reports those too (`raw_completion`)."""
+    log: list[tuple[str, str]] = []
+    for single in annotator.annotators.values():
+        def recording(prompts, _decoder=single.fn_completions, **kwargs):
+            output = _decoder(prompts=prompts, **kwargs)
+            log.extend(zip(prompts, output["completions"]))
+            return output
+
+        single.fn_completions = recording
+    return log
+
+
+def raw_completion(log: list[tuple[str, str]], *texts: str) -> str | None:
+    """The judge's answer to the (last) prompt that holds all ``texts`` (instruction and both outputs)."""
+    return next((completion for prompt, completion in reversed(log) if all(t in prompt for t in texts)), None)
+
+
 # ---------------------------------------------------------------- local judge decoder
 
 
@@ -184,15 +210,16 @@ def _render(tokenizer, prompt: str) -> str:
 
 
 def local_completions(prompts: list[str], model_name: str, max_new_tokens: int = 50, batch_size: int = 8,
-                      **unused) -> dict[str, list]:
-    """alpaca-eval's decoder interface for a local model: greedy completions of the judge prompts."""
+                      stop_strings: tuple[str, ...] = ()) -> dict[str, list]:
+    """alpaca-eval's decoder interface for a local model: greedy completions of the judge prompts,
+    cut at the first stop string."""
     from milora.eval.generation import generate
 
     model, tokenizer = _local_model(model_name)
     started = time.time()
     completions = generate(model, tokenizer, [_render(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
                            batch_size=batch_size, add_special_tokens=not getattr(tokenizer, "chat_template", None),
-                           progress=False)
+                           stop_strings=tuple(stop_strings), progress=False)
     seconds = (time.time() - started) / max(len(prompts), 1)
     return {"completions": completions, "price_per_example": [math.nan] * len(prompts),
             "time_per_example": [seconds] * len(prompts)}

@@ -9,6 +9,7 @@ an item of the data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
@@ -33,14 +34,14 @@ def _output(record: dict, line: int, path: Path, samples: bool) -> str | list[st
     raise DataError(f"{path} line {line}: `output` must be {what} (got {type(output).__name__}).")
 
 
-def load_predictions(path: str | Path, aliases: list[list[str]], scored: int, *,
+def load_predictions(path: str | Path, aliases: list[list[str]], required: Sequence[int], *,
                      samples: bool = False) -> list[str | list[str]]:
-    """The outputs of the first ``scored`` items, in data order.
+    """The outputs of the items ``required`` (indices into the data), in that order.
 
-    ``aliases[i]``: the identifiers that name item ``i`` (compared as strings, e.g. an AlpacaEval
-    item's index and its instruction). ``samples``: outputs may be lists of strings.
+    ``aliases[i]``: the identifiers that name item ``i`` of the data (compared as strings, e.g. an
+    AlpacaEval item's index and its instruction). ``samples``: outputs may be lists of strings.
     Raises `DataError` for a record without ``id``/``output``, an id that names no item, two lines
-    for one item, or a scored item without a line.
+    for one item, or a required item without a line.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,7 +50,7 @@ def load_predictions(path: str | Path, aliases: list[list[str]], scored: int, *,
     found: dict[int, str | list[str]] = {}
     unknown, duplicates = [], []
     for line, record in enumerate(read_records(path), start=1):
-        if not isinstance(record, dict) or "id" not in record:
+        if "id" not in record:
             raise DataError(f"{path} line {line}: expected an object {{\"id\": ..., \"output\": ...}}.")
         item = index.get(str(record["id"]))
         if item is None:
@@ -64,11 +65,11 @@ def load_predictions(path: str | Path, aliases: list[list[str]], scored: int, *,
     if duplicates:
         raise DataError(f"{path}: {len(duplicates)} item(s) have more than one line: {_names(duplicates)}; "
                         "keep one answer per item.")
-    missing = [aliases[i][0] for i in range(scored) if i not in found]
+    missing = [aliases[i][0] for i in required if i not in found]
     if missing:
-        raise DataError(f"{path}: no answer for {len(missing)} of the {scored} scored item(s): {_names(missing)}. "
+        raise DataError(f"{path}: no answer for {len(missing)} of the {len(required)} scored item(s): {_names(missing)}. "
                         "Answer every item, or score fewer with --limit (the first N items of the data).")
-    return [found[i] for i in range(scored)]
+    return [found[i] for i in required]
 
 
 def reject_generation_options(options: dict, names: tuple[str, ...], task: str) -> None:
