@@ -130,7 +130,7 @@ def _execute(problems: list[dict], completions: list[list[str]], timeout: float,
 @register("humaneval", "HumanEval pass@k: generated code run in a guarded process (needs allow_code_execution)",
           {"allow_code_execution": Option(False, kind=bool), "predictions": Option(None, kind=str),
            "samples": Option(None, minimum=1), "temperature": Option(None, minimum=0, kind=float),
-           "top_p": Option(None, minimum=0, kind=float), "pass_k": Option(None, kind=tuple),
+           "top_p": Option(None, minimum=0, kind=float), "pass_k": Option(None, kind=(tuple, list)),
            "max_new_tokens": Option(None, minimum=1), "seed": Option(None, minimum=0),
            "timeout": Option(None, minimum=1, kind=float)},
           metric="rate", table_scores=("humaneval_pass@1",))

@@ -60,7 +60,7 @@ class Option:
     default: Any = None
     minimum: float | None = None
     choices: tuple[str, ...] | None = None
-    kind: type | None = None
+    kind: type | tuple[type, ...] | None = None
 
     def check(self, task: str, name: str, value: Any) -> None:
         if value is None:
@@ -70,7 +70,8 @@ class Option:
         wrong_type = (numeric and (isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)))
                       or not numeric and kind is not None and not isinstance(value, kind))
         if wrong_type or (self.minimum is not None and value < self.minimum):
-            what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+            what = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                    (tuple, list): "a list"}.get(kind, str(kind))
             bound = f" of at least {self.minimum}" if self.minimum is not None else ""
             raise DataError(f"{name} must be {what}{bound} (got {value!r}) for task {task}.")
         if self.choices is not None and value not in self.choices:
