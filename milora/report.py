@@ -66,7 +66,7 @@ def format_summary(result: dict) -> str:
     """A one-run table: one row per dataset or metric, the average last (accuracies in %)."""
     summary = result["summary"]
     kind = metric_kind(summary)
-    rows = [[PAPER_COLUMNS.get(name, name), format_score(value, kind != "value" and not _is_count(name))]
+    rows = [[PAPER_COLUMNS.get(name, name), f"{value:g}" if _is_count(name) else format_score(value, kind != "value")]
             for name, value in summary["scores"].items()]
     if kind == "accuracy" and summary.get("average") is not None and len(summary["scores"]) > 1:
         rows.append(["Avg.", format_score(summary["average"], True)])

@@ -35,7 +35,8 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", default=None, help="results JSON (default: <label>-<task>.json)")
     parser.add_argument("--scorer", default=None, choices=["generate", "loglik"], help="commonsense scoring (default generate)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 512 for math, 32 for commonsense")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default 512 for math and humaneval, 32 for commonsense, 1280 for ifeval, 2048 for alpaca-eval")
     parser.add_argument("--max-length", type=int, default=None, help="forgetting window in tokens (default 1024)")
     parser.add_argument("--base-model", default=None, help="forgetting: the original base of a merged --model")
     parser.add_argument("--label", default=None, help="method name in results and --compare (default: adapter/model name)")

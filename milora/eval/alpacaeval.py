@@ -128,7 +128,7 @@ def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
         is_ordered=True)
     annotations = sorted(annotations, key=lambda note: note["index"])
     for note, row, answer in zip(annotations, rows, answers):
-        if preference(note) is None and note.get("preference_raw_completion") is None:  # dropped by the package
+        if not isinstance(note.get("preference_raw_completion"), str):  # NaN: the package dropped an unparsed one
             note["preference_raw_completion"] = raw_completion(log, row["instruction"], row["output"], answer)
     return annotations
 
