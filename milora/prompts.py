@@ -10,7 +10,8 @@ evaluation prompt is the training prompt followed by the chain-of-thought cue.
 - ``plain``: the instruction (and input after a blank line) and a newline;
 - ``chat``: the tokenizer's chat template, instruction (+ input) as the user turn.
 
-`eval_prompt` gives the evaluation prompts of the paper's benchmarks.
+`eval_prompt` gives the evaluation prompts of the paper's benchmarks; `instruction_prompts`
+those of the instruction-following benchmarks (IFEval, AlpacaEval).
 """
 
 from __future__ import annotations
@@ -88,6 +89,20 @@ TEMPLATES: dict[str, Template] = {
 }
 TEMPLATE_NAMES = tuple(TEMPLATES)
 
+CHAT_TEMPLATES = {
+    # open-instruct's Tulu format, for base models (LLaMA-2) fine-tuned on Tulu-style conversations
+    "tulu": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+        "{% if not loop.last %}{{ '\n' }}{% endif %}{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+"""Named chat templates for tokenizers without one (``chat_template`` in `milora train`, ``--chat-template`` in eval)."""
+
 
 def join_input(instruction: str, input: str) -> str:
     """Instruction and input as one text (for templates without an input section)."""
@@ -111,6 +126,18 @@ def render_prompt(template: str, instruction: str, input: str = "", tokenizer=No
     return spec.prompt.format(instruction=join_input(instruction, input))
 
 
+def resolve_chat_template(value: str) -> str:
+    """The Jinja text of a chat template given by name (`CHAT_TEMPLATES`) or as a ``.jinja`` file path."""
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    from pathlib import Path
+
+    path = Path(value)
+    if not path.is_file():
+        raise DataError(f"chat template {value!r} is neither one of {', '.join(CHAT_TEMPLATES)} nor an existing file.")
+    return path.read_text(encoding="utf-8")
+
+
 def apply_chat_template(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     """``messages`` rendered as text by the tokenizer's chat template (a clear error if it has none)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -129,3 +156,16 @@ def eval_prompt(task: str, instruction: str, input: str = "") -> str:
         # the training prompt up to its response header, then the cue instead of the newline
         prompt = prompt.removesuffix(RESPONSE_HEADER + "\n") + RESPONSE_HEADER + MATH_COT_CUE
     return prompt
+
+
+def default_template(tokenizer) -> str:
+    """``chat`` when the tokenizer has a chat template (chat and instruction-tuned models), else ``alpaca``
+    (the paper's prompt for base models fine-tuned on Alpaca-style data)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def instruction_prompts(tokenizer, instructions: list[str], template: str | None = None) -> tuple[list[str], str]:
+    """The prompts of single-turn instructions, rendered as `milora train` renders them
+    (``template``: one of `TEMPLATES`, default `default_template`); returns ``(prompts, template)``."""
+    template = template or default_template(tokenizer)
+    return [render_prompt(template, instruction, "", tokenizer) for instruction in instructions], template

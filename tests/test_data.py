@@ -214,3 +214,47 @@ def test_local_dataset_directory_goes_through_datasets(tmp_path):
     assert load_records(str(tmp_path / "ds")) == RECORDS
     with pytest.raises(DataError, match=r"could not load local dataset directory .*\(split 'validation'\): Unknown split"):
         load_records(str(tmp_path / "ds"), split="validation")
+
+
+SHAREGPT = {"conversations": [
+    {"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"},
+    {"from": "human", "value": "bye"}, {"from": "gpt", "value": "see you"},
+]}
+
+
+def test_sharegpt_and_tulu_conversations_train_on_every_assistant_turn(smol_tokenizer):
+    assert detect_format(SHAREGPT) == "sharegpt"
+    normalised = normalise_record(SHAREGPT, "sharegpt", 0)
+    assert [m["role"] for m in normalised["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    tulu = {"id": "x", "source": "y", "messages": normalised["messages"]}  # allenai/tulu-3-sft-mixture's shape
+    assert detect_format(tulu) == "messages" and normalise_record(tulu, "messages", 0) == normalised
+    (example,), _ = encode_records([normalised], "chat", smol_tokenizer, 512, progress=False)
+    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    assert trained == "hello there<|im_end|>\nsee you<|im_end|>\n"
+    with pytest.raises(DataError, match="a ShareGPT turn needs 'from'"):
+        normalise_record({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", 0)
+    with pytest.raises(DataError, match="no 'assistant' turn"):
+        normalise_record({"conversations": [{"from": "human", "value": "x"}]}, "sharegpt", 0)
+
+
+def test_tulu_chat_template_for_a_tokenizer_without_one(bos_tokenizer):
+    import copy
+
+    from tokenizers import decoders
+
+    from milora.prompts import CHAT_TEMPLATES, resolve_chat_template
+
+    tokenizer = copy.deepcopy(bos_tokenizer)
+    tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
+    assert not getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = resolve_chat_template("tulu")
+    messages = normalise_record(SHAREGPT, "sharegpt", 0)["messages"]
+    (example,), _ = encode_records([{"messages": messages}], "chat", tokenizer, 512, progress=False)
+    assert tokenizer.decode(example["input_ids"]) == (
+        "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\nhello there</s>\n<|user|>\nbye\n<|assistant|>\nsee you</s>")
+    trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    assert trained == "hello there</s>see you</s>"  # the newline after a turn belongs to the next prompt
+    assert render_prompt("chat", "hi", tokenizer=tokenizer) == "<|user|>\nhi\n<|assistant|>\n"
+    with pytest.raises(DataError, match="neither one of tulu nor an existing file"):
+        resolve_chat_template("vicuna")
+    assert "tulu" in CHAT_TEMPLATES

@@ -221,6 +221,8 @@ def test_paper_recipes_parse_and_build(task, init, tmp_path_factory):
     assert raw["learning_rate"] == 3e-4 and raw["warmup_steps"] == 100 and raw["num_train_epochs"] == 3
     assert raw["per_device_train_batch_size"] * raw["gradient_accumulation_steps"] == 16
     assert raw["lora_dropout"] == 0.05 and raw["lora_target"] == "q_proj,k_proj,v_proj,up_proj,down_proj"
+    if task == "instruction":  # a public conversation mixture, in the Tulu chat format (LLaMA-2 has no template)
+        assert (raw["dataset"], raw["template"], raw["chat_template"]) == ("allenai/tulu-v2-sft-mixture", "chat", "tulu")
     # the real model and data are for GPU machines: check the rest of the recipe on a tiny stand-in
     root = tmp_path_factory.mktemp("standin")
     data = root / "data.json"

@@ -31,12 +31,16 @@ def _truncate_at_stop(text: str, stop_strings) -> str:
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
              stop_strings: tuple[str, ...] = (), add_special_tokens: bool = True, progress: bool = True,
-             desc: str = "generate") -> list[str]:
-    """Greedy completions of ``prompts`` (batched, left padding, KV cache), cut at the first stop string.
+             desc: str = "generate", temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Completions of ``prompts`` (batched, left padding, KV cache), cut at the first stop string.
 
-    Prompts are sorted by length so that batches hold similar lengths; outputs come back in the
-    prompts' order. ``add_special_tokens=False`` for prompts that already hold them (chat templates).
+    Greedy when ``temperature`` is 0, else sampled with that temperature and nucleus ``top_p``
+    (seed torch's generator for reproducible samples). Prompts are sorted by length so that
+    batches hold similar lengths; outputs come back in the prompts' order.
+    ``add_special_tokens=False`` for prompts that already hold them (chat templates).
     """
+    sampling = {"do_sample": temperature > 0, "temperature": temperature or None, "top_k": None,
+                "top_p": top_p if temperature > 0 else None}
     if tokenizer.pad_token_id is None:
         raise DataError("The tokenizer has no pad token: set `tokenizer.pad_token = tokenizer.eos_token`.")
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
@@ -50,8 +54,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             batch = order[start:start + batch_size]
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model_device(model))
             sequences = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
-                top_p=None, top_k=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                **inputs, max_new_tokens=max_new_tokens, num_beams=1, **sampling, eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
             )
             for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):

@@ -17,8 +17,10 @@ from typing import Any
 
 from milora.errors import DataError
 
-_TASK_MODULES = ("milora.eval.benchmarks", "milora.eval.forgetting", "milora.eval.lm_eval", "milora.eval.vision",
-                 "milora.eval.lmms_eval")
+_TASK_MODULES = (
+    "milora.eval.benchmarks", "milora.eval.forgetting", "milora.eval.lm_eval", "milora.eval.ifeval",
+    "milora.eval.alpacaeval", "milora.eval.humaneval", "milora.eval.vision", "milora.eval.lmms_eval",
+)
 
 
 @dataclass
@@ -50,17 +52,28 @@ class TaskResult:
 
 @dataclass(frozen=True)
 class Option:
-    """A task option: its default (``None``: the task decides), and the checks on a given value."""
+    """A task option: its default (``None``: the task decides), and the checks on a given value.
+
+    ``kind``: the type a value must have (``int`` when ``minimum`` is set and no kind is given;
+    ``float`` accepts integers too; ``None``: any value)."""
 
     default: Any = None
-    minimum: int | None = None
+    minimum: float | None = None
     choices: tuple[str, ...] | None = None
+    kind: type | tuple[type, ...] | None = None
 
     def check(self, task: str, name: str, value: Any) -> None:
         if value is None:
             return
-        if self.minimum is not None and (isinstance(value, bool) or not isinstance(value, int) or value < self.minimum):
-            raise DataError(f"{name} must be an integer of at least {self.minimum} (got {value!r}) for task {task}.")
+        kind = self.kind or (int if self.minimum is not None else None)
+        numeric = kind in (int, float)
+        wrong_type = (numeric and (isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)))
+                      or not numeric and kind is not None and not isinstance(value, kind))
+        if wrong_type or (self.minimum is not None and value < self.minimum):
+            what = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                    (tuple, list): "a list"}.get(kind, str(kind))
+            bound = f" of at least {self.minimum}" if self.minimum is not None else ""
+            raise DataError(f"{name} must be {what}{bound} (got {value!r}) for task {task}.")
         if self.choices is not None and value not in self.choices:
             raise DataError(f"Unknown {name} {value!r} for task {task}: choose one of {', '.join(self.choices)}.")
 
@@ -71,8 +84,8 @@ class Task:
     run: Callable[[Job], TaskResult]
     description: str
     options: dict[str, Option]
-    metric: str = "accuracy"  # "accuracy" (fractions, averaged) or "value"
-    table_scores: tuple[str, ...] = ()  # for "value" tasks: the scores `milora eval --compare` shows
+    metric: str = "accuracy"  # "accuracy" (fractions, averaged), "rate" (fractions, not averaged) or "value"
+    table_scores: tuple[str, ...] = ()  # the scores `milora eval --compare` shows (default: all accuracies)
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with defaults filled in; an option the task does not take, or a bad value, is an error."""

@@ -31,18 +31,23 @@ def evaluate(model, tokenizer, task: str, data: str | Path | None = None, *, lim
     `milora.eval.all_tasks`); one the task does not take is an error. ``summary["scores"]``
     maps dataset (column) names to accuracies (fractions), or metric names to values;
     ``summary["average"]`` is the mean accuracy over datasets. Each benchmark item has
-    ``prompt``, ``output``, ``prediction``, ``gold``, ``correct``.
+    ``prompt``, ``output``, ``prediction``, ``gold``, ``correct``. ``model`` and ``tokenizer`` may
+    be None for a task scoring a ``predictions`` file.
     """
     spec, argument = find_task(task)
     check_common(limit, batch_size)
     options = spec.check_options(options)
+    if model is None and options.get("predictions") is None:
+        raise DataError(f"Task {task} needs a model (or, for tasks that take it, a predictions file).")
     started = time.time()
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)
+    if model is not None:
+        model.eval()
     try:
         result = spec.run(Job(model, tokenizer, task, argument, data, limit, batch_size, progress, options))
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
     average = result.average
     if average is None and spec.metric == "accuracy" and result.scores:
         average = sum(result.scores.values()) / len(result.scores)

@@ -28,9 +28,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS, TARGET_SCOPES
 from milora.errors import ConfigError
 from milora.io import atomic_write_text, read_yaml_mapping
-from milora.prompts import TEMPLATE_NAMES
+from milora.prompts import CHAT_TEMPLATES, TEMPLATE_NAMES
 
-FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages", "llava")
+FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages", "sharegpt", "llava")
 SCHEDULER_CHOICES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )
@@ -110,6 +110,8 @@ class TrainConfig(BaseModel):
     image_folder: Str | None = Key(None, "folder the image paths of image records are relative to (default: the "
                                          "dataset file's folder)")
     template: Literal[TEMPLATE_NAMES] = Key("alpaca", "prompt template for instruction records ('chat' for messages records)")
+    chat_template: Str | None = Key(None, "chat template replacing the tokenizer's, for base models without one: 'tulu' or "
+                                          "a .jinja file (evaluate with the same --chat-template)")
     cutoff_len: Int = Key(512, "maximum tokens per example (prompt + response + EOS)", ge=2)
     overlong: Literal["truncate", "drop"] = Key("truncate", "examples longer than cutoff_len: truncate them or drop them")
     max_samples: Int | None = Key(None, "use only the first N records", ge=1)
@@ -278,6 +280,10 @@ def _check_consistency(config: TrainConfig) -> None:
             )
     if config.image_folder is not None and not Path(config.image_folder).is_dir():
         raise ConfigError(f"'image_folder' {config.image_folder} is not a directory: give the folder holding the images.")
+    if config.chat_template is not None and config.chat_template not in CHAT_TEMPLATES and not Path(
+            config.chat_template).is_file():
+        raise ConfigError(f"'chat_template' must be one of {', '.join(CHAT_TEMPLATES)} or an existing .jinja file, "
+                          f"got {config.chat_template!r}.")
     if config.deepspeed is not None and not Path(config.deepspeed).is_file():
         raise ConfigError(f"DeepSpeed config file not found: {config.deepspeed}.")
     if isinstance(config.resume_from_checkpoint, str) and not Path(config.resume_from_checkpoint).is_dir():

@@ -5,9 +5,12 @@ Record formats (``dataset_format``, detected from the first record when ``auto``
 - ``alpaca`` / ``llm-adapters``: ``instruction``, optional ``input``, ``output`` (LLM-Adapters'
   Commonsense170K and math files add ``answer``, which is ignored);
 - ``metamath``: ``query``, ``response`` (MetaMathQA);
-- ``messages``: ``messages``, a list of ``{"role", "content"}`` turns, rendered with the
-  tokenizer's chat template (``template: chat``); every assistant turn is trained on;
-- ``llava``: LLaVA's visual instruction records (``image``, ``conversations``) and ``messages``
+- ``messages``: ``messages``, a list of ``{"role", "content"}`` turns (OpenAI / Tulu shape,
+  e.g. ``allenai/tulu-3-sft-mixture``), rendered with the tokenizer's chat template
+  (``template: chat``); every assistant turn is trained on, however many turns there are;
+- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` turns (ShareGPT / Vicuna shape;
+  ``from`` is human/user, gpt/assistant/chatgpt/bing/bard or system), turned into ``messages``;
+- ``llava``: LLaVA's visual instruction records (``conversations`` with an ``image``) and ``messages``
   with image entries: `milora.training.vision_data`, for image-text-to-text models.
 
 Prompt templates (``template``) for instruction records: `milora.prompts`. An example is
@@ -94,7 +97,7 @@ def detect_format(record: dict[str, Any]) -> str:
     if "messages" in record:
         return "messages"
     if "conversations" in record:
-        return "llava"
+        return "llava" if "image" in record else "sharegpt"
     if "query" in record and "response" in record:
         return "metamath"
     if "instruction" in record and "output" in record:
@@ -108,12 +111,15 @@ def detect_format(record: dict[str, Any]) -> str:
 def normalise_record(record: dict[str, Any], fmt: str, index: int) -> dict[str, Any]:
     """``{"instruction", "input", "output"}`` or ``{"messages"}``, with field types checked."""
     fmt = "alpaca" if fmt == "llm-adapters" else fmt
-    fields = {"alpaca": ("instruction", "output"), "metamath": ("query", "response"), "messages": ("messages",)}[fmt]
+    fields = {"alpaca": ("instruction", "output"), "metamath": ("query", "response"), "messages": ("messages",),
+              "sharegpt": ("conversations",)}[fmt]
     missing = [name for name in fields if name not in record]
     if missing:
         raise DataError(f"record {index} lacks {missing} required by the {fmt!r} format (it has {sorted(record)}).")
     if fmt == "messages":
         return {"messages": _check_messages(record["messages"], index)}
+    if fmt == "sharegpt":
+        return {"messages": _check_messages(_sharegpt_messages(record["conversations"], index), index)}
     instruction, output = (record[name] for name in fields)
     input_text = record.get("input") or ""
     for name, value in ((fields[0], instruction), (fields[1], output), ("input", input_text)):
@@ -122,6 +128,23 @@ def normalise_record(record: dict[str, Any], fmt: str, index: int) -> dict[str, 
     if not instruction.strip():
         raise DataError(f"record {index}: field {fields[0]!r} is empty.")
     return {"instruction": instruction, "input": input_text, "output": output}
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def _sharegpt_messages(conversations: Any, index: int) -> list[dict[str, Any]]:
+    """ShareGPT ``{"from", "value"}`` turns as ``{"role", "content"}`` messages."""
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"record {index}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns.")
+    messages = []
+    for turn in conversations:
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"record {index}: a ShareGPT turn needs 'from' in {sorted(SHAREGPT_ROLES)}, got {turn!r}.")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return messages
 
 
 def _check_messages(messages: Any, index: int) -> list[dict[str, str]]:

