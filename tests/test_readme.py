@@ -1,0 +1,58 @@
+"""README's Architecture examples are real: the example evaluation task runs through `evaluate`,
+and a Trainer option reaches `TrainingArguments` without code (``trainer_args``) or by name."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import make_model_dir
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(after: str) -> str:
+    """The first ```python block after the line starting with ``after``."""
+    text = README.read_text()
+    start = text.index(after)
+    match = re.search(r"```python\n(.*?)```", text[start:], flags=re.S)
+    return match.group(1)
+
+
+def test_the_example_evaluation_task_runs(tmp_path):
+    from milora.eval import evaluate, registry
+    from milora.models import load_base_model
+
+    code = readme_block("**Adding an evaluation task**")
+    try:
+        exec(compile(code, "README.md", "exec"), {})  # registers "yesno"
+        data = tmp_path / "yesno.json"
+        data.write_text(json.dumps([{"question": f"Is {n} even?", "answer": "yes" if n % 2 == 0 else "no"}
+                                    for n in range(6)]))
+        model, tokenizer = load_base_model(str(make_model_dir(tmp_path / "model")))
+        result = evaluate(model, tokenizer, "yesno", str(data), batch_size=3, progress=False)
+        assert result["summary"]["n"] == 6 and 0 <= result["summary"]["average"] <= 1
+        assert {"prompt", "output", "prediction", "gold", "correct"} <= set(result["items"][0])
+        with pytest.raises(Exception, match="does not take the option"):
+            evaluate(model, tokenizer, "yesno", str(data), scorer="loglik")
+    finally:
+        registry._TASKS.pop("yesno", None)
+
+
+def test_trainer_options_pass_through(tmp_path):
+    from milora.training.config import from_dict
+    from milora.training.run import _training_arguments
+
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    config = from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "weight_decay": 0.1,
+                        "trainer_args": {"adam_beta2": 0.95}})
+    arguments = _training_arguments(config, has_eval=False)
+    assert arguments.adam_beta2 == 0.95 and arguments.weight_decay == 0.1
+    with pytest.raises(Exception, match=r"unknown key 'trainer_args.adam_beta3': did you mean 'adam_beta2'"):
+        from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"adam_beta3": 0.9}})
+    with pytest.raises(Exception, match="trainer_args.learning_rate: milora sets this"):
+        from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"learning_rate": 0.1}})
+    assert "adam_beta2: Float = Key(" in readme_block("**Adding a training key**")
