@@ -107,6 +107,26 @@ def _from_pretrained(loader, name_or_path, **kwargs):
         raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from None
 
 
+def checkpoint_quantization(name_or_path: str | os.PathLike | None) -> str | None:
+    """The quantisation method a checkpoint's config declares (``bitsandbytes``, ``gptq``, ...), or None.
+
+    Read from the config alone, so that commands needing full-precision weights refuse such a
+    checkpoint before loading it (loading one may not even work on this machine).
+    """
+    if name_or_path is None:
+        return None  # the embedded model is stored dequantised
+    from transformers import AutoConfig
+
+    quantization = getattr(_from_pretrained(AutoConfig, name_or_path), "quantization_config", None)
+    if quantization is None:
+        return None
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+    else:
+        method = getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown")
+
+
 def load_causal_lm(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
     """A causal LM in eval mode; ``name_or_path=None`` is the embedded SmolLM2."""
     if isinstance(dtype, str):

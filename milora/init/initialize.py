@@ -80,6 +80,7 @@ def get_model(
     adapter_name: str = "default",
     workers: int | None = None,
     null_space: str = "zero",
+    quantization: str | None = None,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model whose adapters start from the chosen singular triplets.
 
@@ -95,6 +96,9 @@ def get_model(
     (the paper's start; those directions cannot train, and a warning says so) or ``"random"``
     (see `start_factors`). Interrupted (Ctrl-C, an error), the model is restored to its
     original weights (up to one rounding) and plain modules before the exception propagates.
+    ``quantization`` (nf4, fp4, int8; default none): QLoRA-style, the frozen base is then quantised
+    with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
+    layers (see `milora.quantization`); the saved adapter is still for the full-precision base.
     """
     validate_lora_config(lora_config, init)
     if null_space not in NULL_SPACE_STARTS:
@@ -102,6 +106,10 @@ def get_model(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}.")
     modules = target_modules(model, lora_config)
+    if quantization is not None:
+        from milora.quantization import check_quantizable  # bitsandbytes only when asked for
+
+        check_quantizable(model, modules, quantization)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
         _check_devices(solver, workers, device, modules)
@@ -114,6 +122,10 @@ def get_model(
             _undo(peft_model, record, adapter_name, error)
             raise
     attach_record(peft_model, record)
+    if quantization is not None:
+        from milora.quantization import quantize_peft_model
+
+        peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
     return peft_model
 
 
