@@ -356,3 +356,31 @@ def test_interrupted_quantisation_restores_the_model(monkeypatch, tokens):
     assert all(type(m) in (torch.nn.Linear,) for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
     for (name, restored), weight in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.allclose(restored, weight, rtol=0, atol=1e-6 * float(weight.abs().max())), name
+
+
+@pytest.mark.slow
+def test_smollm2_nf4_report_matches_the_spectrum_and_a_direct_quantisation():
+    """The real model (widths 576, 1536, 192): one v_proj's report against its float64 spectrum and bitsandbytes."""
+    from milora.constants import PAPER_TARGETS
+
+    model, tokenizer = milora.load_base_model()
+    name = "model.layers.3.self_attn.v_proj"
+    weight = model.get_submodule(name).weight.detach().clone()
+    S = torch.linalg.svdvals(weight.double())
+    tokens = tokenizer(["MiLoRA adapts the minor singular components of each weight."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        original = model(tokens).logits
+    quantized = milora.get_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(PAPER_TARGETS)),
+                                 quantization="nf4", progress=False)
+    record = init_record(quantized)
+    entry = next(e for e in record.quantization["targets"] if e["module"] == name)
+    assert entry["initial_share"] == pytest.approx(float(S[-16:].norm() / S.norm()), rel=1e-6)  # the 16 smallest
+    A0, B0 = record.initial_factors[name]
+    residual = (weight.double() - (B0.double() @ A0.double())).float()  # s = 1: W_res as get_model rounds it
+    dequantized = direct_dequantized(residual, "nf4")
+    assert torch.equal(dequantize_module_weight(lora_layers(quantized)[name].get_base_layer()), dequantized)
+    assert entry["quantization_error"] == pytest.approx(relative_error(dequantized, residual), rel=1e-12)
+    summary = record.summary()
+    assert len(record.quantization["targets"]) == 150 and 0.05 < summary["mean_quantization_error"] < 0.15
+    with torch.no_grad():
+        assert 1e-3 < relative_error(quantized(tokens).logits, original) < 1  # NF4 noise, not a broken model
