@@ -89,6 +89,7 @@ def get_model(
     adapter_name: str = "default",
     workers: int | None = None,
     null_space: str = "zero",
+    quantization: str | None = None,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model whose adapters start from the chosen singular triplets.
 
@@ -108,6 +109,9 @@ def get_model(
     saved with the adapter. On an image-text-to-text model, target names match anywhere (PEFT's
     rule, with a warning when they reach past the language model): use
     `milora.language_model_targets` to adapt the language model only.
+    ``quantization`` (nf4, fp4, int8; default none): QLoRA-style, the frozen base is then quantised
+    with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
+    layers (see `milora.quantization`); the saved adapter is still for the full-precision base.
     """
     validate_lora_config(lora_config, init)
     if null_space not in NULL_SPACE_STARTS:
@@ -117,6 +121,10 @@ def get_model(
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
     warn_outside_language_model(model, lora_config.target_modules, modules)
+    if quantization is not None:
+        from milora.quantization import check_quantizable  # bitsandbytes only when asked for
+
+        check_quantizable(model, modules, quantization)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
         _check_devices(solver, workers, device, modules)
@@ -129,6 +137,10 @@ def get_model(
             _undo(peft_model, record, adapter_name, error)
             raise
     attach_record(peft_model, record)
+    if quantization is not None:
+        from milora.quantization import quantize_peft_model
+
+        peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
     return peft_model
 
 
