@@ -1,0 +1,203 @@
+"""Block Lanczos for the largest eigenpairs of a positive semi-definite operator, within a work budget.
+
+The operator A (k x k) is given as ``apply(X) = X @ A`` for a block of p row vectors. The
+basis grows one block per step (no restarts) and is fully re-orthogonalised (classical
+Gram-Schmidt, twice), so every step is level-3 BLAS: applying A to a block of p vectors
+through a k x k factor reads the factor once, where single-vector Lanczos (ARPACK) reads it
+once per vector (measured 10-20x fewer seconds per vector at k = 4096). After each step
+Rayleigh-Ritz on the basis gives the wanted eigenpairs and their residuals ||A x - theta x||
+(from the next block's QR factor, at no extra cost).
+
+Budget: the caller says what the iteration may cost in all (`CostModel` units, flops weighted
+by kernel), normally what the dense eigensolver would cost instead. The iteration stops with
+`OverBudget` when its next step would exceed that, or when the basis it needs, extrapolated
+from its last two residuals, is far beyond what the budget affords (`over_budget`). Both are
+pure functions of shapes and residuals: the decision is deterministic and independent of
+machine load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from milora.linalg import lapack
+
+# Relative residual ||A x - theta x|| / theta at which a Ritz pair counts as converged. For
+# A = G^-1 it bounds the backward error of the pair as an eigenpair of G by TOL * ||G||.
+# Rounding in the solves leaves a floor of 1e-15 to 2e-14 (k = 2048-4096, r = 16-128): a
+# residual below FLOOR that no longer halves per step has reached it and counts as converged.
+TOL, FLOOR = 1e-14, 1e-13
+# Block steps after the first estimate that the spectra which suit Lanczos needed: 11-16 for
+# the gaussian, clustered and real families at r = 16-128 (benchmarks/RESULTS.md).
+TYPICAL_STEPS = 14
+# Try Lanczos only where its typical cost is below this fraction of the dense solver's: where
+# it fails it has cost its setup and a few steps (about 12 % of the dense cost for milora).
+TRY_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted CPU time of the dense and block-Lanczos kernels, in level-3 flops (gemm, trsm, symm).
+
+    ``dense_flop`` is what one flop of a dense symmetric eigensolver costs in those units: its
+    tridiagonal reduction is half level-2 BLAS (memory-bound) and ran at about 1/2.5 the gemm
+    rate on 2 CPU cores at k = 2048-4096 (benchmarks/RESULTS.md).
+    """
+
+    dense_flop: float = 2.5
+
+    def dense(self, k: int, want: int) -> float:
+        """Index-range eigensolver (dsyevr) for ``want`` eigenpairs of a k x k matrix."""
+        return self.dense_flop * 4 / 3 * k**3 + 4 * k**2 * want
+
+    def cholesky(self, k: int) -> float:
+        return k**3 / 3
+
+    def step(self, k: int, dim: int, block: int, want: int) -> float:
+        """One block step that brings the basis to ``dim`` vectors: apply (two triangular solves or
+        one symmetric product), re-orthogonalisation (two passes) and QR, Rayleigh-Ritz on dim x dim."""
+        return 2 * k**2 * block + 8 * k * dim * block + 4 * k * block**2 + self.dense(dim, want)
+
+    def steps(self, k: int, start: int, stop: int, block: int, want: int) -> float:
+        """Steps that grow the basis from ``start`` to ``stop`` vectors."""
+        return sum(self.step(k, dim, block, want) for dim in range(start + block, stop + 1, block))
+
+
+COSTS = CostModel()
+# The extrapolated basis size may exceed the affordable one by this factor before the iteration
+# gives up: extrapolating the last two residuals overestimates the basis needed by up to 2.7x in
+# the first steps, because Krylov convergence accelerates (benchmarks/RESULTS.md).
+SLACK = 3.0
+
+
+def block_size(want: int) -> int:
+    """Block size for ``want`` eigenpairs: half the wanted block, between 8 and 32 vectors."""
+    return min(32, max(8, (want + 1) // 2))
+
+
+def worth_trying(k: int, want: int, setup: float, costs: CostModel = COSTS) -> bool:
+    """Whether Lanczos, converging in TYPICAL_STEPS after its first estimate and after ``setup``
+    (e.g. a factorisation), would cost at most TRY_FRACTION of the dense solver."""
+    block = block_size(want)
+    first = -(-(want + block) // block) * block  # basis of the first estimate
+    typical = min(first + TYPICAL_STEPS * block, k // block * block)
+    return setup + costs.steps(k, 0, typical, block, want) <= TRY_FRACTION * costs.dense(k, want)
+
+
+class OverBudget(Exception):
+    """The iteration stopped because finishing it was predicted to cost more than the dense solver."""
+
+
+def affordable_dim(k: int, block: int, want: int, budget: float, costs: CostModel = COSTS) -> int:
+    """The largest basis (a multiple of ``block``, at most k) whose steps cost at most ``budget``."""
+    dim, spent = 0, 0.0
+    while dim + block <= k and spent + costs.step(k, dim + block, block, want) <= budget:
+        dim += block
+        spent += costs.step(k, dim, block, want)
+    return dim
+
+
+def over_budget(history: list[tuple[int, float]], k: int, block: int, want: int, budget: float,
+                costs: CostModel = COSTS, tol: float = TOL) -> str | None:
+    """Why the iteration should stop now (a sentence), or None to go on.
+
+    ``history``: (basis size, worst relative residual) after each Rayleigh-Ritz step so far;
+    ``budget``: what the iteration may cost in all (`CostModel` units). Stops when the next step
+    would exceed the budget, or when the basis needed, extrapolated log-linearly from the last
+    two residuals, exceeds SLACK times the affordable basis.
+    """
+    dim, residual = history[-1]
+    affordable = affordable_dim(k, block, want, budget, costs)
+    if dim + block > affordable:
+        return f"residual {residual:.1e} with {dim} basis vectors, the most the budget affords"
+    if len(history) < 2:
+        return None
+    previous_dim, previous = history[-2]
+    rate = math.log(previous / residual) / (dim - previous_dim)  # log-residual decrease per basis vector
+    needed = math.inf if rate <= 0 else dim + math.log(residual / tol) / rate
+    if needed > SLACK * affordable:
+        return (f"residual {residual:.1e} with {dim} basis vectors; extrapolated to need {needed:.0f}, "
+                f"more than {SLACK:g} x the {affordable} the budget affords")
+    return None
+
+
+def largest_eigenpairs(
+    apply: Callable[[np.ndarray], np.ndarray], k: int, want: int, block: int, budget: float, seed: int = 0,
+    costs: CostModel = COSTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``want`` largest eigenpairs of a positive semi-definite k x k operator: eigenvalues
+    ascending, eigenvectors as the rows of a want x k array. ``budget``: what the iteration may
+    cost in all (`CostModel` units), typically the dense solver's cost.
+
+    Raises `OverBudget` (see `over_budget`) when the dense solver would be cheaper, and
+    LinAlgError when the Rayleigh quotient shows a clearly negative eigenvalue (the operator is
+    not what it claims, e.g. the inverse of a numerically singular matrix).
+    """
+    capacity = affordable_dim(k, block, want, budget, costs)
+    if want + block > capacity:
+        raise OverBudget(f"the budget affords {capacity} basis vectors, fewer than the {want + block} of a first estimate")
+    basis = np.empty((capacity, k))  # orthonormal rows
+    projected = np.zeros((capacity, capacity))  # basis A basis^T
+    new = _orthonormal_rows(np.random.default_rng(seed).standard_normal((block, k)))[0]
+    dim, history = 0, []
+    while True:
+        basis[dim : dim + block] = new
+        dim += block
+        new, coupling = _next_block(apply, basis[:dim], block, projected)
+        if dim < want + block:
+            continue
+        values, ritz = lapack.eigh_range(projected[:dim, :dim].copy(), dim - want, dim - 1)
+        ritz = np.ascontiguousarray(ritz)  # dim x want
+        # A x - theta x = new^T (coupling @ ritz[last block]) for the Ritz vectors x = basis^T ritz
+        residuals = np.linalg.norm(lapack.matmul(coupling, ritz[dim - block :]), axis=0) / np.abs(values)
+        history.append((dim, float(residuals.max())))
+        if _converged(history) or dim == k:  # or the basis spans everything: Rayleigh-Ritz is exact
+            break
+        reason = over_budget(history, k, block, want, budget, costs)
+        if reason is not None:
+            raise OverBudget(reason)
+    lowest = lapack.eigh_range(projected[:dim, :dim].copy(), 0, 0)[0][0]
+    if not np.all(np.isfinite(values)) or lowest < -1e-8 * values[-1]:
+        raise np.linalg.LinAlgError(f"the operator is not positive semi-definite (Ritz values {lowest:.1e} to {values[-1]:.1e})")
+    return values, lapack.matmul(ritz, basis[:dim], transpose_a=True)
+
+
+def _converged(history: list[tuple[int, float]]) -> bool:
+    """Residual below TOL, or below FLOOR and no longer halving (the rounding floor)."""
+    residual = history[-1][1]
+    return residual <= TOL or (residual <= FLOOR and len(history) > 1 and history[-2][1] < 2 * residual)
+
+
+def _next_block(
+    apply: Callable[[np.ndarray], np.ndarray], basis: np.ndarray, block: int, projected: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply A to the basis' last block L, write basis A L^T into ``projected`` (both triangles),
+    and return the next block N (orthonormal rows, orthogonal to the basis) with the coupling B:
+    A L^T = basis^T C + N^T B."""
+    dim = basis.shape[0]
+    applied = apply(basis[dim - block :])
+    coefficients = np.zeros((block, dim))
+    for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to rounding unless the block collapses
+        correction = lapack.matmul(applied, basis, transpose_b=True)
+        applied -= lapack.matmul(correction, basis)
+        coefficients += correction
+    projected[dim - block : dim, :dim] = coefficients
+    projected[:dim, dim - block : dim] = coefficients.T
+    new, coupling = _orthonormal_rows(applied)
+    # A block that cancelled almost entirely (an invariant subspace found) leaves rounding noise,
+    # which the QR normalises into rows no longer orthogonal to the basis: one more pass fixes them.
+    if np.abs(np.diag(coupling)).min() < 1e-6 * np.abs(coefficients).max():
+        new -= lapack.matmul(lapack.matmul(new, basis, transpose_b=True), basis)
+        new = _orthonormal_rows(new)[0]
+    return new, coupling
+
+
+def _orthonormal_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows Q (p x k, orthonormal) and upper-triangular B with rows = B^T Q (QR of rows^T)."""
+    q, b = scipy.linalg.qr(rows.T, mode="economic", check_finite=False)
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(b)
