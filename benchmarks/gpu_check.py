@@ -63,7 +63,8 @@ def init_part(device: str, scale: int, deadline: float) -> dict:
                 return results
             host = spectra.weight(family, out_features // scale, in_features // scale, RANK, seed=seed)
             weight = host.to(device)
-            paper_svd(weight)  # warm-up: cuSOLVER handles, workspace
+            if seed == 0:
+                paper_svd(weight)  # warm-up: cuSOLVER handles and workspaces
             (U32, _, Vh32), paper_seconds = timed(functools.partial(paper_svd, weight), 2)
             parts, milora_seconds = timed(functools.partial(select_components, weight, RANK, "milora", "auto"), 2)
             row = {"shape": list(weight.shape), "paper_s": paper_seconds, "milora_s": milora_seconds,
@@ -92,7 +93,8 @@ def llama(scale: int, device: str, vocab: int):
                          num_attention_heads=32 // scale, num_key_value_heads=32 // scale, vocab_size=vocab,
                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    with torch.device(device):  # initialise on the device: 7B-wide layers take a while on one CPU thread
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.config.use_cache = False
     return model
 

@@ -1,6 +1,6 @@
 """The budgeted block Lanczos solver and the ``auto`` rule, on spectra of each benchmark family.
 
-Spectra are built from seeded singular vectors (deterministic), at k = 400 so every test runs
+Spectra are built from seeded singular vectors (deterministic), at k = 600 so every test runs
 in well under a second. Exactness is checked against a float64 numpy SVD with the perturbation
 bound of a Gram-matrix solver: a backward error of at most C eps ||G|| in G = W^T W moves the
 minor subspace by at most C eps sigma_max^2 / (sigma_r^2 - sigma_{r+1}^2); eigh attains it with
@@ -20,7 +20,7 @@ import torch
 from milora.linalg import decomposition, lanczos
 from milora.linalg.decomposition import principal_angle_sine, resolve_solver, select_components
 
-K, R = 400, 16
+K, R = 600, 16
 EPS = np.finfo(np.float64).eps
 
 
@@ -114,7 +114,7 @@ def test_lanczos_hands_over_on_a_dead_feature():
 ])
 def test_auto_per_family(monkeypatch, family, solver):
     """What ``auto`` ends up running on each family (README's Solvers table), with the size
-    threshold lowered so a 400 x 400 weight qualifies: the shape says try Lanczos, the spectrum
+    threshold lowered so a 600 x 600 weight qualifies: the shape says try Lanczos, the spectrum
     decides whether it finishes."""
     monkeypatch.setattr(decomposition, "LARGE_SIDE", 256)
     assert resolve_solver("auto", "milora", "cpu", (K, K), R) == "lanczos"

@@ -290,15 +290,17 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
 
 def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of G (descending eigenvalues, eigenvectors as columns) at the block's positions and
-    its neighbour(s): the largest eigenpairs of G for pissa, of G^-1 (through a Cholesky factor
-    of G, i.e. shift-invert at 0) for milora. ``gram`` is left intact for the fallback."""
+    its neighbour: the largest eigenpairs of G for pissa, of G^-1 (through a Cholesky factor of
+    G, i.e. shift-invert at 0) for milora. Only the neighbour's eigenvalue is needed (for the
+    boundary gap), so its vector is left unconverged. ``gram`` is left intact for the fallback."""
     k = gram.shape[0]
     lo_pos, hi_pos = _neighbourhood(positions, k)
     want = hi_pos - lo_pos + 1
     block = lanczos.block_size(want)
     budget = lanczos.COSTS.dense(k, want)  # Lanczos must not cost more than eigh would on the same G
     if selection == "pissa":
-        values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.symmetric_times(gram, rows), k, want, block, budget)
+        values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.symmetric_times(gram, rows), k, want, block, budget,
+                                                     values_only=1)
         values, vectors = values[::-1], vectors[::-1]
     else:
         diagonal = np.diag(gram)  # squared norms of W's columns (rows if wide): a dead feature gives a zero
@@ -312,7 +314,7 @@ def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: st
             raise np.linalg.LinAlgError("numerically singular Gram matrix")
         budget -= lanczos.COSTS.cholesky(k)
         values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.cholesky_solve(factor, rows), k, want, block,
-                                                     budget)
+                                                     budget, values_only=1)
         values = 1.0 / values  # eigenvalues of G from those of G^-1, now descending
     return torch.from_numpy(values.copy()), torch.from_numpy(np.ascontiguousarray(vectors.T))
 
