@@ -110,8 +110,9 @@ def resolve_solver(
     if torch.device(device).type != "cpu" or shape is None or r is None or min(shape) < LARGE_SIDE:
         return "eigh"
     k = min(shape)
-    setup = lanczos.COSTS.cholesky(k) if selection == "milora" else 0.0
-    if selection in ("milora", "pissa") and lanczos.worth_trying(k, r + 1, setup):
+    costs = lanczos.COSTS
+    setup = costs.cholesky(k) if selection == "milora" else 0.0
+    if selection in ("milora", "pissa") and lanczos.worth_trying(k, r + 1, setup, costs):
         return "lanczos"
     return "eigh"
 
@@ -297,10 +298,11 @@ def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: st
     lo_pos, hi_pos = _neighbourhood(positions, k)
     want = hi_pos - lo_pos + 1
     block = lanczos.block_size(want)
-    budget = lanczos.COSTS.dense(k, want)  # Lanczos must not cost more than eigh would on the same G
+    costs = lanczos.COSTS
+    budget = costs.dense(k, want)  # Lanczos must not cost more than eigh would on the same G
     if selection == "pissa":
         values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.symmetric_times(gram, rows), k, want, block, budget,
-                                                     values_only=1)
+                                                     values_only=1, costs=costs)
         values, vectors = values[::-1], vectors[::-1]
     else:
         diagonal = np.diag(gram)  # squared norms of W's columns (rows if wide): a dead feature gives a zero
@@ -312,9 +314,9 @@ def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: st
         # reveal a numerically singular G, whose inverse's largest eigenpairs are rounding noise
         if pivots.min() ** 2 <= k * np.finfo(np.float64).eps * pivots.max() ** 2:
             raise np.linalg.LinAlgError("numerically singular Gram matrix")
-        budget -= lanczos.COSTS.cholesky(k)
+        budget -= costs.cholesky(k)
         values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.cholesky_solve(factor, rows), k, want, block,
-                                                     budget, values_only=1)
+                                                     budget, values_only=1, costs=costs)
         values = 1.0 / values  # eigenvalues of G from those of G^-1, now descending
     return torch.from_numpy(values.copy()), torch.from_numpy(np.ascontiguousarray(vectors.T))
 

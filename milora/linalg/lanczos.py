@@ -47,26 +47,41 @@ TRY_FRACTION = 0.8
 
 @dataclass(frozen=True)
 class CostModel:
-    """Predicted CPU time of the dense and block-Lanczos kernels, in level-3 flops (gemm, trsm, symm).
+    """Predicted CPU time of the dense and block-Lanczos kernels, in units of one flop of a large
+    Gram product (dsyrk, 52 GFLOP/s on one core of this machine).
 
-    ``dense_flop`` is what one flop of a dense symmetric eigensolver costs in those units: its
-    tridiagonal reduction is half level-2 BLAS (memory-bound) and ran at about 1/2.5 the gemm
-    rate on 2 CPU cores at k = 2048-4096 (benchmarks/RESULTS.md).
+    Each kernel's weight is its measured time per flop over dsyrk's (one thread, CPU time,
+    k = 2048 and 4096; benchmarks/RESULTS.md): the dense eigensolver's tridiagonal reduction is
+    half level-2 BLAS and slows as G outgrows the caches (2.1 at k = 2048, 2.7 at 4096);
+    triangular solves with a block of p vectors run at 1 + 18 / p; thin products at 1.4; a
+    Householder QR of a k x p block at 7; and Rayleigh-Ritz on the small projected matrix is
+    dominated, up to d = 1000, by its eigenvectors (inverse iteration in one cluster, d want^2).
+    ``dense_scale`` multiplies the dense solver's cost: a machine whose memory is slower relative
+    to its arithmetic favours Lanczos more (the tests raise it to give a 600 x 600 weight the
+    budget of a large one).
     """
 
-    dense_flop: float = 2.5
+    dense_scale: float = 1.0
 
     def dense(self, k: int, want: int) -> float:
         """Index-range eigensolver (dsyevr) for ``want`` eigenpairs of a k x k matrix."""
-        return self.dense_flop * 4 / 3 * k**3 + 4 * k**2 * want
+        per_flop = max(1.0, 1.5 + 0.6 * math.log2(k / 1024))
+        return self.dense_scale * (per_flop * 4 / 3 * k**3 + 12 * k**2 * want)
 
     def cholesky(self, k: int) -> float:
-        return k**3 / 3
+        return 1.15 * k**3 / 3
+
+    def rayleigh_ritz(self, dim: int, want: int) -> float:
+        """The ``want`` largest eigenpairs of the dim x dim projected matrix (dsyevr)."""
+        return 190 * dim * want**2 + 13 * dim**2 * want + 2.3 * dim**3
 
     def step(self, k: int, dim: int, block: int, want: int) -> float:
         """One block step that brings the basis to ``dim`` vectors: apply (two triangular solves or
-        one symmetric product), re-orthogonalisation (two passes) and QR, Rayleigh-Ritz on dim x dim."""
-        return 2 * k**2 * block + 8 * k * dim * block + 4 * k * block**2 + self.dense(dim, want)
+        one symmetric product), re-orthogonalisation (two passes) and QR, and Rayleigh-Ritz once
+        the basis can hold a first estimate."""
+        apply = (1 + 18 / block) * 2 * k**2 * block
+        orthogonalise = 1.4 * 8 * k * dim * block + 7 * 4 * k * block**2
+        return apply + orthogonalise + (self.rayleigh_ritz(dim, want) if dim >= want + block else 0.0)
 
     def steps(self, k: int, start: int, stop: int, block: int, want: int) -> float:
         """Steps that grow the basis from ``start`` to ``stop`` vectors."""
@@ -85,9 +100,10 @@ def block_size(want: int) -> int:
     return min(32, max(8, (want + 1) // 2))
 
 
-def worth_trying(k: int, want: int, setup: float, costs: CostModel = COSTS) -> bool:
+def worth_trying(k: int, want: int, setup: float, costs: CostModel | None = None) -> bool:
     """Whether Lanczos, converging in TYPICAL_STEPS after its first estimate and after ``setup``
     (e.g. a factorisation), would cost at most TRY_FRACTION of the dense solver."""
+    costs = costs or COSTS
     block = block_size(want)
     first = -(-(want + block) // block) * block  # basis of the first estimate
     typical = min(first + TYPICAL_STEPS * block, k // block * block)
@@ -98,8 +114,9 @@ class OverBudget(Exception):
     """The iteration stopped because finishing it was predicted to cost more than the dense solver."""
 
 
-def affordable_dim(k: int, block: int, want: int, budget: float, costs: CostModel = COSTS) -> int:
+def affordable_dim(k: int, block: int, want: int, budget: float, costs: CostModel | None = None) -> int:
     """The largest basis (a multiple of ``block``, at most k) whose steps cost at most ``budget``."""
+    costs = costs or COSTS
     dim, spent = 0, 0.0
     while dim + block <= k and spent + costs.step(k, dim + block, block, want) <= budget:
         dim += block
@@ -108,7 +125,7 @@ def affordable_dim(k: int, block: int, want: int, budget: float, costs: CostMode
 
 
 def over_budget(history: list[tuple[int, float]], k: int, block: int, want: int, budget: float,
-                costs: CostModel = COSTS, tol: float = TOL) -> str | None:
+                costs: CostModel | None = None, tol: float = TOL) -> str | None:
     """Why the iteration should stop now (a sentence), or None to go on.
 
     ``history``: (basis size, worst relative residual) after each Rayleigh-Ritz step so far;
@@ -133,7 +150,7 @@ def over_budget(history: list[tuple[int, float]], k: int, block: int, want: int,
 
 def largest_eigenpairs(
     apply: Callable[[np.ndarray], np.ndarray], k: int, want: int, block: int, budget: float, values_only: int = 0,
-    seed: int = 0, costs: CostModel = COSTS,
+    seed: int = 0, costs: CostModel | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``want`` largest eigenpairs of a positive semi-definite k x k operator: eigenvalues
     ascending, eigenvectors as the rows of a want x k array. ``budget``: what the iteration may
@@ -168,9 +185,14 @@ def largest_eigenpairs(
         reason = over_budget(history, k, block, want, budget, costs)
         if reason is not None:
             raise OverBudget(reason)
-    lowest = lapack.eigh_range(projected[:dim, :dim].copy(), 0, 0)[0][0]
-    if not np.all(np.isfinite(values)) or lowest < -1e-8 * values[-1]:
-        raise np.linalg.LinAlgError(f"the operator is not positive semi-definite (Ritz values {lowest:.1e} to {values[-1]:.1e})")
+    # A Rayleigh quotient below -1e-8 of the largest means the operator is not positive semi-definite
+    shifted = projected[:dim, :dim] + 1e-8 * abs(values[-1]) * np.eye(dim)
+    try:
+        lapack.cholesky(shifted)
+    except np.linalg.LinAlgError:
+        raise np.linalg.LinAlgError(f"the operator is not positive semi-definite (largest Ritz value {values[-1]:.1e})") from None
+    if not np.all(np.isfinite(values)):
+        raise np.linalg.LinAlgError("non-finite Ritz values")
     return values, lapack.matmul(ritz, basis[:dim], transpose_a=True)
 
 
