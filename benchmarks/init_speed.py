@@ -180,37 +180,33 @@ def run_init(model_dir: Path, output: Path, r: int, init: str) -> tuple[float, d
     return seconds, summary
 
 
-def adapter_errors(output: Path, weights: dict[str, torch.Tensor], r: int) -> float:
-    """Worst subspace error of the saved adapter's initial factors (first r rows of lora_A span
-    V_sel, first r columns of lora_B span U_sel) against float64 SVDs."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(output / "adapter_model.safetensors")
-    worst = 0.0
-    for name, weight in weights.items():
-        A = next(t for key, t in tensors.items() if f".{name}.lora_A" in key)
-        B = next(t for key, t in tensors.items() if f".{name}.lora_B" in key)
-        reference = minor(torch.linalg.svd(weight.double(), full_matrices=False), r)
-        worst = max(worst, subspace_error(B[:, :r].double(), A[:r].double(), reference))
-    return worst
+def adapter_error(tensors: dict[str, torch.Tensor], name: str, reference, r: int) -> float:
+    """Subspace error of a saved adapter's initial factors for module ``name``: the first r rows of
+    lora_A span V_sel, the first r columns of lora_B span U_sel."""
+    A = next(t for key, t in tensors.items() if f".{name}.lora_A" in key)
+    B = next(t for key, t in tensors.items() if f".{name}.lora_B" in key)
+    return subspace_error(B[:, :r].double(), A[:r].double(), reference)
 
 
 def layer_row(family: str, r: int = 64, scale: float = 1.0) -> dict:
     """One LLaMA-2-7B layer through `milora init` (its wall time minus `milora init --init lora`'s
     on the same model, and the init's own decomposition time) vs the paper's SVD of the same five
     weights in this process; worst subspace error of each against float64."""
+    from safetensors.torch import load_file
+
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, output = Path(tmp) / "model", Path(tmp) / "adapter"
         weights = llama_layer_dir(family, r, scale, model_dir)
         lora_seconds, _ = run_init(model_dir, output, r, "lora")
         milora_seconds, summary = run_init(model_dir, output, r, "milora")
-        milora_err = adapter_errors(output, weights, r)
-    paper_seconds, paper_err = 0.0, 0.0
-    for weight in weights.values():
+        tensors = load_file(output / "adapter_model.safetensors")
+    paper_seconds, paper_err, milora_err = 0.0, 0.0, 0.0
+    for name, weight in weights.items():
         (U32, _, Vh32), seconds = timed(functools.partial(paper_svd, weight))
         paper_seconds += seconds
         reference = minor(torch.linalg.svd(weight.double(), full_matrices=False), r)
         paper_err = max(paper_err, subspace_error(U32[:, -r:].double(), Vh32[-r:].double(), reference))
+        milora_err = max(milora_err, adapter_error(tensors, name, reference, r))
     row = {"family": family, "r": r, "scale": scale, "paper_s": paper_seconds, "init_wall_s": milora_seconds,
            "lora_wall_s": lora_seconds, "init_s": summary["init_seconds"], "solvers": summary["solvers"],
            "paper_err": paper_err, "milora_err": milora_err}

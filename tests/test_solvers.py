@@ -147,14 +147,15 @@ def test_over_budget_rule():
     k, want, block = 4096, 65, 32
     budget = lanczos.COSTS.dense(k, want) - lanczos.COSTS.cholesky(k)
     affordable = lanczos.affordable_dim(k, block, want, budget)
-    assert lanczos.over_budget([(128, 0.4)], k, block, want, budget) is None  # one point: no rate yet
-    # halving per block: about 128 + 32 log2(1e13) = 1500 vectors needed, within SLACK x affordable
-    assert lanczos.over_budget([(128, 0.4), (160, 0.2)], k, block, want, budget) is None
+    assert lanczos.over_budget([(128, 0.4), (160, 0.4)], k, block, want, budget) is None  # two points: no verdict
+    # halving per block: about 192 + 32 log2(2e13) = 1600 vectors needed, within SLACK x affordable
+    assert lanczos.over_budget([(128, 0.4), (160, 0.2), (192, 0.1)], k, block, want, budget) is None
     # 10 % per block: about 9000 needed
-    assert "extrapolated" in lanczos.over_budget([(128, 0.4), (160, 0.36)], k, block, want, budget)
-    assert "extrapolated" in lanczos.over_budget([(128, 0.4), (160, 0.5)], k, block, want, budget)  # no progress
+    assert "extrapolated" in lanczos.over_budget([(128, 0.4), (160, 0.36), (192, 0.32)], k, block, want, budget)
+    assert "extrapolated" in lanczos.over_budget([(128, 0.4), (160, 0.3), (192, 0.5)], k, block, want, budget)
     last = affordable // block * block
-    assert "the most the budget affords" in lanczos.over_budget([(last - block, 1e-3), (last, 1e-6)], k, block, want, budget)
+    history = [(last - 2 * block, 1e-2), (last - block, 1e-3), (last, 1e-6)]
+    assert "the most the budget affords" in lanczos.over_budget(history, k, block, want, budget)
     assert math.isclose(lanczos.COSTS.steps(k, 0, 2 * block, block, want),
                         lanczos.COSTS.step(k, block, block, want) + lanczos.COSTS.step(k, 2 * block, block, want))
 

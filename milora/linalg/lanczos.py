@@ -90,9 +90,10 @@ class CostModel:
 
 COSTS = CostModel()
 # The extrapolated basis size may exceed the affordable one by this factor before the iteration
-# gives up: extrapolating the last two residuals overestimates the basis needed by up to 2.7x in
-# the first steps, because Krylov convergence accelerates (benchmarks/RESULTS.md).
-SLACK = 3.0
+# gives up: extrapolating from the third residual on overestimates the basis needed by up to
+# 3x, because Krylov convergence accelerates; 2 separated every recorded history (families
+# gaussian, real, clustered, power at k = 2048-4096, r = 16-128; benchmarks/RESULTS.md).
+SLACK = 2.0
 
 
 def block_size(want: int) -> int:
@@ -130,16 +131,17 @@ def over_budget(history: list[tuple[int, float]], k: int, block: int, want: int,
 
     ``history``: (basis size, worst relative residual) after each Rayleigh-Ritz step so far;
     ``budget``: what the iteration may cost in all (`CostModel` units). Stops when the next step
-    would exceed the budget, or when the basis needed, extrapolated log-linearly from the last
-    two residuals, exceeds SLACK times the affordable basis.
+    would exceed the budget, or, from the third residual on, when the basis needed, extrapolated
+    log-linearly from the last three residuals, exceeds SLACK times the affordable basis (the
+    first step after a random start can stall, so two residuals are not enough to judge).
     """
     dim, residual = history[-1]
     affordable = affordable_dim(k, block, want, budget, costs)
     if dim + block > affordable:
         return f"residual {residual:.1e} with {dim} basis vectors, the most the budget affords"
-    if len(history) < 2:
+    if len(history) < 3:
         return None
-    previous_dim, previous = history[-2]
+    previous_dim, previous = history[-3]
     rate = math.log(previous / residual) / (dim - previous_dim)  # log-residual decrease per basis vector
     needed = math.inf if rate <= 0 else dim + math.log(residual / tol) / rate
     if needed > SLACK * affordable:
