@@ -186,6 +186,10 @@ def test_lapack_calls_match_numpy(shape):
     R = np.triu(factor)
     np.testing.assert_allclose(R.T @ R, reference, rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(lapack.cholesky_solve(factor, rows) @ reference, rows, rtol=0, atol=1e-9)
+    lower = lapack.cholesky(lapack.mirror_upper(lapack.gram(a)), lower=True)  # G = L L^T below, G kept above
+    np.testing.assert_allclose(np.tril(lower) @ np.tril(lower).T, reference, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_array_equal(np.triu(lower, 1), np.triu(lapack.gram(a), 1))
+    np.testing.assert_allclose(lapack.cholesky_solve(lower, rows, lower=True) @ reference, rows, rtol=0, atol=1e-9)
     with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
         lapack.cholesky(-lapack.gram(a))
     with pytest.raises(ValueError, match="non-empty C-contiguous float64"):

@@ -293,7 +293,8 @@ def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: st
     """Eigenpairs of G (descending eigenvalues, eigenvectors as columns) at the block's positions and
     its neighbour: the largest eigenpairs of G for pissa, of G^-1 (through a Cholesky factor of
     G, i.e. shift-invert at 0) for milora. Only the neighbour's eigenvalue is needed (for the
-    boundary gap), so its vector is left unconverged. ``gram`` is left intact for the fallback."""
+    boundary gap), so its vector is left unconverged. ``gram``'s upper triangle, diagonal included
+    (all that `lapack.eigh_range` reads), is left intact for the fallback."""
     k = gram.shape[0]
     lo_pos, hi_pos = _neighbourhood(positions, k)
     want = hi_pos - lo_pos + 1
@@ -305,18 +306,23 @@ def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: st
                                                      values_only=1, costs=costs)
         values, vectors = values[::-1], vectors[::-1]
     else:
-        diagonal = np.diag(gram)  # squared norms of W's columns (rows if wide): a dead feature gives a zero
+        diagonal = np.diag(gram).copy()  # squared norms of W's columns (rows if wide): a dead feature gives a zero
         if diagonal.min() <= k * np.finfo(np.float64).eps * diagonal.max():
             raise np.linalg.LinAlgError("a zero row or column: the weight is singular")
-        factor = lapack.cholesky(gram.copy())
-        pivots = np.diag(factor)
-        # the pivots bound the smallest eigenvalue from above (the last is 1 / (G^-1)_kk): tiny ones
-        # reveal a numerically singular G, whose inverse's largest eigenpairs are rounding noise
-        if pivots.min() ** 2 <= k * np.finfo(np.float64).eps * pivots.max() ** 2:
-            raise np.linalg.LinAlgError("numerically singular Gram matrix")
-        budget -= costs.cholesky(k)
-        values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.cholesky_solve(factor, rows), k, want, block,
-                                                     budget, values_only=1, costs=costs)
+        # factor in G's unused lower triangle (a k x k copy costs more, page faults included);
+        # the factor's diagonal overwrites G's, put back for the fallback
+        lapack.mirror_upper(gram)
+        try:
+            pivots = np.diag(lapack.cholesky(gram, lower=True)).copy()
+            # the pivots bound the smallest eigenvalue from above (the last is 1 / (G^-1)_kk): tiny ones
+            # reveal a numerically singular G, whose inverse's largest eigenpairs are rounding noise
+            if pivots.min() ** 2 <= k * np.finfo(np.float64).eps * pivots.max() ** 2:
+                raise np.linalg.LinAlgError("numerically singular Gram matrix")
+            budget -= costs.cholesky(k)
+            values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.cholesky_solve(gram, rows, lower=True), k,
+                                                         want, block, budget, values_only=1, costs=costs)
+        finally:
+            np.fill_diagonal(gram, diagonal)
         values = 1.0 / values  # eigenvalues of G from those of G^-1, now descending
     return torch.from_numpy(values.copy()), torch.from_numpy(np.ascontiguousarray(vectors.T))
 

@@ -112,28 +112,28 @@ def symmetric_times(g: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def cholesky(g: np.ndarray) -> np.ndarray:
-    """Overwrite a symmetric positive definite G (upper triangle read, as `gram` sets it) with its Cholesky factor.
+def cholesky(g: np.ndarray, lower: bool = False) -> np.ndarray:
+    """Overwrite one triangle of a symmetric positive definite G with its Cholesky factor.
 
-    LAPACK dpotrf: afterwards the upper triangle holds R with G = R^T R (the lower triangle is
-    untouched). Raises LinAlgError when G is not numerically positive definite.
+    LAPACK dpotrf on the upper triangle (as `gram` sets it; afterwards it holds R with
+    G = R^T R), or with ``lower`` on the lower triangle (afterwards it holds R^T). The other
+    triangle is neither read nor written; the diagonal belongs to both. Raises LinAlgError when
+    G is not numerically positive definite.
     """
     g = _float64_c(g, writeable=True)
     k = g.shape[0]
     if g.shape != (k, k):
         raise ValueError(f"need a square matrix, got {g.shape}")
     info = ctypes.c_int(0)
-    _dpotrf(_char("L"), _int(k), _data(g), _int(k), ctypes.byref(info))
+    _dpotrf(_char("U" if lower else "L"), _int(k), _data(g), _int(k), ctypes.byref(info))
     if info.value != 0:
         raise np.linalg.LinAlgError(f"dpotrf failed (info={info.value}): the matrix is not positive definite")
     return g
 
 
-def cholesky_solve(factor: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``rows @ G^-1`` (p x k) from the Cholesky factor of G written by `cholesky`: G^-1 applied to each row.
-
-    LAPACK dpotrs (two triangular solves with the block of rows).
-    """
+def cholesky_solve(factor: np.ndarray, rows: np.ndarray, lower: bool = False) -> np.ndarray:
+    """``rows @ G^-1`` (p x k) from the Cholesky factor of G written by `cholesky` (with the same
+    ``lower``): G^-1 applied to each row. LAPACK dpotrs (two triangular solves with the block)."""
     factor = _float64_c(factor)
     out = np.array(_float64_c(rows), order="C", copy=True)
     k, count = factor.shape[0], out.shape[0]
@@ -141,10 +141,23 @@ def cholesky_solve(factor: np.ndarray, rows: np.ndarray) -> np.ndarray:
         raise ValueError(f"need a square factor and rows of its size, got {factor.shape} and {out.shape}")
     info = ctypes.c_int(0)
     # column-major: the rows are the columns of a k x count right-hand side
-    _dpotrs(_char("L"), _int(k), _int(count), _data(factor), _int(k), _data(out), _int(k), ctypes.byref(info))
+    _dpotrs(_char("U" if lower else "L"), _int(k), _int(count), _data(factor), _int(k), _data(out), _int(k),
+            ctypes.byref(info))
     if info.value != 0:
         raise np.linalg.LinAlgError(f"dpotrs failed (info={info.value})")
     return out
+
+
+def mirror_upper(g: np.ndarray, block: int = 256) -> np.ndarray:
+    """Copy the strict upper triangle of a square array onto its strict lower one, in place (blocks
+    of ``block`` rows, so no k x k temporary)."""
+    g = _float64_c(g, writeable=True)
+    for start in range(block, g.shape[0], block):
+        g[start : start + block, :start] = g[:start, start : start + block].T
+    for start in range(0, g.shape[0], block):  # the diagonal blocks
+        square = g[start : start + block, start : start + block]
+        square[np.tril_indices(square.shape[0], -1)] = square.T[np.tril_indices(square.shape[0], -1)]
+    return g
 
 
 def eigh_range(g: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
