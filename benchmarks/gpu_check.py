@@ -75,8 +75,8 @@ def init_part(device: str, scale: int, deadline: float) -> dict:
                 row["paper_err"] = subspace_error(U32[:, -RANK:].double().cpu(), Vh32[-RANK:].double().cpu(), reference)
                 row["milora_err"] = subspace_error(parts.U.cpu(), parts.Vh.cpu(), reference)
             rows[name] = row
-            print(f"init {family} {name} {tuple(weight.shape)}: paper {paper_seconds:.2f} s, milora {milora_seconds:.2f} s "
-                  f"({parts.solver})", flush=True)
+            print(f"init {family} {name} {tuple(weight.shape)}: paper {paper_seconds:.2f} s, "
+                  f"milora {milora_seconds:.2f} s ({parts.solver})", flush=True)
         layer_paper = sum(row["paper_s"] for row in rows.values())
         layer_milora = sum(row["milora_s"] for row in rows.values())
         results[family] = {"weights": rows, "layer_paper_s": layer_paper, "layer_milora_s": layer_milora,
@@ -105,7 +105,8 @@ def train_part(device: str, scale: int, batch: int, seq: int, rounds: int) -> di
 
     import milora
 
-    config = {"r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.05, "target_modules": TARGETS, "task_type": "CAUSAL_LM"}
+    config = {"r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.05, "target_modules": TARGETS,
+              "task_type": "CAUSAL_LM"}
     base = llama(scale, device, vocab=32000 // scale)
     start = time.perf_counter()
     milora_model = milora.get_model(copy.deepcopy(base), LoraConfig(**config), progress=False)
@@ -153,16 +154,17 @@ def markdown(results: dict) -> str:
                          f"| {row.get('paper_err', float('nan')):.1e} | {row.get('milora_err', float('nan')):.1e} |")
         if family in init:
             layer = init[family]
-            lines.append(f"| {family} | layer (5 weights) | | {layer['layer_paper_s']:.2f} | {layer['layer_milora_s']:.2f} "
-                         f"| {layer['ratio']:.2f} | x 32 layers: {layer['model_paper_s']:.0f} s vs "
-                         f"{layer['model_milora_s']:.0f} s | | |")
+            lines.append(f"| {family} | layer (5 weights) | | {layer['layer_paper_s']:.2f} "
+                         f"| {layer['layer_milora_s']:.2f} | {layer['ratio']:.2f} | x 32 layers: "
+                         f"{layer['model_paper_s']:.0f} s vs {layer['model_milora_s']:.0f} s | | |")
     if "skipped" in init:
         lines.append(f"\nInit: {init['skipped']}.")
     train = results.get("train")
     if train:
         lines += ["", "| | median step s | peak memory MiB |", "|---|---|---|"]
         for name in ("lora", "milora"):
-            lines.append(f"| {name} | {train['step_seconds_median'][name]:.4f} | {train['peak_bytes'][name] / 2**20:.0f} |")
+            step_seconds, peak = train["step_seconds_median"][name], train["peak_bytes"][name]
+            lines.append(f"| {name} | {step_seconds:.4f} | {peak / 2**20:.0f} |")
         lines.append(f"| ratio MiLoRA / LoRA | {train['time_ratio_milora_over_lora']:.3f} "
                      f"| {train['memory_ratio_milora_over_lora']:.3f} |")
     elif "train_skipped" in results:
@@ -174,7 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="gpu_check_results", help="directory for results.json and results.md")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="sides / 16 and a short training run (checks the code path)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="sides / 16 and a short training run (checks the code path)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining parts are skipped")
     args = parser.parse_args()
     start = time.perf_counter()

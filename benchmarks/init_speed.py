@@ -137,14 +137,15 @@ def print_row(row: dict, solvers) -> None:
     faster = min(row[s]["s"] for s in ("eigh", "lanczos") if s in row)
     versus = f"{main['s'] / faster:.2f}" if "auto" in row else "-"
     print(f"| {shape} | {row['family']} | {row['r']} | {row['paper_s']:.2f} | {cell['eigh']} | {cell['lanczos']} "
-          f"| {cell['auto']} | {versus} | {row['paper_s'] / main['s']:.2f} | {row['paper_err']:.1e} | {main['err']:.1e} "
-          f"| {main['gap']:.1e} |", flush=True)
+          f"| {cell['auto']} | {versus} | {row['paper_s'] / main['s']:.2f} | {row['paper_err']:.1e} "
+          f"| {main['err']:.1e} | {main['gap']:.1e} |", flush=True)
     if main["reason"]:
         print(f"<!-- {shape} {row['family']} r={row['r']}: {main['reason']} -->", flush=True)
 
 
 def _short(solver: str) -> str:
-    return {"eigh (lanczos over budget)": "eigh: over budget", "eigh (lanczos failed)": "eigh: failed"}.get(solver, solver)
+    short = {"eigh (lanczos over budget)": "eigh: over budget", "eigh (lanczos failed)": "eigh: failed"}
+    return short.get(solver, solver)
 
 
 def llama_layer_dir(family: str, r: int, scale: float, directory: Path) -> dict[str, torch.Tensor]:
@@ -218,7 +219,8 @@ def layer_row(family: str, r: int = 64, scale: float = 1.0) -> dict:
 
 
 LAYER_HEADER = ("| family | r | paper fp32 SVD s (5 weights) | milora init - init lora s | paper / that | init_seconds "
-                "| paper / init_seconds | paper worst err | milora worst err | solvers |\n|---|---|---|---|---|---|---|---|---|---|")
+                "| paper / init_seconds | paper worst err | milora worst err | solvers |\n"
+                "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def whole_model(r: int) -> None:

@@ -241,7 +241,9 @@ def _neighbourhood(positions: torch.Tensor, k: int) -> tuple[int, int]:
     return max(int(positions[0]) - 1, 0), min(int(positions[-1]) + 1, k - 1)
 
 
-def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str, gram: np.ndarray | None = None) -> Components:
+def _eigh_components(
+    w: torch.Tensor, positions: torch.Tensor, selection: str, gram: np.ndarray | None = None
+) -> Components:
     """Triplets from the dense eigensolver on the Gram matrix (CPU: ``gram`` if given, as `lapack.gram`
     sets it, which is overwritten)."""
     k = min(w.shape)
@@ -276,7 +278,9 @@ def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str
         evals, evecs = _lanczos_eigenpairs(gram, positions, selection)
         parts = _complete(w, evals, evecs, positions, lo_pos, selection, "lanczos")
         # a-posteriori check: the triplets must be exact for a W perturbed by at most 1e-10 relative
-        residual = np.linalg.norm(lapack.matmul(wn, _as_numpy(parts.U), transpose_a=True) - (parts.Vh.T * parts.S).numpy())
+        residual = np.linalg.norm(
+            lapack.matmul(wn, _as_numpy(parts.U), transpose_a=True) - (parts.Vh.T * parts.S).numpy()
+        )
         if residual > 1e-10 * np.linalg.norm(wn) * math.sqrt(positions.numel()):
             raise FloatingPointError(f"Lanczos triplets have residual {float(residual):.1e}")
         return parts
@@ -302,8 +306,9 @@ def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: st
     costs = lanczos.COSTS
     budget = costs.dense(k, want)  # Lanczos must not cost more than eigh would on the same G
     if selection == "pissa":
-        values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.symmetric_times(gram, rows), k, want, block, budget,
-                                                     values_only=1, costs=costs)
+        values, vectors = lanczos.largest_eigenpairs(
+            lambda rows: lapack.symmetric_times(gram, rows), k, want, block, budget, values_only=1, costs=costs
+        )
         values, vectors = values[::-1], vectors[::-1]
     else:
         diagonal = np.diag(gram).copy()  # squared norms of W's columns (rows if wide): a dead feature gives a zero

@@ -11,7 +11,7 @@ Rayleigh-Ritz on the basis gives the wanted eigenpairs and their residuals ||A x
 Budget: the caller says what the iteration may cost in all (`CostModel` units, flops weighted
 by kernel), normally what the dense eigensolver would cost instead. The iteration stops with
 `OverBudget` when its next step would exceed that, or when the basis it needs, extrapolated
-from its last two residuals, is far beyond what the budget affords (`over_budget`). Both are
+from its last three residuals, is far beyond what the budget affords (`over_budget`). Both are
 pure functions of shapes and residuals: the decision is deterministic and independent of
 machine load.
 """
@@ -165,7 +165,7 @@ def largest_eigenpairs(
     """
     capacity = affordable_dim(k, block, want, budget, costs)
     if want + block > capacity:
-        raise OverBudget(f"the budget affords {capacity} basis vectors, fewer than the {want + block} of a first estimate")
+        raise OverBudget(f"the budget affords {capacity} basis vectors, fewer than a first estimate's {want + block}")
     basis = np.empty((capacity, k))  # orthonormal rows
     projected = np.zeros((capacity, capacity))  # basis A basis^T
     new = _orthonormal_rows(np.random.default_rng(seed).standard_normal((block, k)))[0]
@@ -192,7 +192,8 @@ def largest_eigenpairs(
     try:
         lapack.cholesky(shifted)
     except np.linalg.LinAlgError:
-        raise np.linalg.LinAlgError(f"the operator is not positive semi-definite (largest Ritz value {values[-1]:.1e})") from None
+        message = f"the operator is not positive semi-definite (largest Ritz value {values[-1]:.1e})"
+        raise np.linalg.LinAlgError(message) from None
     if not np.all(np.isfinite(values)):
         raise np.linalg.LinAlgError("non-finite Ritz values")
     return values, lapack.matmul(ritz, basis[:dim], transpose_a=True)

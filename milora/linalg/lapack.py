@@ -88,7 +88,8 @@ def matmul(a: np.ndarray, b: np.ndarray, transpose_a: bool = False, transpose_b:
     rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
     inner_b, cols = (b.shape[1], b.shape[0]) if transpose_b else b.shape
     if inner_b != inner:
-        raise ValueError(f"shapes {a.shape}{'.T' if transpose_a else ''} and {b.shape}{'.T' if transpose_b else ''} do not match")
+        shapes = f"{a.shape}{'.T' if transpose_a else ''} and {b.shape}{'.T' if transpose_b else ''}"
+        raise ValueError(f"shapes {shapes} do not match")
     c = np.empty((rows, cols))
     # column-major: c^T = b^T a^T, with b^T = B (or B^T) and a^T = A (or A^T)
     _dgemm(_char("T" if transpose_b else "N"), _char("T" if transpose_a else "N"), _int(cols), _int(rows), _int(inner),
