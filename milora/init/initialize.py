@@ -223,8 +223,8 @@ def _initialise_layers(
             r, scaling = layer.r[adapter], layer.scaling[adapter]
             A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
             B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
-            stats = torch.zeros(5, dtype=torch.float64, device=here)
-            chosen = resolve_solver(solver, record.init, here, tuple(weight.shape), r)
+            stats = torch.zeros(4, dtype=torch.float64, device=here)
+            ran = [resolve_solver(solver, record.init, here, tuple(weight.shape), r), ""]  # solver, fallback reason
             if rank == owner:
                 parts = next(owned_parts)
                 zero = _zero_components(parts.S, weight)
@@ -233,27 +233,32 @@ def _initialise_layers(
                 A.copy_(A_start)
                 B.copy_(B_start)
                 stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap,
-                                          parts.solver != chosen, int(zero.sum())]))
+                                          int(zero.sum())]))
+                ran = [parts.solver, parts.reason]
             if world > 1:
                 for tensor in (A, B, stats):
                     dist.broadcast(tensor, src=owner)
+                dist.broadcast_object_list(ran, src=owner)
             error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
             record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
             _release_freed_memory()
-            record.report.append(_report_entry(name, weight, r, scaling, chosen, stats.tolist(), error))
+            record.report.append(_report_entry(name, weight, r, scaling, ran, stats.tolist(), error))
     record.measured["init_seconds"] = time.perf_counter() - start
     record.measured["workers"] = workers
     _warn_zero_components(record, null_space)
 
 
-def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, chosen: str, stats: list, error: float) -> dict:
-    sigma_max, sigma_min, gap, fell_back, zeros = stats
+def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: list, stats: list, error: float) -> dict:
+    """One weight's line of the init report; ``ran`` is [the solver that ran, why it replaced the chosen one]."""
+    sigma_max, sigma_min, gap, zeros = stats
+    solver, reason = ran
     return {
         "module": name,
         "shape": list(weight.shape),
         "rank": r,
         "scaling": scaling,
-        "solver": f"eigh ({chosen} failed)" if fell_back else chosen,
+        "solver": solver,
+        **({"solver_reason": reason} if reason else {}),
         "sigma_max_selected": sigma_max,
         "sigma_min_selected": sigma_min,
         "boundary_gap": None if math.isnan(gap) else gap,
