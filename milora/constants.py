@@ -9,6 +9,8 @@ INIT_MODES = (*SELECTIONS, "lora")
 """Adapter initialisations: the SVD-based selections, and PEFT's default LoRA start."""
 SOLVERS = ("auto", "eigh", "lanczos", "svd")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+"""bitsandbytes quantisations of the frozen base after the init (see `milora.quantization`)."""
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 """The modules the paper adapts (its math setting; also milora's default)."""
 TARGET_SCOPES = ("language_model", "whole_model")

@@ -129,6 +129,24 @@ def _model_loader(name_or_path: str | None):
     return AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
 
 
+def checkpoint_quantization(name_or_path: str | os.PathLike | None) -> str | None:
+    """The quantisation method a checkpoint's config declares (``bitsandbytes``, ``gptq``, ...), or None.
+
+    Read from the config alone, so that commands needing full-precision weights refuse such a
+    checkpoint before loading it (loading one may not even work on this machine).
+    """
+    if name_or_path is None:
+        return None  # the embedded model is stored dequantised
+    quantization = getattr(_from_pretrained(AutoConfig, name_or_path), "quantization_config", None)
+    if quantization is None:
+        return None
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+    else:
+        method = getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown")
+
+
 def _load(loader, name_or_path: str | None, dtype: str | torch.dtype, device: str | None):
     if isinstance(dtype, str):
         if dtype not in DTYPES:

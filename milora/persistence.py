@@ -14,7 +14,11 @@ A directory written by `save_adapter` holds:
   (e.g. a vision-language model's projector, trained in full) are saved whole, under PEFT's own
   keys, so PEFT loads them too.
 - ``milora_config.json``: init mode, rank, alpha, solver, init report and a fingerprint of
-  the original base weights; `load_model` refuses a base that does not match it.
+  the original base weights; `load_model` refuses a base that does not match it. For an adapter
+  trained on a quantised base (QLoRA-style, see `milora.quantization`), ``quantization`` records
+  the method, its bitsandbytes config and the quantisation errors; the weights are the same
+  full-precision-base LoRA, and ``load_model(..., quantization=method)`` rebuilds the same
+  quantised residual to train further.
 - optionally ``residual_model/`` + ``residual_adapter/``: the paper's layout, the residual
   base with the rank-r adapter (valid only together).
 
@@ -52,6 +56,7 @@ from milora.init import (
     weight_matrix,
 )
 from milora.io import check_replaceable, staged_directory
+from milora.quantization import check_quantizable, quantize_peft_model
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 (milora 0.1) lacks the weights checksum and the target list
@@ -72,6 +77,13 @@ def save_adapter(
     FSDP), as transformers' Trainer passes it; by default the model's own parameters.
     """
     record = init_record(peft_model)
+    if save_residual and record.quantization:
+        raise AdapterError(
+            f"save_residual writes the residual model in full precision, but this model's base is quantised "
+            f"({record.quantization_method}). Save without it: the adapter loads onto the full-precision base, and "
+            f"milora.load_model(base, dir, quantization={record.quantization_method!r}) rebuilds the quantised "
+            "residual."
+        )
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExistsError(f"{output_dir} is a file, not a directory: choose another path for the adapter.")
@@ -101,6 +113,7 @@ def save_adapter(
         "rank_pattern": dict(trained_config.rank_pattern),
         "alpha_pattern": dict(trained_config.alpha_pattern),
         "fingerprint": record.fingerprint,
+        "quantization": record.quantization,
         "layout": "PEFT LoRA on the original base; rank 2r = [trainable | initial] unless init is 'lora'",
         "summary": record.summary(),
         "measured": record.measured,
@@ -295,11 +308,15 @@ def load_model(
     is_trainable: bool = False,
     device: str | torch.device | None = None,
     adapter_name: str = "default",
+    quantization: str | None = None,
 ) -> PeftModel:
     """Rebuild a saved adapter on the ORIGINAL base model: residual weights + rank-r adapter.
 
     The result equals the model that was saved (same outputs to the rounding of the residual)
     and can continue training with ``is_trainable=True``. The base model is modified in place.
+    ``quantization`` (nf4, fp4, int8) quantises the rebuilt base with bitsandbytes as
+    `milora.get_model` does: with the method in the adapter's ``milora_config.json``
+    (``quantization.method``) it is the quantised residual the adapter was trained on.
     """
     adapter_dir = Path(adapter_dir)
     saved_config, weights, metadata = read_adapter(adapter_dir)
@@ -309,6 +326,8 @@ def load_model(
     check_fingerprint(modules, metadata, adapter_dir)
     _check_weight_shapes(modules, saved_modules(base_model, lora_config), weights, lora_config, metadata,
                          adapter_dir)
+    if quantization is not None:
+        check_quantizable(base_model, modules, quantization)
 
     peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
     record = InitRecord(
@@ -327,6 +346,8 @@ def load_model(
         record.initial_factors[name] = (A0.clone(), B0.clone())
     _load_saved_modules(peft_model, weights, adapter_name)
     attach_record(peft_model, record)
+    if quantization is not None:
+        peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
     if not is_trainable:
         peft_model.eval()
     return peft_model
@@ -399,6 +420,12 @@ def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, ad
     _, weights, metadata = read_adapter(adapter_dir)
     if metadata["init"] != record.init:
         raise AdapterError(f"{adapter_dir} holds an init={metadata['init']!r} adapter, the model is init={record.init!r}.")
+    trained_on = (metadata.get("quantization") or {}).get("method")
+    if trained_on != record.quantization_method:
+        raise AdapterError(
+            f"{adapter_dir} was trained on a {trained_on or 'full-precision'} base, this model's base is "
+            f"{record.quantization_method or 'full-precision'}: build the model with quantization={trained_on!r}."
+        )
     for name, layer in lora_layers(peft_model).items():
         saved_A, saved_B = weights[f"{_PREFIX}{name}.lora_A.weight"], weights[f"{_PREFIX}{name}.lora_B.weight"]
         r = layer.r[adapter_name]

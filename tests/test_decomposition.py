@@ -21,7 +21,6 @@ from milora.linalg import decomposition, lapack
 from milora.linalg.decomposition import (
     default_workers,
     principal_angle_sine,
-    resolve_solver,
     select_components,
     select_components_many,
 )
@@ -114,7 +113,7 @@ def test_gap_reported_inside_and_outside_cluster():
 def test_lanczos_falls_back_on_singular_weight():
     W = with_spectrum(48, 48, spectrum("rank_deficient", 48))
     parts = select_components(W, 6, "milora", "lanczos")
-    assert parts.solver == "eigh (lanczos failed)"  # LU pivots reveal the singular square weight
+    assert parts.solver == "eigh (lanczos failed)"  # the Cholesky factor of G reveals the singular weight
     W_rect = with_spectrum(72, 40, spectrum("rank_deficient", 40))
     assert select_components(W_rect, 6, "milora", "lanczos").solver == "eigh (lanczos failed)"
 
@@ -144,21 +143,6 @@ def test_reconstruction_exact_to_weight_dtype(dtype, unit_roundoff, solver, kind
     assert torch.all(error <= unit_roundoff * (residual.abs() + product.abs() + W.double().abs()))
 
 
-def test_auto_solver_rule():
-    """Lanczos where it measured faster (large weights, small r), eigh elsewhere."""
-    assert resolve_solver("auto", "milora", "cpu", (4096, 4096), 64) == "lanczos"
-    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 16) == "lanczos"
-    assert resolve_solver("auto", "milora", "cpu", (2048, 2048), 32) == "eigh"
-    assert resolve_solver("auto", "milora", "cpu", (576, 576), 8) == "eigh"
-    assert resolve_solver("auto", "milora", "cpu", (11008, 4096), 8) == "eigh"
-    assert resolve_solver("auto", "pissa", "cpu", (4096, 11008), 8) == "lanczos"
-    assert resolve_solver("auto", "pissa", "cpu", (4096, 11008), 16) == "eigh"
-    assert resolve_solver("auto", "pissa", "cpu", (576, 1536), 8) == "eigh"
-    assert resolve_solver("auto", "middle", "cpu", (4096, 4096), 8) == "eigh"
-    assert resolve_solver("auto", "random", "cpu", (4096, 4096), 8) == "svd"
-    assert resolve_solver("auto", "milora", "cuda", (4096, 4096), 8) == "eigh"
-
-
 def test_default_workers():
     torch_threads = torch.get_num_threads()
     try:
@@ -174,7 +158,8 @@ def test_default_workers():
 @pytest.mark.parametrize("shape", [(90, 60), (60, 90), (64, 64)])
 def test_lapack_calls_match_numpy(shape):
     """milora.linalg.lapack (scipy's BLAS/LAPACK through ctypes) against numpy: products exact to
-    rounding (1e-12 relative), eigenpairs within 1e-12 of numpy's float64 eigh."""
+    rounding (1e-12 relative), eigenpairs within 1e-12 of numpy's float64 eigh, the Cholesky
+    factor to 1e-12 and its solves to 1e-9 (G's condition number is below 1e3 here)."""
     a = RNG.standard_normal(shape)
     k = min(shape)
     reference = a.T @ a if shape[0] >= shape[1] else a @ a.T
@@ -191,6 +176,22 @@ def test_lapack_calls_match_numpy(shape):
     assert np.allclose(values, ref_values[2:10], rtol=0, atol=1e-12 * scale)
     assert np.allclose(vectors.T @ vectors, np.eye(8), atol=1e-12)
     assert np.allclose(reference @ vectors, vectors * values, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(lapack.matmul(b.T.copy(), a, transpose_b=True), b.T @ a.T, rtol=0, atol=1e-12 * k)
+    np.testing.assert_allclose(lapack.matmul(a, c.T.copy(), transpose_a=True, transpose_b=True), a.T @ c, rtol=0,
+                               atol=1e-12 * k)
+    rows = RNG.standard_normal((4, k))
+    np.testing.assert_allclose(lapack.symmetric_times(lapack.gram(a), rows), rows @ reference, rtol=0,
+                               atol=1e-12 * scale)
+    factor = lapack.cholesky(lapack.gram(a))  # G = R^T R, R upper triangular
+    R = np.triu(factor)
+    np.testing.assert_allclose(R.T @ R, reference, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(lapack.cholesky_solve(factor, rows) @ reference, rows, rtol=0, atol=1e-9)
+    lower = lapack.cholesky(lapack.mirror_upper(lapack.gram(a)), lower=True)  # G = L L^T below, G kept above
+    np.testing.assert_allclose(np.tril(lower) @ np.tril(lower).T, reference, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_array_equal(np.triu(lower, 1), np.triu(lapack.gram(a), 1))
+    np.testing.assert_allclose(lapack.cholesky_solve(lower, rows, lower=True) @ reference, rows, rtol=0, atol=1e-9)
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+        lapack.cholesky(-lapack.gram(a))
     with pytest.raises(ValueError, match="non-empty C-contiguous float64"):
         lapack.gram(a.astype(np.float32))
     with pytest.raises(ValueError, match="first <= last"):

@@ -180,6 +180,26 @@ def test_report_names_solver_and_gap():
     assert math.isnan(random_report.summary()["min_boundary_gap"])
 
 
+def test_report_says_why_lanczos_handed_over():
+    """A dead feature (a zero input column) makes W singular: Lanczos hands over to eigh and the
+    report names the solver that ran and the reason. On weights this small the dense solver is
+    cheaper than any Lanczos run, so the others hand over by the budget, also with a reason."""
+    model = tiny_llama()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight[:, 3] = 0
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        peft_model = milora.get_model(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS), solver="lanczos",
+                                      progress=False)
+    entries = {entry["module"]: entry for entry in peft_model.milora_init.report}
+    dead = entries["model.layers.0.self_attn.q_proj"]
+    assert dead["solver"] == "eigh (lanczos failed)" and "singular" in dead["solver_reason"], dead
+    others = [entry for name, entry in entries.items() if entry is not dead]
+    assert {entry["solver"] for entry in others} == {"eigh (lanczos over budget)"}
+    assert all(entry["solver_reason"] for entry in others)
+    assert peft_model.milora_init.summary()["max_reconstruction_error"] < 1e-6
+
+
 def test_concurrent_init_matches_sequential():
     """workers=2 (two weights at once, one BLAS thread each) gives the adapters of workers=1,
     in the same modules, to float32 rounding of identical float64 results (1e-6 relative)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS, TARGET_SCOPES
+from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, QUANTIZATIONS, SOLVERS, TARGET_SCOPES
 
 
 def add(subparsers) -> None:
@@ -41,6 +41,10 @@ def _add_init(subparsers) -> None:
     parser.add_argument("--null-space", default="zero", choices=["zero", "random"],
                         help="start of exactly-zero selected singular values (rank-deficient weights): zero, the paper's "
                              "(those directions cannot train), or random inside the null space, as LoRA (B = 0)")
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS),
+                        help="QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init "
+                             "(W - s B0 A0 in the targets) and report the quantisation error per weight; the saved "
+                             "adapter is still for the full-precision base")
     parser.add_argument("--save-residual", action="store_true", help="also write the residual model + rank-r adapter")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output directory, if it is an adapter milora wrote")
@@ -54,11 +58,12 @@ def _run_init(args) -> int:
     import torch
     from peft import LoraConfig
 
-    from milora.errors import OutputExistsError
+    from milora.errors import ModelError, OutputExistsError
     from milora.init import get_model, init_record, scoped_targets
     from milora.io import check_replaceable
     from milora.models import load_pretrained_model
     from milora.persistence import save_adapter
+    from milora.quantization import check_quantization
 
     output = Path(args.output)
     if output.exists() and not output.is_dir():
@@ -67,6 +72,12 @@ def _run_init(args) -> int:
         if not args.overwrite:
             raise OutputExistsError(f"{output} already exists and is not empty; choose another --output or pass --overwrite.")
         check_replaceable(output)
+    check_quantization(args.quantize)
+    if args.quantize and args.save_residual:
+        raise ModelError("--save-residual writes the residual model in full precision: it cannot be combined with "
+                         "--quantize (the saved adapter loads onto the full-precision base either way).")
+    _refuse_quantized_checkpoint(args.model, "decomposes full-precision weights; --quantize quantises the residual "
+                                 "after the init")
     model = load_pretrained_model(args.model, dtype=args.dtype)
     names = [name.strip() for name in args.target_modules.split(",") if name.strip()]
     lora_config = LoraConfig(
@@ -82,7 +93,7 @@ def _run_init(args) -> int:
     with torch.no_grad():
         before = model(probe).logits.double()
     peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed,
-                           workers=args.workers, null_space=args.null_space)
+                           workers=args.workers, null_space=args.null_space, quantization=args.quantize)
     with torch.no_grad():
         after = peft_model(probe).logits.double()
     record = init_record(peft_model)
@@ -91,6 +102,16 @@ def _run_init(args) -> int:
     print(json.dumps(record.summary(), indent=2))
     print(f"adapter saved to {output} (rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
     return 0
+
+
+def _refuse_quantized_checkpoint(model: str | None, why: str) -> None:
+    from milora.errors import ModelError
+    from milora.models import checkpoint_quantization
+
+    method = checkpoint_quantization(model)
+    if method is not None:
+        raise ModelError(f"{model} is a quantised checkpoint ({method}), but milora {why}. Give the original "
+                         "full-precision checkpoint.")
 
 
 def _add_merge(subparsers) -> None:
@@ -113,6 +134,9 @@ def _run_merge(args) -> int:
     output = Path(args.output)
     if output.exists():
         raise OutputExistsError(f"{output} already exists; choose another --output.")
+    _refuse_quantized_checkpoint(args.model, "merge needs the full-precision base the adapter belongs to (an adapter "
+                                 "trained on a quantised base is saved for the full-precision one, and merging into "
+                                 "quantised weights would round the update away)")
     model = load_pretrained_model(args.model, dtype=args.dtype)
     merged = load_model(model, args.adapter).merge_and_unload()
     source = Path(resolve_model_path(args.model))

@@ -89,6 +89,7 @@ def get_model(
     adapter_name: str = "default",
     workers: int | None = None,
     null_space: str = "zero",
+    quantization: str | None = None,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model whose adapters start from the chosen singular triplets.
 
@@ -108,6 +109,9 @@ def get_model(
     saved with the adapter. On an image-text-to-text model, target names match anywhere (PEFT's
     rule, with a warning when they reach past the language model): use
     `milora.language_model_targets` to adapt the language model only.
+    ``quantization`` (nf4, fp4, int8; default none): QLoRA-style, the frozen base is then quantised
+    with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
+    layers (see `milora.quantization`); the saved adapter is still for the full-precision base.
     """
     validate_lora_config(lora_config, init)
     if null_space not in NULL_SPACE_STARTS:
@@ -117,6 +121,10 @@ def get_model(
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
     warn_outside_language_model(model, lora_config.target_modules, modules)
+    if quantization is not None:
+        from milora.quantization import check_quantizable  # bitsandbytes only when asked for
+
+        check_quantizable(model, modules, quantization)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
         _check_devices(solver, workers, device, modules)
@@ -129,6 +137,10 @@ def get_model(
             _undo(peft_model, record, adapter_name, error)
             raise
     attach_record(peft_model, record)
+    if quantization is not None:
+        from milora.quantization import quantize_peft_model
+
+        peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
     return peft_model
 
 
@@ -211,8 +223,8 @@ def _initialise_layers(
             r, scaling = layer.r[adapter], layer.scaling[adapter]
             A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
             B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
-            stats = torch.zeros(5, dtype=torch.float64, device=here)
-            chosen = resolve_solver(solver, record.init, here, tuple(weight.shape), r)
+            stats = torch.zeros(4, dtype=torch.float64, device=here)
+            ran = [resolve_solver(solver, record.init, here, tuple(weight.shape), r), ""]  # solver, fallback reason
             if rank == owner:
                 parts = next(owned_parts)
                 zero = _zero_components(parts.S, weight)
@@ -221,27 +233,32 @@ def _initialise_layers(
                 A.copy_(A_start)
                 B.copy_(B_start)
                 stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap,
-                                          parts.solver != chosen, int(zero.sum())]))
+                                          int(zero.sum())]))
+                ran = [parts.solver, parts.reason]
             if world > 1:
                 for tensor in (A, B, stats):
                     dist.broadcast(tensor, src=owner)
+                dist.broadcast_object_list(ran, src=owner)
             error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
             record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
             _release_freed_memory()
-            record.report.append(_report_entry(name, weight, r, scaling, chosen, stats.tolist(), error))
+            record.report.append(_report_entry(name, weight, r, scaling, ran, stats.tolist(), error))
     record.measured["init_seconds"] = time.perf_counter() - start
     record.measured["workers"] = workers
     _warn_zero_components(record, null_space)
 
 
-def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, chosen: str, stats: list, error: float) -> dict:
-    sigma_max, sigma_min, gap, fell_back, zeros = stats
+def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: list, stats: list, error: float) -> dict:
+    """One weight's line of the init report; ``ran`` is [the solver that ran, why it replaced the chosen one]."""
+    sigma_max, sigma_min, gap, zeros = stats
+    solver, reason = ran
     return {
         "module": name,
         "shape": list(weight.shape),
         "rank": r,
         "scaling": scaling,
-        "solver": f"eigh ({chosen} failed)" if fell_back else chosen,
+        "solver": solver,
+        **({"solver_reason": reason} if reason else {}),
         "sigma_max_selected": sigma_max,
         "sigma_min_selected": sigma_min,
         "boundary_gap": None if math.isnan(gap) else gap,

@@ -28,6 +28,8 @@ class InitRecord:
     initial ``(A0, B0)`` on CPU; empty for ``init="lora"``, whose base weights are untouched.
     ``fingerprint`` identifies the original base weights (see `fingerprint`); ``measured``
     holds checks made by the caller (e.g. the output error at init) and is saved with the adapter.
+    ``quantization`` is empty for a full-precision base, else the method and the quantisation
+    errors of `milora.quantization.quantize_peft_model`.
     """
 
     init: str
@@ -37,9 +39,15 @@ class InitRecord:
     report: list[dict] = field(default_factory=list)
     initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)
+
+    @property
+    def quantization_method(self) -> str | None:
+        return self.quantization.get("method")
 
     def summary(self) -> dict:
-        """Aggregate of the per-weight report: solvers, worst init error, smallest boundary gap, time."""
+        """Aggregate of the per-weight report: solvers, worst init error, smallest boundary gap, time,
+        and for a quantised base the mean quantisation errors and initial shares over the targets."""
         gaps = [entry["boundary_gap"] for entry in self.report if entry["boundary_gap"] is not None]
         errors = [entry["reconstruction_error"] for entry in self.report]
         return {
@@ -49,7 +57,25 @@ class InitRecord:
             "max_reconstruction_error": max(errors, default=0.0),
             "min_boundary_gap": min(gaps, default=math.nan),
             "sensitive_subspaces": sum(gap < SENSITIVE_GAP for gap in gaps),
+            **self._quantization_summary(),
             **self.measured,
+        }
+
+    def _quantization_summary(self) -> dict:
+        if not self.quantization:
+            return {"quantization": None}
+        targets = self.quantization["targets"]
+
+        def mean(key: str) -> float:
+            return sum(entry[key] for entry in targets) / len(targets)
+
+        return {
+            "quantization": self.quantization["method"],
+            "mean_quantization_error": mean("quantization_error"),
+            "mean_quantization_error_vs_weight": mean("quantization_error_vs_weight"),
+            "mean_initial_share": mean("initial_share"),
+            "max_initial_share": max(entry["initial_share"] for entry in targets),
+            "other_mean_quantization_error": self.quantization["other_mean_quantization_error"],
         }
 
 

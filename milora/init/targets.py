@@ -156,8 +156,9 @@ def _check_module(name: str, module: torch.nn.Module, rank: int) -> None:
     package = _quantised_by(module)
     if package is not None:
         raise ModelError(
-            f"Module {name} is quantised ({package} {type(module).__name__}): an SVD start needs the full-precision "
-            "weight. Load the model without quantisation, initialise, then quantise the residual model if needed."
+            f"Module {name} is quantised ({package} {type(module).__name__}): milora needs the full-precision weight "
+            "(to decompose it, or to rebuild a saved adapter's residual). Load the model without quantisation and "
+            "pass quantization='nf4' (fp4, int8; CLI --quantize, config quantization:) to quantise the residual after."
         )
     if not isinstance(module, (torch.nn.Linear, Conv1D)):
         raise ModelError(

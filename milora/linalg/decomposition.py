@@ -10,12 +10,12 @@ Three solvers give the same triplets (up to the precision the boundary gap allow
 - ``svd``:  full float64 SVD, any selection.
 - ``eigh``: float64 Gram matrix G of the smaller side and an eigensolver for only the wanted
   contiguous block (LAPACK's index-range solver on CPU, torch's on other devices).
-- ``lanczos`` (CPU; milora and pissa): float64 Lanczos (ARPACK) for the r + 1 extreme
-  eigenpairs of G. For the largest it applies x -> W^T (W x) and never forms G; for the
-  smallest it runs shift-invert at 0, applying G^-1 through an LU factorisation of W
-  (square) or a Cholesky factorisation of G (rectangular). It avoids the O(k^3) dense
-  eigensolver; when a factorisation or ARPACK fails (rank-deficient W, no convergence)
-  it falls back to ``eigh`` and says so.
+- ``lanczos`` (CPU; milora and pissa): block Lanczos (`milora.linalg.lanczos`) on the same G
+  for the r + 1 extreme eigenpairs: of G itself for the largest, of G^-1 through a Cholesky
+  factorisation of G (shift-invert at 0) for the smallest. It avoids the O(k^3) dense
+  eigensolver where the spectrum lets it converge fast, and hands over to ``eigh`` on the same
+  G, saying why, when it would cost more than eigh (a crowded spectrum at the block's edge)
+  or fails (a singular W, an a-posteriori check).
 The eigen-solvers return one side's singular vectors; the other side comes from one
 product W @ V (or W^T @ U) followed by a thin SVD of that m x r block, which also
 re-orthonormalises it. A float32 Gram matrix would lose the minor subspace (sigma^2 falls
@@ -37,14 +37,11 @@ from typing import TypeVar
 
 import numpy as np
 import scipy.linalg
-import scipy.sparse.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
-from milora.linalg import lapack
-
-SELECTIONS = ("milora", "pissa", "middle", "random")
-SOLVERS = ("auto", "eigh", "lanczos", "svd")
+from milora.constants import SELECTIONS, SOLVERS
+from milora.linalg import lanczos, lapack
 # Smaller side from which one weight keeps several cores busy (and Lanczos can pay off)
 LARGE_SIDE = 2048
 # Cap on concurrent CPU decompositions: each holds a float64 copy of its weight and a Gram
@@ -57,7 +54,9 @@ T = TypeVar("T")
 class Components:
     """W's selected part is ``U @ diag(S) @ Vh``; U (m x r), S (r,) descending, Vh (r x n), float64.
 
-    ``boundary_gap`` is the relative gap between the selected block and its nearest unselected
+    ``solver`` is the solver that produced the triplets: ``"eigh (lanczos over budget)"`` or
+    ``"eigh (lanczos failed)"`` when Lanczos handed over to eigh, with ``reason`` saying why
+    (empty otherwise). ``boundary_gap`` is the relative gap between the selected block and its nearest unselected
     singular value (min over both ends for ``middle``): the selected subspace is only defined
     to about eps / gap. It is NaN for ``random``, whose selection has no boundary.
     """
@@ -67,6 +66,7 @@ class Components:
     Vh: torch.Tensor
     solver: str
     boundary_gap: float
+    reason: str = ""
 
 
 def selected_positions(selection: str, k: int, r: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -86,12 +86,12 @@ def resolve_solver(
 ) -> str:
     """The solver ``auto`` stands for with this weight, after checking the choice fits the selection.
 
-    ``auto`` on CPU, for weights whose smaller side is at least LARGE_SIDE: Lanczos for the
-    r <= 8 principal triplets, shift-invert Lanczos for the minor triplets of square weights
-    with r <= 16 (side / LARGE_SIDE)^2; eigh otherwise. Lanczos' cost grows with r (and with
-    how crowded the spectrum is at the block's edge: rectangular weights have a dense soft
-    edge at the bottom, LLM weights a dense bulk under a few outliers at the top), the dense
-    solver's only with side^3. Thresholds measured on 2 CPU cores (benchmarks/RESULTS.md).
+    ``auto`` on CPU, for weights whose smaller side k is at least LARGE_SIDE: ``lanczos`` for
+    milora and pissa where the cost model says a typical Lanczos run would cost well under the
+    dense solver (`lanczos.worth_trying`: the Cholesky factorisation plus TYPICAL_STEPS block
+    steps, against the dense eigensolver, both on the same Gram matrix); Lanczos then hands over
+    to eigh by itself when the spectrum makes it slow (see `select_components`). ``eigh``
+    otherwise (also on GPU); ``svd`` for random. The rule depends on k and r only.
     """
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}.")
@@ -107,10 +107,10 @@ def resolve_solver(
         return "svd"
     if torch.device(device).type != "cpu" or shape is None or r is None or min(shape) < LARGE_SIDE:
         return "eigh"
-    side = min(shape)
-    if selection == "pissa" and r <= 8:
-        return "lanczos"
-    if selection == "milora" and shape[0] == shape[1] and r <= 16 * (side / LARGE_SIDE) ** 2:
+    k = min(shape)
+    costs = lanczos.COSTS
+    setup = costs.cholesky(k) if selection == "milora" else 0.0
+    if selection in ("milora", "pissa") and lanczos.worth_trying(k, r + 1, setup, costs):
         return "lanczos"
     return "eigh"
 
@@ -147,12 +147,7 @@ def select_components(
     if solver == "lanczos":
         if w.device.type != "cpu":
             raise ValueError("The lanczos solver runs on CPU; use solver='eigh' (or 'auto') on other devices.")
-        try:
-            return _lanczos_components(w, positions, selection)
-        except (np.linalg.LinAlgError, scipy.sparse.linalg.ArpackError, FloatingPointError):
-            parts = _eigh_components(w, positions, selection)
-            parts.solver = "eigh (lanczos failed)"
-            return parts
+        return _lanczos_components(w, positions, selection)
     return _eigh_components(w, positions, selection)
 
 
@@ -244,12 +239,17 @@ def _neighbourhood(positions: torch.Tensor, k: int) -> tuple[int, int]:
     return max(int(positions[0]) - 1, 0), min(int(positions[-1]) + 1, k - 1)
 
 
-def _eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
+def _eigh_components(
+    w: torch.Tensor, positions: torch.Tensor, selection: str, gram: np.ndarray | None = None
+) -> Components:
+    """Triplets from the dense eigensolver on the Gram matrix (CPU: ``gram`` if given, as `lapack.gram`
+    sets it, which is overwritten)."""
     k = min(w.shape)
     lo_pos, hi_pos = _neighbourhood(positions, k)
     lo_asc, hi_asc = k - 1 - hi_pos, k - 1 - lo_pos  # ascending eigen-indices, inclusive
     if _on_lapack(w):
-        evals, evecs = map(torch.from_numpy, lapack.eigh_range(lapack.gram(_as_numpy(w)), lo_asc, hi_asc))
+        gram = lapack.gram(_as_numpy(w)) if gram is None else gram
+        evals, evecs = map(torch.from_numpy, lapack.eigh_range(gram, lo_asc, hi_asc))
     else:
         all_evals, all_evecs = torch.linalg.eigh(w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T)
         evals, evecs = all_evals[lo_asc : hi_asc + 1], all_evecs[:, lo_asc : hi_asc + 1]
@@ -267,45 +267,67 @@ def _as_numpy(w: torch.Tensor) -> np.ndarray:
 
 
 def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
-    m, n = w.shape
-    k = min(m, n)
-    lo_pos, hi_pos = _neighbourhood(positions, k)
-    wanted = hi_pos - lo_pos + 1
-    if wanted >= k - 1:  # ARPACK needs k > wanted + 1; dense is cheap at this size anyway
-        raise np.linalg.LinAlgError("block too large for Lanczos")
+    """Block Lanczos on the Gram matrix G (see `milora.linalg.lanczos`), handing over to eigh on the
+    same G when it fails or is predicted to cost more than eigh."""
     wn = _as_numpy(w)
-    tall = m >= n
-    if selection == "pissa":  # largest eigenvalues of G, applied as W^T (W x) or W (W^T x)
-        def apply(x: np.ndarray) -> np.ndarray:
-            block = np.ascontiguousarray(x.reshape(x.shape[0], -1))
-            inner = lapack.matmul(wn, block, transpose_a=not tall)
-            return lapack.matmul(wn, inner, transpose_a=tall).reshape(x.shape)
-    elif m == n:  # G^-1 = W^-1 W^-T through one LU of W, no Gram matrix
-        lu = scipy.linalg.lu_factor(wn, check_finite=False)
-        pivots = np.abs(np.diag(lu[0]))
-        if pivots.min() <= k * np.finfo(np.float64).eps * pivots.max():
-            raise np.linalg.LinAlgError("numerically singular weight")
-        apply = lambda x: scipy.linalg.lu_solve(lu, scipy.linalg.lu_solve(lu, x, trans=1))
-    else:
-        factor = scipy.linalg.cho_factor(lapack.gram(wn), lower=False, check_finite=False)
-        apply = lambda x: scipy.linalg.cho_solve(factor, x)
-    operator = scipy.sparse.linalg.LinearOperator((k, k), matvec=apply, matmat=apply, dtype=np.float64)
-    # seeded random start: deterministic, and (unlike a structured vector such as all ones)
-    # not orthogonal to the wanted eigenvectors of a structured weight
-    start = np.random.default_rng(0).standard_normal(k)
-    values, vectors = scipy.sparse.linalg.eigsh(operator, k=wanted, which="LA", v0=start, tol=0)
-    if not np.all(np.isfinite(values)) or (selection != "pissa" and np.any(values <= 0)):
-        raise FloatingPointError("non-finite or non-positive Ritz values")
-    if selection != "pissa":
-        values = 1.0 / values  # eigenvalues of G from those of G^-1
-    order = np.argsort(values)[::-1]  # descending
-    evals, evecs = torch.from_numpy(values[order].copy()), torch.from_numpy(vectors[:, order].copy())
-    parts = _complete(w, evals, evecs, positions, lo_pos, selection, "lanczos")
-    # a-posteriori check: the triplets must be exact for a W perturbed by at most 1e-10 relative
-    residual = np.linalg.norm(lapack.matmul(wn, _as_numpy(parts.U), transpose_a=True) - (parts.Vh.T * parts.S).numpy())
-    if residual > 1e-10 * np.linalg.norm(wn) * math.sqrt(positions.numel()):
-        raise FloatingPointError(f"Lanczos triplets have residual {float(residual):.1e}")
+    gram = lapack.gram(wn)
+    try:
+        lo_pos = _neighbourhood(positions, min(w.shape))[0]
+        evals, evecs = _lanczos_eigenpairs(gram, positions, selection)
+        parts = _complete(w, evals, evecs, positions, lo_pos, selection, "lanczos")
+        # a-posteriori check: the triplets must be exact for a W perturbed by at most 1e-10 relative
+        residual = np.linalg.norm(
+            lapack.matmul(wn, _as_numpy(parts.U), transpose_a=True) - (parts.Vh.T * parts.S).numpy()
+        )
+        if residual > 1e-10 * np.linalg.norm(wn) * math.sqrt(positions.numel()):
+            raise FloatingPointError(f"Lanczos triplets have residual {float(residual):.1e}")
+        return parts
+    except lanczos.OverBudget as stop:
+        solver, reason = "eigh (lanczos over budget)", str(stop)
+    except (np.linalg.LinAlgError, FloatingPointError) as error:
+        solver, reason = "eigh (lanczos failed)", str(error)
+    parts = _eigh_components(w, positions, selection, gram)
+    parts.solver, parts.reason = solver, reason
     return parts
+
+
+def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of G (descending eigenvalues, eigenvectors as columns) at the block's positions and
+    its neighbour: the largest eigenpairs of G for pissa, of G^-1 (through a Cholesky factor of
+    G, i.e. shift-invert at 0) for milora. Only the neighbour's eigenvalue is needed (for the
+    boundary gap), so its vector is left unconverged. ``gram``'s upper triangle, diagonal included
+    (all that `lapack.eigh_range` reads), is left intact for the fallback."""
+    k = gram.shape[0]
+    lo_pos, hi_pos = _neighbourhood(positions, k)
+    want = hi_pos - lo_pos + 1
+    block = lanczos.block_size(want)
+    costs = lanczos.COSTS
+    budget = costs.dense(k, want)  # Lanczos must not cost more than eigh would on the same G
+    if selection == "pissa":
+        values, vectors = lanczos.largest_eigenpairs(
+            lambda rows: lapack.symmetric_times(gram, rows), k, want, block, budget, values_only=1, costs=costs
+        )
+        values, vectors = values[::-1], vectors[::-1]
+    else:
+        diagonal = np.diag(gram).copy()  # squared norms of W's columns (rows if wide): a dead feature gives a zero
+        if diagonal.min() <= k * np.finfo(np.float64).eps * diagonal.max():
+            raise np.linalg.LinAlgError("a zero row or column: the weight is singular")
+        # factor in G's unused lower triangle (a k x k copy costs more, page faults included);
+        # the factor's diagonal overwrites G's, put back for the fallback
+        lapack.mirror_upper(gram)
+        try:
+            pivots = np.diag(lapack.cholesky(gram, lower=True)).copy()
+            # the pivots bound the smallest eigenvalue from above (the last is 1 / (G^-1)_kk): tiny ones
+            # reveal a numerically singular G, whose inverse's largest eigenpairs are rounding noise
+            if pivots.min() ** 2 <= k * np.finfo(np.float64).eps * pivots.max() ** 2:
+                raise np.linalg.LinAlgError("numerically singular Gram matrix")
+            budget -= costs.cholesky(k)
+            values, vectors = lanczos.largest_eigenpairs(lambda rows: lapack.cholesky_solve(gram, rows, lower=True), k,
+                                                         want, block, budget, values_only=1, costs=costs)
+        finally:
+            np.fill_diagonal(gram, diagonal)
+        values = 1.0 / values  # eigenvalues of G from those of G^-1, now descending
+    return torch.from_numpy(values.copy()), torch.from_numpy(np.ascontiguousarray(vectors.T))
 
 
 def _complete(

@@ -1,4 +1,4 @@
-"""Float64 BLAS/LAPACK calls that release the GIL: Gram matrix, product, index-range eigensolver.
+"""Float64 BLAS/LAPACK calls that release the GIL: Gram matrix, products, Cholesky, index-range eigensolver.
 
 scipy's Python wrappers (``scipy.linalg.blas`` / ``lapack``) hold the GIL while the routine
 runs, so threads decomposing different weights would take turns. scipy exports the same
@@ -35,7 +35,10 @@ def _routine(module, name: str, arguments: int):
 
 _dsyrk = _routine(cython_blas, "dsyrk", 10)
 _dgemm = _routine(cython_blas, "dgemm", 13)
+_dsymm = _routine(cython_blas, "dsymm", 12)
 _dsyevr = _routine(cython_lapack, "dsyevr", 21)
+_dpotrf = _routine(cython_lapack, "dpotrf", 5)
+_dpotrs = _routine(cython_lapack, "dpotrs", 8)
 
 
 def _char(value: str):
@@ -79,18 +82,83 @@ def gram(a: np.ndarray) -> np.ndarray:
     return g
 
 
-def matmul(a: np.ndarray, b: np.ndarray, transpose_a: bool = False) -> np.ndarray:
-    """``a @ b`` (or ``a.T @ b``) for C-contiguous float64 a and b, with BLAS gemm."""
+def matmul(a: np.ndarray, b: np.ndarray, transpose_a: bool = False, transpose_b: bool = False) -> np.ndarray:
+    """``a @ b`` with either factor transposed (``a.T``, ``b.T``), for C-contiguous float64 a and b, with BLAS gemm."""
     a, b = _float64_c(a), _float64_c(b)
     rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
-    if b.shape[0] != inner:
-        raise ValueError(f"shapes {a.shape}{'.T' if transpose_a else ''} and {b.shape} do not match")
-    cols = b.shape[1]
+    inner_b, cols = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+    if inner_b != inner:
+        shapes = f"{a.shape}{'.T' if transpose_a else ''} and {b.shape}{'.T' if transpose_b else ''}"
+        raise ValueError(f"shapes {shapes} do not match")
     c = np.empty((rows, cols))
-    # column-major: c^T = b^T a^T, with b^T = B (cols x inner, ld cols) and a^T = A or A^T
-    _dgemm(_char("N"), _char("T" if transpose_a else "N"), _int(cols), _int(rows), _int(inner), _double(1.0),
-           _data(b), _int(cols), _data(a), _int(a.shape[1]), _double(0.0), _data(c), _int(cols))
+    # column-major: c^T = b^T a^T, with b^T = B (or B^T) and a^T = A (or A^T)
+    _dgemm(_char("T" if transpose_b else "N"), _char("T" if transpose_a else "N"), _int(cols), _int(rows), _int(inner),
+           _double(1.0), _data(b), _int(b.shape[1]), _data(a), _int(a.shape[1]), _double(0.0), _data(c), _int(cols))
     return c
+
+
+def symmetric_times(g: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``rows @ G`` for a symmetric k x k G given by its upper triangle (as `gram` sets it) and rows (p x k).
+
+    BLAS symm; each row of the result is G applied to that row (G is symmetric).
+    """
+    g, rows = _float64_c(g), _float64_c(rows)
+    k, count = g.shape[0], rows.shape[0]
+    if g.shape != (k, k) or rows.shape[1] != k:
+        raise ValueError(f"need a square matrix and rows of its size, got {g.shape} and {rows.shape}")
+    out = np.empty((count, k))
+    # column-major: rows is the k x count matrix X whose columns are the rows; out = G X (LAPACK lower = our upper)
+    _dsymm(_char("L"), _char("L"), _int(k), _int(count), _double(1.0), _data(g), _int(k), _data(rows), _int(k),
+           _double(0.0), _data(out), _int(k))
+    return out
+
+
+def cholesky(g: np.ndarray, lower: bool = False) -> np.ndarray:
+    """Overwrite one triangle of a symmetric positive definite G with its Cholesky factor.
+
+    LAPACK dpotrf on the upper triangle (as `gram` sets it; afterwards it holds R with
+    G = R^T R), or with ``lower`` on the lower triangle (afterwards it holds R^T). The other
+    triangle is neither read nor written; the diagonal belongs to both. Raises LinAlgError when
+    G is not numerically positive definite.
+    """
+    g = _float64_c(g, writeable=True)
+    k = g.shape[0]
+    if g.shape != (k, k):
+        raise ValueError(f"need a square matrix, got {g.shape}")
+    info = ctypes.c_int(0)
+    _dpotrf(_char("U" if lower else "L"), _int(k), _data(g), _int(k), ctypes.byref(info))
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"dpotrf failed (info={info.value}): the matrix is not positive definite")
+    return g
+
+
+def cholesky_solve(factor: np.ndarray, rows: np.ndarray, lower: bool = False) -> np.ndarray:
+    """``rows @ G^-1`` (p x k) from the Cholesky factor of G written by `cholesky` (with the same
+    ``lower``): G^-1 applied to each row. LAPACK dpotrs (two triangular solves with the block)."""
+    factor = _float64_c(factor)
+    out = np.array(_float64_c(rows), order="C", copy=True)
+    k, count = factor.shape[0], out.shape[0]
+    if factor.shape != (k, k) or out.shape[1] != k:
+        raise ValueError(f"need a square factor and rows of its size, got {factor.shape} and {out.shape}")
+    info = ctypes.c_int(0)
+    # column-major: the rows are the columns of a k x count right-hand side
+    _dpotrs(_char("U" if lower else "L"), _int(k), _int(count), _data(factor), _int(k), _data(out), _int(k),
+            ctypes.byref(info))
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"dpotrs failed (info={info.value})")
+    return out
+
+
+def mirror_upper(g: np.ndarray, block: int = 256) -> np.ndarray:
+    """Copy the strict upper triangle of a square array onto its strict lower one, in place (blocks
+    of ``block`` rows, so no k x k temporary)."""
+    g = _float64_c(g, writeable=True)
+    for start in range(block, g.shape[0], block):
+        g[start : start + block, :start] = g[:start, start : start + block].T
+    for start in range(0, g.shape[0], block):  # the diagonal blocks
+        square = g[start : start + block, start : start + block]
+        square[np.tril_indices(square.shape[0], -1)] = square.T[np.tril_indices(square.shape[0], -1)]
+    return g
 
 
 def eigh_range(g: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:

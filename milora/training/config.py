@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, SOLVERS, TARGET_SCOPES
+from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, QUANTIZATIONS, SOLVERS, TARGET_SCOPES
 from milora.errors import ConfigError
 from milora.io import atomic_write_text, read_yaml_mapping
 from milora.prompts import CHAT_TEMPLATES, TEMPLATE_NAMES
@@ -102,6 +102,9 @@ class TrainConfig(BaseModel):
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
     null_space: Literal["zero", "random"] = Key(
         "zero", "start of exactly-zero selected singular values: zero (the paper's; cannot train) or random (B = 0)")
+    quantization: Literal[QUANTIZATIONS] | None = Key(
+        None, "QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init (W - s B0 A0 in "
+        "the targets); the saved adapter is still for the full-precision base (default: none)")
     # data
     dataset: Str | None = Key(None, "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name (required)")
     dataset_format: Literal[FORMAT_CHOICES] = Key("auto", "record format (auto-detected from the first record by default)")
@@ -194,6 +197,8 @@ _KIND_WORDS = {
 
 def _choices(name: str) -> tuple[str, ...] | None:
     annotation = TrainConfig.model_fields[name].annotation
+    if get_origin(annotation) is Union:  # an optional choice: Literal[...] | None
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
     return get_args(annotation) if get_origin(annotation) is Literal else None
 
 

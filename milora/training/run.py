@@ -11,6 +11,7 @@ stops; ``resume_from_checkpoint: true`` continues from the latest checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from milora.constants import ADAPTER_FILES, METRICS_FILE, TRAIN_CONFIG_FILE
+from milora.constants import ADAPTER_FILES, METRICS_FILE, MILORA_CONFIG, TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.prompts import resolve_chat_template
@@ -107,6 +108,7 @@ def latest_complete_checkpoint(output_dir: Path) -> Path | None:
 
 def _check_resume_matches(config: TrainConfig, checkpoint: str) -> None:
     """Refuse to resume with settings the checkpoint was not trained with (before anything is written)."""
+    _check_resume_quantization(config, Path(checkpoint))
     run_dir = Path(checkpoint).parent
     saved_path = run_dir / TRAIN_CONFIG_FILE
     if not saved_path.is_file():
@@ -122,11 +124,33 @@ def _check_resume_matches(config: TrainConfig, checkpoint: str) -> None:
         )
 
 
+def _check_resume_quantization(config: TrainConfig, checkpoint: Path) -> None:
+    """The checkpoint's own record of its base's quantisation (also for a checkpoint outside its run directory)."""
+    try:
+        metadata = json.loads((checkpoint / MILORA_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot resume from {checkpoint}: its {MILORA_CONFIG} is unreadable ({error}).") from None
+    trained_on = (metadata.get("quantization") or {}).get("method")
+    if trained_on != config.quantization:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it was trained on a {trained_on or 'full-precision'} base but "
+            f"quantization={config.quantization!r}; resume with quantization: {trained_on or 'null'} (the base must be "
+            "the one the adapter was trained on), or start a new run in another output_dir."
+        )
+
+
 def _check_environment(config: TrainConfig) -> None:
     if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("report_to is 'tensorboard' but tensorboard is not installed: `pip install tensorboard`, or set report_to: none.")
     if config.fp16 and not torch.cuda.is_available():
         raise ConfigError("fp16 mixed precision needs a GPU; on CPU use bf16: true or neither.")
+    if config.quantization is not None:
+        from milora.quantization import check_quantization
+
+        try:
+            check_quantization(config.quantization)
+        except ModelError as error:
+            raise ConfigError(str(error)) from None
 
 
 def _multi_process_cpu() -> bool:
@@ -251,7 +275,7 @@ def _build(config: TrainConfig, state):
     try:
         peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
                                device=svd_device, seed=config.seed, progress=state.is_main_process,
-                               null_space=config.null_space)
+                               null_space=config.null_space, quantization=config.quantization)
     except ValueError as error:  # e.g. a target module the model lacks, a rank too large for a layer
         raise ConfigError(f"cannot build the adapter: {error}") from None
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
