@@ -225,7 +225,7 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
             return super().construct_mapping(node, deep=deep)
 
     try:
-        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     except DataError as error:

@@ -8,20 +8,21 @@ rounding (1e-12).
 
 from __future__ import annotations
 
-import re
 import json
+import re
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama, cli_error
 from peft import LoraConfig, get_peft_model
 
 import milora
 from milora.analysis import METRICS, analyze_adapter, format_analysis, update_metrics
 from milora.cli import main
 from milora.init import lora_layers, weight_matrix
+
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, cli_error, tiny_gpt2, tiny_llama
 
 RNG = np.random.default_rng(7)
 

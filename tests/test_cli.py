@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import re
 import json
+import re
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, cli_error
 from transformers import AutoModelForCausalLM
 
 import milora
 from milora.cli import main
+
+from conftest import cli_error, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture

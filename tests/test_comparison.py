@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import cli_error, make_model_dir
 from scipy import stats as scipy_stats
 
 from milora.comparison.stats import mean_interval, paired_difference, verdict
 from milora.comparison.summary import select, summarise
 from milora.comparison.sweep import load_sweep
 from milora.errors import ConfigError
+
+from conftest import cli_error, make_model_dir
 
 # ---------------------------------------------------------------- statistics against a direct computation
 

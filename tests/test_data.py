@@ -6,12 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from conftest import tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from milora.training.config import from_dict
 from milora.errors import DataError
 from milora.prompts import TEMPLATES, render_prompt
+from milora.training.config import from_dict
 from milora.training.data import (
     IGNORE_INDEX,
     build_datasets,
@@ -21,6 +20,8 @@ from milora.training.data import (
     normalise_record,
     supervised_collator,
 )
+
+from conftest import tiny_tokenizer
 
 HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 INPUT_HEAD = (

@@ -7,11 +7,12 @@ import os
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, tiny_llama
 from peft import LoraConfig
 
 import milora
 import milora.persistence
+
+from conftest import LLAMA_TARGETS, tiny_llama
 
 
 def assert_untouched(model, reference):

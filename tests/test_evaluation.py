@@ -3,14 +3,13 @@
 import copy
 import importlib.util
 import json
-import re
 import math
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import cli_error, make_model_dir
 import torch
 
 from milora.cli import main
@@ -26,6 +25,8 @@ from milora.eval.grading import (
 )
 from milora.report import format_summary, write_results
 from milora.report import results_table as compare
+
+from conftest import cli_error, make_model_dir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COMMONSENSE_FILES = sorted((SHARED_DATA / "commonsense").glob("*/*.json")) if SHARED_DATA.is_dir() else []

@@ -12,13 +12,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from peft import LoraConfig
 
 import milora
+from milora.init import lora_layers, weight_matrix
 from milora.linalg import decomposition
 from milora.linalg.decomposition import principal_angle_sine
-from milora.init import lora_layers, weight_matrix
+
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
 TOL = 1e-5
 

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import cli_error
 
 from milora.errors import DataError
 from milora.eval import evaluate
@@ -16,6 +15,8 @@ from milora.eval.humaneval import check_program, load_problems, pass_at_k
 from milora.eval.ifeval import NEEDS_PUNKT, Prompt, load_prompts, score_response
 from milora.eval.predictions import load_predictions
 from milora.report import format_summary, results_table
+
+from conftest import cli_error
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction"
 IFEVAL_FILE = SHARED / "ifeval_input_data.jsonl"

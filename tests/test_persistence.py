@@ -13,11 +13,12 @@ import json
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel
 
 import milora
 from milora.persistence import load_trained_state
+
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
 MODELS = {
     "llama": (tiny_llama, {"target_modules": LLAMA_TARGETS}),

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from conftest import make_model_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"

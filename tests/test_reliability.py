@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LLAMA_TARGETS, RECORDS, cli_error, make_model_dir, tiny_llama
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -26,6 +25,8 @@ from milora.cli import main
 from milora.errors import AdapterError, ConfigError, DataError, OutputError
 from milora.io import LOCK_FILE, RunLock, check_replaceable
 from milora.training.run import train
+
+from conftest import LLAMA_TARGETS, RECORDS, cli_error, make_model_dir, tiny_llama
 
 
 @pytest.fixture(scope="module")

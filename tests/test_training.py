@@ -6,8 +6,8 @@ here and saved to a directory like any hub model.
 
 import contextlib
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,26 +15,20 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import RECORDS, cli_error, make_model_dir
 import torch
 import yaml
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    TrainerCallback,
-)
+from transformers import TrainerCallback
 
 from milora import cli
-from milora.training.config import ConfigError, from_dict
 from milora.errors import DataError
-from milora.prompts import render_prompt
 from milora.init import get_model
 from milora.models import load_base_model
 from milora.persistence import load_model
+from milora.training.config import ConfigError, from_dict
 from milora.training.run import build_lora_config, train
+
+from conftest import RECORDS, cli_error, make_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
@@ -254,8 +248,6 @@ def test_demo_recipe_matches_the_demo():
 
 
 def test_demo_rejects_bad_sizes_before_any_work(tmp_path):
-    from milora.cli import main
-
     for flag, value, name in (("--steps", "0", "max_steps"), ("--eval-size", "-1", "eval_size")):
         assert re.search(f"{name} must be a positive integer, got {value}", cli_error(["demo", "--output", str(tmp_path / "demo"), flag, value]))
     assert not (tmp_path / "demo").exists()

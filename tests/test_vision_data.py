@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RECORDS, make_llava_dir, make_model_dir, write_images
 from peft import PeftModel
 from PIL import Image
 from tokenizers import decoders
@@ -24,6 +23,8 @@ from milora.persistence import load_model
 from milora.training.data import IGNORE_INDEX
 from milora.training.run import train
 from milora.training.vision_data import check_records, encode_conversation, to_conversation, vision_collator
+
+from conftest import RECORDS, make_llava_dir, make_model_dir, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,6 @@ import sys
 import types
 
 import pytest
-from conftest import cli_error, make_llava_dir, make_model_dir, write_images
 
 from milora.cli import main
 from milora.errors import DataError
@@ -25,6 +24,8 @@ from milora.eval.vqa_grading import (
     vqa_accuracy,
 )
 from milora.models import load_base_model
+
+from conftest import cli_error, make_llava_dir, make_model_dir, write_images
 
 
 @pytest.mark.parametrize("raw,normalised", [

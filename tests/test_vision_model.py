@@ -14,7 +14,6 @@ import re
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_llava_dir, write_images
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -22,6 +21,8 @@ import milora
 from milora.errors import AdapterError, ModelError
 from milora.init import language_model_targets, scoped_targets
 from milora.models import is_vision_language_model, load_base_model, load_pretrained_model
+
+from conftest import LLAMA_TARGETS, make_llava_dir, write_images
 
 PROJECTOR = ["multi_modal_projector"]
 

@@ -128,7 +128,13 @@ def _run_merge(args) -> int:
 
     from milora.errors import OutputExistsError
     from milora.io import staged_directory
-    from milora.models import is_vision_language_model, load_pretrained_model, load_processor, load_tokenizer, resolve_model_path
+    from milora.models import (
+        is_vision_language_model,
+        load_pretrained_model,
+        load_processor,
+        load_tokenizer,
+        resolve_model_path,
+    )
     from milora.persistence import load_model
 
     output = Path(args.output)

@@ -21,7 +21,6 @@ Verdicts the package cannot parse are counted (``n_unparsed``) and left out of t
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 

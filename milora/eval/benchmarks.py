@@ -147,7 +147,7 @@ def load_examples(task: str, data: str | Path | None = None, limit: int | None =
         raise DataError("The commonsense task needs data (CLI: --data): an LLM-Adapters file or a directory of "
                         "<task>/test.json.")
     hub_name = data is not None and not Path(data).exists() and Path(data).suffix not in {".json", ".jsonl"}
-    if data is None or hub_name and task in _HUB_DEFAULTS:
+    if data is None or (hub_name and task in _HUB_DEFAULTS):
         name, records = _hub_records(task, None if data is None else str(data))
         return _examples(task, name, records[:limit], f"hub:{data or name}"), f"hub:{data or name}"
     examples = []

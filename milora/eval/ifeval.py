@@ -24,8 +24,8 @@ directory holding ``tokenizers/punkt_tab``.
 
 from __future__ import annotations
 
-import math
 import io
+import math
 import random
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass

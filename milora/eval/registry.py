@@ -67,8 +67,8 @@ class Option:
             return
         kind = self.kind or (int if self.minimum is not None else None)
         numeric = kind in (int, float)
-        wrong_type = (numeric and (isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)))
-                      or not numeric and kind is not None and not isinstance(value, kind))
+        wrong_type = ((numeric and (isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float))))
+                      or (not numeric and kind is not None and not isinstance(value, kind)))
         if wrong_type or (self.minimum is not None and value < self.minimum):
             what = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                     (tuple, list): "a list"}.get(kind, str(kind))

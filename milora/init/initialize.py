@@ -274,7 +274,7 @@ def _zero_components(S: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     about eps ||W||; below min(m, n) eps ||W||_F a value is indistinguishable from 0.
     """
     norm = float(torch.linalg.norm(weight.detach().double()))
-    return S <= min(weight.shape) * torch.finfo(torch.float64).eps * norm
+    return min(weight.shape) * torch.finfo(torch.float64).eps * norm >= S
 
 
 def start_factors(

@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from milora.constants import SELECTIONS, SOLVERS
 from milora.linalg import lanczos, lapack
+
 # Smaller side from which one weight keeps several cores busy (and Lanczos can pay off)
 LARGE_SIDE = 2048
 # Cap on concurrent CPU decompositions: each holds a float64 copy of its weight and a Gram

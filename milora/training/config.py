@@ -75,7 +75,7 @@ Names = Annotated[list[Str], BeforeValidator(_name_list), Field(strict=True, min
 Resume = Annotated[Union[Bool, Str], Field(union_mode="left_to_right")]  # noqa: UP007 (pydantic union mode)
 
 
-def Key(default: Any = None, help: str = "", **constraints: Any) -> Any:  # noqa: N802 (reads as a declaration)
+def Key(default: Any = None, help: str = "", **constraints: Any) -> Any:  # capitalised: reads as a declaration
     return Field(default, description=help, **constraints)
 
 
