@@ -87,7 +87,7 @@ def _perturb_adapter(peft_model, scale=0.05):
     """Stand-in for training: move every trainable factor by a seeded random step."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
+        for _name, parameter in peft_model.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
 

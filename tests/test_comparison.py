@@ -235,7 +235,7 @@ def test_ray_backend_gives_the_local_results(local_sweep, tmp_path):
     within one test item, forgetting to 1e-3 relative."""
     from milora.comparison import compare
 
-    output, values, local = local_sweep
+    _output, values, local = local_sweep
     values = {**values, "output_dir": str(tmp_path / "ray"), "backend": "ray", "cpus_per_run": 1,
               "learning_rates": {"lora": [0.01, 0.1], "milora": [0.01, 0.1]}}
     remote = compare(values, progress=False)

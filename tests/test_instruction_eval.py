@@ -50,7 +50,7 @@ def punkt_stand_in(tmp_path, monkeypatch):
     english.mkdir(parents=True)
     for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
         (english / name).write_text("")
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")] + list(nltk.data.path))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data"), *nltk.data.path])
     _forget_loaded_punkt()
     yield english
     _forget_loaded_punkt()

@@ -177,7 +177,7 @@ def test_resume_from_the_last_checkpoint_trains_no_extra_step(tmp_path, tiny):
     an extra step would change the adapter)."""
     data = tmp_path / "data50.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS + RECORDS[:2]))
-    settings = dict(dataset=str(data), max_steps=12, save_steps=3, lr_scheduler="constant")
+    settings = {"dataset": str(data), "max_steps": 12, "save_steps": 3, "lr_scheduler": "constant"}
     reference = train(run_config(tiny, tmp_path / "reference", **settings))
     out = tmp_path / "killed"
     train(run_config(tiny, out, **settings))

@@ -85,7 +85,7 @@ def _data_sources(task: str, data: str | Path) -> list[tuple[str, list[Path]]]:
 def _hub_records(task: str, data: str | None) -> tuple[str, list[dict]]:
     import datasets
 
-    sources = _HUB_DEFAULTS[task] if data is None else [tuple((data.split(":", 1) + [None])[:2])]
+    sources = _HUB_DEFAULTS[task] if data is None else [tuple([*data.split(":", 1), None][:2])]
     records = []
     for repo, config in sources:
         try:

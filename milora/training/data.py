@@ -199,7 +199,7 @@ def _instruction_examples(items: list[dict], template: str, tokenizer, special: 
             response_ids = f_ids[len(p_ids) :]
         else:  # the prompt's last token merged with the response's first: tokenise the parts apart
             response_ids = tokenizer(item["output"], add_special_tokens=False)["input_ids"]
-        examples.append(_segments_to_example([(special.prefix + p_ids, False), (response_ids + [special.eos], True)]))
+        examples.append(_segments_to_example([(special.prefix + p_ids, False), ([*response_ids, special.eos], True)]))
     return examples
 
 
@@ -225,7 +225,7 @@ def chat_segments(messages: list[dict], renderer, index: int) -> list[tuple[str,
 
 def with_eos(segment_ids: list[int], trained: bool, eos: int) -> list[int]:
     """A trained segment ends with EOS (appended when the chat template's end-of-turn marker is another token)."""
-    return segment_ids + [eos] if trained and eos not in segment_ids else segment_ids
+    return [*segment_ids, eos] if trained and eos not in segment_ids else segment_ids
 
 
 def _chat_example(messages: list[dict], tokenizer, special: Special, index: int) -> dict:

@@ -70,7 +70,7 @@ def _check_output_dir(config: TrainConfig) -> str | None:
             raise ConfigError(f"resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json "
                               "or adapter files): point it at a complete checkpoint-N directory.")
         return str(resume)
-    if output_dir.exists() and (not output_dir.is_dir() or set(entry.name for entry in output_dir.iterdir()) - {LOCK_FILE}):
+    if output_dir.exists() and (not output_dir.is_dir() or {entry.name for entry in output_dir.iterdir()} - {LOCK_FILE}):
         if not config.overwrite_output_dir:
             raise ConfigError(
                 f"output_dir {output_dir} already exists and is not empty: choose a new output_dir, resume with "
