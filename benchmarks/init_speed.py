@@ -239,8 +239,8 @@ def whole_model(r: int) -> None:
     ours, milora_seconds = timed(
         lambda: list(select_components_many(((w, r, None) for w in weights), "milora", "auto", workers)), repeats
     )
-    paper_worst = max(subspace_error(U[:, -r:].double(), Vh[-r:].double(), ref) for (U, _, Vh), ref in zip(paper, references))
-    milora_worst = max(subspace_error(parts.U, parts.Vh, ref) for parts, ref in zip(ours, references))
+    paper_worst = max(subspace_error(U[:, -r:].double(), Vh[-r:].double(), ref) for (U, _, Vh), ref in zip(paper, references, strict=True))
+    milora_worst = max(subspace_error(parts.U, parts.Vh, ref) for parts, ref in zip(ours, references, strict=True))
     solvers = sorted({parts.solver for parts in ours})
     print(f"== SmolLM2-135M, {len(weights)} weights (q,k,v,up,down), r={r} ==")
     print(f"paper fp32 SVD {paper_seconds:.2f} s, milora {milora_seconds:.2f} s ({', '.join(solvers)}; {workers} workers), "

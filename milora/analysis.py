@@ -144,7 +144,7 @@ def analyze_adapter(
     workers = default_workers([tuple(weight.shape) for _, weight, *_ in tasks]) if on_cpu else 1
     layers = []
     with closing(map_concurrently(update_metrics, (task[1:] for task in tasks), workers)) as results:
-        for (name, weight, _, _, k), metrics in tqdm(zip(tasks, results), total=len(tasks), desc="analysing",
+        for (name, weight, _, _, k), metrics in tqdm(zip(tasks, results, strict=True), total=len(tasks), desc="analysing",
                                                     disable=not progress):
             layers.append({"module": name, "shape": list(weight.shape), "k": k, **metrics})
     return {
@@ -201,10 +201,10 @@ def plot_analysis(results: list[dict], path: str | Path) -> Path:
         for position, entry in enumerate(result["layers"]):
             by_layer.setdefault(_layer_index(entry["module"], position), []).append(entry)
         indices = sorted(by_layer)
-        for axis, metric in zip(axes, panels):
+        for axis, metric in zip(axes, panels, strict=True):
             values = [_mean([entry[metric] for entry in by_layer[i]]) for i in indices]
             axis.plot(indices, [math.nan if v is None else v for v in values], marker=".", label=result["label"])
-    for axis, metric in zip(axes, panels):
+    for axis, metric in zip(axes, panels, strict=True):
         axis.set_title(metric.replace("_", " "))
         axis.set_xlabel("layer")
         if any(value > 0 for line in axis.get_lines() for value in line.get_ydata()):  # else nothing to scale

@@ -55,7 +55,7 @@ def score(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: int = 
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        add_special_tokens=False, desc=desc)
     items = []
-    for entry, output in zip(entries, outputs):
+    for entry, output in zip(entries, outputs, strict=True):
         answer = output.strip().split("\n")[0].strip()
         items.append({"question": entry["question"], "output": output, "gold": entry["answer"],
                       "score": float(dataset.score_answer(answer, entry))})

@@ -152,7 +152,7 @@ def test_concurrent_analysis_matches_sequential(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert [entry["module"] for entry in concurrent] == [entry["module"] for entry in sequential]
-    for one, other in zip(sequential, concurrent):
+    for one, other in zip(sequential, concurrent, strict=True):
         for name in METRICS:
             assert one[name] == pytest.approx(other[name], rel=1e-12, abs=1e-15), (one["module"], name)
 

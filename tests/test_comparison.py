@@ -98,8 +98,8 @@ def test_failed_rates_are_left_out_and_an_all_failed_method_is_reported():
 
 
 def test_no_significant_difference_is_said_so():
-    records = [record("lora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.5, 0.55, 0.45))]
-    records += [record("milora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.55, 0.5, 0.5))]
+    records = [record("lora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.5, 0.55, 0.45), strict=True)]
+    records += [record("milora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.55, 0.5, 0.5), strict=True)]
     summary = summarise(records, ["lora", "milora"], "lora")
     milora = next(m for m in summary["methods"] if m["method"] == "milora")
     assert milora["verdict"] == "no significant difference"

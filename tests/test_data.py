@@ -71,7 +71,7 @@ def test_templates_render_as_documented(smol_tokenizer):
 def test_labels_mask_exactly_the_prompt(smol_tokenizer, template):
     items = [{"instruction": "Add 2 and 3", "input": "", "output": "The answer is 5."}, {"instruction": "Add", "input": "2 3", "output": "5"}]
     examples, stats = encode_records(items, template, smol_tokenizer, cutoff_len=512, progress=False)
-    for item, example in zip(items, examples):
+    for item, example in zip(items, examples, strict=True):
         prompt_ids = smol_tokenizer(render_prompt(template, item["instruction"], item["input"]), add_special_tokens=False)["input_ids"]
         n = len(prompt_ids)
         assert example["input_ids"][:n] == prompt_ids
@@ -102,11 +102,11 @@ def test_chat_masks_all_but_assistant_turns(smol_tokenizer):
     (example,), _ = encode_records([{"messages": messages}], "chat", smol_tokenizer, 512, progress=False)
     text = smol_tokenizer.decode(example["input_ids"])
     assert text == smol_tokenizer.apply_chat_template(messages, tokenize=False)
-    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX])
     assert trained == "hello there<|im_end|>\nsee you<|im_end|>\n"
     # instruction records with template chat become one user turn + one assistant turn
     (single,), _ = encode_records([{"instruction": "hi", "input": "", "output": "yo"}], "chat", smol_tokenizer, 512, progress=False)
-    assert smol_tokenizer.decode([t for t, label in zip(single["input_ids"], single["labels"]) if label != IGNORE_INDEX]) == "yo<|im_end|>\n"
+    assert smol_tokenizer.decode([t for t, label in zip(single["input_ids"], single["labels"], strict=True) if label != IGNORE_INDEX]) == "yo<|im_end|>\n"
 
 
 def test_messages_need_the_chat_template(smol_tokenizer):
@@ -230,7 +230,7 @@ def test_sharegpt_and_tulu_conversations_train_on_every_assistant_turn(smol_toke
     tulu = {"id": "x", "source": "y", "messages": normalised["messages"]}  # allenai/tulu-3-sft-mixture's shape
     assert detect_format(tulu) == "messages" and normalise_record(tulu, "messages", 0) == normalised
     (example,), _ = encode_records([normalised], "chat", smol_tokenizer, 512, progress=False)
-    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX])
     assert trained == "hello there<|im_end|>\nsee you<|im_end|>\n"
     with pytest.raises(DataError, match="a ShareGPT turn needs 'from'"):
         normalise_record({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", 0)
@@ -253,7 +253,7 @@ def test_tulu_chat_template_for_a_tokenizer_without_one(bos_tokenizer):
     (example,), _ = encode_records([{"messages": messages}], "chat", tokenizer, 512, progress=False)
     assert tokenizer.decode(example["input_ids"]) == (
         "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\nhello there</s>\n<|user|>\nbye\n<|assistant|>\nsee you</s>")
-    trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX])
     assert trained == "hello there</s>see you</s>"  # the newline after a turn belongs to the next prompt
     assert render_prompt("chat", "hi", tokenizer=tokenizer) == "<|user|>\nhi\n<|assistant|>\n"
     with pytest.raises(DataError, match="neither one of tulu nor an existing file"):

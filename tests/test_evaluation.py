@@ -90,7 +90,7 @@ def test_commonsense_file_loads_and_every_gold_parses(path):
     examples, _ = load_examples("commonsense", path)
     assert len(examples) == len(records)
     labels = LABEL_SETS[EXPECTED_LABEL_SETS[path.parent.name]]
-    for example, record in zip(examples, records):
+    for example, record in zip(examples, records, strict=True):
         assert example.gold == record["answer"].lower()
         assert example.gold in example.options and set(example.options) <= set(labels)
 
@@ -206,7 +206,7 @@ def test_continuation_logprobs_match_a_direct_computation(smol):
     model, tokenizer = smol
     requests = [("The capital of France is", " Paris"), ("One, two, three, four", ", five, six")]
     scores = continuation_logprobs(model, tokenizer, requests, batch_size=2, progress=False)
-    for (context, continuation), score in zip(requests, scores):
+    for (context, continuation), score in zip(requests, scores, strict=True):
         context_ids = tokenizer(context)["input_ids"]
         ids = tokenizer(context + continuation)["input_ids"]
         with torch.no_grad():

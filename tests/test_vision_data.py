@@ -57,7 +57,7 @@ def decode(setup, ids) -> str:
 
 
 def trained_text(setup, example) -> str:
-    return decode(setup, [i for i, label in zip(example["input_ids"].tolist(), example["labels"].tolist())
+    return decode(setup, [i for i, label in zip(example["input_ids"].tolist(), example["labels"].tolist(), strict=True)
                           if label != IGNORE_INDEX])
 
 

@@ -217,7 +217,7 @@ def _run_analyze(args) -> int:
 
     labels = _check_analyze_args(args)
     results = []
-    for adapter, label in zip(args.adapters, labels):
+    for adapter, label in zip(args.adapters, labels, strict=True):
         model = load_pretrained_model(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
         results.append(analyze_adapter(model, adapter, rank=args.rank, label=label))
     print(format_analysis(results))

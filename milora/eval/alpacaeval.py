@@ -107,7 +107,7 @@ def win_rates(annotations: list[dict]) -> tuple[dict[str, float], dict]:
 
 def _items(rows, prompts, answers, annotations) -> list[dict]:
     items = []
-    for index, (row, prompt, answer, note) in enumerate(zip(rows, prompts, answers, annotations)):
+    for index, (row, prompt, answer, note) in enumerate(zip(rows, prompts, answers, annotations, strict=False)):
         verdict = preference(note)
         winner = None if verdict is None else "model" if verdict > 1.5 else "reference" if verdict < 1.5 else "tie"
         items.append({"index": index, "instruction": row["instruction"], "prompt": prompt, "output": answer,
@@ -123,10 +123,10 @@ def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
     annotations = annotator.annotate_head2head(
         outputs_1=[{**row, "index": i} for i, row in enumerate(rows)],
         outputs_2=[{"instruction": r["instruction"], "output": a, "generator": model, "index": i}
-                   for i, (r, a) in enumerate(zip(rows, answers))],
+                   for i, (r, a) in enumerate(zip(rows, answers, strict=True))],
         is_ordered=True)
     annotations = sorted(annotations, key=lambda note: note["index"])
-    for note, row, answer in zip(annotations, rows, answers):
+    for note, row, answer in zip(annotations, rows, answers, strict=False):
         if not isinstance(note.get("preference_raw_completion"), str):  # NaN: the package dropped an unparsed one
             note["preference_raw_completion"] = raw_completion(log, row["instruction"], row["output"], answer)
     return annotations

@@ -192,9 +192,9 @@ def _benchmark(model, tokenizer, task: str, examples: list[Example], *, scorer: 
     items = []
     if scorer == "loglik":
         requests = [(prompt + COMMONSENSE_ANSWER_PREFIX, " " + option)
-                    for prompt, example in zip(prompts, examples) for option in example.options]
+                    for prompt, example in zip(prompts, examples, strict=True) for option in example.options]
         scores = iter(continuation_logprobs(model, tokenizer, requests, batch_size=batch_size, progress=progress))
-        for prompt, example in zip(prompts, examples):
+        for prompt, example in zip(prompts, examples, strict=True):
             loglik = {option: next(scores) for option in example.options}
             prediction = max(loglik, key=loglik.get)
             items.append({"dataset": example.dataset, "prompt": prompt,
@@ -204,7 +204,7 @@ def _benchmark(model, tokenizer, task: str, examples: list[Example], *, scorer: 
     stops = MATH_STOP_STRINGS if task in ("gsm8k", "math") else ()
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        stop_strings=stops, progress=progress, desc=task)
-    for prompt, example, output in zip(prompts, examples, outputs):
+    for prompt, example, output in zip(prompts, examples, outputs, strict=True):
         prediction, correct = _grade(task, example, output)
         items.append({"dataset": example.dataset, "prompt": prompt, "output": output,
                       "prediction": prediction, "gold": example.gold, "correct": correct})

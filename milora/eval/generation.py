@@ -58,7 +58,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                 pad_token_id=tokenizer.pad_token_id,
                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
             )
-            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):
+            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:], strict=False):
                 outputs[index] = _truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings)
     return outputs
 
@@ -117,6 +117,6 @@ def generate_with_images(model, processor, prompts: list[str], images: list[list
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
                 top_k=None, pad_token_id=tokenizer.pad_token_id,
             )
-            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):
+            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:], strict=False):
                 outputs[index] = tokenizer.decode(row, skip_special_tokens=True)
     return outputs

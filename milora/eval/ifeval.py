@@ -217,7 +217,7 @@ def _run(job: Job) -> TaskResult:
     utils = _scorer()
     rendered, responses, settings = _responses(job, every, scored)
     items = []
-    for prompt, text, response in zip(scored, rendered, responses):
+    for prompt, text, response in zip(scored, rendered, responses, strict=True):
         verdicts = score_response(prompt, response, utils)
         items.append({"key": prompt.key, "prompt": text, "output": response, "prediction": verdicts,
                       "gold": prompt.instruction_id_list, "correct": all(verdicts["strict"]),

@@ -174,7 +174,7 @@ def record_completions(annotator) -> list[tuple[str, str]]:
     for single in annotator.annotators.values():
         def recording(prompts, _decoder=single.fn_completions, **kwargs):
             output = _decoder(prompts=prompts, **kwargs)
-            log.extend(zip(prompts, output["completions"]))
+            log.extend(zip(prompts, output["completions"], strict=False))
             return output
 
         single.fn_completions = recording

@@ -190,11 +190,11 @@ def _segments_to_example(segments: Sequence[tuple[list[int], bool]]) -> dict[str
 
 def _instruction_examples(items: list[dict], template: str, tokenizer, special: Special) -> list[dict]:
     prompts = [render_prompt(template, item["instruction"], item["input"]) for item in items]
-    full = [prompt + item["output"] for prompt, item in zip(prompts, items)]
+    full = [prompt + item["output"] for prompt, item in zip(prompts, items, strict=True)]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     examples = []
-    for p_ids, f_ids, item in zip(prompt_ids, full_ids, items):
+    for p_ids, f_ids, item in zip(prompt_ids, full_ids, items, strict=True):
         if f_ids[: len(p_ids)] == p_ids:
             response_ids = f_ids[len(p_ids) :]
         else:  # the prompt's last token merged with the response's first: tokenise the parts apart
@@ -233,7 +233,7 @@ def _chat_example(messages: list[dict], tokenizer, special: Special, index: int)
     texts = chat_segments(messages, tokenizer, index)
     ids = tokenizer([text for text, _ in texts], add_special_tokens=False)["input_ids"]
     return _segments_to_example([(with_eos(segment_ids, trained, special.eos), trained)
-                                 for segment_ids, (_, trained) in zip(ids, texts)])
+                                 for segment_ids, (_, trained) in zip(ids, texts, strict=True)])
 
 
 def encode_records(
