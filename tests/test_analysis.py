@@ -167,7 +167,7 @@ def test_plain_peft_adapter_and_wrong_base(tmp_path):
     milora.save_adapter(milora_model, tmp_path / "milora")
     with pytest.raises(ValueError, match="different base weights"):
         analyze_adapter(tiny_llama(seed=1), tmp_path / "milora", progress=False)
-    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config\.json"):
         analyze_adapter(tiny_llama(), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"k=40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\)"):
         analyze_adapter(tiny_llama(), tmp_path / "plain", rank=40, progress=False)

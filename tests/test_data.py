@@ -174,7 +174,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="record 0 is a int"):
         load_records(str(tmp_path / "scalars.json"))
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.csv'"):
         load_records(str(tmp_path / "d.csv"))
 
 

@@ -40,7 +40,7 @@ def test_rank_too_large_names_layer_and_limit():
 
 
 def test_rank_pattern_checked_too():
-    with pytest.raises(ValueError, match="Rank 40 is too large for model.layers.0.self_attn.v_proj"):
+    with pytest.raises(ValueError, match=r"Rank 40 is too large for model\.layers\.0\.self_attn\.v_proj"):
         milora.get_model(tiny_llama(), config(rank_pattern={"v_proj": 40}))
 
 
@@ -58,7 +58,7 @@ def test_integer_weight():
     model = tiny_llama()
     layer = model.model.layers[1].mlp.up_proj
     layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="up_proj has a torch.int8 weight: load the model in float32"):
+    with pytest.raises(ValueError, match=r"up_proj has a torch\.int8 weight: load the model in float32"):
         milora.get_model(model, config())
 
 
@@ -72,12 +72,12 @@ def test_non_finite_weight():
 
 
 def test_unsupported_module_type():
-    with pytest.raises(ValueError, match="embed_tokens is a Embedding; MiLoRA supports torch.nn.Linear"):
+    with pytest.raises(ValueError, match=r"embed_tokens is a Embedding; MiLoRA supports torch\.nn\.Linear"):
         milora.get_model(tiny_llama(), config(target_modules=["embed_tokens"]))
 
 
 def test_unknown_init_mode_and_solver():
-    with pytest.raises(ValueError, match="Unknown init mode 'minor'.*milora, pissa, middle, random, lora"):
+    with pytest.raises(ValueError, match=r"Unknown init mode 'minor'.*milora, pissa, middle, random, lora"):
         milora.get_model(tiny_llama(), config(), init="minor")
     with pytest.raises(ValueError, match="Unknown solver 'arnoldi'"):
         milora.get_model(tiny_llama(), config(), solver="arnoldi")
@@ -137,13 +137,13 @@ def test_tied_target_weights():
     model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
     reference = tiny_llama()
     reference.model.layers[1].mlp.up_proj.weight = reference.model.layers[0].mlp.up_proj.weight
-    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj and model.layers.1.mlp.up_proj share one weight"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj and model\.layers\.1\.mlp\.up_proj share one weight"):
         milora.get_model(model, config())
     assert_untouched(model, reference)
 
 
 def test_conflicting_lora_options():
-    with pytest.raises(ValueError, match="leave LoraConfig.init_lora_weights at its default"):
+    with pytest.raises(ValueError, match=r"leave LoraConfig\.init_lora_weights at its default"):
         milora.get_model(tiny_llama(), config(init_lora_weights="pissa"))
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         milora.get_model(tiny_llama(), config(use_dora=True))
@@ -165,7 +165,7 @@ def test_missing_adapter_file(saved, filename):
 def test_corrupt_weights_file(saved):
     path = saved / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt"):
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is corrupt"):
         milora.load_model(tiny_llama(), saved)
 
 
@@ -183,7 +183,7 @@ def test_weights_that_do_not_fit(saved):
         values["r"] = rank
         (saved / name).write_text(json.dumps(values))
     model = tiny_llama()
-    with pytest.raises(ValueError, match="has shape .* expected"):
+    with pytest.raises(ValueError, match=r"has shape .* expected"):
         milora.load_model(model, str(saved))
     assert_untouched(model, tiny_llama())
 
@@ -220,7 +220,7 @@ def test_save_refuses_existing_directory_and_model_without_record(saved, tmp_pat
     assert sorted(p.name for p in saved.iterdir()) == before
     from peft import get_peft_model
 
-    with pytest.raises(ValueError, match="not made by milora.get_model"):
+    with pytest.raises(ValueError, match=r"not made by milora\.get_model"):
         milora.save_adapter(get_peft_model(tiny_llama(), config()), tmp_path / "x")
 
 

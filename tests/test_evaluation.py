@@ -130,7 +130,7 @@ def test_bad_data_errors_name_the_fix(tmp_path):
         load_examples("gsm8k", tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "q", "answer": "many"}]))
-    with pytest.raises(DataError, match="item 0.*not a number"):
+    with pytest.raises(DataError, match=r"item 0.*not a number"):
         load_examples("gsm8k", bad)
     bad.write_text(json.dumps([{"instruction": "q", "answer": "A"}]))
     with pytest.raises(DataError, match="match none of the LLM-Adapters label patterns"):

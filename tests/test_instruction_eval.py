@@ -258,7 +258,7 @@ def test_humaneval_contains_hostile_completions(tmp_path):
 
 
 def test_humaneval_needs_the_opt_in_and_enough_samples(tmp_path):
-    with pytest.raises(DataError, match="opt in with allow_code_execution=True .*not a container"):
+    with pytest.raises(DataError, match=r"opt in with allow_code_execution=True .*not a container"):
         evaluate(None, None, "humaneval", predictions="unused.jsonl", progress=False)
     answers = _canonical(tmp_path)
     with pytest.raises(DataError, match="pass@10 needs at least 10 completions"):
@@ -402,7 +402,7 @@ def test_alpaca_eval_answers_against_themselves_score_exactly_one_half(tmp_path,
 
 def test_alpaca_eval_judge_errors_come_before_generation(tmp_path, offline_hub):
     reference, _ = _reference(tmp_path)
-    with pytest.raises(DataError, match="Could not fetch alpaca_eval.json of tatsu-lab/alpaca_eval.*--reference FILE"):
+    with pytest.raises(DataError, match=r"Could not fetch alpaca_eval\.json of tatsu-lab/alpaca_eval.*--reference FILE"):
         evaluate(_NoModel(), None, "alpaca-eval", judge="alpaca_eval_gpt4", progress=False)
     with pytest.raises(DataError, match="needs a judge"):
         evaluate(_NoModel(), None, "alpaca-eval", reference=str(reference), progress=False)
@@ -411,10 +411,10 @@ def test_alpaca_eval_judge_errors_come_before_generation(tmp_path, offline_hub):
     with pytest.raises(DataError, match="could not be reached or lists no model"):  # nothing listens on port 9
         evaluate(_NoModel(), None, "alpaca-eval", judge="http://127.0.0.1:9/v1", reference=str(reference),
                  progress=False)
-    with pytest.raises(DataError, match="judge 'http://127.0.0.1:9/v1' could not be reached or loaded"):
+    with pytest.raises(DataError, match=r"judge 'http://127\.0\.0\.1:9/v1' could not be reached or loaded"):
         evaluate(_NoModel(), None, "alpaca-eval", judge="http://127.0.0.1:9/v1", judge_model="m",
                  reference=str(reference), progress=False)
-    with pytest.raises(DataError, match="could not be reached or loaded.*OPENAI_API_KEY"):
+    with pytest.raises(DataError, match=r"could not be reached or loaded.*OPENAI_API_KEY"):
         evaluate(_NoModel(), None, "alpaca-eval", judge="alpaca_eval_gpt4", reference=str(reference), progress=False)
     with pytest.raises(DataError, match="instead of data"):
         evaluate(_NoModel(), None, "alpaca-eval", reference, judge="alpaca_eval_gpt4", progress=False)

@@ -80,7 +80,7 @@ def test_overwrite_refuses_directories_milora_did_not_write(tmp_path, tiny, save
     (saved / "notes.txt").write_text("mine")  # an adapter with the user's file inside
     assert "notes.txt" in cli_error(["init", tiny["model"], "--rank", "2", "--output", str(saved), "--overwrite"])
     assert (saved / "notes.txt").exists()
-    with pytest.raises(OutputError, match="notes.txt"):
+    with pytest.raises(OutputError, match=r"notes\.txt"):
         check_replaceable(saved)
 
 

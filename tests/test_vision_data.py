@@ -102,7 +102,7 @@ def test_collator_pads_and_stacks_images(setup):
 
 
 def test_truncation_never_cuts_image_tokens(setup):
-    with pytest.raises(DataError, match="record 0 has .* tokens, and truncating it to cutoff_len=10 would cut image tokens"):
+    with pytest.raises(DataError, match=r"record 0 has .* tokens, and truncating it to cutoff_len=10 would cut image tokens"):
         encode(setup, llava_record(), cutoff_len=10)
 
 
@@ -171,7 +171,7 @@ def test_train_on_llava_records_end_to_end(setup, tmp_path):
 def test_image_data_on_a_text_only_model_is_refused(setup, tmp_path):
     text_model = make_model_dir(tmp_path / "text")
     dataset = write_data(setup, "one.json", [llava_record()])
-    with pytest.raises(ConfigError, match="holds images, but the model .* is a text-only LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match=r"holds images, but the model .* is a text-only LlamaForCausalLM"):
         train(vision_config(setup, tmp_path / "run", dataset, model=str(text_model), modules_to_save=None))
     assert not (tmp_path / "run").exists()
 

@@ -150,7 +150,7 @@ def test_lmms_eval_arguments(vlm, tmp_path):
     assert greedy_settings({}, "t") == (128, [])
     with pytest.raises(DataError, match="sampling or beam search"):
         greedy_settings({"do_sample": True, "temperature": 0.7}, "t")
-    with pytest.raises(DataError, match="include path .*nowhere does not exist"):
+    with pytest.raises(DataError, match=r"include path .*nowhere does not exist"):
         run_lmms_eval(vlm["model"], vlm["processor"], ["x"], tmp_path / "nowhere", limit=None, batch_size=1)
 
 

@@ -159,7 +159,7 @@ def test_modules_to_save_errors(llava_dir):
     model = load_pretrained_model(str(llava_dir))
     with pytest.raises(ModelError, match=r"modules_to_save \['projector_x'\] not found"):
         milora.get_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["projector_x"]), progress=False)
-    with pytest.raises(ModelError, match="in modules_to_save .* holds the target module model.language_model.layers.0"):
+    with pytest.raises(ModelError, match=r"in modules_to_save .* holds the target module model\.language_model\.layers\.0"):
         milora.get_model(model, LoraConfig(r=2, target_modules=language_model_targets(model, ["q_proj"]),
                                            modules_to_save=["language_model"]), progress=False)
     assert not any("lora_" in name for name, _ in model.named_modules())  # refused before anything changed
@@ -182,5 +182,5 @@ def test_missing_projector_tensor_is_refused(llava_dir, tmp_path):
     metadata = json.loads((tmp_path / "adapter" / "milora_config.json").read_text())
     metadata["weights_sha256"] = milora.persistence.weights_checksum(weights)
     (tmp_path / "adapter" / "milora_config.json").write_text(json.dumps(metadata))
-    with pytest.raises(AdapterError, match="modules_to_save tensor .*linear_2.bias should have shape"):
+    with pytest.raises(AdapterError, match=r"modules_to_save tensor .*linear_2\.bias should have shape"):
         milora.load_model(load_pretrained_model(str(llava_dir)), tmp_path / "adapter")
