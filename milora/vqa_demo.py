@@ -152,7 +152,8 @@ def _report(data, before, after, result, start, train_size, max_steps) -> dict:
     kinds = [answer_type(gold, data["shapes"]) for gold in golds]
 
     def per_type(items) -> dict[str, dict]:
-        return {kind: binomial(sum(i["correct"] for i, k in zip(items, kinds, strict=True) if k == kind), kinds.count(kind))
+        return {kind: binomial(sum(i["correct"] for i, k in zip(items, kinds, strict=True) if k == kind),
+                               kinds.count(kind))
                 for kind in sorted(set(kinds))}
 
     losses = [entry["loss"] for entry in result.metrics["loss_history"] if "loss" in entry]

@@ -30,7 +30,8 @@ def _interval(mean: float | None, bounds: list[float] | None, scale: float = 100
     if mean is None:
         return "-"
     text = _value(mean, scale, digits)
-    return text if bounds is None else f"{text} [{_value(bounds[0], scale, digits)}, {_value(bounds[1], scale, digits)}]"
+    return (text if bounds is None
+            else f"{text} [{_value(bounds[0], scale, digits)}, {_value(bounds[1], scale, digits)}]")
 
 
 def methods_table(summary: dict[str, Any]) -> str:

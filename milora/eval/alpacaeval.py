@@ -45,8 +45,9 @@ def load_reference(reference: str | Path | None) -> tuple[list[dict], str]:
         try:
             records = read_records(hf_hub_download(HUB_DATASET[0], HUB_DATASET[1], repo_type="dataset"))
         except Exception as error:  # network, authentication, a moved file
-            raise DataError(f"Could not fetch {HUB_DATASET[1]} of {HUB_DATASET[0]} from the hub ({type(error).__name__}: "
-                            f"{error}); pass local reference answers with reference= (CLI: --reference FILE).") from None
+            raise DataError(f"Could not fetch {HUB_DATASET[1]} of {HUB_DATASET[0]} from the hub "
+                            f"({type(error).__name__}: {error}); pass local reference answers with reference= "
+                            "(CLI: --reference FILE).") from None
         source = "hub:" + "/".join(HUB_DATASET)
     else:
         if not Path(reference).is_file():
@@ -99,7 +100,8 @@ def win_rates(annotations: list[dict]) -> tuple[dict[str, float], dict]:
                   **{key: int(metrics[key]) for key in ("n_wins", "n_wins_base", "n_draws", "n_total")})
     try:  # needs the package's instruction difficulties, from the hub
         lc = get_length_controlled_winrate(parsed.copy(), save_weights_dir=None, is_warn_extreme_changes=False)
-        scores.update(lc_win_rate=lc["length_controlled_winrate"] / 100, lc_standard_error=lc["lc_standard_error"] / 100)
+        scores.update(lc_win_rate=lc["length_controlled_winrate"] / 100,
+                      lc_standard_error=lc["lc_standard_error"] / 100)
     except Exception as error:  # offline (hub), or too few items for its cross-validated GLM
         notes["lc_win_rate"] = f"not computed ({type(error).__name__}: {str(error)[:200]})"
     return scores, notes

@@ -52,7 +52,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     with padding_side(tokenizer, "left"), torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             batch = order[start:start + batch_size]
-            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model_device(model))
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
+                                   return_tensors="pt").to(model_device(model))
             sequences = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, num_beams=1, **sampling, eos_token_id=eos,
                 pad_token_id=tokenizer.pad_token_id,
@@ -79,7 +80,8 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str, str]], *, 
     with padding_side(tokenizer, "right"), torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             batch = order[start:start + batch_size]
-            inputs = tokenizer.pad({"input_ids": [pairs[i][0] for i in batch]}, return_tensors="pt").to(model_device(model))
+            inputs = tokenizer.pad({"input_ids": [pairs[i][0] for i in batch]},
+                                   return_tensors="pt").to(model_device(model))
             logits = model(**inputs).logits
             for row, index in enumerate(batch):
                 ids, count = pairs[index]

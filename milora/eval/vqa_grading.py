@@ -133,5 +133,6 @@ def extract_choice_letter(output: str, options: Sequence[str]) -> str | None:
         if match:
             return match[1].upper()
     normalised = normalize_answer(first_line_answer(text))
-    matches = [letter for letter, option in zip(letters, options, strict=True) if normalize_answer(option) == normalised]
+    matches = [letter for letter, option in zip(letters, options, strict=True)
+               if normalize_answer(option) == normalised]
     return matches[0] if len(matches) == 1 else None

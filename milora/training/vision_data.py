@@ -277,7 +277,8 @@ def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
     shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=False)]
     padded = []
     for tensor in tensors:
-        pad = [value for size, target in reversed(list(zip(tensor.shape[1:], shape, strict=False))) for value in (0, target - size)]
+        pad = [value for size, target in reversed(list(zip(tensor.shape[1:], shape, strict=False)))
+               for value in (0, target - size)]
         padded.append(torch.nn.functional.pad(tensor, pad) if any(pad) else tensor)
     return torch.cat(padded)
 
