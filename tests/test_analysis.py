@@ -105,7 +105,8 @@ def test_analyze_saved_adapter_matches_in_memory_update(family, tmp_path):
     milora.save_adapter(peft_model, tmp_path / "trained")
     result = analyze_adapter(build(), tmp_path / "trained", label="MiLoRA", progress=False)
     assert result["init"] == "milora" and result["label"] == "MiLoRA"
-    original = {name: weight_matrix(module).detach().double() for name, module in build().named_modules() if hasattr(module, "weight")}
+    original = {name: weight_matrix(module).detach().double()
+                for name, module in build().named_modules() if hasattr(module, "weight")}
     layers = lora_layers(peft_model)
     assert [entry["module"] for entry in result["layers"]] == list(layers)
     for entry in result["layers"]:
@@ -140,7 +141,8 @@ def test_minor_start_keeps_the_update_out_of_the_principal_subspace(tmp_path):
 
 def test_concurrent_analysis_matches_sequential(tmp_path):
     """With 2 torch threads the layers are analysed 2 at a time: same results (to 1e-12)."""
-    peft_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), progress=False)
+    peft_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+                                  progress=False)
     _perturb_adapter(peft_model)
     milora.save_adapter(peft_model, tmp_path / "adapter")
     sequential = analyze_adapter(tiny_llama(), tmp_path / "adapter", progress=False)["layers"]
@@ -163,7 +165,8 @@ def test_plain_peft_adapter_and_wrong_base(tmp_path):
     peft_model.save_pretrained(tmp_path / "plain")
     result = analyze_adapter(tiny_llama(), tmp_path / "plain", progress=False)
     assert result["init"] == "peft" and all(entry["relative_update"] > 0 for entry in result["layers"])
-    milora_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), progress=False)
+    milora_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+                                    progress=False)
     milora.save_adapter(milora_model, tmp_path / "milora")
     with pytest.raises(ValueError, match="different base weights"):
         analyze_adapter(tiny_llama(seed=1), tmp_path / "milora", progress=False)
@@ -178,11 +181,16 @@ def test_plain_peft_adapter_and_wrong_base(tmp_path):
 def test_cli_analyze_compares_adapters(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path / "model")
     for init in ("milora", "pissa"):
-        assert main(["init", str(tmp_path / "model"), "--output", str(tmp_path / init), "--rank", "4", "--init", init]) == 0
+        assert main(["init", str(tmp_path / "model"), "--output", str(tmp_path / init), "--rank", "4",
+                     "--init", init]) == 0
     capsys.readouterr()
-    assert re.search("use one of the extensions", cli_error(["analyze", str(tmp_path / "milora"), "--model", str(tmp_path / "model"), "--plot", str(tmp_path / "a.xyz")]))
-    assert re.search("does not exist", cli_error(["analyze", str(tmp_path / "nowhere"), "--model", str(tmp_path / "model")]))
-    assert re.search("--labels has 1 names for 2 adapters", cli_error(["analyze", str(tmp_path / "milora"), str(tmp_path / "pissa"), "--labels", "MiLoRA"]))
+    assert re.search("use one of the extensions", cli_error(["analyze", str(tmp_path / "milora"),
+                                                             "--model", str(tmp_path / "model"),
+                                                             "--plot", str(tmp_path / "a.xyz")]))
+    assert re.search("does not exist", cli_error(["analyze", str(tmp_path / "nowhere"),
+                                                  "--model", str(tmp_path / "model")]))
+    assert re.search("--labels has 1 names for 2 adapters", cli_error(["analyze", str(tmp_path / "milora"),
+                                                                       str(tmp_path / "pissa"), "--labels", "MiLoRA"]))
     assert main(["analyze", str(tmp_path / "milora"), str(tmp_path / "pissa"), "--model", str(tmp_path / "model"),
                  "--rank", "2", "--output", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png"),
                  "--labels", "MiLoRA,PiSSA"]) == 0

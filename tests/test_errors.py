@@ -34,7 +34,8 @@ def test_missing_target_module():
 
 def test_rank_too_large_names_layer_and_limit():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"Rank 40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\).*min\(out, in\) = 32"):
+    with pytest.raises(ValueError, match=r"Rank 40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\)"
+                                         r".*min\(out, in\) = 32"):
         milora.get_model(model, config(r=40))
     assert_untouched(model, tiny_llama())
 
@@ -122,7 +123,8 @@ def test_bad_workers_and_cpu_only_options():
         milora.get_model(model, config(), workers=True)
     with pytest.raises(ValueError, match=r"The lanczos solver runs on CPU, but decompositions would run on \['meta'\]"):
         milora.get_model(model, config(), solver="lanczos", device="meta")
-    with pytest.raises(ValueError, match=r"workers=2 runs several CPU decompositions at once; decompositions on \['meta'\] need workers=1"):
+    with pytest.raises(ValueError, match=r"workers=2 runs several CPU decompositions at once; "
+                                         r"decompositions on \['meta'\] need workers=1"):
         milora.get_model(model, config(), workers=2, device="meta")
     with pytest.raises(ValueError, match=r"device='gpu0' is not usable on this machine \(.*\); use 'cpu' or omit it"):
         milora.get_model(model, config(), device="gpu0")
@@ -137,7 +139,8 @@ def test_tied_target_weights():
     model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
     reference = tiny_llama()
     reference.model.layers[1].mlp.up_proj.weight = reference.model.layers[0].mlp.up_proj.weight
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj and model\.layers\.1\.mlp\.up_proj share one weight"):
+    with pytest.raises(ValueError,
+                       match=r"model\.layers\.0\.mlp\.up_proj and model\.layers\.1\.mlp\.up_proj share one weight"):
         milora.get_model(model, config())
     assert_untouched(model, reference)
 

@@ -341,7 +341,8 @@ def test_evaluate_rejects_bad_requests(tiny_lm):
         evaluate(model, tokenizer, "gsm8k", scorer="loglik")
     with pytest.raises(DataError, match="batch_size must be at least 1"):
         evaluate(model, tokenizer, "gsm8k", batch_size=0)
-    with pytest.raises(DataError, match="max_new_tokens must be an integer of at least 1 \\(got 0\\)"):  # not "0 = default"
+    # not "0 = default"
+    with pytest.raises(DataError, match=r"max_new_tokens must be an integer of at least 1 \(got 0\)"):
         evaluate(model, tokenizer, "gsm8k", max_new_tokens=0)
     with pytest.raises(DataError, match="max_length must be an integer of at least 2"):
         evaluate(model, tokenizer, "forgetting", max_length=1)

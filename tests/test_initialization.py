@@ -49,7 +49,8 @@ CASES = [
     pytest.param({"r": 8, "lora_alpha": 8}, id="alpha=r"),
     pytest.param({"r": 8, "lora_alpha": 32}, id="alpha=4r"),
     pytest.param({"r": 8, "lora_alpha": 5, "use_rslora": True}, id="rslora"),
-    pytest.param({"r": 8, "lora_alpha": 8, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"up_proj": 3}}, id="patterns"),
+    pytest.param({"r": 8, "lora_alpha": 8, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"up_proj": 3}},
+                 id="patterns"),
     pytest.param({"r": 5, "lora_alpha": 5, "rank_pattern": {"k_proj": 5}}, id="odd-offset"),  # middle: (k - r) // 2 odd
 ]
 
@@ -68,7 +69,8 @@ def test_selected_part_matches_float64_reference(init, options, code_path, monke
     assert len(layers) == 2 * len(LLAMA_TARGETS)
     for name, layer in layers.items():
         r = layer.r["default"]
-        assert r == options.get("rank_pattern", {}).get("k_proj", options["r"]) if name.endswith("k_proj") else options["r"]
+        assert (r == options.get("rank_pattern", {}).get("k_proj", options["r"]) if name.endswith("k_proj")
+                else options["r"])
         U_sel, S_sel, Vh_sel, _ = reference_block(weights[name], init, r)
         selected = (U_sel * S_sel) @ Vh_sel
         product = adapter_product(layer)
@@ -87,8 +89,8 @@ def test_selected_part_matches_float64_reference(init, options, code_path, monke
 def test_solvers_agree_on_gpt2_conv1d(solver):
     model = tiny_gpt2()
     weights = original_weights(model)
-    peft_model = milora.get_model(model, LoraConfig(r=6, lora_alpha=12, target_modules=GPT2_TARGETS, fan_in_fan_out=True),
-                                  solver=solver, progress=False)
+    peft_model = milora.get_model(model, LoraConfig(r=6, lora_alpha=12, target_modules=GPT2_TARGETS,
+                                                    fan_in_fan_out=True), solver=solver, progress=False)
     for name, layer in lora_layers(peft_model).items():
         U_sel, S_sel, Vh_sel, _ = reference_block(weights[name], "milora", 6)
         selected = (U_sel * S_sel) @ Vh_sel
@@ -137,7 +139,8 @@ def test_output_at_init_equals_base_float32(init, tokens):
     model = tiny_llama()
     with torch.no_grad():
         before = model(tokens).logits.double()
-    peft_model = milora.get_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS), init=init, progress=False)
+    peft_model = milora.get_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS), init=init,
+                                  progress=False)
     with torch.no_grad():
         after = peft_model(tokens).logits.double()
     assert float((after - before).norm() / before.norm()) < 1e-5

@@ -133,7 +133,7 @@ def test_lock_is_exclusive_between_processes(tmp_path):
     assert outcomes == ["held", "refused", "refused", "refused"]
 
 
-# ---------------------------------------------------------------- 3. checkpoints are atomic, resume takes a complete one
+# ----------------------------------------------------------- 3. checkpoints are atomic, resume takes a complete one
 
 
 def test_resume_skips_an_incomplete_checkpoint(tmp_path, tiny, capsys):
@@ -375,7 +375,8 @@ def test_interrupted_init_restores_the_model(monkeypatch, tokens):
         milora.get_model(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS), progress=False)
     assert any("restored to its original weights" in note for note in caught.value.__notes__)
     assert not any("lora_" in name for name, _ in model.named_parameters())
-    for (name, restored), original_weight in zip(model.state_dict().items(), reference.state_dict().values(), strict=False):
+    for (name, restored), original_weight in zip(model.state_dict().items(), reference.state_dict().values(),
+                                                 strict=False):
         assert torch.allclose(restored, original_weight, rtol=0, atol=1e-6 * float(original_weight.abs().max())), name
 
 
