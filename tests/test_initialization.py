@@ -69,8 +69,9 @@ def test_selected_part_matches_float64_reference(init, options, code_path, monke
     assert len(layers) == 2 * len(LLAMA_TARGETS)
     for name, layer in layers.items():
         r = layer.r["default"]
-        assert (r == options.get("rank_pattern", {}).get("k_proj", options["r"]) if name.endswith("k_proj")
-                else options["r"])
+        k_rank = options.get("rank_pattern", {}).get("k_proj", options["r"])
+        expected = k_rank if name.endswith("k_proj") else options["r"]
+        assert r == expected, name
         U_sel, S_sel, Vh_sel, _ = reference_block(weights[name], init, r)
         selected = (U_sel * S_sel) @ Vh_sel
         product = adapter_product(layer)
