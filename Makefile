@@ -23,4 +23,4 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check milora tests benchmarks
+	$(VENV)/bin/ruff check milora tests benchmarks recipes

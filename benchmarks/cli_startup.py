@@ -43,7 +43,8 @@ def main() -> None:
                 baseline.append(run_seconds(args.baseline, argv))
         line = f"{' '.join(argv):<22} {statistics.median(times):>8.3f}"
         if args.baseline:
-            line += f" {statistics.median(baseline):>11.3f} {statistics.median(baseline) / statistics.median(times):>7.1f}"
+            line += (f" {statistics.median(baseline):>11.3f}"
+                     f" {statistics.median(baseline) / statistics.median(times):>7.1f}")
         print(line)
 
 

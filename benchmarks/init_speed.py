@@ -239,12 +239,14 @@ def whole_model(r: int) -> None:
     ours, milora_seconds = timed(
         lambda: list(select_components_many(((w, r, None) for w in weights), "milora", "auto", workers)), repeats
     )
-    paper_worst = max(subspace_error(U[:, -r:].double(), Vh[-r:].double(), ref) for (U, _, Vh), ref in zip(paper, references))
-    milora_worst = max(subspace_error(parts.U, parts.Vh, ref) for parts, ref in zip(ours, references))
+    paper_worst = max(subspace_error(U[:, -r:].double(), Vh[-r:].double(), ref)
+                      for (U, _, Vh), ref in zip(paper, references, strict=True))
+    milora_worst = max(subspace_error(parts.U, parts.Vh, ref) for parts, ref in zip(ours, references, strict=True))
     solvers = sorted({parts.solver for parts in ours})
     print(f"== SmolLM2-135M, {len(weights)} weights (q,k,v,up,down), r={r} ==")
-    print(f"paper fp32 SVD {paper_seconds:.2f} s, milora {milora_seconds:.2f} s ({', '.join(solvers)}; {workers} workers), "
-          f"ratio {paper_seconds / milora_seconds:.2f}; worst error paper {paper_worst:.1e}, milora {milora_worst:.1e}")
+    print(f"paper fp32 SVD {paper_seconds:.2f} s, milora {milora_seconds:.2f} s "
+          f"({', '.join(solvers)}; {workers} workers), ratio {paper_seconds / milora_seconds:.2f}; "
+          f"worst error paper {paper_worst:.1e}, milora {milora_worst:.1e}")
 
 
 def _rss_bytes() -> int:
@@ -280,7 +282,8 @@ def init_memory(r: int) -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    peft_model = milora.get_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=list(PAPER_TARGETS)), progress=False)
+    peft_model = milora.get_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=list(PAPER_TARGETS)),
+                                  progress=False)
     done.set()
     sampler.join()
     record = peft_model.milora_init

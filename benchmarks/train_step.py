@@ -30,7 +30,8 @@ def build(init: str, rank: int, device: str):
     model, _ = load_base_model(None, device=device)
     model.config.use_cache = False
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
-    peft_model = get_model(model, config, init="milora", progress=False) if init == "milora" else get_peft_model(model, config)
+    peft_model = (get_model(model, config, init="milora", progress=False) if init == "milora"
+                  else get_peft_model(model, config))
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     return peft_model, optimizer
@@ -111,10 +112,12 @@ def main() -> None:
         "time_ratio_milora_over_lora": median["milora"] / median["lora"],
         "memory_ratio_milora_over_lora": memory["milora"] / memory["lora"],
     }
-    print(f"SmolLM2-135M, rank {args.rank}, batch {args.batch}x{args.seq}, {args.device}, {args.rounds} alternating rounds")
+    print(f"SmolLM2-135M, rank {args.rank}, batch {args.batch}x{args.seq}, {args.device}, "
+          f"{args.rounds} alternating rounds")
     for name in variants:
         print(f"  {name:<7} step {median[name]:.3f} s (median)   peak memory {memory[name] / 2**20:.1f} MiB")
-    print(f"  ratio MiLoRA / LoRA: time {results['time_ratio_milora_over_lora']:.3f}, memory {results['memory_ratio_milora_over_lora']:.3f} (target <= 1.02)")
+    print(f"  ratio MiLoRA / LoRA: time {results['time_ratio_milora_over_lora']:.3f}, "
+          f"memory {results['memory_ratio_milora_over_lora']:.3f} (target <= 1.02)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -102,7 +102,8 @@ def _open_adapter(base_model: torch.nn.Module, adapter_dir: Path) -> tuple[PeftM
         except (TypeError, ValueError) as error:
             raise AdapterError(f"{adapter_dir} has an unreadable {ADAPTER_CONFIG} ({error}).") from None
         if config.use_dora:
-            raise AdapterError(f"{adapter_dir} is a DoRA adapter: its update is not B A; milora analyses LoRA adapters.")
+            raise AdapterError(f"{adapter_dir} is a DoRA adapter: its update is not B A; "
+                               "milora analyses LoRA adapters.")
     else:
         saved_config, _, metadata = read_adapter(adapter_dir)
         config, init = trainable_config(saved_config, metadata), metadata["init"]
@@ -133,19 +134,21 @@ def analyze_adapter(
         for name, layer in lora_layers(peft_model).items():
             adapter = layer.active_adapters[0]
             if adapter not in layer.lora_A:
-                raise AdapterError(f"{name} is a {type(layer).__name__} LoRA layer; milora analyses Linear and Conv1D layers.")
+                raise AdapterError(f"{name} is a {type(layer).__name__} LoRA layer; "
+                                   "milora analyses Linear and Conv1D layers.")
             weight, k = weight_matrix(layer.get_base_layer()), rank or rank_for(config, name)
             if k >= min(weight.shape):
-                raise ModelError(f"Subspace size k={k} is too large for {name} ({weight.shape[0]} x {weight.shape[1]}): "
-                                 f"it must be below {min(weight.shape)}; pass a smaller rank.")
+                raise ModelError(f"Subspace size k={k} is too large for {name} "
+                                 f"({weight.shape[0]} x {weight.shape[1]}): it must be below {min(weight.shape)}; "
+                                 "pass a smaller rank.")
             left = layer.lora_B[adapter].weight * layer.scaling[adapter]
             tasks.append((name, weight, left, layer.lora_A[adapter].weight, k))
     on_cpu = all(weight.device.type == "cpu" for _, weight, *_ in tasks)
     workers = default_workers([tuple(weight.shape) for _, weight, *_ in tasks]) if on_cpu else 1
     layers = []
     with closing(map_concurrently(update_metrics, (task[1:] for task in tasks), workers)) as results:
-        for (name, weight, _, _, k), metrics in tqdm(zip(tasks, results), total=len(tasks), desc="analysing",
-                                                    disable=not progress):
+        for (name, weight, _, _, k), metrics in tqdm(zip(tasks, results, strict=True), total=len(tasks),
+                                                    desc="analysing", disable=not progress):
             layers.append({"module": name, "shape": list(weight.shape), "k": k, **metrics})
     return {
         "label": label or adapter_dir.name,
@@ -169,7 +172,8 @@ def _summarise(layers: list[dict]) -> dict:
     groups = {"all": layers}
     for kind in sorted({_kind(entry["module"]) for entry in layers}):
         groups[kind] = [entry for entry in layers if _kind(entry["module"]) == kind]
-    return {kind: {metric: _mean([entry[metric] for entry in entries]) for metric in METRICS} for kind, entries in groups.items()}
+    return {kind: {metric: _mean([entry[metric] for entry in entries]) for metric in METRICS}
+            for kind, entries in groups.items()}
 
 
 def format_analysis(results: list[dict]) -> str:
@@ -201,10 +205,10 @@ def plot_analysis(results: list[dict], path: str | Path) -> Path:
         for position, entry in enumerate(result["layers"]):
             by_layer.setdefault(_layer_index(entry["module"], position), []).append(entry)
         indices = sorted(by_layer)
-        for axis, metric in zip(axes, panels):
+        for axis, metric in zip(axes, panels, strict=True):
             values = [_mean([entry[metric] for entry in by_layer[i]]) for i in indices]
             axis.plot(indices, [math.nan if v is None else v for v in values], marker=".", label=result["label"])
-    for axis, metric in zip(axes, panels):
+    for axis, metric in zip(axes, panels, strict=True):
         axis.set_title(metric.replace("_", " "))
         axis.set_xlabel("layer")
         if any(value > 0 for line in axis.get_lines() for value in line.get_ydata()):  # else nothing to scale

@@ -33,7 +33,10 @@ def make_task(task: str, options: dict[str, Any], train_size: int, eval_size: in
     held_out_questions = {entry["question"] for entry in held_out}
     pool = reasoning_gym.create_dataset(task, size=train_size + eval_size, seed=seed, **options)
     train = [
-        {"messages": [{"role": "user", "content": entry["question"]}, {"role": "assistant", "content": str(entry["answer"])}]}
+        {"messages": [
+            {"role": "user", "content": entry["question"]},
+            {"role": "assistant", "content": str(entry["answer"])},
+        ]}
         for entry in pool
         if entry["question"] not in held_out_questions
     ][:train_size]
@@ -55,7 +58,7 @@ def score(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: int = 
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        add_special_tokens=False, desc=desc)
     items = []
-    for entry, output in zip(entries, outputs):
+    for entry, output in zip(entries, outputs, strict=True):
         answer = output.strip().split("\n")[0].strip()
         items.append({"question": entry["question"], "output": output, "gold": entry["answer"],
                       "score": float(dataset.score_answer(answer, entry))})
@@ -67,7 +70,8 @@ def score(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: int = 
 
 
 def demo_train_config(
-    output_dir: str | Path, max_steps: int = 50, batch_size: int = 8, learning_rate: float = 2e-3, lora_rank: int = 16, seed: int = 0
+    output_dir: str | Path, max_steps: int = 50, batch_size: int = 8, learning_rate: float = 2e-3, lora_rank: int = 16,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The demo's `milora train` config (also shipped as recipes/demo.yaml): data in ``output_dir/train.jsonl``."""
     return {
@@ -107,8 +111,8 @@ def run_demo(
     from milora.persistence import load_model
     from milora.training.run import train
 
-    for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps), ("batch_size", batch_size),
-                        ("lora_rank", lora_rank)):
+    for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps),
+                        ("batch_size", batch_size), ("lora_rank", lora_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     start = time.perf_counter()
@@ -123,7 +127,8 @@ def run_demo(
     del model
 
     result = train(
-        demo_train_config(output_dir, max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, lora_rank=lora_rank, seed=seed)
+        demo_train_config(output_dir, max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
+                          lora_rank=lora_rank, seed=seed)
     )
     base, tokenizer = load_base_model(None)
     tuned = load_model(base, result.adapter_dir)
@@ -161,11 +166,13 @@ def format_report(report: dict) -> str:
         f"MiLoRA demo: SmolLM2-135M-Instruct on reasoning-gym '{report['task']}' {report['task_options']}",
         (
             f"  held-out accuracy: {report['accuracy_before']:.1%} before -> {report['accuracy_after']:.1%} after "
-            f"({report['held_out_items']} items, greedy, the task's scorer; mean score {report['mean_score_before']:.3f} -> {report['mean_score_after']:.3f})"
+            f"({report['held_out_items']} items, greedy, the task's scorer; "
+            f"mean score {report['mean_score_before']:.3f} -> {report['mean_score_after']:.3f})"
         ),
         (
-            f"  training: {report['steps']} steps on {report['train_examples']} examples, loss {report['loss_first']:.3f} -> "
-            f"{report['loss_last']:.3f} (min {report['loss_min']:.3f}), {report['train_seconds']:.0f} s"
+            f"  training: {report['steps']} steps on {report['train_examples']} examples, "
+            f"loss {report['loss_first']:.3f} -> {report['loss_last']:.3f} (min {report['loss_min']:.3f}), "
+            f"{report['train_seconds']:.0f} s"
         ),
         "  loss curve: " + ", ".join(f"step {step}: {loss:.3f}" for step, loss in report["loss_curve"]),
         f"  total time: {report['total_seconds']:.0f} s",

@@ -218,14 +218,15 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise ConfigError(
-                        f"{path}: key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                        f"{path}: key '{key}' is given twice "
+                        f"(lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
                         "YAML would silently keep the last one: remove one of them."
                     )
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
     try:
-        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     except DataError as error:
@@ -285,7 +286,8 @@ def check_output_file(path: str | os.PathLike) -> Path:
     """Fail now, not after the work, if a result file cannot be written at ``path``."""
     path = Path(path)
     if path.is_dir():
-        raise OutputExistsError(f"{path} is a directory: give a file path for the results, e.g. {path / 'results.json'}.")
+        raise OutputExistsError(f"{path} is a directory: give a file path for the results, "
+                                f"e.g. {path / 'results.json'}.")
     parent = next(p for p in path.absolute().parents if p.exists())
     if not parent.is_dir():
         raise OutputError(f"{parent} is a file, so {path} cannot be created under it: choose another path.")

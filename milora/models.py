@@ -35,7 +35,8 @@ def check_device(device: str | torch.device) -> None:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        raise ModelError(f"device={str(device)!r} is not usable on this machine ({error}); use 'cpu' or omit it.") from None
+        raise ModelError(f"device={str(device)!r} is not usable on this machine ({error}); "
+                         "use 'cpu' or omit it.") from None
 
 
 def cache_dir() -> Path:

@@ -93,7 +93,8 @@ def save_adapter(
                                     "overwrite=True.")
         check_replaceable(output_dir)  # overwrite replaces only what milora wrote
     trained_config = peft_model.peft_config[adapter_name]
-    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
+    weights = {k: v.detach().cpu().contiguous()
+               for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
     config = trained_config
     if record.init != "lora":
         weights = _update_as_lora(weights, record)
@@ -243,7 +244,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         raise AdapterNotFoundError(f"Adapter directory {adapter_dir} does not exist.")
     for filename in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG):
         if not (adapter_dir / filename).is_file():
-            hint = " (a plain PEFT adapter? load it with peft.PeftModel.from_pretrained)" if filename == MILORA_CONFIG else ""
+            hint = (" (a plain PEFT adapter? load it with peft.PeftModel.from_pretrained)"
+                    if filename == MILORA_CONFIG else "")
             raise AdapterNotFoundError(
                 f"{adapter_dir} has no {filename}: it is not a complete milora adapter directory{hint}. "
                 "Save adapters with milora.save_adapter."
@@ -280,7 +282,8 @@ def _check_configs_agree(saved: LoraConfig, metadata: dict, adapter_dir: Path) -
         ("lora_alpha", saved.lora_alpha, alpha_factor * metadata["lora_alpha"]),
         ("use_rslora", saved.use_rslora, metadata["use_rslora"]),
         ("rank_pattern", dict(saved.rank_pattern), {k: rank_factor * v for k, v in metadata["rank_pattern"].items()}),
-        ("alpha_pattern", dict(saved.alpha_pattern), {k: alpha_factor * v for k, v in metadata["alpha_pattern"].items()}),
+        ("alpha_pattern", dict(saved.alpha_pattern),
+         {k: alpha_factor * v for k, v in metadata["alpha_pattern"].items()}),
     ]
     for key in ("target_modules", "modules_to_save"):
         if key in metadata:
@@ -396,11 +399,13 @@ def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config:
     for name, module in modules.items():
         out_features, in_features = weight_matrix(module).shape
         saved_rank = factor * rank_for(lora_config, name)
-        for suffix, shape in (("lora_A.weight", (saved_rank, in_features)), ("lora_B.weight", (out_features, saved_rank))):
+        for suffix, shape in (("lora_A.weight", (saved_rank, in_features)),
+                              ("lora_B.weight", (out_features, saved_rank))):
             key = f"{_PREFIX}{name}.{suffix}"
             expected_keys.add(key)
             if key not in weights:
-                raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; re-save the adapter.")
+                raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; "
+                                   "re-save the adapter.")
             if tuple(weights[key].shape) != shape:
                 raise AdapterError(
                     f"{adapter_dir / ADAPTER_WEIGHTS}: {key} has shape {tuple(weights[key].shape)}, expected {shape}; "
@@ -408,7 +413,8 @@ def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config:
                 )
     unexpected = sorted(set(weights) - expected_keys)
     if unexpected:
-        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} has unexpected tensors {unexpected[:3]}: this milora cannot load them.")
+        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} has unexpected tensors {unexpected[:3]}: "
+                           "this milora cannot load them.")
 
 
 def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
@@ -419,7 +425,8 @@ def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, ad
     record = init_record(peft_model)
     _, weights, metadata = read_adapter(adapter_dir)
     if metadata["init"] != record.init:
-        raise AdapterError(f"{adapter_dir} holds an init={metadata['init']!r} adapter, the model is init={record.init!r}.")
+        raise AdapterError(f"{adapter_dir} holds an init={metadata['init']!r} adapter, "
+                           f"the model is init={record.init!r}.")
     trained_on = (metadata.get("quantization") or {}).get("method")
     if trained_on != record.quantization_method:
         raise AdapterError(
@@ -431,7 +438,8 @@ def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, ad
         r = layer.r[adapter_name]
         if record.init != "lora":
             A0, B0 = record.initial_factors[name]
-            if not (torch.equal(saved_A[r:], A0.to(saved_A.dtype)) and torch.equal(-saved_B[:, r:], B0.to(saved_B.dtype))):
+            if not (torch.equal(saved_A[r:], A0.to(saved_A.dtype))
+                    and torch.equal(-saved_B[:, r:], B0.to(saved_B.dtype))):
                 raise AdapterError(
                     f"{adapter_dir} was trained from a different initialisation than this model (module {name}); "
                     "build the model with the same base, config and init before resuming."

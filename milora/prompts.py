@@ -101,7 +101,8 @@ CHAT_TEMPLATES = {
         "{% endfor %}"
     ),
 }
-"""Named chat templates for tokenizers without one (``chat_template`` in `milora train`, ``--chat-template`` in eval)."""
+"""Named chat templates for tokenizers without one (``chat_template`` in `milora train`, ``--chat-template``
+in eval)."""
 
 
 def join_input(instruction: str, input: str) -> str:

@@ -33,9 +33,10 @@ def write_results(result, path: str | os.PathLike) -> Path:
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """Aligned text table: first column left-aligned, the others right-aligned, a rule under the header."""
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
+             for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -48,7 +49,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def metric_kind(summary: dict) -> str:
-    """``accuracy``, ``rate`` or ``value`` (result files before the ``metric`` key: all but forgetting are accuracies)."""
+    """``accuracy``, ``rate`` or ``value`` (result files before the ``metric`` key: all but forgetting are
+    accuracies)."""
     return summary.get("metric", "value" if summary.get("task") == "forgetting" else "accuracy")
 
 

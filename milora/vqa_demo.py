@@ -152,7 +152,8 @@ def _report(data, before, after, result, start, train_size, max_steps) -> dict:
     kinds = [answer_type(gold, data["shapes"]) for gold in golds]
 
     def per_type(items) -> dict[str, dict]:
-        return {kind: binomial(sum(i["correct"] for i, k in zip(items, kinds) if k == kind), kinds.count(kind))
+        return {kind: binomial(sum(i["correct"] for i, k in zip(items, kinds, strict=True) if k == kind),
+                               kinds.count(kind))
                 for kind in sorted(set(kinds))}
 
     losses = [entry["loss"] for entry in result.metrics["loss_history"] if "loss" in entry]
@@ -160,7 +161,7 @@ def _report(data, before, after, result, start, train_size, max_steps) -> dict:
         "train_questions": train_size, "test_questions": n, "steps": max_steps,
         "majority_baseline": {"answer": data["majority"], **binomial(sum(g == data["majority"] for g in golds), n)},
         "type_majority_baseline": {"answers": by_type,
-                                   **binomial(sum(g == by_type[k] for g, k in zip(golds, kinds)), n)},
+                                   **binomial(sum(g == by_type[k] for g, k in zip(golds, kinds, strict=True)), n)},
         "before": binomial(sum(i["correct"] for i in before["items"]), n),
         "after": binomial(sum(i["correct"] for i in after["items"]), n),
         "after_by_type": per_type(after["items"]),

@@ -8,20 +8,21 @@ rounding (1e-12).
 
 from __future__ import annotations
 
-import re
 import json
+import re
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama, cli_error
 from peft import LoraConfig, get_peft_model
 
 import milora
 from milora.analysis import METRICS, analyze_adapter, format_analysis, update_metrics
 from milora.cli import main
 from milora.init import lora_layers, weight_matrix
+
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, cli_error, tiny_gpt2, tiny_llama
 
 RNG = np.random.default_rng(7)
 
@@ -86,7 +87,7 @@ def _perturb_adapter(peft_model, scale=0.05):
     """Stand-in for training: move every trainable factor by a seeded random step."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
+        for _name, parameter in peft_model.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
 
@@ -104,7 +105,8 @@ def test_analyze_saved_adapter_matches_in_memory_update(family, tmp_path):
     milora.save_adapter(peft_model, tmp_path / "trained")
     result = analyze_adapter(build(), tmp_path / "trained", label="MiLoRA", progress=False)
     assert result["init"] == "milora" and result["label"] == "MiLoRA"
-    original = {name: weight_matrix(module).detach().double() for name, module in build().named_modules() if hasattr(module, "weight")}
+    original = {name: weight_matrix(module).detach().double()
+                for name, module in build().named_modules() if hasattr(module, "weight")}
     layers = lora_layers(peft_model)
     assert [entry["module"] for entry in result["layers"]] == list(layers)
     for entry in result["layers"]:
@@ -139,7 +141,8 @@ def test_minor_start_keeps_the_update_out_of_the_principal_subspace(tmp_path):
 
 def test_concurrent_analysis_matches_sequential(tmp_path):
     """With 2 torch threads the layers are analysed 2 at a time: same results (to 1e-12)."""
-    peft_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), progress=False)
+    peft_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+                                  progress=False)
     _perturb_adapter(peft_model)
     milora.save_adapter(peft_model, tmp_path / "adapter")
     sequential = analyze_adapter(tiny_llama(), tmp_path / "adapter", progress=False)["layers"]
@@ -151,7 +154,7 @@ def test_concurrent_analysis_matches_sequential(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert [entry["module"] for entry in concurrent] == [entry["module"] for entry in sequential]
-    for one, other in zip(sequential, concurrent):
+    for one, other in zip(sequential, concurrent, strict=True):
         for name in METRICS:
             assert one[name] == pytest.approx(other[name], rel=1e-12, abs=1e-15), (one["module"], name)
 
@@ -162,11 +165,12 @@ def test_plain_peft_adapter_and_wrong_base(tmp_path):
     peft_model.save_pretrained(tmp_path / "plain")
     result = analyze_adapter(tiny_llama(), tmp_path / "plain", progress=False)
     assert result["init"] == "peft" and all(entry["relative_update"] > 0 for entry in result["layers"])
-    milora_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), progress=False)
+    milora_model = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+                                    progress=False)
     milora.save_adapter(milora_model, tmp_path / "milora")
     with pytest.raises(ValueError, match="different base weights"):
         analyze_adapter(tiny_llama(seed=1), tmp_path / "milora", progress=False)
-    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config\.json"):
         analyze_adapter(tiny_llama(), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"k=40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\)"):
         analyze_adapter(tiny_llama(), tmp_path / "plain", rank=40, progress=False)
@@ -177,11 +181,16 @@ def test_plain_peft_adapter_and_wrong_base(tmp_path):
 def test_cli_analyze_compares_adapters(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path / "model")
     for init in ("milora", "pissa"):
-        assert main(["init", str(tmp_path / "model"), "--output", str(tmp_path / init), "--rank", "4", "--init", init]) == 0
+        assert main(["init", str(tmp_path / "model"), "--output", str(tmp_path / init), "--rank", "4",
+                     "--init", init]) == 0
     capsys.readouterr()
-    assert re.search("use one of the extensions", cli_error(["analyze", str(tmp_path / "milora"), "--model", str(tmp_path / "model"), "--plot", str(tmp_path / "a.xyz")]))
-    assert re.search("does not exist", cli_error(["analyze", str(tmp_path / "nowhere"), "--model", str(tmp_path / "model")]))
-    assert re.search("--labels has 1 names for 2 adapters", cli_error(["analyze", str(tmp_path / "milora"), str(tmp_path / "pissa"), "--labels", "MiLoRA"]))
+    assert re.search("use one of the extensions", cli_error(["analyze", str(tmp_path / "milora"),
+                                                             "--model", str(tmp_path / "model"),
+                                                             "--plot", str(tmp_path / "a.xyz")]))
+    assert re.search("does not exist", cli_error(["analyze", str(tmp_path / "nowhere"),
+                                                  "--model", str(tmp_path / "model")]))
+    assert re.search("--labels has 1 names for 2 adapters", cli_error(["analyze", str(tmp_path / "milora"),
+                                                                       str(tmp_path / "pissa"), "--labels", "MiLoRA"]))
     assert main(["analyze", str(tmp_path / "milora"), str(tmp_path / "pissa"), "--model", str(tmp_path / "model"),
                  "--rank", "2", "--output", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png"),
                  "--labels", "MiLoRA,PiSSA"]) == 0

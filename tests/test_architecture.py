@@ -80,14 +80,16 @@ def test_the_check_catches_an_upward_import(tmp_path):
     fake = PACKAGE / "init" / "_upward_probe.py"
     fake.write_text("def f():\n    from milora.training.run import train\n")
     try:
-        with pytest.raises(AssertionError, match=r"_upward_probe.py:2 \(initialise\) imports milora.training.run \(train\)"):
+        with pytest.raises(AssertionError,
+                           match=r"_upward_probe.py:2 \(initialise\) imports milora.training.run \(train\)"):
             test_imports_only_go_down_the_pipeline()
     finally:
         fake.unlink()
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["init", "--help"], ["train", "--help"], ["eval", "--help"],
-                                  ["analyze", "--help"], ["merge", "--help"], ["demo", "--help"], ["demo-vqa", "--help"]])
+                                  ["analyze", "--help"], ["merge", "--help"], ["demo", "--help"],
+                                  ["demo-vqa", "--help"]])
 def test_help_starts_without_heavy_imports(argv):
     code = ("import sys; from milora.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'scipy', 'numpy') if m in sys.modules]\n"

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import re
 import json
+import re
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, cli_error
 from transformers import AutoModelForCausalLM
 
 import milora
 from milora.cli import main
+
+from conftest import cli_error, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture
@@ -36,16 +37,19 @@ def test_init_writes_adapter_and_report(model_dir, tmp_path, capsys, tokens):
 
 
 def test_init_defaults_follow_the_paper(model_dir, tmp_path):
-    assert re.search("Rank 64 is too large", cli_error(["init", str(model_dir), "--output", str(tmp_path / "out")]))  # tiny model: 32 x 64 k_proj
+    # tiny model: 32 x 64 k_proj
+    assert re.search("Rank 64 is too large", cli_error(["init", str(model_dir), "--output", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 
 def test_init_refuses_missing_targets_and_existing_output(tmp_path, model_dir):
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
-    assert re.search(r"Target module\(s\) \['down_proj', 'k_proj', 'q_proj', 'up_proj', 'v_proj'\] not found", cli_error(["init", str(tmp_path / "gpt2"), "--output", str(tmp_path / "out"), "--rank", "4"]))
+    assert re.search(r"Target module\(s\) \['down_proj', 'k_proj', 'q_proj', 'up_proj', 'v_proj'\] not found",
+                     cli_error(["init", str(tmp_path / "gpt2"), "--output", str(tmp_path / "out"), "--rank", "4"]))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    assert re.search("already exists and is not empty", cli_error(["init", str(model_dir), "--output", str(tmp_path / "busy"), "--rank", "4"]))
+    assert re.search("already exists and is not empty",
+                     cli_error(["init", str(model_dir), "--output", str(tmp_path / "busy"), "--rank", "4"]))
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
 
 
@@ -63,7 +67,8 @@ def test_init_then_merge(model_dir, tmp_path, tokens):
         optimizer.step()
         optimizer.zero_grad()
     milora.save_adapter(tuned.eval(), tmp_path / "trained")
-    assert main(["merge", str(tmp_path / "trained"), "--model", str(model_dir), "--output", str(tmp_path / "merged")]) == 0
+    assert main(["merge", str(tmp_path / "trained"), "--model", str(model_dir),
+                 "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         expected, original = tuned(tokens).logits.double(), base(tokens).logits.double()
@@ -79,7 +84,8 @@ def test_unusable_device_is_a_clear_error(model_dir, tmp_path):
     """Not torch's AssertionError from deep inside the first transfer, and nothing written."""
     for command in (
         ["init", str(model_dir), "--output", str(tmp_path / "out"), "--rank", "4", "--device", "cuda"],
-        ["eval", "--model", str(model_dir), "--task", "gsm8k", "--device", "cuda", "--output", str(tmp_path / "r.json")],
+        ["eval", "--model", str(model_dir), "--task", "gsm8k", "--device", "cuda",
+         "--output", str(tmp_path / "r.json")],
         ["analyze", str(tmp_path), "--model", str(model_dir), "--device", "cuda", "--output", str(tmp_path / "a.json")],
     ):
         assert re.search("device='cuda' is not usable on this machine", cli_error(command))

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import cli_error, make_model_dir
 from scipy import stats as scipy_stats
 
 from milora.comparison.stats import mean_interval, paired_difference, verdict
 from milora.comparison.summary import select, summarise
 from milora.comparison.sweep import load_sweep
 from milora.errors import ConfigError
+
+from conftest import cli_error, make_model_dir
 
 # ---------------------------------------------------------------- statistics against a direct computation
 
@@ -65,7 +66,8 @@ def record(method, rate, seed, val, test, status="done", items=40):
     correct = [i < round(test * items) for i in range(items)]
     random.Random(hash((method, rate, seed))).shuffle(correct)
     return {"method": method, "learning_rate": rate, "seed": seed, "status": status,
-            "validation": {"accuracy": val, "correct": []}, "test": {"accuracy": sum(correct) / items, "correct": correct},
+            "validation": {"accuracy": val, "correct": []},
+            "test": {"accuracy": sum(correct) / items, "correct": correct},
             "forgetting_kl": 0.01 * rate * 1e3, "train_seconds": 10.0, "trainable_parameters": 1000,
             "loss_history": [], "adapter_dir": f"/x/{method}-{rate}-{seed}"}
 
@@ -90,15 +92,16 @@ def test_failed_rates_are_left_out_and_an_all_failed_method_is_reported():
     records[-1]["error"] = "AdapterError: diverged"
     rate, note = select(records, "lora")
     assert rate == 1e-4 and "left out: 0.01" in note
-    diverged = [dict(record("pissa", r, s, None, None, status="failed"), error="diverged") for r in (1, 2) for s in (0,)]
+    diverged = [dict(record("pissa", r, s, None, None, status="failed"), error="diverged")
+                for r in (1, 2) for s in (0,)]
     summary = summarise(records + diverged, ["lora", "pissa"], "lora")
     pissa = next(m for m in summary["methods"] if m["method"] == "pissa")
     assert pissa["status"] == "failed" and "diverged" in pissa["selection"]
 
 
 def test_no_significant_difference_is_said_so():
-    records = [record("lora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.5, 0.55, 0.45))]
-    records += [record("milora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.55, 0.5, 0.5))]
+    records = [record("lora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.5, 0.55, 0.45), strict=True)]
+    records += [record("milora", 1e-4, s, 0.5, acc) for s, acc in zip((0, 1, 2), (0.55, 0.5, 0.5), strict=True)]
     summary = summarise(records, ["lora", "milora"], "lora")
     milora = next(m for m in summary["methods"] if m["method"] == "milora")
     assert milora["verdict"] == "no significant difference"
@@ -195,7 +198,8 @@ def test_local_sweep_end_to_end(local_sweep):
     runs = {(r["method"], r["learning_rate"], r["seed"]): r for r in summary["runs"]}
     assert len(runs) == 10
     diverged = [r for key, r in runs.items() if key[1] == 1e30]
-    assert all(r["status"] == "failed" and r["reason"] == "diverged (NaN/Inf)" for r in diverged)  # and the sweep went on
+    # and the sweep went on
+    assert all(r["status"] == "failed" and r["reason"] == "diverged (NaN/Inf)" for r in diverged)
     # the runs differ (a random tiny model's loglik answers hardly depend on the question: KL does)
     assert len({round(r["forgetting_kl"], 6) for r in runs.values() if r["status"] == "done"}) == 8
     for method in summary["methods"]:
@@ -234,7 +238,7 @@ def test_ray_backend_gives_the_local_results(local_sweep, tmp_path):
     within one test item, forgetting to 1e-3 relative."""
     from milora.comparison import compare
 
-    output, values, local = local_sweep
+    _output, values, local = local_sweep
     values = {**values, "output_dir": str(tmp_path / "ray"), "backend": "ray", "cpus_per_run": 1,
               "learning_rates": {"lora": [0.01, 0.1], "milora": [0.01, 0.1]}}
     remote = compare(values, progress=False)

@@ -31,8 +31,8 @@ def minimal(data_file, tmp_path, **extra):
 def test_issue_key_names_exist():
     required = {
         "model", "dataset", "template", "init", "lora_rank", "lora_alpha", "lora_target", "learning_rate", "max_steps",
-        "per_device_train_batch_size", "cutoff_len", "seed", "output_dir", "lora_dropout", "lr_scheduler", "warmup_steps",
-        "num_train_epochs", "gradient_accumulation_steps", "bf16",
+        "per_device_train_batch_size", "cutoff_len", "seed", "output_dir", "lora_dropout", "lr_scheduler",
+        "warmup_steps", "num_train_epochs", "gradient_accumulation_steps", "bf16",
     }
     assert required <= set(valid_keys())
     assert {row[0] for row in key_help()} == set(valid_keys())
@@ -116,7 +116,8 @@ def test_missing_dataset_file(tmp_path):
 
 
 def test_hub_names_are_not_checked_locally(tmp_path):
-    config = from_dict({"dataset": "meta-math/MetaMathQA", "dataset_split": "train[:100000]", "output_dir": str(tmp_path)})
+    config = from_dict({"dataset": "meta-math/MetaMathQA", "dataset_split": "train[:100000]",
+                        "output_dir": str(tmp_path)})
     assert not config.is_local_dataset()
 
 
@@ -124,7 +125,8 @@ def test_yaml_file_overrides_and_round_trip(data_file, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(minimal(data_file, tmp_path, lora_rank=4, learning_rate="1e-3")))
     config = load_config(path, ["lora_rank=8", "lora_target=[q_proj, v_proj]", "bf16=true"])
-    assert (config.lora_rank, config.lora_target, config.bf16, config.learning_rate) == (8, ["q_proj", "v_proj"], True, 1e-3)
+    assert ((config.lora_rank, config.lora_target, config.bf16, config.learning_rate)
+            == (8, ["q_proj", "v_proj"], True, 1e-3))
     save_config(config, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == config
     assert load_config(config) == config

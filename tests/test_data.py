@@ -6,12 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from conftest import tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from milora.training.config import from_dict
 from milora.errors import DataError
 from milora.prompts import TEMPLATES, render_prompt
+from milora.training.config import from_dict
 from milora.training.data import (
     IGNORE_INDEX,
     build_datasets,
@@ -21,6 +20,8 @@ from milora.training.data import (
     normalise_record,
     supervised_collator,
 )
+
+from conftest import tiny_tokenizer
 
 HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 INPUT_HEAD = (
@@ -41,14 +42,17 @@ def bos_tokenizer():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     corpus = [render_prompt("alpaca", "Add 2 and 3", "numbers") + "The answer is 5."] * 4
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                             special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def test_templates_render_as_documented(smol_tokenizer):
     assert render_prompt("alpaca", "Do X") == HEAD + "### Instruction:\nDo X\n\n### Response:\n"
-    assert render_prompt("alpaca", "Do X", "with Y") == INPUT_HEAD + "### Instruction:\nDo X\n\n### Input:\nwith Y\n\n### Response:\n"
+    assert render_prompt("alpaca", "Do X", "with Y") == (
+        INPUT_HEAD + "### Instruction:\nDo X\n\n### Input:\nwith Y\n\n### Response:\n")
     assert render_prompt("metamath", "Solve 1+1") == HEAD + "### Instruction:\nSolve 1+1\n\n### Response:"
     assert render_prompt("metamath", "Solve", "1+1") == HEAD + "### Instruction:\nSolve\n\n1+1\n\n### Response:"
     assert render_prompt("plain", "Do X") == "Do X\n"
@@ -68,10 +72,12 @@ def test_templates_render_as_documented(smol_tokenizer):
 
 @pytest.mark.parametrize("template", ["alpaca", "metamath", "plain"])
 def test_labels_mask_exactly_the_prompt(smol_tokenizer, template):
-    items = [{"instruction": "Add 2 and 3", "input": "", "output": "The answer is 5."}, {"instruction": "Add", "input": "2 3", "output": "5"}]
+    items = [{"instruction": "Add 2 and 3", "input": "", "output": "The answer is 5."},
+             {"instruction": "Add", "input": "2 3", "output": "5"}]
     examples, stats = encode_records(items, template, smol_tokenizer, cutoff_len=512, progress=False)
-    for item, example in zip(items, examples):
-        prompt_ids = smol_tokenizer(render_prompt(template, item["instruction"], item["input"]), add_special_tokens=False)["input_ids"]
+    for item, example in zip(items, examples, strict=True):
+        prompt_ids = smol_tokenizer(render_prompt(template, item["instruction"], item["input"]),
+                                    add_special_tokens=False)["input_ids"]
         n = len(prompt_ids)
         assert example["input_ids"][:n] == prompt_ids
         assert example["labels"][:n] == [IGNORE_INDEX] * n
@@ -83,7 +89,8 @@ def test_labels_mask_exactly_the_prompt(smol_tokenizer, template):
 
 
 def test_bos_is_part_of_the_masked_prompt(bos_tokenizer):
-    (example,), _ = encode_records([{"instruction": "Add 2 and 3", "input": "", "output": "The answer is 5."}], "alpaca", bos_tokenizer, 512, progress=False)
+    (example,), _ = encode_records([{"instruction": "Add 2 and 3", "input": "", "output": "The answer is 5."}],
+                                   "alpaca", bos_tokenizer, 512, progress=False)
     n_prompt = 1 + len(bos_tokenizer(render_prompt("alpaca", "Add 2 and 3"), add_special_tokens=False)["input_ids"])
     assert example["input_ids"][0] == bos_tokenizer.bos_token_id
     assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -101,20 +108,25 @@ def test_chat_masks_all_but_assistant_turns(smol_tokenizer):
     (example,), _ = encode_records([{"messages": messages}], "chat", smol_tokenizer, 512, progress=False)
     text = smol_tokenizer.decode(example["input_ids"])
     assert text == smol_tokenizer.apply_chat_template(messages, tokenize=False)
-    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True)
+                                     if label != IGNORE_INDEX])
     assert trained == "hello there<|im_end|>\nsee you<|im_end|>\n"
     # instruction records with template chat become one user turn + one assistant turn
-    (single,), _ = encode_records([{"instruction": "hi", "input": "", "output": "yo"}], "chat", smol_tokenizer, 512, progress=False)
-    assert smol_tokenizer.decode([t for t, label in zip(single["input_ids"], single["labels"]) if label != IGNORE_INDEX]) == "yo<|im_end|>\n"
+    (single,), _ = encode_records([{"instruction": "hi", "input": "", "output": "yo"}], "chat", smol_tokenizer, 512,
+                                  progress=False)
+    assert smol_tokenizer.decode([t for t, label in zip(single["input_ids"], single["labels"], strict=True)
+                                  if label != IGNORE_INDEX]) == "yo<|im_end|>\n"
 
 
 def test_messages_need_the_chat_template(smol_tokenizer):
     with pytest.raises(DataError, match="set template: chat"):
-        encode_records([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}], "alpaca", smol_tokenizer, 64, progress=False)
+        encode_records([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+                       "alpaca", smol_tokenizer, 64, progress=False)
 
 
 def test_overlong_truncate_and_drop(smol_tokenizer):
-    items = [{"instruction": "Say", "input": "", "output": "one two three four five six seven eight nine ten"}, {"instruction": "Say", "input": "", "output": "ok"}]
+    items = [{"instruction": "Say", "input": "", "output": "one two three four five six seven eight nine ten"},
+             {"instruction": "Say", "input": "", "output": "ok"}]
     prompt_len = len(smol_tokenizer(render_prompt("alpaca", "Say"), add_special_tokens=False)["input_ids"])
     cutoff = prompt_len + 4
     truncated, stats = encode_records(items, "alpaca", smol_tokenizer, cutoff, "truncate", progress=False)
@@ -139,7 +151,8 @@ def test_collator_pads_with_ignored_labels(smol_tokenizer):
     assert supervised_collator(smol_tokenizer, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
 
 
-RECORDS = [{"instruction": f"Add {a} and {b}", "input": "", "output": f"{a + b}", "answer": str(a + b)} for a in range(3) for b in range(4)]
+RECORDS = [{"instruction": f"Add {a} and {b}", "input": "", "output": f"{a + b}", "answer": str(a + b)}
+           for a in range(3) for b in range(4)]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".json-lines", ".parquet"])
@@ -173,7 +186,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="record 0 is a int"):
         load_records(str(tmp_path / "scalars.json"))
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.csv'"):
         load_records(str(tmp_path / "d.csv"))
 
 
@@ -183,8 +196,10 @@ def test_formats_detected_and_checked():
     assert detect_format({"messages": []}) == "messages"
     with pytest.raises(DataError, match="cannot tell the format"):
         detect_format({"question": "q", "answer": "a"})
-    assert normalise_record({"query": "q", "response": "r"}, "metamath", 0) == {"instruction": "q", "input": "", "output": "r"}
-    assert normalise_record({"instruction": "i", "output": "o"}, "llm-adapters", 0) == {"instruction": "i", "input": "", "output": "o"}
+    assert normalise_record({"query": "q", "response": "r"}, "metamath", 0) == {
+        "instruction": "q", "input": "", "output": "r"}
+    assert normalise_record({"instruction": "i", "output": "o"}, "llm-adapters", 0) == {
+        "instruction": "i", "input": "", "output": "o"}
     with pytest.raises(DataError, match=r"record 3 lacks \['response'\]"):
         normalise_record({"query": "q"}, "metamath", 3)
     with pytest.raises(DataError, match="field 'output' must be a string"):
@@ -212,7 +227,8 @@ def test_local_dataset_directory_goes_through_datasets(tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in RECORDS))
     assert load_records(str(tmp_path / "ds")) == RECORDS
-    with pytest.raises(DataError, match=r"could not load local dataset directory .*\(split 'validation'\): Unknown split"):
+    with pytest.raises(DataError,
+                       match=r"could not load local dataset directory .*\(split 'validation'\): Unknown split"):
         load_records(str(tmp_path / "ds"), split="validation")
 
 
@@ -229,7 +245,8 @@ def test_sharegpt_and_tulu_conversations_train_on_every_assistant_turn(smol_toke
     tulu = {"id": "x", "source": "y", "messages": normalised["messages"]}  # allenai/tulu-3-sft-mixture's shape
     assert detect_format(tulu) == "messages" and normalise_record(tulu, "messages", 0) == normalised
     (example,), _ = encode_records([normalised], "chat", smol_tokenizer, 512, progress=False)
-    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    trained = smol_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True)
+                                     if label != IGNORE_INDEX])
     assert trained == "hello there<|im_end|>\nsee you<|im_end|>\n"
     with pytest.raises(DataError, match="a ShareGPT turn needs 'from'"):
         normalise_record({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", 0)
@@ -251,8 +268,10 @@ def test_tulu_chat_template_for_a_tokenizer_without_one(bos_tokenizer):
     messages = normalise_record(SHAREGPT, "sharegpt", 0)["messages"]
     (example,), _ = encode_records([{"messages": messages}], "chat", tokenizer, 512, progress=False)
     assert tokenizer.decode(example["input_ids"]) == (
-        "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\nhello there</s>\n<|user|>\nbye\n<|assistant|>\nsee you</s>")
-    trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+        "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\nhello there</s>\n"
+        "<|user|>\nbye\n<|assistant|>\nsee you</s>")
+    trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True)
+                                if label != IGNORE_INDEX])
     assert trained == "hello there</s>see you</s>"  # the newline after a turn belongs to the next prompt
     assert render_prompt("chat", "hi", tokenizer=tokenizer) == "<|user|>\nhi\n<|assistant|>\n"
     with pytest.raises(DataError, match="neither one of tulu nor an existing file"):

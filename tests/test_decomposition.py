@@ -68,7 +68,8 @@ def test_solvers_match_reference(shape, kind, selection, r):
         np.testing.assert_allclose(parts.U.T @ parts.U, np.eye(r), atol=1e-10)
         np.testing.assert_allclose(parts.Vh @ parts.Vh.T, np.eye(r), atol=1e-10)
         nonzero = parts.S > 1e-8
-        np.testing.assert_allclose((W @ parts.Vh.T)[:, nonzero].numpy(), (parts.U * parts.S)[:, nonzero].numpy(), atol=1e-10)
+        np.testing.assert_allclose((W @ parts.Vh.T)[:, nonzero].numpy(), (parts.U * parts.S)[:, nonzero].numpy(),
+                                   atol=1e-10)
         assert torch.all(parts.S[~nonzero] < 1e-12)
         gap = parts.boundary_gap
         if gap > 1e-6:
@@ -101,7 +102,8 @@ def test_device_code_path_matches_cpu_path(monkeypatch, shape, kind, selection):
     assert device_path.boundary_gap == pytest.approx(cpu_path.boundary_gap, rel=1e-6, abs=1e-9)
     if cpu_path.boundary_gap > 1e-6:
         difference = (device_path.U * device_path.S) @ device_path.Vh - (cpu_path.U * cpu_path.S) @ cpu_path.Vh
-        assert float(torch.linalg.matrix_norm(difference, 2)) <= min(1e-9 / cpu_path.boundary_gap, 1e-3) * float(cpu_path.S.max()) + 1e-12
+        assert float(torch.linalg.matrix_norm(difference, 2)) <= (
+            min(1e-9 / cpu_path.boundary_gap, 1e-3) * float(cpu_path.S.max()) + 1e-12)
 
 
 def test_gap_reported_inside_and_outside_cluster():
@@ -138,7 +140,8 @@ def test_reconstruction_exact_to_weight_dtype(dtype, unit_roundoff, solver, kind
                              progress=False)
     layer = model.base_model.model.proj
     residual = layer.base_layer.weight.detach().double()
-    product = layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+    product = (layer.scaling["default"] * layer.lora_B["default"].weight.double()
+               @ layer.lora_A["default"].weight.double())
     error = (residual + product - W.double()).abs()
     assert torch.all(error <= unit_roundoff * (residual.abs() + product.abs() + W.double().abs()))
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import LLAMA_TARGETS, tiny_llama
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 import milora
+
+from conftest import LLAMA_TARGETS, tiny_llama
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

@@ -7,16 +7,17 @@ import os
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, tiny_llama
 from peft import LoraConfig
 
 import milora
 import milora.persistence
 
+from conftest import LLAMA_TARGETS, tiny_llama
+
 
 def assert_untouched(model, reference):
     assert not any("lora_" in name for name, _ in model.named_parameters())
-    for (name, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items()):
+    for (name, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items(), strict=False):
         assert torch.equal(p, q), name
 
 
@@ -33,13 +34,14 @@ def test_missing_target_module():
 
 def test_rank_too_large_names_layer_and_limit():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"Rank 40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\).*min\(out, in\) = 32"):
+    with pytest.raises(ValueError, match=r"Rank 40 is too large for model.layers.0.self_attn.k_proj \(32 x 64\)"
+                                         r".*min\(out, in\) = 32"):
         milora.get_model(model, config(r=40))
     assert_untouched(model, tiny_llama())
 
 
 def test_rank_pattern_checked_too():
-    with pytest.raises(ValueError, match="Rank 40 is too large for model.layers.0.self_attn.v_proj"):
+    with pytest.raises(ValueError, match=r"Rank 40 is too large for model\.layers\.0\.self_attn\.v_proj"):
         milora.get_model(tiny_llama(), config(rank_pattern={"v_proj": 40}))
 
 
@@ -57,7 +59,7 @@ def test_integer_weight():
     model = tiny_llama()
     layer = model.model.layers[1].mlp.up_proj
     layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="up_proj has a torch.int8 weight: load the model in float32"):
+    with pytest.raises(ValueError, match=r"up_proj has a torch\.int8 weight: load the model in float32"):
         milora.get_model(model, config())
 
 
@@ -71,12 +73,12 @@ def test_non_finite_weight():
 
 
 def test_unsupported_module_type():
-    with pytest.raises(ValueError, match="embed_tokens is a Embedding; MiLoRA supports torch.nn.Linear"):
+    with pytest.raises(ValueError, match=r"embed_tokens is a Embedding; MiLoRA supports torch\.nn\.Linear"):
         milora.get_model(tiny_llama(), config(target_modules=["embed_tokens"]))
 
 
 def test_unknown_init_mode_and_solver():
-    with pytest.raises(ValueError, match="Unknown init mode 'minor'.*milora, pissa, middle, random, lora"):
+    with pytest.raises(ValueError, match=r"Unknown init mode 'minor'.*milora, pissa, middle, random, lora"):
         milora.get_model(tiny_llama(), config(), init="minor")
     with pytest.raises(ValueError, match="Unknown solver 'arnoldi'"):
         milora.get_model(tiny_llama(), config(), solver="arnoldi")
@@ -121,7 +123,8 @@ def test_bad_workers_and_cpu_only_options():
         milora.get_model(model, config(), workers=True)
     with pytest.raises(ValueError, match=r"The lanczos solver runs on CPU, but decompositions would run on \['meta'\]"):
         milora.get_model(model, config(), solver="lanczos", device="meta")
-    with pytest.raises(ValueError, match=r"workers=2 runs several CPU decompositions at once; decompositions on \['meta'\] need workers=1"):
+    with pytest.raises(ValueError, match=r"workers=2 runs several CPU decompositions at once; "
+                                         r"decompositions on \['meta'\] need workers=1"):
         milora.get_model(model, config(), workers=2, device="meta")
     with pytest.raises(ValueError, match=r"device='gpu0' is not usable on this machine \(.*\); use 'cpu' or omit it"):
         milora.get_model(model, config(), device="gpu0")
@@ -136,13 +139,14 @@ def test_tied_target_weights():
     model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
     reference = tiny_llama()
     reference.model.layers[1].mlp.up_proj.weight = reference.model.layers[0].mlp.up_proj.weight
-    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj and model.layers.1.mlp.up_proj share one weight"):
+    with pytest.raises(ValueError,
+                       match=r"model\.layers\.0\.mlp\.up_proj and model\.layers\.1\.mlp\.up_proj share one weight"):
         milora.get_model(model, config())
     assert_untouched(model, reference)
 
 
 def test_conflicting_lora_options():
-    with pytest.raises(ValueError, match="leave LoraConfig.init_lora_weights at its default"):
+    with pytest.raises(ValueError, match=r"leave LoraConfig\.init_lora_weights at its default"):
         milora.get_model(tiny_llama(), config(init_lora_weights="pissa"))
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         milora.get_model(tiny_llama(), config(use_dora=True))
@@ -164,7 +168,7 @@ def test_missing_adapter_file(saved, filename):
 def test_corrupt_weights_file(saved):
     path = saved / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt"):
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is corrupt"):
         milora.load_model(tiny_llama(), saved)
 
 
@@ -182,7 +186,7 @@ def test_weights_that_do_not_fit(saved):
         values["r"] = rank
         (saved / name).write_text(json.dumps(values))
     model = tiny_llama()
-    with pytest.raises(ValueError, match="has shape .* expected"):
+    with pytest.raises(ValueError, match=r"has shape .* expected"):
         milora.load_model(model, str(saved))
     assert_untouched(model, tiny_llama())
 
@@ -219,7 +223,7 @@ def test_save_refuses_existing_directory_and_model_without_record(saved, tmp_pat
     assert sorted(p.name for p in saved.iterdir()) == before
     from peft import get_peft_model
 
-    with pytest.raises(ValueError, match="not made by milora.get_model"):
+    with pytest.raises(ValueError, match=r"not made by milora\.get_model"):
         milora.save_adapter(get_peft_model(tiny_llama(), config()), tmp_path / "x")
 
 

@@ -3,14 +3,13 @@
 import copy
 import importlib.util
 import json
-import re
 import math
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import cli_error, make_model_dir
 import torch
 
 from milora.cli import main
@@ -26,6 +25,8 @@ from milora.eval.grading import (
 )
 from milora.report import format_summary, write_results
 from milora.report import results_table as compare
+
+from conftest import cli_error, make_model_dir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COMMONSENSE_FILES = sorted((SHARED_DATA / "commonsense").glob("*/*.json")) if SHARED_DATA.is_dir() else []
@@ -89,7 +90,7 @@ def test_commonsense_file_loads_and_every_gold_parses(path):
     examples, _ = load_examples("commonsense", path)
     assert len(examples) == len(records)
     labels = LABEL_SETS[EXPECTED_LABEL_SETS[path.parent.name]]
-    for example, record in zip(examples, records):
+    for example, record in zip(examples, records, strict=True):
         assert example.gold == record["answer"].lower()
         assert example.gold in example.options and set(example.options) <= set(labels)
 
@@ -129,7 +130,7 @@ def test_bad_data_errors_name_the_fix(tmp_path):
         load_examples("gsm8k", tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "q", "answer": "many"}]))
-    with pytest.raises(DataError, match="item 0.*not a number"):
+    with pytest.raises(DataError, match=r"item 0.*not a number"):
         load_examples("gsm8k", bad)
     bad.write_text(json.dumps([{"instruction": "q", "answer": "A"}]))
     with pytest.raises(DataError, match="match none of the LLM-Adapters label patterns"):
@@ -205,7 +206,7 @@ def test_continuation_logprobs_match_a_direct_computation(smol):
     model, tokenizer = smol
     requests = [("The capital of France is", " Paris"), ("One, two, three, four", ", five, six")]
     scores = continuation_logprobs(model, tokenizer, requests, batch_size=2, progress=False)
-    for (context, continuation), score in zip(requests, scores):
+    for (context, continuation), score in zip(requests, scores, strict=True):
         context_ids = tokenizer(context)["input_ids"]
         ids = tokenizer(context + continuation)["input_ids"]
         with torch.no_grad():
@@ -340,7 +341,8 @@ def test_evaluate_rejects_bad_requests(tiny_lm):
         evaluate(model, tokenizer, "gsm8k", scorer="loglik")
     with pytest.raises(DataError, match="batch_size must be at least 1"):
         evaluate(model, tokenizer, "gsm8k", batch_size=0)
-    with pytest.raises(DataError, match="max_new_tokens must be an integer of at least 1 \\(got 0\\)"):  # not "0 = default"
+    # not "0 = default"
+    with pytest.raises(DataError, match=r"max_new_tokens must be an integer of at least 1 \(got 0\)"):
         evaluate(model, tokenizer, "gsm8k", max_new_tokens=0)
     with pytest.raises(DataError, match="max_length must be an integer of at least 2"):
         evaluate(model, tokenizer, "forgetting", max_length=1)

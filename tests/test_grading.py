@@ -67,7 +67,7 @@ def test_gold_number(answer, expected):
 
 @pytest.mark.parametrize("answer", ["C", "#### eighteen", "18 apples and 3 pears", True, None])
 def test_gold_number_rejects_non_numbers(answer):
-    with pytest.raises(DataError, match="not a number|boolean"):
+    with pytest.raises(DataError, match=r"not a number|boolean"):
         gold_number(answer)
 
 

@@ -12,13 +12,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from peft import LoraConfig
 
 import milora
+from milora.init import lora_layers, weight_matrix
 from milora.linalg import decomposition
 from milora.linalg.decomposition import principal_angle_sine
-from milora.init import lora_layers, weight_matrix
+
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
 TOL = 1e-5
 
@@ -48,7 +49,8 @@ CASES = [
     pytest.param({"r": 8, "lora_alpha": 8}, id="alpha=r"),
     pytest.param({"r": 8, "lora_alpha": 32}, id="alpha=4r"),
     pytest.param({"r": 8, "lora_alpha": 5, "use_rslora": True}, id="rslora"),
-    pytest.param({"r": 8, "lora_alpha": 8, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"up_proj": 3}}, id="patterns"),
+    pytest.param({"r": 8, "lora_alpha": 8, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"up_proj": 3}},
+                 id="patterns"),
     pytest.param({"r": 5, "lora_alpha": 5, "rank_pattern": {"k_proj": 5}}, id="odd-offset"),  # middle: (k - r) // 2 odd
 ]
 
@@ -67,7 +69,9 @@ def test_selected_part_matches_float64_reference(init, options, code_path, monke
     assert len(layers) == 2 * len(LLAMA_TARGETS)
     for name, layer in layers.items():
         r = layer.r["default"]
-        assert r == options.get("rank_pattern", {}).get("k_proj", options["r"]) if name.endswith("k_proj") else options["r"]
+        k_rank = options.get("rank_pattern", {}).get("k_proj", options["r"])
+        expected = k_rank if name.endswith("k_proj") else options["r"]
+        assert r == expected, name
         U_sel, S_sel, Vh_sel, _ = reference_block(weights[name], init, r)
         selected = (U_sel * S_sel) @ Vh_sel
         product = adapter_product(layer)
@@ -86,8 +90,8 @@ def test_selected_part_matches_float64_reference(init, options, code_path, monke
 def test_solvers_agree_on_gpt2_conv1d(solver):
     model = tiny_gpt2()
     weights = original_weights(model)
-    peft_model = milora.get_model(model, LoraConfig(r=6, lora_alpha=12, target_modules=GPT2_TARGETS, fan_in_fan_out=True),
-                                  solver=solver, progress=False)
+    peft_model = milora.get_model(model, LoraConfig(r=6, lora_alpha=12, target_modules=GPT2_TARGETS,
+                                                    fan_in_fan_out=True), solver=solver, progress=False)
     for name, layer in lora_layers(peft_model).items():
         U_sel, S_sel, Vh_sel, _ = reference_block(weights[name], "milora", 6)
         selected = (U_sel * S_sel) @ Vh_sel
@@ -136,7 +140,8 @@ def test_output_at_init_equals_base_float32(init, tokens):
     model = tiny_llama()
     with torch.no_grad():
         before = model(tokens).logits.double()
-    peft_model = milora.get_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS), init=init, progress=False)
+    peft_model = milora.get_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS), init=init,
+                                  progress=False)
     with torch.no_grad():
         after = peft_model(tokens).logits.double()
     assert float((after - before).norm() / before.norm()) < 1e-5

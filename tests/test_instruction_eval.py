@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import cli_error
 
 from milora.errors import DataError
 from milora.eval import evaluate
@@ -16,6 +15,8 @@ from milora.eval.humaneval import check_program, load_problems, pass_at_k
 from milora.eval.ifeval import NEEDS_PUNKT, Prompt, load_prompts, score_response
 from milora.eval.predictions import load_predictions
 from milora.report import format_summary, results_table
+
+from conftest import cli_error
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction"
 IFEVAL_FILE = SHARED / "ifeval_input_data.jsonl"
@@ -49,7 +50,7 @@ def punkt_stand_in(tmp_path, monkeypatch):
     english.mkdir(parents=True)
     for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
         (english / name).write_text("")
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")] + list(nltk.data.path))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data"), *nltk.data.path])
     _forget_loaded_punkt()
     yield english
     _forget_loaded_punkt()
@@ -70,9 +71,11 @@ def _prompt(instructions, kwargs=None):
 
 
 @pytest.mark.parametrize("instruction, kwargs, follows, breaks", [
-    ("change_case:english_lowercase", {}, "all of this text is lowercase english words", "This Has Capitals In English"),
+    ("change_case:english_lowercase", {}, "all of this text is lowercase english words",
+     "This Has Capitals In English"),
     ("punctuation:no_comma", {}, "No commas here at all", "Commas, here"),
-    ("length_constraints:number_words", {"relation": "at least", "num_words": 5}, "one two three four five six", "one two"),
+    ("length_constraints:number_words", {"relation": "at least", "num_words": 5}, "one two three four five six",
+     "one two"),
     ("length_constraints:number_words", {"relation": "less than", "num_words": 3}, "one two", "one two three four"),
     ("detectable_format:json_format", {}, '```json\n{"answer": 1}\n```', 'The answer: {"answer": 1}'),
     ("detectable_format:title", {}, "<<A Title>>\nbody", "no title"),
@@ -87,11 +90,13 @@ def test_ifeval_checkers_score_hand_written_responses(instruction, kwargs, follo
 def test_ifeval_strict_and_loose_differ_as_defined():
     """Loose also tries the response without its first / last line and without '*'."""
     lowercase = _prompt(["change_case:english_lowercase"])
-    assert score_response(lowercase, "Sure! Here it is:\nthis whole answer is lowercase") == {"strict": [False], "loose": [True]}
+    assert score_response(lowercase, "Sure! Here it is:\nthis whole answer is lowercase") == {
+        "strict": [False], "loose": [True]}
     no_comma = _prompt(["punctuation:no_comma"])
     assert score_response(no_comma, "words without the mark\nSign-off, me") == {"strict": [False], "loose": [True]}
     both = _prompt(["change_case:english_lowercase", "punctuation:no_comma"])
-    assert score_response(both, "Intro line\nlower case, with a comma\nthe end") == {"strict": [False, False], "loose": [True, False]}
+    assert score_response(both, "Intro line\nlower case, with a comma\nthe end") == {
+        "strict": [False, False], "loose": [True, False]}
 
 
 def test_ifeval_random_checker_arguments_are_seeded():
@@ -115,7 +120,8 @@ def test_ifeval_summary_is_prompt_and_instruction_level():
 
 def _ifeval_file(tmp_path):
     prompts = [
-        {"key": 1, "prompt": "Answer in lowercase.", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+        {"key": 1, "prompt": "Answer in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+         "kwargs": [{}]},
         {"key": 2, "prompt": "Use exactly 2 sentences.", "instruction_id_list": ["length_constraints:number_sentences"],
          "kwargs": [{"relation": "less than", "num_sentences": 3}]},
         {"key": 3, "prompt": "No commas.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
@@ -134,7 +140,8 @@ def test_ifeval_without_punkt_stops_before_work_or_skips_and_counts(tmp_path, mo
     assert summary["settings"]["skipped_prompts"] == 1 and summary["settings"]["skipped_keys"] == [2]
     assert summary["scores"]["ifeval_prompt_strict"] == 0.5 and summary["n"] == 2
     assert [item["key"] for item in result["items"]] == [1, 3]
-    without_2 = _jsonl(tmp_path / "without-2.jsonl", [{"id": 1, "output": "this answer is all lowercase english text"}, {"id": 3, "output": "no commas"}])
+    without_2 = _jsonl(tmp_path / "without-2.jsonl", [{"id": 1, "output": "this answer is all lowercase english text"},
+                                                      {"id": 3, "output": "no commas"}])
     skipped = evaluate(None, None, "ifeval", data, predictions=str(without_2), missing_punkt="skip", progress=False)
     assert skipped["summary"]["scores"]["ifeval_prompt_strict"] == 1.0  # a left-out prompt needs no answer
     assert "skipped" not in format_summary(result)  # scores table only; the count is in the settings
@@ -257,14 +264,15 @@ def test_humaneval_contains_hostile_completions(tmp_path):
 
 
 def test_humaneval_needs_the_opt_in_and_enough_samples(tmp_path):
-    with pytest.raises(DataError, match="opt in with allow_code_execution=True .*not a container"):
+    with pytest.raises(DataError, match=r"opt in with allow_code_execution=True .*not a container"):
         evaluate(None, None, "humaneval", predictions="unused.jsonl", progress=False)
     answers = _canonical(tmp_path)
     with pytest.raises(DataError, match="pass@10 needs at least 10 completions"):
         evaluate(None, None, "humaneval", predictions=str(answers), pass_k=(1, 10), allow_code_execution=True,
                  limit=2, progress=False)
     with pytest.raises(DataError, match="samples only apply when milora generates"):
-        evaluate(None, None, "humaneval", predictions=str(answers), samples=4, allow_code_execution=True, progress=False)
+        evaluate(None, None, "humaneval", predictions=str(answers), samples=4, allow_code_execution=True,
+                 progress=False)
 
 
 class _NoModel:
@@ -280,7 +288,8 @@ class _NoModel:
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"samples": 5, "pass_k": (1, 10), "temperature": 0.8}, r"pass@10 needs at least 10 samples per problem, but samples=5"),
+    ({"samples": 5, "pass_k": (1, 10), "temperature": 0.8},
+     r"pass@10 needs at least 10 samples per problem, but samples=5"),
     ({"samples": 4}, None),  # temperature defaults to 0.8 with several samples: no error at this stage
     ({"samples": 4, "temperature": 0.0}, "identical completions"),
     ({"pass_k": (0,)}, "positive integers"),
@@ -401,7 +410,8 @@ def test_alpaca_eval_answers_against_themselves_score_exactly_one_half(tmp_path,
 
 def test_alpaca_eval_judge_errors_come_before_generation(tmp_path, offline_hub):
     reference, _ = _reference(tmp_path)
-    with pytest.raises(DataError, match="Could not fetch alpaca_eval.json of tatsu-lab/alpaca_eval.*--reference FILE"):
+    with pytest.raises(DataError,
+                       match=r"Could not fetch alpaca_eval\.json of tatsu-lab/alpaca_eval.*--reference FILE"):
         evaluate(_NoModel(), None, "alpaca-eval", judge="alpaca_eval_gpt4", progress=False)
     with pytest.raises(DataError, match="needs a judge"):
         evaluate(_NoModel(), None, "alpaca-eval", reference=str(reference), progress=False)
@@ -410,10 +420,10 @@ def test_alpaca_eval_judge_errors_come_before_generation(tmp_path, offline_hub):
     with pytest.raises(DataError, match="could not be reached or lists no model"):  # nothing listens on port 9
         evaluate(_NoModel(), None, "alpaca-eval", judge="http://127.0.0.1:9/v1", reference=str(reference),
                  progress=False)
-    with pytest.raises(DataError, match="judge 'http://127.0.0.1:9/v1' could not be reached or loaded"):
+    with pytest.raises(DataError, match=r"judge 'http://127\.0\.0\.1:9/v1' could not be reached or loaded"):
         evaluate(_NoModel(), None, "alpaca-eval", judge="http://127.0.0.1:9/v1", judge_model="m",
                  reference=str(reference), progress=False)
-    with pytest.raises(DataError, match="could not be reached or loaded.*OPENAI_API_KEY"):
+    with pytest.raises(DataError, match=r"could not be reached or loaded.*OPENAI_API_KEY"):
         evaluate(_NoModel(), None, "alpaca-eval", judge="alpaca_eval_gpt4", reference=str(reference), progress=False)
     with pytest.raises(DataError, match="instead of data"):
         evaluate(_NoModel(), None, "alpaca-eval", reference, judge="alpaca_eval_gpt4", progress=False)
@@ -438,7 +448,8 @@ def judge_server():
             self.wfile.write(data)
 
         def do_GET(self):
-            self._reply({"object": "list", "data": [{"id": "fake-judge", "object": "model", "created": 0, "owned_by": "t"}]})
+            self._reply({"object": "list",
+                         "data": [{"id": "fake-judge", "object": "model", "created": 0, "owned_by": "t"}]})
 
         def do_POST(self):
             requests.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
@@ -500,7 +511,8 @@ def test_instruction_results_table_next_to_other_tasks(tmp_path):
         "he": result("humaneval", "rate", {"humaneval_pass@1": 0.244}, ["humaneval_pass@1"]),
         "ae": result("alpaca-eval", "rate", {"win_rate": 0.873, "standard_error": 0.01, "n_total": 805},
                      ["win_rate", "lc_win_rate"]),
-        "if": result("ifeval", "rate", {"ifeval_prompt_strict": 0.3, "ifeval_inst_strict": 0.4}, ["ifeval_prompt_strict"]),
+        "if": result("ifeval", "rate", {"ifeval_prompt_strict": 0.3, "ifeval_inst_strict": 0.4},
+                     ["ifeval_prompt_strict"]),
     }.items():
         files.append(tmp_path / f"{name}.json")
         files[-1].write_text(json.dumps(content))
@@ -556,7 +568,8 @@ def test_alpaca_eval_end_to_end_with_a_real_local_judge(tmp_path, offline_hub):
     assert all(item["verdict"] in (1.0, 2.0, None) for item in items)
     assert items[0]["prompt"].startswith("<|im_start|>") and items[0]["gold"].startswith("Several famous actors")
     own = tmp_path / "own.json"
-    own.write_text(json.dumps([{"instruction": i["instruction"], "output": i["output"], "generator": "smol"} for i in items]))
+    own.write_text(json.dumps([{"instruction": i["instruction"], "output": i["output"], "generator": "smol"}
+                               for i in items]))
     spaced = _jsonl(tmp_path / "spaced.jsonl", [{"id": i["index"], "output": i["output"] + " "} for i in items])
     mirror = evaluate(None, None, "alpaca-eval", judge=judge, reference=str(own), predictions=str(spaced),
                       progress=False)

@@ -13,11 +13,12 @@ import json
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel
 
 import milora
 from milora.persistence import load_trained_state
+
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
 MODELS = {
     "llama": (tiny_llama, {"target_modules": LLAMA_TARGETS}),
@@ -112,7 +113,8 @@ def test_load_trained_state_for_resume(tokens, tmp_path):
     other_init = milora.get_model(tiny_llama(), config, init="pissa", progress=False)
     with pytest.raises(ValueError, match="init='milora' adapter"):
         load_trained_state(other_init, tmp_path / "checkpoint")
-    other_alpha = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=4, target_modules=LLAMA_TARGETS), progress=False)
+    other_alpha = milora.get_model(tiny_llama(), LoraConfig(r=4, lora_alpha=4, target_modules=LLAMA_TARGETS),
+                                   progress=False)
     with pytest.raises(ValueError, match="different initialisation"):
         load_trained_state(other_alpha, tmp_path / "checkpoint")
 

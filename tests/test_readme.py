@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from conftest import make_model_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -53,6 +54,6 @@ def test_trainer_options_pass_through(tmp_path):
     assert arguments.adam_beta2 == 0.95 and arguments.weight_decay == 0.1
     with pytest.raises(Exception, match=r"unknown key 'trainer_args.adam_beta3': did you mean 'adam_beta2'"):
         from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"adam_beta3": 0.9}})
-    with pytest.raises(Exception, match="trainer_args.learning_rate: milora sets this"):
+    with pytest.raises(Exception, match=r"trainer_args\.learning_rate: milora sets this"):
         from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"learning_rate": 0.1}})
     assert "adam_beta2: Float = Key(" in readme_block("**Adding a training key**")

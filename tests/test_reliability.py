@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LLAMA_TARGETS, RECORDS, cli_error, make_model_dir, tiny_llama
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -26,6 +25,8 @@ from milora.cli import main
 from milora.errors import AdapterError, ConfigError, DataError, OutputError
 from milora.io import LOCK_FILE, RunLock, check_replaceable
 from milora.training.run import train
+
+from conftest import LLAMA_TARGETS, RECORDS, cli_error, make_model_dir, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_overwrite_refuses_directories_milora_did_not_write(tmp_path, tiny, save
     (saved / "notes.txt").write_text("mine")  # an adapter with the user's file inside
     assert "notes.txt" in cli_error(["init", tiny["model"], "--rank", "2", "--output", str(saved), "--overwrite"])
     assert (saved / "notes.txt").exists()
-    with pytest.raises(OutputError, match="notes.txt"):
+    with pytest.raises(OutputError, match=r"notes\.txt"):
         check_replaceable(saved)
 
 
@@ -132,7 +133,7 @@ def test_lock_is_exclusive_between_processes(tmp_path):
     assert outcomes == ["held", "refused", "refused", "refused"]
 
 
-# ---------------------------------------------------------------- 3. checkpoints are atomic, resume takes a complete one
+# ----------------------------------------------------------- 3. checkpoints are atomic, resume takes a complete one
 
 
 def test_resume_skips_an_incomplete_checkpoint(tmp_path, tiny, capsys):
@@ -176,7 +177,7 @@ def test_resume_from_the_last_checkpoint_trains_no_extra_step(tmp_path, tiny):
     an extra step would change the adapter)."""
     data = tmp_path / "data50.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS + RECORDS[:2]))
-    settings = dict(dataset=str(data), max_steps=12, save_steps=3, lr_scheduler="constant")
+    settings = {"dataset": str(data), "max_steps": 12, "save_steps": 3, "lr_scheduler": "constant"}
     reference = train(run_config(tiny, tmp_path / "reference", **settings))
     out = tmp_path / "killed"
     train(run_config(tiny, out, **settings))
@@ -374,7 +375,8 @@ def test_interrupted_init_restores_the_model(monkeypatch, tokens):
         milora.get_model(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS), progress=False)
     assert any("restored to its original weights" in note for note in caught.value.__notes__)
     assert not any("lora_" in name for name, _ in model.named_parameters())
-    for (name, restored), original_weight in zip(model.state_dict().items(), reference.state_dict().values()):
+    for (name, restored), original_weight in zip(model.state_dict().items(), reference.state_dict().values(),
+                                                 strict=False):
         assert torch.allclose(restored, original_weight, rtol=0, atol=1e-6 * float(original_weight.abs().max())), name
 
 

@@ -78,7 +78,8 @@ def test_no_inherited_environment_and_a_fresh_directory(monkeypatch):
 
 
 def test_output_is_captured_bounded_and_truncated():
-    outcome = run_program("while True:\n    print('x' * 1000)", Limits(wall_seconds=5, cpu_seconds=5, file_bytes=1 << 20))
+    outcome = run_program("while True:\n    print('x' * 1000)",
+                          Limits(wall_seconds=5, cpu_seconds=5, file_bytes=1 << 20))
     assert outcome.status == "failed" and "File too large" in outcome.stderr
     assert outcome.stdout.endswith("[... truncated]") and len(outcome.stdout) < OUTPUT_LIMIT + 100
 

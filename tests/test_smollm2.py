@@ -25,7 +25,8 @@ def test_smollm2_init_and_round_trip(tmp_path):
     tokens = tokenizer(["MiLoRA adapts the minor singular components of each weight."], return_tensors="pt").input_ids
     with torch.no_grad():
         original = model(tokens).logits
-    peft_model = milora.get_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(PAPER_TARGETS)), progress=False)
+    peft_model = milora.get_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(PAPER_TARGETS)),
+                                  progress=False)
     with torch.no_grad():
         at_init = peft_model(tokens).logits
     assert relative_error(at_init, original) < 1e-5

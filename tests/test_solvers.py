@@ -165,7 +165,8 @@ def test_block_lanczos_on_a_known_operator():
     a clear error when the operator is indefinite."""
     k, want = 300, 10
     values = np.concatenate([np.linspace(0, 0.1, k - want), 2.0 ** np.arange(want)])  # separated top: fast
-    apply = lambda rows: rows * values  # rows @ diag(values)
+    def apply(rows):
+        return rows * values  # rows @ diag(values)
     found, vectors = lanczos.largest_eigenpairs(apply, k, want, 8, budget=math.inf)
     np.testing.assert_allclose(found, values[-want:], rtol=1e-12)
     np.testing.assert_allclose(np.abs(vectors), np.eye(k)[-want:], atol=1e-7)

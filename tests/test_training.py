@@ -6,8 +6,8 @@ here and saved to a directory like any hub model.
 
 import contextlib
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,26 +15,20 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import RECORDS, cli_error, make_model_dir
 import torch
 import yaml
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    TrainerCallback,
-)
+from transformers import TrainerCallback
 
 from milora import cli
-from milora.training.config import ConfigError, from_dict
 from milora.errors import DataError
-from milora.prompts import render_prompt
 from milora.init import get_model
 from milora.models import load_base_model
 from milora.persistence import load_model
+from milora.training.config import ConfigError, from_dict
 from milora.training.run import build_lora_config, train
+
+from conftest import RECORDS, cli_error, make_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
@@ -73,11 +67,13 @@ class InterruptAt(TrainerCallback):
 
 def test_output_dir_holds_adapter_config_metrics(tiny, tmp_path):
     capture = Capture()
-    result = train(run_config(tiny, tmp_path / "out", save_steps=3, report_to="tensorboard", val_size=6), callbacks=[capture])
+    result = train(run_config(tiny, tmp_path / "out", save_steps=3, report_to="tensorboard", val_size=6),
+                   callbacks=[capture])
     out = tmp_path / "out"
     assert result.adapter_dir == out and not result.interrupted
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "milora_config.json", "train_config.yaml", "metrics.json"} <= names
+    assert {"adapter_config.json", "adapter_model.safetensors", "milora_config.json", "train_config.yaml",
+            "metrics.json"} <= names
     assert {"checkpoint-3", "checkpoint-6", "runs"} <= names and not any(name.startswith(".") for name in names)
     assert any((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard loss log
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
@@ -192,16 +188,19 @@ def test_ddp_two_cpu_processes_match_one(tiny, tmp_path):
     ddp_cfg = run_config(tiny, tmp_path / "ddp", per_device_train_batch_size=2, **common)
     (tmp_path / "dumps_single").mkdir()
     (tmp_path / "dumps_ddp").mkdir()
-    subprocess.run([sys.executable, str(worker), json.dumps(single_cfg), str(tmp_path / "dumps_single")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(worker), json.dumps(single_cfg), str(tmp_path / "dumps_single")],
+                   check=True, env=env, timeout=300)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run([*launch, str(worker), json.dumps(ddp_cfg), str(tmp_path / "dumps_ddp")], check=True, env=env, timeout=300)
+    subprocess.run([*launch, str(worker), json.dumps(ddp_cfg), str(tmp_path / "dumps_ddp")],
+                   check=True, env=env, timeout=300)
     rank0 = load_file(tmp_path / "dumps_ddp" / "rank0.safetensors")
     rank1 = load_file(tmp_path / "dumps_ddp" / "rank1.safetensors")
     single = load_file(tmp_path / "dumps_single" / "rank0.safetensors")
     assert rank0.keys() == rank1.keys() == single.keys() and len(rank0) == 20
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-        assert torch.allclose(rank0[key], single[key], rtol=1e-4, atol=1e-5), (key, (rank0[key] - single[key]).abs().max())
+        assert torch.allclose(rank0[key], single[key], rtol=1e-4, atol=1e-5), (
+            key, (rank0[key] - single[key]).abs().max())
     assert (tmp_path / "ddp" / "checkpoint-2" / "rng_state_1.pth").exists()  # every rank checkpointed its RNG
     saved_ddp = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
     saved_single = load_file(tmp_path / "single" / "adapter_model.safetensors")
@@ -222,7 +221,8 @@ def test_paper_recipes_parse_and_build(task, init, tmp_path_factory):
     assert raw["per_device_train_batch_size"] * raw["gradient_accumulation_steps"] == 16
     assert raw["lora_dropout"] == 0.05 and raw["lora_target"] == "q_proj,k_proj,v_proj,up_proj,down_proj"
     if task == "instruction":  # a public conversation mixture, in the Tulu chat format (LLaMA-2 has no template)
-        assert (raw["dataset"], raw["template"], raw["chat_template"]) == ("allenai/tulu-v2-sft-mixture", "chat", "tulu")
+        assert (raw["dataset"], raw["template"], raw["chat_template"]) == (
+            "allenai/tulu-v2-sft-mixture", "chat", "tulu")
     # the real model and data are for GPU machines: check the rest of the recipe on a tiny stand-in
     root = tmp_path_factory.mktemp("standin")
     data = root / "data.json"
@@ -230,7 +230,8 @@ def test_paper_recipes_parse_and_build(task, init, tmp_path_factory):
     config = from_dict({**raw, "dataset": str(data), "output_dir": str(root / "out"), "dataset_split": "train"})
     model, _ = load_base_model(str(make_model_dir(root / "model", hidden=160, intermediate=320, layers=1, kv_heads=4)))
     peft_model = get_model(model, build_lora_config(config), init=config.init, progress=False)
-    assert peft_model.peft_config["default"].r == r and peft_model.peft_config["default"].lora_alpha == raw["lora_alpha"]
+    assert (peft_model.peft_config["default"].r == r
+            and peft_model.peft_config["default"].lora_alpha == raw["lora_alpha"])
     assert len(peft_model.milora_init.initial_factors) == (0 if init == "lora" else 5)
 
 
@@ -241,7 +242,8 @@ def test_launch_configs_parse():
     for path in sorted((REPO / "recipes" / "accelerate").glob("*.yaml")):
         kinds[path.stem] = ClusterConfig.from_yaml_file(path).distributed_type.value
     assert kinds == {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP"}
-    stages = {p.stem: json.loads(p.read_text())["zero_optimization"]["stage"] for p in (REPO / "recipes" / "deepspeed").glob("*.json")}
+    stages = {p.stem: json.loads(p.read_text())["zero_optimization"]["stage"]
+              for p in (REPO / "recipes" / "deepspeed").glob("*.json")}
     assert stages == {"zero2": 2, "zero3": 3}
 
 
@@ -254,10 +256,9 @@ def test_demo_recipe_matches_the_demo():
 
 
 def test_demo_rejects_bad_sizes_before_any_work(tmp_path):
-    from milora.cli import main
-
     for flag, value, name in (("--steps", "0", "max_steps"), ("--eval-size", "-1", "eval_size")):
-        assert re.search(f"{name} must be a positive integer, got {value}", cli_error(["demo", "--output", str(tmp_path / "demo"), flag, value]))
+        assert re.search(f"{name} must be a positive integer, got {value}",
+                         cli_error(["demo", "--output", str(tmp_path / "demo"), flag, value]))
     assert not (tmp_path / "demo").exists()
 
 
@@ -265,13 +266,17 @@ def test_demo_rejects_bad_sizes_before_any_work(tmp_path):
 def test_smollm2_short_run_loss_decreases(tmp_path):
     """The embedded SmolLM2-135M, 8 steps on 8 short chat examples: the training loss goes down."""
     data = tmp_path / "chat.jsonl"
-    pairs = [("Capital of France?", "Paris."), ("2 + 2 =", "4"), ("Opposite of hot?", "Cold."), ("Color of grass?", "Green.")] * 2
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n" for q, a in pairs))
+    pairs = [("Capital of France?", "Paris."), ("2 + 2 =", "4"), ("Opposite of hot?", "Cold."),
+             ("Color of grass?", "Green.")] * 2
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for q, a in pairs
+    ))
     result = train(
         {
-            "dataset": str(data), "template": "chat", "output_dir": str(tmp_path / "out"), "lora_rank": 8, "lora_dropout": 0.0,
-            "learning_rate": 2e-3, "max_steps": 8, "per_device_train_batch_size": 4, "cutoff_len": 64, "logging_steps": 1,
-            "report_to": "none", "save_steps": 100,
+            "dataset": str(data), "template": "chat", "output_dir": str(tmp_path / "out"), "lora_rank": 8,
+            "lora_dropout": 0.0, "learning_rate": 2e-3, "max_steps": 8, "per_device_train_batch_size": 4,
+            "cutoff_len": 64, "logging_steps": 1, "report_to": "none", "save_steps": 100,
         }
     )
     losses = [entry["loss"] for entry in result.metrics["loss_history"]]

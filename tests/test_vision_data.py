@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RECORDS, make_llava_dir, make_model_dir, write_images
 from peft import PeftModel
 from PIL import Image
 from tokenizers import decoders
@@ -24,6 +23,8 @@ from milora.persistence import load_model
 from milora.training.data import IGNORE_INDEX
 from milora.training.run import train
 from milora.training.vision_data import check_records, encode_conversation, to_conversation, vision_collator
+
+from conftest import RECORDS, make_llava_dir, make_model_dir, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,12 +57,13 @@ def decode(setup, ids) -> str:
 
 
 def trained_text(setup, example) -> str:
-    return decode(setup, [i for i, label in zip(example["input_ids"].tolist(), example["labels"].tolist())
+    return decode(setup, [i for i, label in zip(example["input_ids"].tolist(), example["labels"].tolist(), strict=True)
                           if label != IGNORE_INDEX])
 
 
 def test_llava_record_masks_image_prompt_and_human_turns(setup):
-    example = encode(setup, llava_record(turns=(("<image>\nWhat shape is it?", "A circle."), ("And the colour?", "Red."))))
+    example = encode(setup, llava_record(turns=(("<image>\nWhat shape is it?", "A circle."),
+                                                ("And the colour?", "Red."))))
     image_token = setup["processor"].image_token_id
     ids, labels = example["input_ids"], example["labels"]
     assert int((ids == image_token).sum()) == 16  # (32 / 8)^2 patches, CLS dropped
@@ -79,7 +81,8 @@ def test_text_only_llava_record_has_no_image_tensors(setup):
 
 
 def test_messages_with_image_entries_and_an_images_list(setup):
-    own = {"messages": [{"role": "user", "content": [{"type": "image", "image": "img1.png"}, {"type": "text", "text": "Shape?"}]},
+    own = {"messages": [{"role": "user", "content": [{"type": "image", "image": "img1.png"},
+                                                     {"type": "text", "text": "Shape?"}]},
                         {"role": "assistant", "content": "Square."}]}
     pooled = {"images": ["img1.png"], "messages": [{"role": "user", "content": "<image>Shape?"},
                                                    {"role": "assistant", "content": "Square."}]}
@@ -101,14 +104,16 @@ def test_collator_pads_and_stacks_images(setup):
 
 
 def test_truncation_never_cuts_image_tokens(setup):
-    with pytest.raises(DataError, match="record 0 has .* tokens, and truncating it to cutoff_len=10 would cut image tokens"):
+    with pytest.raises(DataError,
+                       match=r"record 0 has .* tokens, and truncating it to cutoff_len=10 would cut image tokens"):
         encode(setup, llava_record(), cutoff_len=10)
 
 
 @pytest.mark.parametrize("record,fmt,message", [
     (llava_record(image="missing.png"), "llava", r"record 3: image .*missing.png does not exist"),
     (llava_record(turns=(("What?", "A."),)), "llava", r"record 3 has 0 <image> placeholder\(s\) but 1 image"),
-    (llava_record(turns=(("<image><image>What?", "A."),)), "llava", r"record 3 has 2 <image> placeholder\(s\) but 1 image"),
+    (llava_record(turns=(("<image><image>What?", "A."),)), "llava",
+     r"record 3 has 2 <image> placeholder\(s\) but 1 image"),
     ({"images": ["img0.png", "img1.png"], "messages": [{"role": "user", "content": "<image>Hi"},
                                                        {"role": "assistant", "content": "Yo"}]},
      "messages", r"record 3: 1 image entries .* but 2 paths in 'images'"),
@@ -163,14 +168,15 @@ def test_train_on_llava_records_end_to_end(setup, tmp_path):
     reloaded = load_model(load_pretrained_model(setup["model"]), tmp_path / "run")
     plain = PeftModel.from_pretrained(load_pretrained_model(setup["model"]), tmp_path / "run")
     with torch.no_grad():
-        a, b, base = reloaded(**example).logits, plain(**example).logits, load_pretrained_model(setup["model"])(**example).logits
+        a, b, base = (reloaded(**example).logits, plain(**example).logits,
+                      load_pretrained_model(setup["model"])(**example).logits)
     assert float((a - b).norm() / a.norm()) < 1e-5 and float((a - base).norm() / base.norm()) > 1e-4
 
 
 def test_image_data_on_a_text_only_model_is_refused(setup, tmp_path):
     text_model = make_model_dir(tmp_path / "text")
     dataset = write_data(setup, "one.json", [llava_record()])
-    with pytest.raises(ConfigError, match="holds images, but the model .* is a text-only LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match=r"holds images, but the model .* is a text-only LlamaForCausalLM"):
         train(vision_config(setup, tmp_path / "run", dataset, model=str(text_model), modules_to_save=None))
     assert not (tmp_path / "run").exists()
 
@@ -204,7 +210,8 @@ def test_llava_recipes_parse_and_build(setup, init, tmp_path):
 
     raw = yaml.safe_load((REPO / "recipes" / f"llava_{init}.yaml").read_text())
     assert (raw["init"], raw["lora_rank"], raw["lora_alpha"]) == (init, 128, 256 if init == "lora" else 128)
-    assert raw["learning_rate"] == 2e-4 and raw["num_train_epochs"] == 1 and raw["modules_to_save"] == "multi_modal_projector"
+    assert (raw["learning_rate"] == 2e-4 and raw["num_train_epochs"] == 1
+            and raw["modules_to_save"] == "multi_modal_projector")
     # LLaVA-1.5-7B and its 665K mixture are for GPU machines: check the rest on the tiny stand-in (rank 2)
     config = from_dict({**raw, "model": setup["model"], "dataset": write_data(setup, "recipe.json", [llava_record()]),
                         "image_folder": str(setup["images"]), "output_dir": str(tmp_path / "out"), "lora_rank": 2,
@@ -212,7 +219,8 @@ def test_llava_recipes_parse_and_build(setup, init, tmp_path):
     model = load_pretrained_model(setup["model"])
     peft_model = get_model(model, build_lora_config(config, model), init=config.init, progress=False)
     adapted = milora_layers(peft_model)
-    assert len(adapted) == 2 * 7 and all(name.startswith("model.language_model.") for name in adapted)  # all-linear, LM only
+    # all-linear, LM only
+    assert len(adapted) == 2 * 7 and all(name.startswith("model.language_model.") for name in adapted)
 
 
 def milora_layers(peft_model):

@@ -10,7 +10,6 @@ import sys
 import types
 
 import pytest
-from conftest import cli_error, make_llava_dir, make_model_dir, write_images
 
 from milora.cli import main
 from milora.errors import DataError
@@ -25,6 +24,8 @@ from milora.eval.vqa_grading import (
     vqa_accuracy,
 )
 from milora.models import load_base_model
+
+from conftest import cli_error, make_llava_dir, make_model_dir, write_images
 
 
 @pytest.mark.parametrize("raw,normalised", [
@@ -56,7 +57,8 @@ def test_pope_hand_worked():
     assert predictions == ["yes", "no", "no", "yes", "yes"]  # only the first sentence counts
     metrics = pope_metrics(predictions, ["yes", "no", "yes", "no", "yes"])
     # TP = 2 (items 0, 4), FP = 1 (item 3), FN = 1 (item 2), TN = 1 (item 1)
-    assert metrics == pytest.approx({"accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 3 / 5})
+    assert metrics == pytest.approx({"accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3,
+                                     "yes_ratio": 3 / 5})
     assert pope_metrics(["no", "no"], ["no", "yes"])["precision"] is None
 
 
@@ -75,11 +77,13 @@ def vlm(tmp_path_factory):
     names = write_images(root / "data" / "images", 3)
     vqa = [{"image": f"images/{names[0]}", "question": "What colour?", "answer": "red"},
            {"image": f"images/{names[1]}", "question": "How many?", "answers": ["2"] * 3 + ["two"] * 2 + ["3"] * 5},
-           {"image": f"images/{names[2]}", "question": "Shape?", "answers": [{"answer": "circle"}, {"answer": "round"}]}]
+           {"image": f"images/{names[2]}", "question": "Shape?",
+            "answers": [{"answer": "circle"}, {"answer": "round"}]}]
     pope = [{"image": f"images/{names[i % 3]}", "question": f"Is there a {thing} in the image?", "answer": answer,
              "category": category}
             for i, (thing, answer, category) in enumerate([("dog", "yes", "random"), ("cat", "no", "random"),
-                                                           ("car", "no", "adversarial"), ("cup", "yes", "adversarial")])]
+                                                           ("car", "no", "adversarial"),
+                                                           ("cup", "yes", "adversarial")])]
     mcq = [{"image": f"images/{names[0]}", "question": "Which colour?", "options": ["red", "green"], "answer": 1},
            {"question": "Which is bigger?", "A": "sun", "B": "moon", "answer": "A", "hint": "Astronomy."}]
     files = {}
@@ -91,18 +95,21 @@ def vlm(tmp_path_factory):
 
 
 def run(vlm, task, data, **options):
-    return evaluate(vlm["model"], vlm["processor"], task, None if data is None else str(data), progress=False, **options)
+    return evaluate(vlm["model"], vlm["processor"], task, None if data is None else str(data), progress=False,
+                    **options)
 
 
 def test_vqa_task_scores_its_outputs(vlm):
     result = run(vlm, "vqa", vlm["vqa"], batch_size=2, max_new_tokens=4)
     items = result["items"]
     assert result["summary"]["n"] == 3 and result["summary"]["settings"]["soft_accuracy_items"] == 1
-    expected = [float(exact_match(items[0]["prediction"], ["red"])), vqa_accuracy(items[1]["prediction"], items[1]["gold"]),
+    expected = [float(exact_match(items[0]["prediction"], ["red"])),
+                vqa_accuracy(items[1]["prediction"], items[1]["gold"]),
                 float(exact_match(items[2]["prediction"], ["circle", "round"]))]
     assert [item["score"] for item in items] == expected
     assert result["summary"]["scores"] == {"vqa": pytest.approx(sum(expected) / 3)}
-    assert items[0]["prompt"].count("<image>") == 1 and "Answer the question using a single word or phrase." in items[0]["prompt"]
+    assert (items[0]["prompt"].count("<image>") == 1
+            and "Answer the question using a single word or phrase." in items[0]["prompt"])
 
 
 def test_batching_does_not_change_answers(vlm):
@@ -119,7 +126,8 @@ def test_pope_and_mcq_tasks(vlm):
     assert set(pope["summary"]["scores"]) >= {"f1_random", "f1_adversarial"} and pope["summary"]["metric"] == "value"
     mcq = run(vlm, "mcq-image", vlm["mcq"], max_new_tokens=3)
     assert mcq["items"][0]["gold"] == "B" and mcq["items"][1]["gold"] == "A" and mcq["items"][1]["image"] == []
-    assert "Context: Astronomy.\nWhich is bigger?\nA. sun\nB. moon\nAnswer with the option's letter" in mcq["items"][1]["prompt"]
+    assert ("Context: Astronomy.\nWhich is bigger?\nA. sun\nB. moon\nAnswer with the option's letter"
+            in mcq["items"][1]["prompt"])
 
 
 def test_bad_data_is_refused_before_generation(vlm, tmp_path):
@@ -149,7 +157,7 @@ def test_lmms_eval_arguments(vlm, tmp_path):
     assert greedy_settings({}, "t") == (128, [])
     with pytest.raises(DataError, match="sampling or beam search"):
         greedy_settings({"do_sample": True, "temperature": 0.7}, "t")
-    with pytest.raises(DataError, match="include path .*nowhere does not exist"):
+    with pytest.raises(DataError, match=r"include path .*nowhere does not exist"):
         run_lmms_eval(vlm["model"], vlm["processor"], ["x"], tmp_path / "nowhere", limit=None, batch_size=1)
 
 
@@ -170,8 +178,10 @@ def fake_lmms_eval(monkeypatch, images):
     def simple_evaluate(model, tasks, limit, task_manager, log_samples):
         docs = [{"image": image, "question": f"q{i}"} for i, image in enumerate(images)]
         model.task_dict["fake_vqa"] = {"test": docs}
-        requests = [types.SimpleNamespace(args=(f"{doc['question']}\nAnswer briefly.", {"max_new_tokens": 3, "until": ["\n"]},
-                                                lambda d: [d["image"]], i, "fake_vqa", "test")) for i, doc in enumerate(docs)]
+        requests = [types.SimpleNamespace(args=(f"{doc['question']}\nAnswer briefly.",
+                                                {"max_new_tokens": 3, "until": ["\n"]},
+                                                lambda d: [d["image"]], i, "fake_vqa", "test"))
+                    for i, doc in enumerate(docs)]
         outputs = model.generate_until(requests)
         return {"results": {"fake_vqa": {"exact_match,none": 0.5, "exact_match_stderr,none": 0.1}},
                 "samples": {"fake_vqa": [{"doc_id": i, "resps": [[o]], "filtered_resps": [o], "target": "x"}
@@ -194,8 +204,8 @@ def test_lmms_eval_bridge_generates_with_the_images(vlm, monkeypatch):
     assert result["summary"]["scores"] == {"fake_vqa": 0.5} and len(result["items"]) == 3
     prompts = [apply_chat_template(vlm["processor"], [{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": f"q{i}\nAnswer briefly."}]}], True) for i in range(3)]
-    direct = generate_with_images(vlm["model"], vlm["processor"], prompts, [[image] for image in images], max_new_tokens=3,
-                                  progress=False)
+    direct = generate_with_images(vlm["model"], vlm["processor"], prompts, [[image] for image in images],
+                                  max_new_tokens=3, progress=False)
     assert [item["prediction"][0] for item in result["items"]] == [text.split("\n")[0] for text in direct]
 
 
@@ -207,7 +217,8 @@ def test_cli_eval_and_init_on_a_vision_language_model(vlm, tmp_path, capsys):
     assert main(["init", str(vlm["model_dir"]), "--output", str(tmp_path / "adapter"), "--rank", "2",
                  "--modules-to-save", "multi_modal_projector"]) == 0
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["target_modules"].startswith("model\\.language_model") and saved["modules_to_save"] == ["multi_modal_projector"]
+    assert (saved["target_modules"].startswith("model\\.language_model")
+            and saved["modules_to_save"] == ["multi_modal_projector"])
     merged = tmp_path / "merged"
     assert main(["merge", str(tmp_path / "adapter"), "--model", str(vlm["model_dir"]), "--output", str(merged)]) == 0
     assert (merged / "processor_config.json").is_file()

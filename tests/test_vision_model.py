@@ -14,7 +14,6 @@ import re
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_llava_dir, write_images
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -22,6 +21,8 @@ import milora
 from milora.errors import AdapterError, ModelError
 from milora.init import language_model_targets, scoped_targets
 from milora.models import is_vision_language_model, load_base_model, load_pretrained_model
+
+from conftest import LLAMA_TARGETS, make_llava_dir, write_images
 
 PROJECTOR = ["multi_modal_projector"]
 
@@ -39,8 +40,10 @@ def inputs(llava_dir, tmp_path_factory):
     _, processor = load_base_model(str(llava_dir))
     folder = tmp_path_factory.mktemp("images")
     images = [Image.open(folder / name) for name in write_images(folder, 2)]
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
-                                           tokenize=False, add_generation_prompt=True) for t in ("what shape?", "colour")]
+    texts = [processor.apply_chat_template(
+                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+                 tokenize=False, add_generation_prompt=True)
+             for t in ("what shape?", "colour")]
     return dict(processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt"))
 
 
@@ -81,7 +84,8 @@ def test_default_targets_select_only_the_language_model(llava_dir):
 
 def test_targets_missing_from_the_language_model_are_an_error(llava_dir):
     model = load_pretrained_model(str(llava_dir))
-    with pytest.raises(ModelError, match=r"\['fc1'\] not found in the language model \(model.language_model\).*whole_model"):
+    with pytest.raises(ModelError,
+                       match=r"\['fc1'\] not found in the language model \(model.language_model\).*whole_model"):
         language_model_targets(model, ["q_proj", "fc1"])  # fc1 exists, but only in the CLIP vision tower
 
 
@@ -157,8 +161,10 @@ def test_save_residual_keeps_the_original_projector(llava_dir, inputs, tmp_path)
 def test_modules_to_save_errors(llava_dir):
     model = load_pretrained_model(str(llava_dir))
     with pytest.raises(ModelError, match=r"modules_to_save \['projector_x'\] not found"):
-        milora.get_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["projector_x"]), progress=False)
-    with pytest.raises(ModelError, match="in modules_to_save .* holds the target module model.language_model.layers.0"):
+        milora.get_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["projector_x"]),
+                         progress=False)
+    with pytest.raises(ModelError,
+                       match=r"in modules_to_save .* holds the target module model\.language_model\.layers\.0"):
         milora.get_model(model, LoraConfig(r=2, target_modules=language_model_targets(model, ["q_proj"]),
                                            modules_to_save=["language_model"]), progress=False)
     assert not any("lora_" in name for name, _ in model.named_modules())  # refused before anything changed
@@ -181,5 +187,5 @@ def test_missing_projector_tensor_is_refused(llava_dir, tmp_path):
     metadata = json.loads((tmp_path / "adapter" / "milora_config.json").read_text())
     metadata["weights_sha256"] = milora.persistence.weights_checksum(weights)
     (tmp_path / "adapter" / "milora_config.json").write_text(json.dumps(metadata))
-    with pytest.raises(AdapterError, match="modules_to_save tensor .*linear_2.bias should have shape"):
+    with pytest.raises(AdapterError, match=r"modules_to_save tensor .*linear_2\.bias should have shape"):
         milora.load_model(load_pretrained_model(str(llava_dir)), tmp_path / "adapter")

@@ -21,8 +21,8 @@ def _add_init(subparsers) -> None:
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64, the paper's math setting)")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
     parser.add_argument("--target-modules", default=",".join(PAPER_TARGETS),
-                        help="comma-separated module names (or all-linear); on an image-text-to-text model, names in its "
-                             "language model (see --target-scope)")
+                        help="comma-separated module names (or all-linear); on an image-text-to-text model, "
+                             "names in its language model (see --target-scope)")
     parser.add_argument("--target-scope", default="language_model", choices=list(TARGET_SCOPES),
                         help="image-text-to-text models: adapt the named modules of the language model only (default), "
                              "or wherever they are (vision tower too)")
@@ -32,15 +32,16 @@ def _add_init(subparsers) -> None:
     parser.add_argument("--init", default="milora", choices=list(INIT_MODES))
     parser.add_argument("--solver", default="auto", choices=list(SOLVERS))
     parser.add_argument("--workers", type=int, default=None,
-                        help="CPU weights decomposed at once, one BLAS thread each (default: one per thread, at most 4, "
-                             "when every weight is below 2048; else 1)")
+                        help="CPU weights decomposed at once, one BLAS thread each (default: one per thread, "
+                             "at most 4, when every weight is below 2048; else 1)")
     parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init")
     parser.add_argument("--null-space", default="zero", choices=["zero", "random"],
-                        help="start of exactly-zero selected singular values (rank-deficient weights): zero, the paper's "
-                             "(those directions cannot train), or random inside the null space, as LoRA (B = 0)")
+                        help="start of exactly-zero selected singular values (rank-deficient weights): zero, "
+                             "the paper's (those directions cannot train), or random inside the null space, "
+                             "as LoRA (B = 0)")
     parser.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS),
                         help="QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init "
                              "(W - s B0 A0 in the targets) and report the quantisation error per weight; the saved "
@@ -70,7 +71,8 @@ def _run_init(args) -> int:
         raise OutputExistsError(f"{output} is a file, not a directory: choose another --output for the adapter.")
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not args.overwrite:
-            raise OutputExistsError(f"{output} already exists and is not empty; choose another --output or pass --overwrite.")
+            raise OutputExistsError(f"{output} already exists and is not empty; "
+                                    "choose another --output or pass --overwrite.")
         check_replaceable(output)
     check_quantization(args.quantize)
     if args.quantize and args.save_residual:
@@ -100,7 +102,8 @@ def _run_init(args) -> int:
     record.measured["output_relative_error"] = float((after - before).norm() / before.norm())
     save_adapter(peft_model, output, overwrite=args.overwrite, save_residual=args.save_residual)
     print(json.dumps(record.summary(), indent=2))
-    print(f"adapter saved to {output} (rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
+    print(f"adapter saved to {output} "
+          f"(rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
     return 0
 
 
@@ -128,7 +131,13 @@ def _run_merge(args) -> int:
 
     from milora.errors import OutputExistsError
     from milora.io import staged_directory
-    from milora.models import is_vision_language_model, load_pretrained_model, load_processor, load_tokenizer, resolve_model_path
+    from milora.models import (
+        is_vision_language_model,
+        load_pretrained_model,
+        load_processor,
+        load_tokenizer,
+        resolve_model_path,
+    )
     from milora.persistence import load_model
 
     output = Path(args.output)
@@ -140,7 +149,8 @@ def _run_merge(args) -> int:
     model = load_pretrained_model(args.model, dtype=args.dtype)
     merged = load_model(model, args.adapter).merge_and_unload()
     source = Path(resolve_model_path(args.model))
-    has_tokenizer = not source.is_dir() or any((source / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    has_tokenizer = not source.is_dir() or any((source / f).exists()
+                                               for f in ("tokenizer.json", "tokenizer_config.json"))
     with staged_directory(output) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if has_tokenizer:  # keep the merged directory self-contained: tokenizer, or processor for image-text-to-text

@@ -22,8 +22,9 @@ def _add_eval(subparsers) -> None:
     )
     parser.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2)")
     parser.add_argument("--adapter", default=None, help="adapter directory saved by milora (or any PEFT LoRA)")
-    parser.add_argument("--task", help="gsm8k, math, commonsense, forgetting, ifeval, alpaca-eval, humaneval, vqa, pope, "
-                                       "mcq-image (image-text-to-text models), lm-eval:<task,...> or lmms-eval:<task,...>")
+    parser.add_argument("--task",
+                        help="gsm8k, math, commonsense, forgetting, ifeval, alpaca-eval, humaneval, vqa, pope, "
+                             "mcq-image (image-text-to-text models), lm-eval:<task,...> or lmms-eval:<task,...>")
     parser.add_argument(
         "--data",
         help="data file or directory (commonsense: LLM-Adapters file or <task>/test.json dirs; forgetting: "
@@ -38,13 +39,15 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None, help="items per dataset (forgetting: text windows)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", default=None, help="results JSON (default: <label>-<task>.json)")
-    parser.add_argument("--scorer", default=None, choices=["generate", "loglik"], help="commonsense scoring (default generate)")
+    parser.add_argument("--scorer", default=None, choices=["generate", "loglik"],
+                        help="commonsense scoring (default generate)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default 512 for math and humaneval, 32 for commonsense, 1280 for ifeval, 2048 for "
                              "alpaca-eval, 16 for vqa, 8 for pope and mcq-image")
     parser.add_argument("--max-length", type=int, default=None, help="forgetting window in tokens (default 1024)")
     parser.add_argument("--base-model", default=None, help="forgetting: the original base of a merged --model")
-    parser.add_argument("--label", default=None, help="method name in results and --compare (default: adapter/model name)")
+    parser.add_argument("--label", default=None,
+                        help="method name in results and --compare (default: adapter/model name)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
     parser.add_argument("--compare", nargs="+", metavar="RESULTS", help="print result files as the paper's table")
@@ -69,7 +72,8 @@ def _add_instruction_flags(parser) -> None:
                        help='score answers made elsewhere: one {"id": ..., "output": ...} per line (ids: IFEval key, '
                        "HumanEval task_id, AlpacaEval index or instruction); no model is loaded")
     group.add_argument("--template", default=None, choices=list(TEMPLATE_NAMES),
-                       help="ifeval / alpaca-eval prompt template (default: chat if the tokenizer has one, else alpaca)")
+                       help="ifeval / alpaca-eval prompt template "
+                            "(default: chat if the tokenizer has one, else alpaca)")
     group.add_argument("--chat-template", default=None,
                        help="chat template for a tokenizer without one, as in training: tulu or a .jinja file")
     group.add_argument("--missing-punkt", default=None, choices=["error", "skip"],
@@ -86,10 +90,13 @@ def _add_instruction_flags(parser) -> None:
     group.add_argument("--samples", type=int, default=None, help="humaneval: completions per problem (default 1)")
     group.add_argument("--temperature", type=float, default=None,
                        help="humaneval sampling temperature (default 0 = greedy for 1 sample, 0.8 for more)")
-    group.add_argument("--top-p", type=float, default=None, help="humaneval nucleus sampling (default 0.95 when sampling)")
-    group.add_argument("--pass-k", default=None, help="humaneval: comma-separated k of pass@k (default 1; 1,10,100 up to --samples)")
+    group.add_argument("--top-p", type=float, default=None,
+                       help="humaneval nucleus sampling (default 0.95 when sampling)")
+    group.add_argument("--pass-k", default=None,
+                       help="humaneval: comma-separated k of pass@k (default 1; 1,10,100 up to --samples)")
     group.add_argument("--seed", type=int, default=None, help="humaneval sampling seed (default 0)")
-    group.add_argument("--timeout", type=float, default=None, help="humaneval: seconds per program, wall and CPU (default 10)")
+    group.add_argument("--timeout", type=float, default=None,
+                       help="humaneval: seconds per program, wall and CPU (default 10)")
 
 
 _OPTION_FLAGS = ("scorer", "max_new_tokens", "max_length", "image_folder", "predictions", "template", "missing_punkt",
@@ -175,11 +182,13 @@ def _add_analyze(subparsers) -> None:
     )
     parser.add_argument("adapters", nargs="+", help="adapter directories saved by milora (or plain PEFT LoRA)")
     parser.add_argument("--model", default=None, help="the ORIGINAL base model (default: embedded SmolLM2)")
-    parser.add_argument("--rank", type=int, default=None, help="size k of the compared subspaces (default: adapter rank)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="size k of the compared subspaces (default: adapter rank)")
     parser.add_argument("--output", default=None, help="write the per-layer results as JSON")
     parser.add_argument("--plot", default=None, help="write per-layer curves as an image (e.g. analysis.png)")
     parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
-    parser.add_argument("--labels", default=None, help="comma-separated names, one per adapter (default: directory names)")
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated names, one per adapter (default: directory names)")
     parser.set_defaults(handler=_run_analyze)
 
 
@@ -217,7 +226,7 @@ def _run_analyze(args) -> int:
 
     labels = _check_analyze_args(args)
     results = []
-    for adapter, label in zip(args.adapters, labels):
+    for adapter, label in zip(args.adapters, labels, strict=True):
         model = load_pretrained_model(args.model, device=args.device)  # PEFT wraps it in place: a fresh copy each
         results.append(analyze_adapter(model, adapter, rank=args.rank, label=label))
     print(format_analysis(results))

@@ -18,7 +18,8 @@ def _add_train(subparsers) -> None:
         "(or torchrun -m milora.cli train CONFIG).",
     )
     parser.add_argument("config", nargs="?", help="YAML file describing the run")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the config (value parsed as YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override a key of the config (value parsed as YAML)")
     parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
 
     def run(args) -> int:
@@ -38,7 +39,8 @@ def _add_train(subparsers) -> None:
         if result.interrupted:
             return 130
         if PartialState().is_main_process:
-            print(f"milora train: adapter saved to {result.adapter_dir} (metrics in {result.adapter_dir / 'metrics.json'})")
+            print(f"milora train: adapter saved to {result.adapter_dir} "
+                  f"(metrics in {result.adapter_dir / 'metrics.json'})")
         return 0
 
     parser.set_defaults(handler=run)
@@ -49,7 +51,8 @@ def _add_demo(subparsers) -> None:
         "demo",
         help="fine-tune the embedded SmolLM2 with MiLoRA on a reasoning-gym task and report before/after accuracy",
     )
-    parser.add_argument("--output", default="runs/demo", help="directory for the data, adapter and report (default runs/demo)")
+    parser.add_argument("--output", default="runs/demo",
+                        help="directory for the data, adapter and report (default runs/demo)")
     parser.add_argument("--task", default=None, help="reasoning-gym dataset name (default: chain_sum with short sums)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
     parser.add_argument("--eval-size", type=int, default=None, help="held-out items scored before and after")
@@ -74,7 +77,8 @@ def _add_vqa_demo(subparsers) -> None:
     parser.add_argument("--output", default="runs/vqa_demo", help="directory for the model, data, adapter and report")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 120)")
     parser.add_argument("--train-size", type=int, default=None, help="training questions (default 2000)")
-    parser.add_argument("--eval-size", type=int, default=None, help="test questions scored before and after (default 400)")
+    parser.add_argument("--eval-size", type=int, default=None,
+                        help="test questions scored before and after (default 400)")
     parser.add_argument("--seed", type=int, default=0)
 
     def run(args) -> int:

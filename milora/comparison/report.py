@@ -30,7 +30,8 @@ def _interval(mean: float | None, bounds: list[float] | None, scale: float = 100
     if mean is None:
         return "-"
     text = _value(mean, scale, digits)
-    return text if bounds is None else f"{text} [{_value(bounds[0], scale, digits)}, {_value(bounds[1], scale, digits)}]"
+    return (text if bounds is None
+            else f"{text} [{_value(bounds[0], scale, digits)}, {_value(bounds[1], scale, digits)}]")
 
 
 def methods_table(summary: dict[str, Any]) -> str:
@@ -105,7 +106,7 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], output_dir: Pat
     paths = [output_dir / "lr_curves.png", output_dir / "accuracy_vs_forgetting.png", output_dir / "loss_curves.png"]
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for axis, key in zip(axes, ("val_accuracy", "test_accuracy")):
+    for axis, key in zip(axes, ("val_accuracy", "test_accuracy"), strict=True):
         for method, colour in colours.items():
             rows = [r for r in summary["runs"] if r["method"] == method and r[key] is not None]
             rates = sorted({r["learning_rate"] for r in rows})
@@ -139,7 +140,7 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], output_dir: Pat
         if history and record.get("status") == "done" and chosen.get(record["method"]) == record["learning_rate"]:
             label = None if record["method"] in labelled else record["method"]
             labelled.add(record["method"])
-            axis.plot(*zip(*history), color=colours[record["method"]], alpha=0.7, label=label)
+            axis.plot(*zip(*history, strict=True), color=colours[record["method"]], alpha=0.7, label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("training loss")
     axis.legend(fontsize="small")

@@ -115,9 +115,10 @@ def run_local(jobs: list[dict[str, Any]], progress: bool = True) -> None:
                                    capture_output=not progress, text=True)
         if read_record(run_dir) is None:  # the process died before it could write its record
             tail = (completed.stderr or "")[-2000:] if not progress else "(see the output above)"
-            atomic_write_json(run_dir / RECORD, {**job["identity"], "status": "failed",
-                                                 "error": f"the run's process exited with status {completed.returncode}",
-                                                 "stderr": tail})
+            atomic_write_json(run_dir / RECORD, {
+                **job["identity"], "status": "failed",
+                "error": f"the run's process exited with status {completed.returncode}", "stderr": tail,
+            })
 
 
 def run_ray(jobs: list[dict[str, Any]], sweep: Sweep) -> None:

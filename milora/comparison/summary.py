@@ -15,8 +15,8 @@ from typing import Any
 
 from milora.comparison.stats import CONFIDENCE, Interval, mean_interval, paired_difference, verdict
 
-RUN_FIELDS = ("method", "learning_rate", "seed", "status", "reason", "error", "val_accuracy", "test_accuracy", "forgetting_kl",
-              "retention_accuracy", "train_seconds", "trainable_parameters", "adapter_dir")
+RUN_FIELDS = ("method", "learning_rate", "seed", "status", "reason", "error", "val_accuracy", "test_accuracy",
+              "forgetting_kl", "retention_accuracy", "train_seconds", "trainable_parameters", "adapter_dir")
 
 
 def run_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +99,8 @@ def summarise(records: list[dict], methods: list[str], baseline: str) -> dict[st
         summary = method_summary(records, method, None if method == baseline else baseline_runs)
         summaries.append(summary)
     return {
-        "runs": [run_row(record) for record in sorted(records, key=lambda r: (r["method"], r["learning_rate"], r["seed"]))],
+        "runs": [run_row(record)
+                 for record in sorted(records, key=lambda r: (r["method"], r["learning_rate"], r["seed"]))],
         "methods": summaries,
         "baseline": baseline,
         "statistics": statements(summaries, baseline),

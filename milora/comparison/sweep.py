@@ -52,7 +52,8 @@ def _number_list(value: Any) -> Any:
             return item
 
     if isinstance(value, Mapping):
-        return {key: [number(item) for item in items] if isinstance(items, list) else items for key, items in value.items()}
+        return {key: [number(item) for item in items] if isinstance(items, list) else items
+                for key, items in value.items()}
     return [number(item) for item in value] if isinstance(value, list) else value
 
 
@@ -63,8 +64,10 @@ class SweepConfig(BaseModel):
 
     output_dir: str = Field(description="directory for the runs, the report (compare.md/json) and the plots")
     train: dict[str, Any] = Field({}, description="milora train keys shared by every run")
-    train_config: str | None = Field(None, description="a milora train YAML whose keys every run shares (`train` overrides)")
-    methods: list[Literal[INIT_MODES]] = Field(["lora", "pissa", "milora"], min_length=1, description="init modes compared")
+    train_config: str | None = Field(None, description="a milora train YAML whose keys every run shares "
+                                                       "(`train` overrides)")
+    methods: list[Literal[INIT_MODES]] = Field(["lora", "pissa", "milora"], min_length=1,
+                                               description="init modes compared")
     learning_rates: Annotated[list[float] | dict[str, list[float]], BeforeValidator(_number_list)] = Field(
         description="learning-rate grid: one list for every method, or a mapping method -> list")
     seeds: Annotated[list[int], BeforeValidator(_integer_list)] = Field([0, 1, 2], min_length=1,
@@ -94,7 +97,8 @@ class SweepConfig(BaseModel):
     retry_failed: bool = Field(False, description="re-run runs recorded as failed (default: keep their record)")
 
     def rates_for(self, method: str) -> list[float]:
-        return list(self.learning_rates.get(method, []) if isinstance(self.learning_rates, dict) else self.learning_rates)
+        return list(self.learning_rates.get(method, []) if isinstance(self.learning_rates, dict)
+                    else self.learning_rates)
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,8 @@ def _shared_train_keys(config: SweepConfig) -> dict[str, Any]:
 
 def _grid(config: SweepConfig) -> list[RunSpec]:
     if config.baseline not in config.methods:
-        raise ConfigError(f"baseline {config.baseline!r} is not among the methods {config.methods}: add it or choose another.")
+        raise ConfigError(f"baseline {config.baseline!r} is not among the methods {config.methods}: "
+                          "add it or choose another.")
     if isinstance(config.learning_rates, dict):
         extra = sorted(set(config.learning_rates) - set(config.methods))
         missing = [method for method in config.methods if method not in config.learning_rates]
@@ -282,7 +287,8 @@ def write_split(sweep: Sweep) -> None:
         return
     train, validation = _split(sweep)
     for path, records in ((sweep.train_file, train), (sweep.validation_file, validation)):
-        atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record in records))
+        atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False, default=str) + "\n"
+                                        for record in records))
 
 
 def shared_settings_digest(resolved: dict[str, Any]) -> dict[str, str]:

@@ -21,7 +21,6 @@ Verdicts the package cannot parse are counted (``n_unparsed``) and left out of t
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -46,8 +45,9 @@ def load_reference(reference: str | Path | None) -> tuple[list[dict], str]:
         try:
             records = read_records(hf_hub_download(HUB_DATASET[0], HUB_DATASET[1], repo_type="dataset"))
         except Exception as error:  # network, authentication, a moved file
-            raise DataError(f"Could not fetch {HUB_DATASET[1]} of {HUB_DATASET[0]} from the hub ({type(error).__name__}: "
-                            f"{error}); pass local reference answers with reference= (CLI: --reference FILE).") from None
+            raise DataError(f"Could not fetch {HUB_DATASET[1]} of {HUB_DATASET[0]} from the hub "
+                            f"({type(error).__name__}: {error}); pass local reference answers with reference= "
+                            "(CLI: --reference FILE).") from None
         source = "hub:" + "/".join(HUB_DATASET)
     else:
         if not Path(reference).is_file():
@@ -100,7 +100,8 @@ def win_rates(annotations: list[dict]) -> tuple[dict[str, float], dict]:
                   **{key: int(metrics[key]) for key in ("n_wins", "n_wins_base", "n_draws", "n_total")})
     try:  # needs the package's instruction difficulties, from the hub
         lc = get_length_controlled_winrate(parsed.copy(), save_weights_dir=None, is_warn_extreme_changes=False)
-        scores.update(lc_win_rate=lc["length_controlled_winrate"] / 100, lc_standard_error=lc["lc_standard_error"] / 100)
+        scores.update(lc_win_rate=lc["length_controlled_winrate"] / 100,
+                      lc_standard_error=lc["lc_standard_error"] / 100)
     except Exception as error:  # offline (hub), or too few items for its cross-validated GLM
         notes["lc_win_rate"] = f"not computed ({type(error).__name__}: {str(error)[:200]})"
     return scores, notes
@@ -108,7 +109,7 @@ def win_rates(annotations: list[dict]) -> tuple[dict[str, float], dict]:
 
 def _items(rows, prompts, answers, annotations) -> list[dict]:
     items = []
-    for index, (row, prompt, answer, note) in enumerate(zip(rows, prompts, answers, annotations)):
+    for index, (row, prompt, answer, note) in enumerate(zip(rows, prompts, answers, annotations, strict=False)):
         verdict = preference(note)
         winner = None if verdict is None else "model" if verdict > 1.5 else "reference" if verdict < 1.5 else "tie"
         items.append({"index": index, "instruction": row["instruction"], "prompt": prompt, "output": answer,
@@ -124,10 +125,10 @@ def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
     annotations = annotator.annotate_head2head(
         outputs_1=[{**row, "index": i} for i, row in enumerate(rows)],
         outputs_2=[{"instruction": r["instruction"], "output": a, "generator": model, "index": i}
-                   for i, (r, a) in enumerate(zip(rows, answers))],
+                   for i, (r, a) in enumerate(zip(rows, answers, strict=True))],
         is_ordered=True)
     annotations = sorted(annotations, key=lambda note: note["index"])
-    for note, row, answer in zip(annotations, rows, answers):
+    for note, row, answer in zip(annotations, rows, answers, strict=False):
         if not isinstance(note.get("preference_raw_completion"), str):  # NaN: the package dropped an unparsed one
             note["preference_raw_completion"] = raw_completion(log, row["instruction"], row["output"], answer)
     return annotations

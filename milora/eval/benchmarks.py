@@ -85,7 +85,7 @@ def _data_sources(task: str, data: str | Path) -> list[tuple[str, list[Path]]]:
 def _hub_records(task: str, data: str | None) -> tuple[str, list[dict]]:
     import datasets
 
-    sources = _HUB_DEFAULTS[task] if data is None else [tuple((data.split(":", 1) + [None])[:2])]
+    sources = _HUB_DEFAULTS[task] if data is None else [tuple([*data.split(":", 1), None][:2])]
     records = []
     for repo, config in sources:
         try:
@@ -147,7 +147,7 @@ def load_examples(task: str, data: str | Path | None = None, limit: int | None =
         raise DataError("The commonsense task needs data (CLI: --data): an LLM-Adapters file or a directory of "
                         "<task>/test.json.")
     hub_name = data is not None and not Path(data).exists() and Path(data).suffix not in {".json", ".jsonl"}
-    if data is None or hub_name and task in _HUB_DEFAULTS:
+    if data is None or (hub_name and task in _HUB_DEFAULTS):
         name, records = _hub_records(task, None if data is None else str(data))
         return _examples(task, name, records[:limit], f"hub:{data or name}"), f"hub:{data or name}"
     examples = []
@@ -192,9 +192,9 @@ def _benchmark(model, tokenizer, task: str, examples: list[Example], *, scorer: 
     items = []
     if scorer == "loglik":
         requests = [(prompt + COMMONSENSE_ANSWER_PREFIX, " " + option)
-                    for prompt, example in zip(prompts, examples) for option in example.options]
+                    for prompt, example in zip(prompts, examples, strict=True) for option in example.options]
         scores = iter(continuation_logprobs(model, tokenizer, requests, batch_size=batch_size, progress=progress))
-        for prompt, example in zip(prompts, examples):
+        for prompt, example in zip(prompts, examples, strict=True):
             loglik = {option: next(scores) for option in example.options}
             prediction = max(loglik, key=loglik.get)
             items.append({"dataset": example.dataset, "prompt": prompt,
@@ -204,7 +204,7 @@ def _benchmark(model, tokenizer, task: str, examples: list[Example], *, scorer: 
     stops = MATH_STOP_STRINGS if task in ("gsm8k", "math") else ()
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        stop_strings=stops, progress=progress, desc=task)
-    for prompt, example, output in zip(prompts, examples, outputs):
+    for prompt, example, output in zip(prompts, examples, outputs, strict=True):
         prediction, correct = _grade(task, example, output)
         items.append({"dataset": example.dataset, "prompt": prompt, "output": output,
                       "prediction": prediction, "gold": example.gold, "correct": correct})

@@ -52,13 +52,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     with padding_side(tokenizer, "left"), torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             batch = order[start:start + batch_size]
-            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model_device(model))
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
+                                   return_tensors="pt").to(model_device(model))
             sequences = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, num_beams=1, **sampling, eos_token_id=eos,
                 pad_token_id=tokenizer.pad_token_id,
                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
             )
-            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):
+            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:], strict=False):
                 outputs[index] = _truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings)
     return outputs
 
@@ -79,7 +80,8 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str, str]], *, 
     with padding_side(tokenizer, "right"), torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             batch = order[start:start + batch_size]
-            inputs = tokenizer.pad({"input_ids": [pairs[i][0] for i in batch]}, return_tensors="pt").to(model_device(model))
+            inputs = tokenizer.pad({"input_ids": [pairs[i][0] for i in batch]},
+                                   return_tensors="pt").to(model_device(model))
             logits = model(**inputs).logits
             for row, index in enumerate(batch):
                 ids, count = pairs[index]
@@ -117,6 +119,6 @@ def generate_with_images(model, processor, prompts: list[str], images: list[list
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
                 top_k=None, pad_token_id=tokenizer.pad_token_id,
             )
-            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:]):
+            for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:], strict=False):
                 outputs[index] = tokenizer.decode(row, skip_special_tokens=True)
     return outputs

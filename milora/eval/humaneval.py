@@ -66,7 +66,8 @@ def pass_at_k(passed: list[list[bool]], ks: tuple[int, ...]) -> tuple[dict[str, 
     for k in ks:
         estimates = estimate_pass_at_k(total, correct, k)
         scores[f"humaneval_pass@{k}"] = float(estimates.mean())
-        errors[f"humaneval_pass@{k}"] = float(estimates.std(ddof=1) / math.sqrt(len(estimates))) if len(estimates) > 1 else 0.0
+        errors[f"humaneval_pass@{k}"] = (float(estimates.std(ddof=1) / math.sqrt(len(estimates)))
+                                         if len(estimates) > 1 else 0.0)
     return scores, errors
 
 
@@ -112,18 +113,19 @@ def _completions(job: Job, problems: list[dict], every: list[dict], samples: int
 
 
 def _execute(problems: list[dict], completions: list[list[str]], timeout: float, progress: bool):
-    """``(items, passed)``: every completion's program run in the sandbox; ``passed[i][j]`` for sample j of problem i."""
+    """``(items, passed)``: every completion's program run in the sandbox; ``passed[i][j]`` for sample j of
+    problem i."""
     limits = Limits(wall_seconds=timeout, cpu_seconds=math.ceil(timeout))
-    programs = [check_program(p, c) for p, cs in zip(problems, completions) for c in cs]
+    programs = [check_program(p, c) for p, cs in zip(problems, completions, strict=True) for c in cs]
     outcomes = iter(run_programs(programs, limits, progress=progress))
     items, passed = [], []
-    for problem, cs in zip(problems, completions):
+    for problem, cs in zip(problems, completions, strict=True):
         results = [next(outcomes) for _ in cs]
         passed.append([r.passed for r in results])
-        items.append({"task_id": problem["task_id"], "prompt": problem["prompt"], "output": cs[0] if len(cs) == 1 else cs,
-                      "prediction": [r.status for r in results], "gold": "the problem's tests pass",
-                      "correct": any(passed[-1]), "passed": sum(passed[-1]), "samples": len(cs),
-                      "execution": [r.as_dict() for r in results]})
+        items.append({"task_id": problem["task_id"], "prompt": problem["prompt"],
+                      "output": cs[0] if len(cs) == 1 else cs, "prediction": [r.status for r in results],
+                      "gold": "the problem's tests pass", "correct": any(passed[-1]), "passed": sum(passed[-1]),
+                      "samples": len(cs), "execution": [r.as_dict() for r in results]})
     return items, passed, limits
 
 

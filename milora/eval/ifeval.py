@@ -24,8 +24,8 @@ directory holding ``tokenizers/punkt_tab``.
 
 from __future__ import annotations
 
-import math
 import io
+import math
 import random
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
@@ -62,7 +62,8 @@ def _prompt(record: dict, where: str) -> Prompt:
     try:
         prompt = Prompt(record["key"], record["prompt"], list(record["instruction_id_list"]), list(record["kwargs"]))
     except (KeyError, TypeError) as error:
-        raise DataError(f"{where}: an IFEval record needs key, prompt, instruction_id_list and kwargs ({error}).") from None
+        raise DataError(f"{where}: an IFEval record needs key, prompt, instruction_id_list and kwargs "
+                        f"({error}).") from None
     if len(prompt.kwargs) != len(prompt.instruction_id_list):
         raise DataError(f"{where}: {len(prompt.instruction_id_list)} instructions but {len(prompt.kwargs)} kwargs.")
     return prompt
@@ -131,7 +132,8 @@ def _scorer():
 
 
 def _select(prompts: list[Prompt], missing_punkt: str) -> tuple[list[Prompt], list[Prompt]]:
-    """``(scored, skipped)``: all prompts when punkt is installed; else an error, or those without punkt instructions."""
+    """``(scored, skipped)``: all prompts when punkt is installed; else an error, or those without punkt
+    instructions."""
     if punkt_available():
         return prompts, []
     needing = [p for p in prompts if set(p.instruction_id_list) & set(NEEDS_PUNKT)]
@@ -217,7 +219,7 @@ def _run(job: Job) -> TaskResult:
     utils = _scorer()
     rendered, responses, settings = _responses(job, every, scored)
     items = []
-    for prompt, text, response in zip(scored, rendered, responses):
+    for prompt, text, response in zip(scored, rendered, responses, strict=True):
         verdicts = score_response(prompt, response, utils)
         items.append({"key": prompt.key, "prompt": text, "output": response, "prediction": verdicts,
                       "gold": prompt.instruction_id_list, "correct": all(verdicts["strict"]),

@@ -54,7 +54,8 @@ def _alpaca_eval():
             from alpaca_eval import constants
             from alpaca_eval.annotators import PairwiseAnnotator
     except ImportError as error:
-        raise DataError(f"AlpacaEval needs the `alpaca-eval` package ({error}): `pip install 'milora[alpaca-eval]'`.") from None
+        raise DataError(f"AlpacaEval needs the `alpaca-eval` package ({error}): "
+                        "`pip install 'milora[alpaca-eval]'`.") from None
     finally:
         logging.getLogger().setLevel(level)
     return constants, PairwiseAnnotator
@@ -154,7 +155,8 @@ def check_judge(annotator, judge: str) -> dict:
         record = annotator.annotate_pairs([dict(PROBE)])[0]
     except Exception as error:  # whatever the decoder raises: connection, authentication, model loading
         raise DataError(f"judge {judge!r} could not be reached or loaded ({type(error).__name__}: {error}). "
-                        "Check the URL / model path, or the API key in the environment (e.g. OPENAI_API_KEY).") from None
+                        "Check the URL / model path, or the API key in the environment "
+                        "(e.g. OPENAI_API_KEY).") from None
     return {"probe_verdict": preference(record), "probe_raw": record.get("preference_raw_completion")}
 
 
@@ -174,7 +176,7 @@ def record_completions(annotator) -> list[tuple[str, str]]:
     for single in annotator.annotators.values():
         def recording(prompts, _decoder=single.fn_completions, **kwargs):
             output = _decoder(prompts=prompts, **kwargs)
-            log.extend(zip(prompts, output["completions"]))
+            log.extend(zip(prompts, output["completions"], strict=False))
             return output
 
         single.fn_completions = recording

@@ -74,7 +74,7 @@ def _model_class():
                 texts = generate_with_images(self.model, self.processor, [prepared[i][0] for i in chosen],
                                              [prepared[i][1] for i in chosen], max_new_tokens=setting,
                                              batch_size=self.batch_size, progress=self.progress, desc="lmms-eval")
-                for i, text in zip(chosen, texts):
+                for i, text in zip(chosen, texts, strict=True):
                     outputs[i] = _cut(text, prepared[i][3])
             return outputs
 

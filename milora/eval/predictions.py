@@ -67,8 +67,9 @@ def load_predictions(path: str | Path, aliases: list[list[str]], required: Seque
                         "keep one answer per item.")
     missing = [aliases[i][0] for i in required if i not in found]
     if missing:
-        raise DataError(f"{path}: no answer for {len(missing)} of the {len(required)} scored item(s): {_names(missing)}. "
-                        "Answer every item, or score fewer with --limit (the first N items of the data).")
+        raise DataError(f"{path}: no answer for {len(missing)} of the {len(required)} scored item(s): "
+                        f"{_names(missing)}. Answer every item, or score fewer with --limit "
+                        "(the first N items of the data).")
     return [found[i] for i in required]
 
 

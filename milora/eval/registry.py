@@ -67,8 +67,9 @@ class Option:
             return
         kind = self.kind or (int if self.minimum is not None else None)
         numeric = kind in (int, float)
-        wrong_type = (numeric and (isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)))
-                      or not numeric and kind is not None and not isinstance(value, kind))
+        wrong_type = ((numeric and (isinstance(value, bool)
+                                    or not isinstance(value, int if kind is int else (int, float))))
+                      or (not numeric and kind is not None and not isinstance(value, kind)))
         if wrong_type or (self.minimum is not None and value < self.minimum):
             what = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                     (tuple, list): "a list"}.get(kind, str(kind))
@@ -92,7 +93,8 @@ class Task:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             takes = ", ".join(self.options) or "none"
-            raise DataError(f"Task {self.name} does not take the option(s) {', '.join(unknown)} (its options: {takes}).")
+            raise DataError(f"Task {self.name} does not take the option(s) {', '.join(unknown)} "
+                            f"(its options: {takes}).")
         for name, value in options.items():
             self.options[name].check(self.name, name, value)
         return {name: options.get(name, option.default) for name, option in self.options.items()}

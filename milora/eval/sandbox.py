@@ -26,6 +26,7 @@ container or VM (e.g. ``docker run --network none``) when that matters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -111,10 +112,8 @@ def _read(path: Path) -> str:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)  # the child leads its own session: pgid == pid
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_program(source: str, limits: Limits = Limits()) -> Outcome:

@@ -110,7 +110,7 @@ def _item(task: str, record: dict, name: str, folder: Path, where: str) -> Visua
         options = _options(record, where)
         hint = next((record[k] for k in ("hint", "context") if isinstance(record.get(k), str) and record[k].strip()),
                     "")
-        lettered = "\n".join(f"{letter}. {option}" for letter, option in zip(_LETTERS, options))
+        lettered = "\n".join(f"{letter}. {option}" for letter, option in zip(_LETTERS, options, strict=False))
         text = (f"Context: {hint}\n" if hint else "") + f"{question}\n{lettered}"
         return VisualItem(name, images, image_question(text, MCQ_LETTER_ANSWER, len(images)),
                           _gold_letter(record, options, where), options)
@@ -175,12 +175,12 @@ def _run(job: Job) -> TaskResult:
                                    desc=job.task)
     records = [{"dataset": item.dataset, "image": [str(p) for p in item.images], "prompt": prompt, "output": output,
                 "gold": item.gold, **_score(job.task, item, output)}
-               for item, prompt, output in zip(items, prompts, outputs)]
+               for item, prompt, output in zip(items, prompts, outputs, strict=True)]
     settings = {"max_new_tokens": max_new_tokens, "decoding": "greedy"}
     if job.task == "pope":
         scores = vqa_grading.pope_metrics([r["prediction"] for r in records], [r["gold"] for r in records])
         for category in sorted({item.category for item in items if item.category}):
-            chosen = [r for r, item in zip(records, items) if item.category == category]
+            chosen = [r for r, item in zip(records, items, strict=True) if item.category == category]
             scores[f"f1_{category}"] = vqa_grading.pope_metrics([r["prediction"] for r in chosen],
                                                                 [r["gold"] for r in chosen])["f1"]
         return TaskResult(scores, records, str(job.data), settings)

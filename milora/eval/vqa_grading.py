@@ -99,7 +99,7 @@ def pope_answer(output: str) -> str:
 def pope_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float | None]:
     """Accuracy, precision, recall, F1 ("yes" positive) and the share of "yes" predictions; a ratio
     whose denominator is 0 (no "yes" prediction, no "yes" gold) is None."""
-    pairs = list(zip(predictions, golds))
+    pairs = list(zip(predictions, golds, strict=False))
     tp = sum(p == "yes" and g == "yes" for p, g in pairs)
     fp = sum(p == "yes" and g == "no" for p, g in pairs)
     fn = sum(p == "no" and g == "yes" for p, g in pairs)
@@ -133,5 +133,6 @@ def extract_choice_letter(output: str, options: Sequence[str]) -> str | None:
         if match:
             return match[1].upper()
     normalised = normalize_answer(first_line_answer(text))
-    matches = [letter for letter, option in zip(letters, options) if normalize_answer(option) == normalised]
+    matches = [letter for letter, option in zip(letters, options, strict=True)
+               if normalize_answer(option) == normalised]
     return matches[0] if len(matches) == 1 else None

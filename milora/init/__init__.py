@@ -3,7 +3,14 @@
 from milora.init.initialize import get_model, lora_layers, saved_module_copies, set_adapter_factors
 from milora.init.multimodal import language_model_name, language_model_targets, scoped_targets
 from milora.init.record import InitRecord, attach_record, find_record, has_residual_base, init_record
-from milora.init.targets import fingerprint, rank_for, saved_modules, target_modules, validate_lora_config, weight_matrix
+from milora.init.targets import (
+    fingerprint,
+    rank_for,
+    saved_modules,
+    target_modules,
+    validate_lora_config,
+    weight_matrix,
+)
 
 __all__ = [
     "InitRecord", "attach_record", "find_record", "fingerprint", "get_model", "has_residual_base", "init_record",

@@ -128,7 +128,8 @@ def get_model(
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
         _check_devices(solver, workers, device, modules)
-    record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed, fingerprint=fingerprint(modules))
+    record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed,
+                        fingerprint=fingerprint(modules))
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
         try:
@@ -178,11 +179,13 @@ def _check_devices(solver: str, workers: int | None, device, modules: dict[str, 
         raise ModelError(f"workers must be a positive integer, got {workers!r}.")
     if device is not None:
         check_device(device)
-    devices = {torch.device(device).type} if device is not None else {weight_matrix(m).device.type for m in modules.values()}
+    devices = ({torch.device(device).type} if device is not None
+               else {weight_matrix(m).device.type for m in modules.values()})
     if devices == {"cpu"}:
         return
     if workers is not None and workers > 1:
-        raise ModelError(f"workers={workers} runs several CPU decompositions at once; decompositions on {sorted(devices)} need workers=1.")
+        raise ModelError(f"workers={workers} runs several CPU decompositions at once; "
+                         f"decompositions on {sorted(devices)} need workers=1.")
     if solver == "lanczos":
         raise ModelError(f"The lanczos solver runs on CPU, but decompositions would run on {sorted(devices)}: "
                          "use solver='eigh' (or 'auto'), or device='cpu'.")
@@ -248,7 +251,8 @@ def _initialise_layers(
     _warn_zero_components(record, null_space)
 
 
-def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: list, stats: list, error: float) -> dict:
+def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: list, stats: list,
+                  error: float) -> dict:
     """One weight's line of the init report; ``ran`` is [the solver that ran, why it replaced the chosen one]."""
     sigma_max, sigma_min, gap, zeros = stats
     solver, reason = ran
@@ -274,7 +278,7 @@ def _zero_components(S: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     about eps ||W||; below min(m, n) eps ||W||_F a value is indistinguishable from 0.
     """
     norm = float(torch.linalg.norm(weight.detach().double()))
-    return S <= min(weight.shape) * torch.finfo(torch.float64).eps * norm
+    return min(weight.shape) * torch.finfo(torch.float64).eps * norm >= S
 
 
 def start_factors(

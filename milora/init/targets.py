@@ -58,7 +58,8 @@ def validate_lora_config(lora_config: LoraConfig, init: str) -> None:
                            ("lora_alpha", [lora_config.lora_alpha, *lora_config.alpha_pattern.values()])):
         bad = [value for value in values if not value > 0]
         if bad:
-            raise ModelError(f"LoraConfig.{option} (and its pattern) must be positive for init={init!r}, got {bad[0]!r}.")
+            raise ModelError(f"LoraConfig.{option} (and its pattern) must be positive for init={init!r}, "
+                             f"got {bad[0]!r}.")
 
 
 def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, torch.nn.Module]:
@@ -73,7 +74,8 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
             "(or take peft_model.unload() of a plain PEFT model; a milora model's base holds residual weights)."
         )
     config = _expand_all_linear(model, lora_config)
-    matched = {name: module for name, module in model.named_modules() if name and check_target_module_exists(config, name)}
+    matched = {name: module for name, module in model.named_modules()
+               if name and check_target_module_exists(config, name)}
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_matrix_module(m)})
     if isinstance(config.target_modules, (list, set, tuple)):
         names = [name for name, _ in model.named_modules()]  # not only the matched: exclude_modules may drop some
@@ -84,7 +86,8 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
                 f"Linear modules it has: {', '.join(leaf_names)}."
             )
     if not matched:
-        raise ModelError(f"No module matches target_modules={config.target_modules!r}. Linear modules: {', '.join(leaf_names)}.")
+        raise ModelError(f"No module matches target_modules={config.target_modules!r}. "
+                         f"Linear modules: {', '.join(leaf_names)}.")
     for name, module in matched.items():
         _check_module(name, module, rank_for(config, name))
     shared = {}
@@ -175,7 +178,8 @@ def _check_module(name: str, module: torch.nn.Module, rank: int) -> None:
             f"min(out, in) = {min(out_features, in_features)}. Lower r or set rank_pattern for this module."
         )
     if not torch.isfinite(weight).all():
-        raise ModelError(f"Module {name} has NaN or Inf in its weight: the checkpoint is corrupt or was loaded wrongly.")
+        raise ModelError(f"Module {name} has NaN or Inf in its weight: "
+                         "the checkpoint is corrupt or was loaded wrongly.")
 
 
 def fingerprint(modules: dict[str, torch.nn.Module], samples: int = 4096) -> dict[str, str]:

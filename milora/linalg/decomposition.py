@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from milora.constants import SELECTIONS, SOLVERS
 from milora.linalg import lanczos, lapack
+
 # Smaller side from which one weight keeps several cores busy (and Lanczos can pay off)
 LARGE_SIDE = 2048
 # Cap on concurrent CPU decompositions: each holds a float64 copy of its weight and a Gram
@@ -82,7 +83,8 @@ def selected_positions(selection: str, k: int, r: int, generator: torch.Generato
 
 
 def resolve_solver(
-    solver: str, selection: str, device: torch.device | str = "cpu", shape: tuple[int, int] | None = None, r: int | None = None
+    solver: str, selection: str, device: torch.device | str = "cpu", shape: tuple[int, int] | None = None,
+    r: int | None = None,
 ) -> str:
     """The solver ``auto`` stands for with this weight, after checking the choice fits the selection.
 
@@ -98,9 +100,11 @@ def resolve_solver(
     if selection not in SELECTIONS:
         raise ValueError(f"Unknown selection {selection!r}: choose one of {', '.join(SELECTIONS)}.")
     if solver in ("eigh", "lanczos") and selection == "random":
-        raise ValueError(f"The {solver} solver computes contiguous blocks only; use solver='svd' for selection 'random'.")
+        raise ValueError(f"The {solver} solver computes contiguous blocks only; "
+                         "use solver='svd' for selection 'random'.")
     if solver == "lanczos" and selection == "middle":
-        raise ValueError("The lanczos solver finds the largest or smallest triplets only; use solver='eigh' for 'middle'.")
+        raise ValueError("The lanczos solver finds the largest or smallest triplets only; "
+                         "use solver='eigh' for 'middle'.")
     if solver != "auto":
         return solver
     if selection == "random":

@@ -78,7 +78,8 @@ def gram(a: np.ndarray) -> np.ndarray:
     # column-major, a is n x m: a^T a (row-major) = A A^T ('N'); a a^T = A^T A ('T').
     # LAPACK's lower triangle is the row-major upper one.
     trans, depth = ("N", m) if m >= n else ("T", n)
-    _dsyrk(_char("L"), _char(trans), _int(k), _int(depth), _double(1.0), _data(a), _int(n), _double(0.0), _data(g), _int(k))
+    _dsyrk(_char("L"), _char(trans), _int(k), _int(depth), _double(1.0), _data(a), _int(n), _double(0.0), _data(g),
+           _int(k))
     return g
 
 

@@ -75,7 +75,7 @@ Names = Annotated[list[Str], BeforeValidator(_name_list), Field(strict=True, min
 Resume = Annotated[Union[Bool, Str], Field(union_mode="left_to_right")]  # noqa: UP007 (pydantic union mode)
 
 
-def Key(default: Any = None, help: str = "", **constraints: Any) -> Any:  # noqa: N802 (reads as a declaration)
+def Key(default: Any = None, help: str = "", **constraints: Any) -> Any:  # capitalised: reads as a declaration
     return Field(default, description=help, **constraints)
 
 
@@ -90,13 +90,13 @@ class TrainConfig(BaseModel):
     init: Literal[INIT_MODES] = Key("milora", "adapter initialisation")
     solver: Literal[SOLVERS] = Key("auto", "decomposition solver of the SVD-based inits")
     lora_rank: Int = Key(16, "LoRA rank r", ge=1)
-    lora_alpha: Float | None = Key(None, "LoRA alpha (default: r for milora/pissa/middle/random, 2r for lora, as in the paper)",
-                                   gt=0)
+    lora_alpha: Float | None = Key(None, "LoRA alpha (default: r for milora/pissa/middle/random, 2r for lora, "
+                                         "as in the paper)", gt=0)
     lora_dropout: Float = Key(0.05, "dropout on the LoRA input, in [0, 1)", ge=0, lt=1)
     lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'")
     target_scope: Literal[TARGET_SCOPES] = Key(
-        "language_model", "image-text-to-text models: lora_target names match inside the language model only, or in the "
-                          "whole model (vision tower and projector too)")
+        "language_model", "image-text-to-text models: lora_target names match inside the language model only, "
+                          "or in the whole model (vision tower and projector too)")
     modules_to_save: Names | None = Key(None, "modules trained in full and saved with the adapter, e.g. "
                                               "multi_modal_projector (LLaVA's projector) for visual instruction tuning")
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
@@ -106,17 +106,21 @@ class TrainConfig(BaseModel):
         None, "QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init (W - s B0 A0 in "
         "the targets); the saved adapter is still for the full-precision base (default: none)")
     # data
-    dataset: Str | None = Key(None, "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name (required)")
-    dataset_format: Literal[FORMAT_CHOICES] = Key("auto", "record format (auto-detected from the first record by default)")
+    dataset: Str | None = Key(None, "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name "
+                                    "(required)")
+    dataset_format: Literal[FORMAT_CHOICES] = Key("auto", "record format "
+                                                          "(auto-detected from the first record by default)")
     dataset_config: Str | None = Key(None, "hub dataset configuration (subset) name")
     dataset_split: Str = Key("train", "hub dataset split, slices allowed ('train[:100000]'); local files: 'train'")
     image_folder: Str | None = Key(None, "folder the image paths of image records are relative to (default: the "
                                          "dataset file's folder)")
-    template: Literal[TEMPLATE_NAMES] = Key("alpaca", "prompt template for instruction records ('chat' for messages records)")
-    chat_template: Str | None = Key(None, "chat template replacing the tokenizer's, for base models without one: 'tulu' or "
-                                          "a .jinja file (evaluate with the same --chat-template)")
+    template: Literal[TEMPLATE_NAMES] = Key("alpaca", "prompt template for instruction records "
+                                                      "('chat' for messages records)")
+    chat_template: Str | None = Key(None, "chat template replacing the tokenizer's, for base models without one: "
+                                          "'tulu' or a .jinja file (evaluate with the same --chat-template)")
     cutoff_len: Int = Key(512, "maximum tokens per example (prompt + response + EOS)", ge=2)
-    overlong: Literal["truncate", "drop"] = Key("truncate", "examples longer than cutoff_len: truncate them or drop them")
+    overlong: Literal["truncate", "drop"] = Key("truncate",
+                                                "examples longer than cutoff_len: truncate them or drop them")
     max_samples: Int | None = Key(None, "use only the first N records", ge=1)
     val_size: Float = Key(0.0, "held-out validation records: a fraction (< 1) or a count (>= 1); 0 = none", ge=0)
     # optimisation (names of TrainingArguments fields are passed to the Trainer as they are)
@@ -137,13 +141,15 @@ class TrainConfig(BaseModel):
     trainer_args: dict[str, Any] = Key({}, "any other transformers TrainingArguments option, e.g. {adam_beta2: 0.95}")
     # outputs
     output_dir: Str | None = Key(None, "directory for the adapter, config, metrics, checkpoints and logs (required)")
-    overwrite_output_dir: Bool = Key(False, "allow a non-empty output_dir of an earlier milora run (its contents are deleted)")
+    overwrite_output_dir: Bool = Key(False, "allow a non-empty output_dir of an earlier milora run "
+                                            "(its contents are deleted)")
     logging_steps: Int = Key(10, "log loss and learning rate every N steps", ge=1)
     save_steps: Int = Key(500, "write a checkpoint every N steps", ge=1)
     save_total_limit: Int | None = Key(None, "keep at most N checkpoints (default: all)", ge=1)
     eval_steps: Int | None = Key(None, "validation loss every N steps (needs val_size; default: logging_steps)", ge=1)
     report_to: Literal["tensorboard", "none"] = Key("tensorboard", "where losses are logged besides the metrics file")
-    resume_from_checkpoint: Resume | None = Key(None, "checkpoint directory to resume from, or true for the latest in output_dir")
+    resume_from_checkpoint: Resume | None = Key(None, "checkpoint directory to resume from, "
+                                                      "or true for the latest in output_dir")
     deepspeed: Str | None = Key(None, "DeepSpeed JSON config (for torchrun; with accelerate, use its config file)")
     dataloader_num_workers: Int = Key(0, "data-loading worker processes", ge=0)
 
@@ -249,7 +255,8 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     unknown = [key for key in values if key not in TrainConfig.model_fields]
     if unknown:
         hint = "run `milora train --list-keys` for the valid keys"
-        raise ConfigError("; ".join(f"unknown key '{key}': {_closest(str(key), valid_keys(), hint)}" for key in unknown))
+        raise ConfigError("; ".join(f"unknown key '{key}': {_closest(str(key), valid_keys(), hint)}"
+                                    for key in unknown))
     try:
         config = TrainConfig.model_validate(dict(values))
     except ValidationError as error:
@@ -277,14 +284,16 @@ def _check_consistency(config: TrainConfig) -> None:
     if config.is_local_dataset():
         path = Path(config.dataset)
         if not path.exists():
-            raise ConfigError(f"dataset file not found: {path} (give an existing .json/.jsonl/.parquet file or a hub dataset name).")
+            raise ConfigError(f"dataset file not found: {path} "
+                              "(give an existing .json/.jsonl/.parquet file or a hub dataset name).")
         if path.is_file() and config.dataset_split != "train":
             raise ConfigError(
                 f"'dataset_split' is {config.dataset_split!r} but {path} is a single local file: remove dataset_split "
                 "(use max_samples to take the first N records)."
             )
     if config.image_folder is not None and not Path(config.image_folder).is_dir():
-        raise ConfigError(f"'image_folder' {config.image_folder} is not a directory: give the folder holding the images.")
+        raise ConfigError(f"'image_folder' {config.image_folder} is not a directory: "
+                          "give the folder holding the images.")
     if config.chat_template is not None and config.chat_template not in CHAT_TEMPLATES and not Path(
             config.chat_template).is_file():
         raise ConfigError(f"'chat_template' must be one of {', '.join(CHAT_TEMPLATES)} or an existing .jinja file, "
@@ -346,7 +355,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_config(source: str | os.PathLike | Mapping[str, Any] | TrainConfig, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(source: str | os.PathLike | Mapping[str, Any] | TrainConfig,
+                overrides: Sequence[str] = ()) -> TrainConfig:
     """A validated `TrainConfig` from a YAML file, a mapping or a config, with ``key=value`` overrides applied."""
     if isinstance(source, TrainConfig):
         values = source.to_dict()

@@ -56,9 +56,11 @@ class DataStats:
 
     def describe(self, cutoff_len: int) -> str:
         return (
-            f"{self.examples} examples from {self.records} records; {self.truncated} truncated to cutoff_len={cutoff_len}, "
-            f"{self.dropped_overlong} dropped as longer than cutoff_len, {self.dropped_prompt_too_long} dropped because the "
-            f"prompt alone fills cutoff_len; {self.label_tokens}/{self.tokens} tokens carry loss"
+            f"{self.examples} examples from {self.records} records; "
+            f"{self.truncated} truncated to cutoff_len={cutoff_len}, "
+            f"{self.dropped_overlong} dropped as longer than cutoff_len, "
+            f"{self.dropped_prompt_too_long} dropped because the prompt alone fills cutoff_len; "
+            f"{self.label_tokens}/{self.tokens} tokens carry loss"
         )
 
 
@@ -84,8 +86,10 @@ def _load_with_datasets(dataset: str, split: str, config_name: str | None, local
         loaded = datasets.load_dataset(dataset, name=config_name, split=split)
     except Exception as error:  # datasets raises many types (network, missing split, bad config)
         where = "local dataset directory" if local else "Hugging Face hub dataset"
-        hint = "" if local else " If this machine is offline, download the data and give the local .json/.jsonl/.parquet path."
-        raise DataError(f"could not load {where} {dataset!r} (split {split!r}): {str(error).rstrip('.')}.{hint}") from None
+        hint = ("" if local
+                else " If this machine is offline, download the data and give the local .json/.jsonl/.parquet path.")
+        raise DataError(f"could not load {where} {dataset!r} (split {split!r}): "
+                        f"{str(error).rstrip('.')}.{hint}") from None
     return loaded.to_list()
 
 
@@ -151,7 +155,8 @@ def _check_messages(messages: Any, index: int) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"record {index}: 'messages' must be a non-empty list of {{'role', 'content'}} turns.")
     for turn in messages:
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+        if (not isinstance(turn, dict) or not isinstance(turn.get("role"), str)
+                or not isinstance(turn.get("content"), str)):
             raise DataError(f"record {index}: every turn needs a string 'role' and a string 'content', got {turn!r}.")
     roles = [turn["role"] for turn in messages]
     if "assistant" not in roles:
@@ -190,16 +195,16 @@ def _segments_to_example(segments: Sequence[tuple[list[int], bool]]) -> dict[str
 
 def _instruction_examples(items: list[dict], template: str, tokenizer, special: Special) -> list[dict]:
     prompts = [render_prompt(template, item["instruction"], item["input"]) for item in items]
-    full = [prompt + item["output"] for prompt, item in zip(prompts, items)]
+    full = [prompt + item["output"] for prompt, item in zip(prompts, items, strict=True)]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     examples = []
-    for p_ids, f_ids, item in zip(prompt_ids, full_ids, items):
+    for p_ids, f_ids, item in zip(prompt_ids, full_ids, items, strict=True):
         if f_ids[: len(p_ids)] == p_ids:
             response_ids = f_ids[len(p_ids) :]
         else:  # the prompt's last token merged with the response's first: tokenise the parts apart
             response_ids = tokenizer(item["output"], add_special_tokens=False)["input_ids"]
-        examples.append(_segments_to_example([(special.prefix + p_ids, False), (response_ids + [special.eos], True)]))
+        examples.append(_segments_to_example([(special.prefix + p_ids, False), ([*response_ids, special.eos], True)]))
     return examples
 
 
@@ -225,7 +230,7 @@ def chat_segments(messages: list[dict], renderer, index: int) -> list[tuple[str,
 
 def with_eos(segment_ids: list[int], trained: bool, eos: int) -> list[int]:
     """A trained segment ends with EOS (appended when the chat template's end-of-turn marker is another token)."""
-    return segment_ids + [eos] if trained and eos not in segment_ids else segment_ids
+    return [*segment_ids, eos] if trained and eos not in segment_ids else segment_ids
 
 
 def _chat_example(messages: list[dict], tokenizer, special: Special, index: int) -> dict:
@@ -233,7 +238,7 @@ def _chat_example(messages: list[dict], tokenizer, special: Special, index: int)
     texts = chat_segments(messages, tokenizer, index)
     ids = tokenizer([text for text, _ in texts], add_special_tokens=False)["input_ids"]
     return _segments_to_example([(with_eos(segment_ids, trained, special.eos), trained)
-                                 for segment_ids, (_, trained) in zip(ids, texts)])
+                                 for segment_ids, (_, trained) in zip(ids, texts, strict=True)])
 
 
 def encode_records(
@@ -251,12 +256,14 @@ def encode_records(
         block = items[start : start + chunk]
         if any("messages" in item for item in block) and template != "chat":
             raise DataError(
-                f"records in the chat 'messages' format are rendered with the tokenizer's chat template, but template is "
-                f"{template!r}: set template: chat."
+                "records in the chat 'messages' format are rendered with the tokenizer's chat template, "
+                f"but template is {template!r}: set template: chat."
             )
         if template == "chat":
             encoded = [
-                _chat_example(item["messages"] if "messages" in item else _as_messages(item), tokenizer, special, start + i)
+                _chat_example(
+                    item["messages"] if "messages" in item else _as_messages(item), tokenizer, special, start + i
+                )
                 for i, item in enumerate(block)
             ]
         else:
@@ -269,7 +276,10 @@ def encode_records(
 
 
 def _as_messages(item: dict) -> list[dict]:
-    return [{"role": "user", "content": join_input(item["instruction"], item["input"])}, {"role": "assistant", "content": item["output"]}]
+    return [
+        {"role": "user", "content": join_input(item["instruction"], item["input"])},
+        {"role": "assistant", "content": item["output"]},
+    ]
 
 
 def _fit(example: dict, cutoff_len: int, overlong: str, stats: DataStats, kept: list) -> None:
@@ -352,7 +362,9 @@ def build_datasets(config, tokenizer, progress: bool = True, records: tuple[list
     records, fmt = records or load_training_records(config)
     items = [normalise_record(record, fmt, index) for index, record in enumerate(records)]
     train_items, val_items = split_validation(items, config.val_size, config.seed)
-    train_examples, stats = encode_records(train_items, config.template, tokenizer, config.cutoff_len, config.overlong, progress)
+    train_examples, stats = encode_records(
+        train_items, config.template, tokenizer, config.cutoff_len, config.overlong, progress
+    )
     if not train_examples:
         raise DataError(
             f"no training examples left: all {len(train_items)} records are longer than cutoff_len={config.cutoff_len} "
@@ -360,6 +372,8 @@ def build_datasets(config, tokenizer, progress: bool = True, records: tuple[list
         )
     val_dataset = None
     if val_items:
-        val_examples, _ = encode_records(val_items, config.template, tokenizer, config.cutoff_len, config.overlong, progress)
+        val_examples, _ = encode_records(
+            val_items, config.template, tokenizer, config.cutoff_len, config.overlong, progress
+        )
         val_dataset = SupervisedDataset(val_examples) if val_examples else None
     return SupervisedDataset(train_examples), val_dataset, stats

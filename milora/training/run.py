@@ -70,7 +70,9 @@ def _check_output_dir(config: TrainConfig) -> str | None:
             raise ConfigError(f"resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json "
                               "or adapter files): point it at a complete checkpoint-N directory.")
         return str(resume)
-    if output_dir.exists() and (not output_dir.is_dir() or set(entry.name for entry in output_dir.iterdir()) - {LOCK_FILE}):
+    if output_dir.exists() and (
+        not output_dir.is_dir() or {entry.name for entry in output_dir.iterdir()} - {LOCK_FILE}
+    ):
         if not config.overwrite_output_dir:
             raise ConfigError(
                 f"output_dir {output_dir} already exists and is not empty: choose a new output_dir, resume with "
@@ -78,7 +80,8 @@ def _check_output_dir(config: TrainConfig) -> str | None:
             )
         if not (output_dir / TRAIN_CONFIG_FILE).is_file():
             raise ConfigError(
-                f"overwrite_output_dir is true but {output_dir} is not a milora training directory (no {TRAIN_CONFIG_FILE}); "
+                f"overwrite_output_dir is true but {output_dir} is not a milora training directory "
+                f"(no {TRAIN_CONFIG_FILE}); "
                 "refusing to delete it: choose a new output_dir."
             )
         try:
@@ -114,7 +117,9 @@ def _check_resume_matches(config: TrainConfig, checkpoint: str) -> None:
     if not saved_path.is_file():
         return
     saved = load_config(saved_path).to_dict()
-    changed = [key for key, value in config.to_dict().items() if key not in RESUMABLE_CHANGES and saved.get(key) != value]
+    changed = [
+        key for key, value in config.to_dict().items() if key not in RESUMABLE_CHANGES and saved.get(key) != value
+    ]
     if changed:
         details = "; ".join(f"{key}={config.to_dict()[key]!r} but the run used {saved.get(key)!r}" for key in changed)
         raise ConfigError(
@@ -141,7 +146,10 @@ def _check_resume_quantization(config: TrainConfig, checkpoint: Path) -> None:
 
 def _check_environment(config: TrainConfig) -> None:
     if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("report_to is 'tensorboard' but tensorboard is not installed: `pip install tensorboard`, or set report_to: none.")
+        raise ConfigError(
+            "report_to is 'tensorboard' but tensorboard is not installed: `pip install tensorboard`, "
+            "or set report_to: none."
+        )
     if config.fp16 and not torch.cuda.is_available():
         raise ConfigError("fp16 mixed precision needs a GPU; on CPU use bf16: true or neither.")
     if config.quantization is not None:
@@ -213,7 +221,9 @@ def build_lora_config(config: TrainConfig, model=None):
 
 
 def train(
-    config: TrainConfig | Mapping[str, Any] | str | os.PathLike, overrides: Sequence[str] = (), callbacks: Sequence[TrainerCallback] = ()
+    config: TrainConfig | Mapping[str, Any] | str | os.PathLike,
+    overrides: Sequence[str] = (),
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Run one training job described by ``config`` (a `TrainConfig`, mapping or YAML path).
 
@@ -319,7 +329,8 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
     save_config(config, output_dir / TRAIN_CONFIG_FILE)
 
 
-def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume, start) -> TrainResult:
+def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume,
+         start) -> TrainResult:
     stopper = StopOnSignal()
     trainer = MiloraTrainer(
         model=peft_model,

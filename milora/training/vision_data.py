@@ -230,7 +230,7 @@ def encode_conversation(conversation: Conversation, processor, cutoff_len: int, 
         raise DataError(f"record {index}: the processor encodes the conversation differently from its turns, so the "
                         "assistant turns cannot be located for the loss mask.")
     ids, labels = [], []
-    for part, (_, trained) in zip(parts, segments):
+    for part, (_, trained) in zip(parts, segments, strict=True):
         part = with_eos(list(part), trained, eos)
         ids += part
         labels += part if trained else [IGNORE_INDEX] * len(part)
@@ -274,10 +274,11 @@ def vision_collator(processor, dtype: torch.dtype = torch.float32) -> Callable[[
 
 
 def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
-    shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+    shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=False)]
     padded = []
     for tensor in tensors:
-        pad = [value for size, target in reversed(list(zip(tensor.shape[1:], shape))) for value in (0, target - size)]
+        pad = [value for size, target in reversed(list(zip(tensor.shape[1:], shape, strict=False)))
+               for value in (0, target - size)]
         padded.append(torch.nn.functional.pad(tensor, pad) if any(pad) else tensor)
     return torch.cat(padded)
 

@@ -25,7 +25,7 @@ def steps(expression: str) -> str:
     """" 8 + 0 = 8. 8 - 7 = 1." for "8 + 0 - 7 =": the sum worked left to right."""
     tokens = expression.rstrip("= ").split()
     total, text = int(tokens[0]), ""
-    for operator, operand in zip(tokens[1::2], tokens[2::2]):
+    for operator, operand in zip(tokens[1::2], tokens[2::2], strict=True):
         result = total + int(operand) if operator == "+" else total - int(operand)
         text += f" {total} {operator} {operand} = {result}."
         total = result
