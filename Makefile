@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/milora demo
 
-test: $(VENV)/.installed
+test: lint
 	$(PY) -m pytest -q tests
 
 # unit tests on tiny random models only (no real SmolLM2): a couple of minutes
