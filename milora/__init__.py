@@ -7,6 +7,7 @@ start fast; ``milora.get_model`` and the others behave as ordinary attributes.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from milora.constants import INIT_MODES
 from milora.errors import MiloraError
@@ -29,6 +30,13 @@ _PUBLIC = {
 }
 
 __all__ = ["INIT_MODES", "MiloraError", *sorted(_PUBLIC)]
+
+# bitsandbytes (imported by PEFT whenever it is installed) logs a warning in every process on CPUs with
+# AVX512-BF16 that an optional kernel for its bfloat16 inference shortcut is missing; milora turns that
+# shortcut off on the layers it quantises (milora.quantization), so the notice is noise for its users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)
 
 
 def __getattr__(name: str):

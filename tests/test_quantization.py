@@ -384,3 +384,17 @@ def test_smollm2_nf4_report_matches_the_spectrum_and_a_direct_quantisation():
     assert len(record.quantization["targets"]) == 150 and 0.05 < summary["mean_quantization_error"] < 0.15
     with torch.no_grad():
         assert 1e-3 < relative_error(quantized(tokens).logits, original) < 1  # NF4 noise, not a broken model
+
+
+def test_bitsandbytes_kernel_notice_is_filtered(caplog):
+    """The notice about an optional kernel for the AVX512-BF16 shortcut (off in milora) is dropped;
+    other bitsandbytes warnings still reach the user."""
+    import logging
+
+    import milora  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no module")
+        logger.warning("something else")
+    assert [record.getMessage() for record in caplog.records] == ["something else"]
