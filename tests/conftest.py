@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -121,3 +122,32 @@ def write_images(folder: Path, count: int, size: int = 40) -> list[str]:
         Image.fromarray(pixels).save(folder / f"img{index}.png")
         names.append(f"img{index}.png")
     return names
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    """A saved tiny LLaMA and the RECORDS training file: the ``model`` / ``dataset`` keys of a train config."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in RECORDS))
+    return {"model": str(make_model_dir(root / "model")), "dataset": str(data)}
+
+
+def run_config(tiny: dict[str, str], output_dir, **extra) -> dict:
+    """A `milora train` config of a few steps on ``tiny``; ``extra`` keys override."""
+    return {
+        **tiny, "output_dir": str(output_dir), "lora_rank": 4, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+        "max_steps": 6, "logging_steps": 1, "save_steps": 100, "report_to": "none", "seed": 3, **extra,
+    }
+
+
+def train_steps(model, tokens, steps=3, lr=1e-2):
+    """``steps`` AdamW steps on the trainable parameters (language-modelling loss on ``tokens``); eval mode after."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return optimizer

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 import milora
 from milora.persistence import load_trained_state
 
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_steps
 
 MODELS = {
     "llama": (tiny_llama, {"target_modules": LLAMA_TARGETS}),
@@ -28,18 +28,6 @@ MODELS = {
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def train_steps(model, tokens, steps=3, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return optimizer
 
 
 def logits(model, tokens):

@@ -35,7 +35,7 @@ from milora.init import init_record, lora_layers, weight_matrix
 from milora.quantization import quantize_model
 from milora.training.run import train
 
-from conftest import LLAMA_TARGETS, RECORDS, cli_error, make_model_dir, tiny_gpt2, tiny_llama
+from conftest import LLAMA_TARGETS, cli_error, make_model_dir, run_config, tiny_gpt2, tiny_llama, train_steps
 
 METHODS = ("nf4", "fp4", "int8")
 OTHER_LINEAR = ("o_proj", "gate_proj")  # the tiny LLaMA's Linear layers outside LLAMA_TARGETS (lm_head stays float)
@@ -130,16 +130,6 @@ def test_reported_errors_equal_a_direct_computation(method, init):
         sum(entry["quantization_error"] for entry in report["targets"]) / len(report["targets"]), rel=1e-12)
 
 
-def train_steps(model, tokens, steps=3, lr=1e-2) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
 def frozen_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
 
@@ -203,18 +193,9 @@ class Capture(TrainerCallback):
         self.model = model
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(record) + "\n" for record in RECORDS))
-    return {"model": str(make_model_dir(root / "model")), "dataset": str(data)}
-
-
-def run_config(tiny, output_dir, **extra) -> dict:
-    return {**tiny, "output_dir": str(output_dir), "lora_rank": 4, "learning_rate": 1e-2,
-            "per_device_train_batch_size": 4, "max_steps": 4, "logging_steps": 1, "save_steps": 2,
-            "report_to": "none", "seed": 3, "quantization": "nf4", **extra}
+def quantized_config(tiny, output_dir, **extra) -> dict:
+    """A short NF4 run (checkpoints every 2 steps, for resuming); ``extra`` keys override."""
+    return run_config(tiny, output_dir, **{"max_steps": 4, "save_steps": 2, "quantization": "nf4", **extra})
 
 
 def test_train_with_quantization_and_resume(tiny, tmp_path):
@@ -223,16 +204,16 @@ def test_train_with_quantization_and_resume(tiny, tmp_path):
     from milora.training.run import build_lora_config
 
     capture = Capture()
-    whole = train(run_config(tiny, tmp_path / "whole"), callbacks=[capture])
-    cfg = milora.load_config(run_config(tiny, tmp_path / "x"))
+    whole = train(quantized_config(tiny, tmp_path / "whole"), callbacks=[capture])
+    cfg = milora.load_config(quantized_config(tiny, tmp_path / "x"))
     fresh = milora.get_model(load_causal_lm(tiny["model"]), build_lora_config(cfg), quantization="nf4", progress=False)
     trained_state = frozen_state(capture.model)
     assert all(torch.equal(v, trained_state[k]) for k, v in frozen_state(fresh).items())
     assert json.loads((whole.adapter_dir / "milora_config.json").read_text())["quantization"]["method"] == "nf4"
     assert whole.metrics["init"]["quantization"] == "nf4"
 
-    assert train(run_config(tiny, tmp_path / "split"), callbacks=[InterruptAt(3)]).interrupted
-    train(run_config(tiny, tmp_path / "split", resume_from_checkpoint=True))
+    assert train(quantized_config(tiny, tmp_path / "split"), callbacks=[InterruptAt(3)]).interrupted
+    train(quantized_config(tiny, tmp_path / "split", resume_from_checkpoint=True))
     whole_weights = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     split_weights = load_file(tmp_path / "split" / "adapter_model.safetensors")
     assert whole_weights.keys() == split_weights.keys()
@@ -242,10 +223,10 @@ def test_train_with_quantization_and_resume(tiny, tmp_path):
 @pytest.mark.parametrize("saved,resumed", [("nf4", None), ("nf4", "int8"), (None, "nf4")])
 def test_resume_with_another_quantization_is_refused_before_writing(tiny, tmp_path, saved, resumed):
     out = tmp_path / "run"
-    train(run_config(tiny, out, max_steps=2, quantization=saved))
+    train(quantized_config(tiny, out, max_steps=2, quantization=saved))
     record = (out / "train_config.yaml").read_text()
     path = tmp_path / "resume.yaml"
-    path.write_text(yaml.safe_dump(run_config(tiny, out, quantization=resumed, resume_from_checkpoint=True)))
+    path.write_text(yaml.safe_dump(quantized_config(tiny, out, quantization=resumed, resume_from_checkpoint=True)))
     message = cli_error(["train", str(path)])
     assert re.search(rf"trained on a {saved or 'full-precision'} base but quantization={resumed!r}", message)
     assert (out / "train_config.yaml").read_text() == record and not (out / "checkpoint-4").exists()
@@ -253,7 +234,7 @@ def test_resume_with_another_quantization_is_refused_before_writing(tiny, tmp_pa
     moved = tmp_path / "moved"
     (out / "checkpoint-2").rename(moved)
     with pytest.raises(ConfigError, match="trained on a"):
-        train(run_config(tiny, tmp_path / "other", quantization=resumed, resume_from_checkpoint=str(moved)))
+        train(quantized_config(tiny, tmp_path / "other", quantization=resumed, resume_from_checkpoint=str(moved)))
 
 
 def test_loading_a_quantised_adapter_state_into_another_base_is_refused(tokens, tmp_path):
@@ -294,7 +275,7 @@ def test_bad_quantization_settings_leave_the_model_untouched(call, tmp_path):
 
 def test_config_and_cli_refuse_bad_quantization(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"'quantization' must be one of nf4, fp4, int8; got 'nf5' \(did you mean"):
-        milora.load_config(run_config(tiny, tmp_path / "out", quantization="nf5"))
+        milora.load_config(quantized_config(tiny, tmp_path / "out", quantization="nf5"))
     with pytest.raises(SystemExit):
         cli.main(["init", tiny["model"], "--output", str(tmp_path / "a"), "--quantize", "nf5"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "out").exists()

@@ -26,23 +26,7 @@ from milora.errors import AdapterError, ConfigError, DataError, OutputError
 from milora.io import LOCK_FILE, RunLock, check_replaceable
 from milora.training.run import train
 
-from conftest import LLAMA_TARGETS, RECORDS, cli_error, make_model_dir, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_model_dir(root / "model")
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(record) + "\n" for record in RECORDS))
-    return {"model": str(model_dir), "dataset": str(data)}
-
-
-def run_config(tiny, output_dir, **extra):
-    return {
-        **tiny, "output_dir": str(output_dir), "lora_rank": 4, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
-        "max_steps": 6, "logging_steps": 1, "save_steps": 100, "report_to": "none", "seed": 3, **extra,
-    }
+from conftest import LLAMA_TARGETS, RECORDS, cli_error, run_config, tiny_llama
 
 
 def tree(path: Path) -> dict[str, bytes]:

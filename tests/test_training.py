@@ -28,25 +28,9 @@ from milora.persistence import load_model
 from milora.training.config import ConfigError, from_dict
 from milora.training.run import build_lora_config, train
 
-from conftest import RECORDS, cli_error, make_model_dir
+from conftest import RECORDS, cli_error, make_model_dir, run_config
 
 REPO = Path(__file__).resolve().parents[1]
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_model_dir(root / "model")
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(record) + "\n" for record in RECORDS))
-    return {"model": str(model_dir), "dataset": str(data)}
-
-
-def run_config(tiny, output_dir, **extra):
-    return {
-        **tiny, "output_dir": str(output_dir), "lora_rank": 4, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
-        "max_steps": 6, "logging_steps": 1, "save_steps": 100, "report_to": "none", "seed": 3, **extra,
-    }
-
-
 class Capture(TrainerCallback):
     """Keeps the trained (unwrapped) model at the end of training."""
 
