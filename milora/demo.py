@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from milora.constants import PAPER_TARGETS
 from milora.errors import ConfigError, MiloraError
 from milora.io import atomic_write_json, atomic_write_text
 
@@ -81,7 +82,7 @@ def demo_train_config(
         "init": "milora",
         "lora_rank": lora_rank,
         "lora_dropout": 0.0,
-        "lora_target": "q_proj,k_proj,v_proj,up_proj,down_proj",
+        "lora_target": ",".join(PAPER_TARGETS),
         "learning_rate": learning_rate,
         "warmup_steps": max(1, max_steps // 10),
         "max_steps": max_steps,

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from milora.constants import PAPER_TARGETS
 from milora.errors import ConfigError, MiloraError
 from milora.io import atomic_write_json, atomic_write_text
 from milora.prompts import image_question
@@ -84,7 +85,7 @@ def vqa_demo_config(output_dir: str | Path, max_steps: int = 120, batch_size: in
         "init": "milora",
         "lora_rank": lora_rank,
         "lora_dropout": 0.0,
-        "lora_target": "q_proj,k_proj,v_proj,up_proj,down_proj",
+        "lora_target": ",".join(PAPER_TARGETS),
         "modules_to_save": "multi_modal_projector",
         "learning_rate": learning_rate,
         "warmup_steps": max(1, max_steps // 10),
