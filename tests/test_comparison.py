@@ -271,9 +271,11 @@ def test_paper_scale_sweep_recipes_are_valid(recipe, tmp_path, monkeypatch):
         assert max(rates) / min(rates) >= 10 - 1e-9
 
 
-def test_the_embedded_sweep_recipe_loads():
-    sweep = load_sweep(REPO / "recipes" / "compare_demo.yaml")
-    assert len(sweep.runs) == 27 and sweep.config.validation_size >= 100
+def test_the_embedded_sweep_recipe_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repository root
+    output = tmp_path / "out"  # not the recipe's runs/compare_demo, which a sweep run here has written
+    sweep = load_sweep(REPO / "recipes" / "compare_demo.yaml", [f"output_dir={output}"])
+    assert len(sweep.runs) == 27 and sweep.config.validation_size >= 200
     for method in sweep.config.methods:
         rates = sweep.config.rates_for(method)
         assert len(rates) >= 3 and max(rates) / min(rates) >= 10 - 1e-9
