@@ -423,3 +423,34 @@ def test_cli_errors(tmp_path):
         main(["eval"])  # neither --task nor --compare
     (tmp_path / "x.json").write_text("[]")
     assert re.search("not a milora eval result", cli_error(["eval", "--compare", str(tmp_path / "x.json")]))
+
+
+def test_harness_bridge_checks_names_before_building_the_model_and_explains_unreachable_data():
+    from milora.eval.harness import primary_metric, run_tasks
+
+    manager = SimpleNamespace(all_tasks=["arc_easy"])
+
+    built = []
+
+    def make_model():
+        built.append(1)
+        return "model"
+
+    with pytest.raises(DataError, match=r"Unknown lm-eval task\(s\) arc_hard.*`lm-eval ls tasks`"):
+        run_tasks(lambda **kw: {}, make_model, ["arc_hard"], manager, None, harness="lm-eval",
+                  list_command="lm-eval ls tasks")
+    assert built == []  # the name check comes first
+
+    def offline(**kwargs):
+        raise ConnectionError("no route to the hub")
+
+    with pytest.raises(DataError, match=r"could not read the data of arc_easy .*ConnectionError.*--data"):
+        run_tasks(offline, make_model, ["arc_easy"], manager, 5, harness="lm-eval", list_command="x")
+    seen = {}
+    assert run_tasks(lambda **kw: seen.update(kw) or {"results": {}}, make_model, ["arc_easy"], manager, 5,
+                     harness="lm-eval", list_command="x") == {"results": {}}
+    assert seen["model"] == "model" and seen["limit"] == 5 and seen["log_samples"] is True
+
+    assert primary_metric({"alias": "arc", "acc_norm,none": 0.4, "acc,none": 0.5, "acc_stderr,none": 0.1}) == "acc,none"
+    assert primary_metric({"exact_match,flexible": 0.3, "exact_match_stderr,flexible": 0.1}) == "exact_match,flexible"
+    assert primary_metric({"alias": "x", "samples": 3}) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
+from milora.eval.harness import primary_metric, run_tasks
 from milora.eval.registry import Job, TaskResult, register
 
 
@@ -41,24 +42,14 @@ def _lm_eval(model, tokenizer, tasks: list[str], include_path, *, limit, batch_s
         manager = TaskManager(include_path=str(include_path), include_defaults=False)
     if manager is None or not set(tasks) <= set(manager.all_tasks):
         manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise DataError(f"Unknown lm-eval task(s) {', '.join(unknown)}: check the names with "
-                        "`lm-eval ls tasks`, or pass the directory of your task YAMLs with --data.")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    try:
-        output = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=True)
-    except OSError as error:  # includes ConnectionError: the task's data is not reachable
-        raise DataError(f"lm-eval could not read the data of {', '.join(tasks)} ({type(error).__name__}: {error}); "
-                        "offline, define the task on local files and pass its YAML directory with --data.") from error
+    output = run_tasks(simple_evaluate, lambda: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                       tasks, manager, limit, harness="lm-eval", list_command="lm-eval ls tasks")
     scores, items = {}, []
     for task in tasks:
-        metrics = output["results"].get(task, {})
-        names = [k for k in metrics if "," in k and "_stderr" not in k and isinstance(metrics[k], (int, float))]
-        if not names:
+        primary = primary_metric(output["results"].get(task, {}))
+        if primary is None:
             continue
-        primary = "acc,none" if "acc,none" in names else names[0]
-        scores[task] = metrics[primary]
+        scores[task] = output["results"][task][primary]
         metric = primary.split(",")[0]
         for sample in output.get("samples", {}).get(task, []):
             items.append({"dataset": task, **_lm_eval_sample(sample), "gold": sample.get("target"),

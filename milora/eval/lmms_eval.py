@@ -19,6 +19,7 @@ from typing import Any
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate_with_images
+from milora.eval.harness import primary_metric, run_tasks
 from milora.eval.registry import Job, TaskResult, register
 from milora.prompts import apply_chat_template
 
@@ -108,22 +109,13 @@ def run_lmms_eval(model, processor, tasks: list[str], include_path, *, limit, ba
         raise DataNotFoundError(f"lmms-eval include path {include_path} does not exist.")
     _, simple_evaluate, task_manager = _import_lmms_eval()
     manager = task_manager(include_path=str(include_path) if include_path is not None else None)
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        raise DataError(f"Unknown lmms-eval task(s) {', '.join(unknown)}: check the names with "
-                        "`lmms-eval --tasks list`, or pass the directory of your task YAMLs with --data.")
-    wrapper = _model_class()(model, processor, batch_size, progress)
-    try:
-        output = simple_evaluate(model=wrapper, tasks=tasks, limit=limit, task_manager=manager, log_samples=True)
-    except OSError as error:  # includes ConnectionError: the task's data is not reachable
-        raise DataError(f"lmms-eval could not read the data of {', '.join(tasks)} ({type(error).__name__}: {error}); "
-                        "offline, define the task on local files and pass its YAML directory with --data.") from error
+    output = run_tasks(simple_evaluate, lambda: _model_class()(model, processor, batch_size, progress), tasks,
+                       manager, limit, harness="lmms-eval", list_command="lmms-eval --tasks list")
     scores, items = {}, []
     for task in tasks:
-        metrics = output["results"].get(task, {})
-        names = [k for k in metrics if "," in k and "_stderr" not in k and isinstance(metrics[k], (int, float))]
-        if names:
-            scores[task] = metrics[names[0]]
+        primary = primary_metric(output["results"].get(task, {}))
+        if primary is not None:
+            scores[task] = output["results"][task][primary]
         for sample in output.get("samples", {}).get(task, []):
             items.append({"dataset": task, "doc_id": sample.get("doc_id"), "output": sample.get("resps"),
                           "prediction": sample.get("filtered_resps"), "gold": sample.get("target")})
