@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from milora.constants import PAPER_TARGETS
+from milora.demo import demo_train_config
 from milora.errors import ConfigError, MiloraError
 from milora.io import atomic_write_json, atomic_write_text
 from milora.prompts import image_question
@@ -74,28 +74,16 @@ def make_data(output_dir: Path, train_size: int, eval_size: int, seed: int) -> d
 
 def vqa_demo_config(output_dir: str | Path, max_steps: int = 120, batch_size: int = 8, learning_rate: float = 2e-3,
                     lora_rank: int = 16, seed: int = 0, image_folder: str | None = None) -> dict[str, Any]:
-    """The miniature's `milora train` config (also shipped as recipes/vqa_demo.yaml)."""
+    """The miniature's `milora train` config (also shipped as recipes/vqa_demo.yaml): the text demo's,
+    on the saved tiny LLaVA, with its images and the projector trained in full."""
     output_dir = Path(output_dir)
     return {
+        **demo_train_config(output_dir, max_steps, batch_size, learning_rate, lora_rank, seed),
         "model": str(output_dir / "model"),
         "dataset": str(output_dir / "train.json"),
         "image_folder": image_folder or str(easy_vqa_folder()),
-        "template": "chat",
-        "cutoff_len": 128,
-        "init": "milora",
-        "lora_rank": lora_rank,
-        "lora_dropout": 0.0,
-        "lora_target": ",".join(PAPER_TARGETS),
         "modules_to_save": "multi_modal_projector",
-        "learning_rate": learning_rate,
-        "warmup_steps": max(1, max_steps // 10),
-        "max_steps": max_steps,
-        "per_device_train_batch_size": batch_size,
         "logging_steps": 10,
-        "save_steps": max_steps,
-        "seed": seed,
-        "output_dir": str(output_dir / "adapter"),
-        "overwrite_output_dir": True,
     }
 
 
