@@ -31,6 +31,8 @@ from milora.training.run import build_lora_config, train
 from conftest import RECORDS, cli_error, make_model_dir, run_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 class Capture(TrainerCallback):
     """Keeps the trained (unwrapped) model at the end of training."""
 
