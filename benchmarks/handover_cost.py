@@ -58,11 +58,24 @@ def median_interval(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), ordered[j - 1], ordered[len(values) - j]
 
 
-def measure(spec: str, pairs: int) -> dict:
-    """Paired timings of eigh and auto on one weight ``family:MxN:r``."""
-    family, shape, r = spec.split(":")
-    m, n = map(int, shape.split("x"))
-    r = int(r)
+def parse_row(spec: str) -> tuple[str, int, int, int]:
+    """``family:MxN:r`` as (family, m, n, r) (an argparse type: its errors name the fix)."""
+    try:
+        family, shape, r = spec.split(":")
+        m, n = map(int, shape.split("x"))
+        rank = int(r)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected family:MxN:r, e.g. power:4096x4096:64") from None
+    if family not in spectra.FAMILIES:
+        choices = ", ".join(spectra.FAMILIES)
+        raise argparse.ArgumentTypeError(f"{spec!r}: unknown family {family!r}; choose from {choices}")
+    if not 0 < rank < min(m, n):
+        raise argparse.ArgumentTypeError(f"{spec!r}: r must satisfy 0 < r < min(M, N)")
+    return family, m, n, rank
+
+
+def measure(family: str, m: int, n: int, r: int, pairs: int) -> dict:
+    """Paired timings of eigh and auto on one m x n weight of the family, at rank r."""
     weight = spectra.weight(family, m, n, r)
     times = {"eigh": [], "auto": []}
     ran = ""
@@ -75,12 +88,12 @@ def measure(spec: str, pairs: int) -> dict:
             if solver == "auto":
                 ran = parts.solver
     ratios = [a / e for a, e in zip(times["auto"], times["eigh"], strict=True)]
-    return {"row": spec, "ran": ran, "eigh": times["eigh"], "auto": times["auto"], "ratios": ratios}
+    return {"ran": ran, "eigh": times["eigh"], "auto": times["auto"], "ratios": ratios}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=list(HANDOVER_ROWS),
+    parser.add_argument("--rows", nargs="+", type=parse_row, default=[parse_row(row) for row in HANDOVER_ROWS],
                         help="family:MxN:r (default: the hand-over rows)")
     parser.add_argument("--pairs", type=int, default=9, help="pairs of runs per weight (default 9)")
     args = parser.parse_args()
@@ -89,13 +102,12 @@ def main() -> None:
     print("| weight | family | r | auto ran | eigh median s | auto median s | auto - eigh s | auto / eigh, median of "
           f"{args.pairs} pairs [CI] | min auto / min eigh |\n|---|---|---|---|---|---|---|---|---|")
     within = 0
-    for spec in args.rows:
-        result = measure(spec, args.pairs)
-        family, shape, r = spec.split(":")
+    for family, m, n, r in args.rows:
+        result = measure(family, m, n, r, args.pairs)
         median, low, high = median_interval(result["ratios"])
         eigh, auto = statistics.median(result["eigh"]), statistics.median(result["auto"])
         within += high <= 1.1
-        print(f"| {shape} | {family} | {r} | {result['ran']} | {eigh:.2f} | {auto:.2f} | {auto - eigh:+.2f} "
+        print(f"| {m}x{n} | {family} | {r} | {result['ran']} | {eigh:.2f} | {auto:.2f} | {auto - eigh:+.2f} "
               f"| {median:.3f} [{low:.3f}, {high:.3f}] | {min(result['auto']) / min(result['eigh']):.3f} |", flush=True)
     j = interval_rank(args.pairs)
     print(f"\nCI: order statistics {j} and {args.pairs + 1 - j} of the paired ratios, covering the median "
