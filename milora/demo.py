@@ -25,22 +25,39 @@ DEFAULT_TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_di
 
 
 def make_task(task: str, options: dict[str, Any], train_size: int, eval_size: int, seed: int):
-    """Train records (chat messages) and held-out (question, entry) pairs; no question in both."""
+    """``train_size`` train records (chat messages) and ``eval_size`` held-out (question, entry) pairs.
+
+    Both are i.i.d. draws from the task's generator (seed ``seed`` for training, ``seed + 1`` held
+    out), so a small problem space repeats questions within each (the default one-digit sums have
+    200); a training draw whose question is held out is skipped, so no question is in both.
+    reasoning-gym's item i depends on (seed, i) only, so the training stream is extended until it
+    has ``train_size`` records.
+    """
     try:
         import reasoning_gym
     except ImportError:
         raise MiloraError("The demo's task data comes from `reasoning-gym`: run `pip install reasoning-gym`.") from None
     held_out = reasoning_gym.create_dataset(task, size=eval_size, seed=seed + 1, **options)
     held_out_questions = {entry["question"] for entry in held_out}
-    pool = reasoning_gym.create_dataset(task, size=train_size + eval_size, seed=seed, **options)
+    draws = train_size + eval_size
+    while True:
+        pool = reasoning_gym.create_dataset(task, size=draws, seed=seed, **options)
+        kept = [entry for entry in pool if entry["question"] not in held_out_questions]
+        if len(kept) >= train_size:
+            break
+        if draws >= 20 * (train_size + eval_size):
+            raise ConfigError(f"Only {len(kept)} of {draws} draws of {task!r} {options} fall outside the "
+                              f"{len(held_out_questions)} held-out questions, fewer than train_size={train_size}: "
+                              "the task's problem space is too small for this split; lower eval_size or widen "
+                              "the task options.")
+        draws *= 2
     train = [
         {"messages": [
             {"role": "user", "content": entry["question"]},
             {"role": "assistant", "content": str(entry["answer"])},
         ]}
-        for entry in pool
-        if entry["question"] not in held_out_questions
-    ][:train_size]
+        for entry in kept[:train_size]
+    ]
     return train, held_out
 
 
@@ -141,7 +158,9 @@ def run_demo(
         "task": task,
         "task_options": options,
         "train_examples": len(train_records),
+        "train_distinct_questions": len({record["messages"][0]["content"] for record in train_records}),
         "held_out_items": len(held_out),
+        "held_out_distinct_questions": len({entry["question"] for entry in held_out}),
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
         "mean_score_before": before["mean_score"],
@@ -167,11 +186,13 @@ def format_report(report: dict) -> str:
         f"MiLoRA demo: SmolLM2-135M-Instruct on reasoning-gym '{report['task']}' {report['task_options']}",
         (
             f"  held-out accuracy: {report['accuracy_before']:.1%} before -> {report['accuracy_after']:.1%} after "
-            f"({report['held_out_items']} items, greedy, the task's scorer; "
+            f"({report['held_out_items']} items, {report['held_out_distinct_questions']} distinct, greedy, "
+            "the task's scorer; "
             f"mean score {report['mean_score_before']:.3f} -> {report['mean_score_after']:.3f})"
         ),
         (
-            f"  training: {report['steps']} steps on {report['train_examples']} examples, "
+            f"  training: {report['steps']} steps on {report['train_examples']} examples "
+            f"({report['train_distinct_questions']} distinct questions, none held out), "
             f"loss {report['loss_first']:.3f} -> {report['loss_last']:.3f} (min {report['loss_min']:.3f}), "
             f"{report['train_seconds']:.0f} s"
         ),

@@ -241,6 +241,21 @@ def test_demo_recipe_matches_the_demo():
     assert recipe == embedded
 
 
+def test_demo_task_sizes_are_honoured_and_disjoint():
+    """The demo's data: exactly train_size records and eval_size held-out items, no question in
+    both, even where the problem space (200 one-digit sums) makes draws repeat; a split the space
+    cannot supply is refused with the fix."""
+    from milora.demo import DEFAULT_TASK, DEFAULT_TASK_OPTIONS, make_task
+
+    train, held_out = make_task(DEFAULT_TASK, DEFAULT_TASK_OPTIONS, 400, 100, seed=0)
+    questions = [record["messages"][0]["content"] for record in train]
+    assert (len(train), len(held_out)) == (400, 100)
+    assert not set(questions) & {entry["question"] for entry in held_out}
+    assert len(set(questions)) < 200  # the draws repeat: the stream was extended, not deduplicated
+    with pytest.raises(ConfigError, match="problem space is too small for this split; lower eval_size"):
+        make_task(DEFAULT_TASK, DEFAULT_TASK_OPTIONS, 10, 5000, seed=0)
+
+
 def test_demo_rejects_bad_sizes_before_any_work(tmp_path):
     for flag, value, name in (("--steps", "0", "max_steps"), ("--eval-size", "-1", "eval_size")):
         assert re.search(f"{name} must be a positive integer, got {value}",
