@@ -135,9 +135,9 @@ def run_demo(
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     start = time.perf_counter()
     options = DEFAULT_TASK_OPTIONS if task_options is None and task == DEFAULT_TASK else (task_options or {})
+    train_records, held_out = make_task(task, options, train_size, eval_size, seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    train_records, held_out = make_task(task, options, train_size, eval_size, seed)
     atomic_write_text(output_dir / "train.jsonl", "".join(json.dumps(record) + "\n" for record in train_records))
 
     model, tokenizer = load_base_model(None)

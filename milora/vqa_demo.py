@@ -48,17 +48,23 @@ def answer_type(answer: str, shapes: set[str]) -> str:
 
 
 def make_data(output_dir: Path, train_size: int, eval_size: int, seed: int) -> dict[str, Any]:
-    """Write ``train.json`` (LLaVA format) and ``test.jsonl`` (vqa records) under ``output_dir``;
-    images stay in the easy-vqa package (``image_folder``). Returns the baselines' answers."""
+    """Write ``train.json`` (LLaVA format) and ``test.jsonl`` (vqa records) under ``output_dir``
+    (created once the sizes are known to fit easy-vqa's questions); images stay in the easy-vqa
+    package (``image_folder``). Returns the baselines' answers."""
     import easy_vqa
 
     folder = easy_vqa_folder()
     questions, answers, images = easy_vqa.get_train_questions()
+    test_q, test_a, test_images = easy_vqa.get_test_questions()
+    for name, size, available in (("train_size", train_size, len(questions)), ("eval_size", eval_size, len(test_q))):
+        if size > available:
+            raise ConfigError(f"{name}={size} exceeds the {available} questions easy-vqa has for it; "
+                              f"choose at most {available}.")
+    output_dir.mkdir(parents=True, exist_ok=True)
     chosen = random.Random(seed).sample(range(len(questions)), train_size)
     train = [{"id": f"train-{i}", "image": f"train/images/{images[i]}.png",
               "conversations": [{"from": "human", "value": image_question(questions[i])},
                                 {"from": "gpt", "value": answers[i]}]} for i in chosen]
-    test_q, test_a, test_images = easy_vqa.get_test_questions()
     held_out = random.Random(seed + 1).sample(range(len(test_q)), eval_size)
     test = [{"image": f"test/images/{test_images[i]}.png", "question": test_q[i], "answer": test_a[i]}
             for i in held_out]
@@ -116,7 +122,6 @@ def run_vqa_demo(output_dir: str | Path = "runs/vqa_demo", train_size: int = 200
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     start = time.perf_counter()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     data = make_data(output_dir, train_size, eval_size, seed)
     if not (output_dir / "model" / "config.json").is_file():
         assemble_llava(None, output_dir / "model", seed=seed, **MINIATURE)

@@ -241,11 +241,11 @@ def test_demo_recipe_matches_the_demo():
     assert recipe == embedded
 
 
-def test_demo_task_sizes_are_honoured_and_disjoint():
+def test_demo_task_sizes_are_honoured_and_disjoint(tmp_path):
     """The demo's data: exactly train_size records and eval_size held-out items, no question in
     both, even where the problem space (200 one-digit sums) makes draws repeat; a split the space
     cannot supply is refused with the fix."""
-    from milora.demo import DEFAULT_TASK, DEFAULT_TASK_OPTIONS, make_task
+    from milora.demo import DEFAULT_TASK, DEFAULT_TASK_OPTIONS, make_task, run_demo
 
     train, held_out = make_task(DEFAULT_TASK, DEFAULT_TASK_OPTIONS, 400, 100, seed=0)
     questions = [record["messages"][0]["content"] for record in train]
@@ -254,6 +254,9 @@ def test_demo_task_sizes_are_honoured_and_disjoint():
     assert len(set(questions)) < 200  # the draws repeat: the stream was extended, not deduplicated
     with pytest.raises(ConfigError, match="problem space is too small for this split; lower eval_size"):
         make_task(DEFAULT_TASK, DEFAULT_TASK_OPTIONS, 10, 5000, seed=0)
+    with pytest.raises(ConfigError, match="problem space is too small"):  # the same through the demo:
+        run_demo(tmp_path / "demo", eval_size=5000)
+    assert not (tmp_path / "demo").exists()  # refused before anything is written
 
 
 def test_demo_rejects_bad_sizes_before_any_work(tmp_path):

@@ -240,6 +240,17 @@ def test_vqa_demo_recipe_matches_the_demo():
     assert recipe == from_dict(vqa_demo_config("runs/vqa_demo") | where)
 
 
+def test_vqa_demo_refuses_more_questions_than_easy_vqa_has(tmp_path):
+    """An oversize split names the limit, and nothing is written (no output directory)."""
+    from milora.vqa_demo import run_vqa_demo
+
+    with pytest.raises(ConfigError, match=r"train_size=100000 exceeds the 38575 questions .* choose at most 38575"):
+        run_vqa_demo(tmp_path / "vqa", train_size=100_000)
+    with pytest.raises(ConfigError, match="eval_size=20000 exceeds the 9673 questions"):
+        run_vqa_demo(tmp_path / "vqa", eval_size=20_000)
+    assert not (tmp_path / "vqa").exists()
+
+
 def test_vqa_demo_data_and_baselines(tmp_path):
     from milora.vqa_demo import answer_type, make_data
 
