@@ -251,7 +251,13 @@ def test_demo_task_sizes_are_honoured_and_disjoint(tmp_path):
     questions = [record["messages"][0]["content"] for record in train]
     assert (len(train), len(held_out)) == (400, 100)
     assert not set(questions) & {entry["question"] for entry in held_out}
-    assert len(set(questions)) < 200  # the draws repeat: the stream was extended, not deduplicated
+    # the stream was extended, not deduplicated or reseeded: the records are the leading draws of
+    # seed 0 whose question is not held out, in order (the 500 draws of the old pool among them)
+    import reasoning_gym
+
+    stream = reasoning_gym.create_dataset(DEFAULT_TASK, size=2000, seed=0, **DEFAULT_TASK_OPTIONS)
+    held = {entry["question"] for entry in held_out}
+    assert questions == [entry["question"] for entry in stream if entry["question"] not in held][:400]
     with pytest.raises(ConfigError, match="problem space is too small for this split; lower eval_size"):
         make_task(DEFAULT_TASK, DEFAULT_TASK_OPTIONS, 10, 5000, seed=0)
     with pytest.raises(ConfigError, match="problem space is too small"):  # the same through the demo:
