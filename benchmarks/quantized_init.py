@@ -2,7 +2,7 @@
 
 For each init mode (``lora`` quantises W itself, as QLoRA; ``pissa`` W minus its principal
 part, as QPiSSA; ``milora`` W minus its minor part), on the demo's task (reasoning-gym
-``chain_sum``, one-digit sums, `milora.demo`):
+``chain_sum``, one-digit sums, `milora.demos.text`):
 
 1. init with ``quantization``: per target weight the quantisation error of the residual
    ||Q(W_res) - W_res|| / ||W_res|| and the same noise in units of ||W||, the share of W the
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from milora.demo import DEFAULT_TASK, DEFAULT_TASK_OPTIONS, demo_train_config, make_task, score
+from milora.adapter.load import load_model
+from milora.demos.text import DEFAULT_TASK, DEFAULT_TASK_OPTIONS, demo_train_config, make_task, score
 from milora.init import get_model, init_record
 from milora.io import atomic_write_json, atomic_write_text
 from milora.models import load_base_model
-from milora.persistence import load_model
 from milora.prompts import apply_chat_template
 from milora.training.config import load_config
 from milora.training.run import build_lora_config, train
@@ -119,7 +119,7 @@ def float32_reference(init: str, args, held_out) -> dict:
 
 def quantized_base_accuracy(args, held_out, tokenizer) -> float:
     """The quantised base model alone (what QLoRA starts from): every Linear layer but lm_head in ``quantization``."""
-    from milora.quantization import quantize_model
+    from milora.init.quantize import quantize_model
 
     model, _ = load_base_model(None)
     quantize_model(model, args.quantization)

@@ -16,15 +16,15 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "TrainConfig": "milora.training.config",
-    "analyze_adapter": "milora.analysis",
+    "analyze_adapter": "milora.analysis.adapter",
     "compare": "milora.comparison",
     "evaluate": "milora.eval",
     "get_model": "milora.init",
     "language_model_targets": "milora.init",
     "load_base_model": "milora.models",
     "load_config": "milora.training.config",
-    "load_model": "milora.persistence",
-    "save_adapter": "milora.persistence",
+    "load_model": "milora.adapter.load",
+    "save_adapter": "milora.adapter.save",
     "select_components": "milora.linalg.decomposition",
     "train": "milora.training.run",
 }
@@ -33,7 +33,7 @@ __all__ = ["INIT_MODES", "MiloraError", *sorted(_PUBLIC)]
 
 # bitsandbytes (imported by PEFT whenever it is installed) logs a warning in every process on CPUs with
 # AVX512-BF16 that an optional kernel for its bfloat16 inference shortcut is missing; milora turns that
-# shortcut off on the layers it quantises (milora.quantization), so the notice is noise for its users.
+# shortcut off on the layers it quantises (milora.init.quantize), so the notice is noise for its users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
 )

@@ -10,14 +10,14 @@ INIT_MODES = (*SELECTIONS, "lora")
 SOLVERS = ("auto", "eigh", "lanczos", "svd")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("nf4", "fp4", "int8")
-"""bitsandbytes quantisations of the frozen base after the init (see `milora.quantization`)."""
+"""bitsandbytes quantisations of the frozen base after the init (see `milora.init.quantize`)."""
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 """The modules the paper adapts (its math setting; also milora's default)."""
 TARGET_SCOPES = ("language_model", "whole_model")
 """Where target module names apply in an image-text-to-text model (see `milora.init.multimodal`)."""
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 
-# a saved adapter directory (see milora.persistence)
+# a saved adapter directory (see milora.adapter.format)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MILORA_CONFIG = "milora_config.json"

@@ -200,3 +200,11 @@ def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = 
     model = load_pretrained_model(name_or_path, dtype, device)
     text_or_images = load_processor if is_vision_language_model(model) else load_tokenizer
     return model, text_or_images(name_or_path)
+
+
+def refuse_quantized_checkpoint(model: str | None, why: str) -> None:
+    """A `ModelError` if ``model`` is a quantised checkpoint; ``why`` says what needs full-precision weights."""
+    method = checkpoint_quantization(model)
+    if method is not None:
+        raise ModelError(f"{model} is a quantised checkpoint ({method}), but milora {why}. Give the original "
+                         "full-precision checkpoint.")

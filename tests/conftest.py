@@ -102,7 +102,7 @@ def make_model_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers
 def make_llava_dir(path: Path) -> Path:
     """A tiny LLaVA (the tiny LLaMA of `make_model_dir` as language model, a random 2-layer CLIP vision
     tower for 32 x 32 images in 8 x 8 patches: 16 image tokens) saved with its processor."""
-    from milora.assemble import assemble_llava
+    from milora.demos.llava import assemble_llava
 
     make_model_dir(path.parent / f"{path.name}-text")
     return assemble_llava(path.parent / f"{path.name}-text", path, image_size=32, patch_size=8, vision_hidden=32,

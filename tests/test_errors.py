@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 import milora
-import milora.persistence
+import milora.adapter.save
 
 from conftest import LLAMA_TARGETS, tiny_llama
 
@@ -233,7 +233,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(milora.persistence, "save_file", broken)
+    monkeypatch.setattr(milora.adapter.save, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         milora.save_adapter(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []

@@ -15,14 +15,14 @@ import torch
 from milora.cli import main
 from milora.errors import DataError
 from milora.eval import evaluate
-from milora.eval.benchmarks import load_examples
 from milora.eval.generation import continuation_logprobs
-from milora.eval.grading import (
+from milora.eval.scoring.grading import (
     LABEL_SETS,
     extract_number,
     gold_number,
     numbers_match,
 )
+from milora.eval.tasks.benchmarks import load_examples
 from milora.report import format_summary, write_results
 from milora.report import results_table as compare
 
@@ -426,7 +426,7 @@ def test_cli_errors(tmp_path):
 
 
 def test_harness_bridge_checks_names_before_building_the_model_and_explains_unreachable_data():
-    from milora.eval.harness import primary_metric, run_tasks
+    from milora.eval.bridges.harness import primary_metric, run_tasks
 
     manager = SimpleNamespace(all_tasks=["arc_easy"])
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from milora.eval.grading import (
+from milora.eval.scoring.grading import (
     LABEL_SETS,
     DataError,
     extract_choice,

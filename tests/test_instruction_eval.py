@@ -10,10 +10,10 @@ import pytest
 
 from milora.errors import DataError
 from milora.eval import evaluate
-from milora.eval import ifeval as ifeval_module
-from milora.eval.humaneval import check_program, load_problems, pass_at_k
-from milora.eval.ifeval import NEEDS_PUNKT, Prompt, load_prompts, score_response
-from milora.eval.predictions import load_predictions
+from milora.eval.scoring.predictions import load_predictions
+from milora.eval.tasks import ifeval as ifeval_module
+from milora.eval.tasks.humaneval import check_program, load_problems, pass_at_k
+from milora.eval.tasks.ifeval import NEEDS_PUNKT, Prompt, load_prompts, score_response
 from milora.report import format_summary, results_table
 
 from conftest import cli_error
@@ -295,7 +295,7 @@ class _NoModel:
     ({"pass_k": (0,)}, "positive integers"),
 ])
 def test_humaneval_sampling_settings_are_checked_before_generating(options, message):
-    from milora.eval.humaneval import _settings
+    from milora.eval.tasks.humaneval import _settings
 
     full = {"pass_k": None, "temperature": None, **options}
     if message is None:
@@ -490,7 +490,7 @@ def test_alpaca_eval_with_an_openai_compatible_judge_server(tmp_path, judge_serv
 
 @needs_data
 def test_alpaca_eval_shared_reference_loads(tmp_path):
-    from milora.eval.alpacaeval import load_reference
+    from milora.eval.tasks.alpacaeval import load_reference
 
     rows, _ = load_reference(ALPACA_FILE)
     assert len(rows) == 805 and len({r["instruction"] for r in rows}) == 805

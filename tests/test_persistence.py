@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel
 
 import milora
-from milora.persistence import load_trained_state
+from milora.adapter.load import load_trained_state
 
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama, train_steps
 

@@ -32,7 +32,7 @@ import milora
 from milora import cli
 from milora.errors import ConfigError, ModelError
 from milora.init import init_record, lora_layers, weight_matrix
-from milora.quantization import quantize_model
+from milora.init.quantize import quantize_model
 from milora.training.run import train
 
 from conftest import LLAMA_TARGETS, cli_error, make_model_dir, run_config, tiny_gpt2, tiny_llama, train_steps
@@ -50,7 +50,7 @@ def config(**overrides) -> LoraConfig:
 
 
 def direct_dequantized(weight: torch.Tensor, method: str) -> torch.Tensor:
-    """Q(W) dequantised with bitsandbytes' functional API (milora.quantization.bnb_config's settings)."""
+    """Q(W) dequantised with bitsandbytes' functional API (milora.init.quantize.bnb_config's settings)."""
     if method == "int8":  # bitsandbytes rounds the weight to float16 first
         codes, scales, _ = bnbF.int8_vectorwise_quant(weight.half())
         return bnbF.int8_vectorwise_dequant(codes, scales)
@@ -238,7 +238,7 @@ def test_resume_with_another_quantization_is_refused_before_writing(tiny, tmp_pa
 
 
 def test_loading_a_quantised_adapter_state_into_another_base_is_refused(tokens, tmp_path):
-    from milora.persistence import load_trained_state
+    from milora.adapter.load import load_trained_state
 
     milora.save_adapter(milora.get_model(tiny_llama(), config(), quantization="nf4", progress=False), tmp_path / "a")
     with pytest.raises(ValueError, match="trained on a nf4 base, this model's base is full-precision"):
@@ -318,9 +318,9 @@ def test_cli_init_reports_quantization_and_merge_uses_the_full_precision_base(ti
 
 
 def test_interrupted_quantisation_restores_the_model(monkeypatch, tokens):
-    import milora.quantization
+    import milora.init.quantize
 
-    calls, original = [], milora.quantization.dequantized_weight
+    calls, original = [], milora.init.quantize.dequantized_weight
 
     def interrupted(module):
         calls.append(1)
@@ -328,7 +328,7 @@ def test_interrupted_quantisation_restores_the_model(monkeypatch, tokens):
             raise KeyboardInterrupt
         return original(module)
 
-    monkeypatch.setattr(milora.quantization, "dequantized_weight", interrupted)
+    monkeypatch.setattr(milora.init.quantize, "dequantized_weight", interrupted)
     model, reference = tiny_llama(), tiny_llama()
     with pytest.raises(KeyboardInterrupt) as caught:
         milora.get_model(model, config(), quantization="nf4", progress=False)

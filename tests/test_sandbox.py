@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from milora.eval.sandbox import OUTPUT_LIMIT, Limits, run_program, run_programs
+from milora.eval.scoring.sandbox import OUTPUT_LIMIT, Limits, run_program, run_programs
 
 FAST = Limits(wall_seconds=3, cpu_seconds=2)
 

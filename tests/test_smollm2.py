@@ -60,7 +60,7 @@ def test_demo_end_to_end(tmp_path):
     import json
     import math
 
-    from milora.demo import run_demo
+    from milora.demos.text import run_demo
 
     report = run_demo(tmp_path / "demo", train_size=16, eval_size=8, max_steps=2, batch_size=4)
     assert json.loads((tmp_path / "demo" / "report.json").read_text()) == json.loads(json.dumps(report))

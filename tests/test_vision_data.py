@@ -17,9 +17,9 @@ from peft import PeftModel
 from PIL import Image
 from tokenizers import decoders
 
+from milora.adapter.load import load_model
 from milora.errors import ConfigError, DataError
 from milora.models import load_base_model, load_pretrained_model
-from milora.persistence import load_model
 from milora.training.data import IGNORE_INDEX
 from milora.training.run import train
 from milora.training.vision_data import check_records, encode_conversation, to_conversation, vision_collator
@@ -208,8 +208,10 @@ def test_llava_recipes_parse_and_build(setup, init, tmp_path):
     from milora.training.config import from_dict
     from milora.training.run import build_lora_config
 
-    raw = yaml.safe_load((REPO / "recipes" / f"llava_{init}.yaml").read_text())
-    assert (raw["init"], raw["lora_rank"], raw["lora_alpha"]) == (init, 128, 256 if init == "lora" else 128)
+    raw = yaml.safe_load((REPO / "recipes" / "llava.yaml").read_text()) | {"init": init}  # the init= override
+    assert (raw["lora_rank"], "lora_alpha" in raw) == (128, False)  # alpha: the key's default, r (2r for lora)
+    assert from_dict({**raw, "dataset": __file__, "output_dir": "unused"}).resolved_alpha() == (
+        256 if init == "lora" else 128)
     assert (raw["learning_rate"] == 2e-4 and raw["num_train_epochs"] == 1
             and raw["modules_to_save"] == "multi_modal_projector")
     # LLaVA-1.5-7B and its 665K mixture are for GPU machines: check the rest on the tiny stand-in (rank 2)
@@ -232,8 +234,8 @@ def milora_layers(peft_model):
 def test_vqa_demo_recipe_matches_the_demo():
     import yaml
 
+    from milora.demos.vqa import vqa_demo_config
     from milora.training.config import from_dict
-    from milora.vqa_demo import vqa_demo_config
 
     where = {"dataset": __file__, "image_folder": str(REPO)}
     recipe = from_dict(yaml.safe_load((REPO / "recipes" / "vqa_demo.yaml").read_text()) | where)
@@ -242,7 +244,7 @@ def test_vqa_demo_recipe_matches_the_demo():
 
 def test_vqa_demo_refuses_more_questions_than_easy_vqa_has(tmp_path):
     """An oversize split names the limit, and nothing is written (no output directory)."""
-    from milora.vqa_demo import run_vqa_demo
+    from milora.demos.vqa import run_vqa_demo
 
     with pytest.raises(ConfigError, match=r"train_size=100000 exceeds the 38575 questions .* choose at most 38575"):
         run_vqa_demo(tmp_path / "vqa", train_size=100_000)
@@ -252,7 +254,7 @@ def test_vqa_demo_refuses_more_questions_than_easy_vqa_has(tmp_path):
 
 
 def test_vqa_demo_data_and_baselines(tmp_path):
-    from milora.vqa_demo import answer_type, make_data
+    from milora.demos.vqa import answer_type, make_data
 
     data = make_data(tmp_path, train_size=50, eval_size=20, seed=0)
     train_records = json.loads((tmp_path / "train.json").read_text())

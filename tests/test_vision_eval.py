@@ -14,8 +14,8 @@ import pytest
 from milora.cli import main
 from milora.errors import DataError
 from milora.eval import evaluate
-from milora.eval.lmms_eval import greedy_settings, run_lmms_eval
-from milora.eval.vqa_grading import (
+from milora.eval.bridges.lmms_eval import greedy_settings, run_lmms_eval
+from milora.eval.scoring.vqa_grading import (
     exact_match,
     extract_choice_letter,
     normalize_answer,

@@ -136,7 +136,7 @@ def test_export_reloads_in_plain_peft_and_milora_and_merges(llava_dir, inputs, t
 
 
 def test_resume_restores_the_projector(llava_dir, inputs, tmp_path):
-    from milora.persistence import load_trained_state
+    from milora.adapter.load import load_trained_state
 
     base = load_pretrained_model(str(llava_dir))
     peft_model = milora.get_model(base, config(base), progress=False)
@@ -185,7 +185,7 @@ def test_missing_projector_tensor_is_refused(llava_dir, tmp_path):
     del weights["base_model.model.model.multi_modal_projector.linear_2.bias"]
     save_file(weights, path)
     metadata = json.loads((tmp_path / "adapter" / "milora_config.json").read_text())
-    metadata["weights_sha256"] = milora.persistence.weights_checksum(weights)
+    metadata["weights_sha256"] = milora.adapter.format.weights_checksum(weights)
     (tmp_path / "adapter" / "milora_config.json").write_text(json.dumps(metadata))
     with pytest.raises(AdapterError, match=r"modules_to_save tensor .*linear_2\.bias should have shape"):
         milora.load_model(load_pretrained_model(str(llava_dir)), tmp_path / "adapter")

@@ -1,6 +1,6 @@
 """The `milora` command line: `init`, `merge`, `train`, `eval`, `analyze`, `compare`, `demo`, `demo-vqa`.
 
-Each sub-command lives in a module of this package with ``add(subparsers)``; heavy libraries
+Each command lives in a module of this package with ``add(subparsers)``; heavy libraries
 (torch, transformers, peft) are imported inside the commands, so ``--help`` starts fast.
 Every error a user can fix is a `milora.errors.MiloraError`: printed once here as
 ``milora <command>: error: <message>``, exit status 2.
@@ -12,17 +12,15 @@ import argparse
 import os
 import sys
 
-from milora.cli import adapter, compare, evaluate, train
+from milora.cli import analyze, compare, demo, eval, init, merge, train
 from milora.errors import MiloraError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="milora", description="MiLoRA fine-tuning for Hugging Face models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    adapter.add(subparsers)
-    train.add(subparsers)
-    evaluate.add(subparsers)
-    compare.add(subparsers)
+    for command in (init, merge, train, eval, analyze, compare, demo):
+        command.add(subparsers)
     return parser
 
 

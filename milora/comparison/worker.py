@@ -66,8 +66,8 @@ def _trainable_parameters(model) -> int:
 
 
 def _train_and_score(job: dict, run_dir: Path) -> dict[str, Any]:
+    from milora.adapter.load import load_model
     from milora.models import load_base_model
-    from milora.persistence import load_model
     from milora.training.run import train
 
     started = time.perf_counter()

@@ -97,11 +97,11 @@ def generate_with_images(model, processor, prompts: list[str], images: list[list
     """Greedy completions of chat-rendered ``prompts`` of an image-text-to-text model, batched with left padding.
 
     ``images[i]``: the images of prompt i (one per image placeholder, in order), as paths opened batch
-    by batch (`milora.training.vision_data.load_image`) or PIL images; the processor expands the placeholders, its
+    by batch (`milora.images.load_image`) or PIL images; the processor expands the placeholders, its
     floating tensors are cast to the model's dtype. Prompts are sorted by length, outputs come back
     in the prompts' order.
     """
-    from milora.training.vision_data import load_image
+    from milora.images import load_image
 
     tokenizer = processor.tokenizer
     order = sorted(range(len(prompts)), key=lambda i: (len(images[i]), len(prompts[i])), reverse=True)

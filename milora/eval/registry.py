@@ -18,8 +18,9 @@ from typing import Any
 from milora.errors import DataError
 
 _TASK_MODULES = (
-    "milora.eval.benchmarks", "milora.eval.forgetting", "milora.eval.lm_eval", "milora.eval.ifeval",
-    "milora.eval.alpacaeval", "milora.eval.humaneval", "milora.eval.vision", "milora.eval.lmms_eval",
+    "milora.eval.tasks.benchmarks", "milora.eval.tasks.forgetting", "milora.eval.tasks.ifeval",
+    "milora.eval.tasks.alpacaeval", "milora.eval.tasks.humaneval", "milora.eval.tasks.vision",
+    "milora.eval.bridges.lm_eval", "milora.eval.bridges.lmms_eval",
 )
 
 

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.utils import ModulesToSaveWrapper
 from tqdm.auto import tqdm
 
 from milora.errors import ModelError
+from milora.init.layers import lora_layers, restore_weight, set_adapter_factors
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.record import InitRecord, attach_record
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
@@ -39,43 +39,6 @@ from milora.models import check_device
 NULL_SPACE_STARTS = ("zero", "random")
 _LIBC_PATH = ctypes.util.find_library("c")
 _MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC_PATH), "malloc_trim", None) if _LIBC_PATH else None  # glibc only
-
-
-def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
-    """The LoRA layers of a PEFT model, keyed by module name relative to the base model, sorted."""
-    prefix = "base_model.model."
-    layers = {name.removeprefix(prefix): m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
-    return dict(sorted(layers.items()))
-
-
-def saved_module_copies(peft_model: PeftModel, adapter: str = "default") -> dict[str, torch.nn.Module]:
-    """The trainable copies of the ``modules_to_save`` modules, keyed by module name relative to the base model."""
-    prefix = "base_model.model."
-    return {name.removeprefix(prefix): m.modules_to_save[adapter] for name, m in peft_model.named_modules()
-            if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save}
-
-
-def set_adapter_factors(
-    layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, device=None
-) -> float:
-    """Set the trainable factors to (A, B) and the base weight to W - s * B0 @ A0 (float64 math).
-
-    Returns the relative reconstruction error ||W_res + s B0 A0 - W||_F / ||W||_F of the stored
-    (rounded) residual, i.e. how far the initial model is from the original weight.
-    """
-    base = layer.get_base_layer()
-    weight = weight_matrix(base)
-    device = device or weight.device
-    scaling = layer.scaling[adapter]
-    original = weight.detach().to(device=device, dtype=torch.float64)
-    initial_part = (B0.to(device, torch.float64) @ A0.to(device, torch.float64)).mul_(scaling)
-    residual = torch.sub(original, initial_part).to(weight.dtype)
-    weight.data.copy_(residual.to(weight.device))  # weight is a view for Conv1D, so this writes through
-    layer.lora_A[adapter].weight.data.copy_(A)
-    layer.lora_B[adapter].weight.data.copy_(B)
-    # in place: at most three float64 copies of the weight alive at once
-    mismatch = residual.to(torch.float64).add_(initial_part).sub_(original)
-    return float(torch.linalg.norm(mismatch) / torch.linalg.norm(original).clamp_min(1e-300))
 
 
 def get_model(
@@ -111,7 +74,7 @@ def get_model(
     `milora.language_model_targets` to adapt the language model only.
     ``quantization`` (nf4, fp4, int8; default none): QLoRA-style, the frozen base is then quantised
     with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
-    layers (see `milora.quantization`); the saved adapter is still for the full-precision base.
+    layers (see `milora.init.quantize`); the saved adapter is still for the full-precision base.
     """
     validate_lora_config(lora_config, init)
     if null_space not in NULL_SPACE_STARTS:
@@ -122,7 +85,7 @@ def get_model(
     modules = target_modules(model, lora_config)
     warn_outside_language_model(model, lora_config.target_modules, modules)
     if quantization is not None:
-        from milora.quantization import check_quantizable  # bitsandbytes only when asked for
+        from milora.init.quantize import check_quantizable  # bitsandbytes only when asked for
 
         check_quantizable(model, modules, quantization)
     if init != "lora":
@@ -139,7 +102,7 @@ def get_model(
             raise
     attach_record(peft_model, record)
     if quantization is not None:
-        from milora.quantization import quantize_peft_model
+        from milora.init.quantize import quantize_peft_model
 
         peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
     return peft_model
@@ -149,12 +112,9 @@ def _undo(peft_model: PeftModel, record: InitRecord, adapter: str, error: BaseEx
     """Put back the original weights (W_res + s B0 A0, rounded once) of the layers already
     initialised, and the plain modules PEFT replaced, so an interrupted init leaves a usable model."""
     layers = lora_layers(peft_model)
-    with torch.no_grad():
-        for name, (A0, B0) in record.initial_factors.items():
-            layer = layers[name]
-            weight = weight_matrix(layer.get_base_layer())
-            restored = weight.detach().double() + layer.scaling[adapter] * (B0.double() @ A0.double()).to(weight.device)
-            weight.data.copy_(restored.to(weight.dtype))
+    for name, (A0, B0) in record.initial_factors.items():
+        layer = layers[name]
+        restore_weight(weight_matrix(layer.get_base_layer()), A0, B0, layer.scaling[adapter])
     peft_model.unload()
     error.add_note(
         f"milora: the initialisation was interrupted after {len(record.initial_factors)} of {len(layers)} weights; "

@@ -29,7 +29,7 @@ class InitRecord:
     ``fingerprint`` identifies the original base weights (see `fingerprint`); ``measured``
     holds checks made by the caller (e.g. the output error at init) and is saved with the adapter.
     ``quantization`` is empty for a full-precision base, else the method and the quantisation
-    errors of `milora.quantization.quantize_peft_model`.
+    errors of `milora.init.quantize.quantize_peft_model`.
     """
 
     init: str

@@ -153,7 +153,7 @@ def _check_environment(config: TrainConfig) -> None:
     if config.fp16 and not torch.cuda.is_available():
         raise ConfigError("fp16 mixed precision needs a GPU; on CPU use bf16: true or neither.")
     if config.quantization is not None:
-        from milora.quantization import check_quantization
+        from milora.init.quantize import check_quantization
 
         try:
             check_quantization(config.quantization)

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from milora.adapter import load_trained_state, save_adapter
 from milora.constants import ADAPTER_FILES
-from milora.persistence import load_trained_state, save_adapter
 
 
 def write_adapter(peft_model, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:

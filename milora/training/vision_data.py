@@ -29,11 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from milora.errors import DataError
+from milora.images import IMAGE_PLACEHOLDER, check_image, load_image, split_placeholders
 from milora.training.data import IGNORE_INDEX, chat_segments, special_tokens, split_validation, with_eos
 
-IMAGE_PLACEHOLDER = "<image>"
-SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
-"""PIL image modes converted to RGB without loss of meaning; others (16-bit, float, HSV, LAB) are refused."""
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -53,17 +51,6 @@ def has_images(record: dict[str, Any]) -> bool:
     return any(isinstance(turn, dict) and isinstance(turn.get("content"), list)
                and any(isinstance(item, dict) and item.get("type") == "image" for item in turn["content"])
                for turn in record.get("messages") or [])
-
-
-def split_placeholders(text: str) -> list[dict[str, str]]:
-    """'<image>\\nWhat is it?' -> [image, text '\\nWhat is it?'] (empty texts dropped)."""
-    content = []
-    for position, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if position:
-            content.append({"type": "image"})
-        if part:
-            content.append({"type": "text", "text": part})
-    return content
 
 
 def _paths(value: Any, index: int, key: str) -> list[str]:
@@ -144,34 +131,6 @@ def to_conversation(record: dict[str, Any], fmt: str, index: int, image_folder: 
         if isinstance(message["content"], str):
             message["content"] = [{"type": "text", "text": message["content"]}]
     return Conversation(messages, [image_folder / path for path in paths])
-
-
-def check_image(path: Path, index: int) -> None:
-    """A `DataError` naming the file and the record unless ``path`` is a readable image of a supported mode."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise DataError(f"record {index}: image {path} does not exist (check image_folder and the record's path).")
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-            image.verify()  # structure and checksums, without decoding every pixel
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"record {index}: image {path} is unreadable or corrupt ({error}).") from None
-    if mode not in SUPPORTED_MODES:
-        raise DataError(f"record {index}: image {path} has mode {mode!r}, which milora does not convert to RGB: "
-                        f"save it as RGB (supported modes: {', '.join(SUPPORTED_MODES)}).")
-
-
-def load_image(path: Path, index: int):
-    """The image at ``path`` as an RGB PIL image (a `DataError` naming the record if it cannot be decoded)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        raise DataError(f"record {index}: image {path} cannot be decoded ({error}).") from None
 
 
 def check_records(records: list[dict], fmt: str, image_folder: Path, progress: bool = True) -> list[Conversation]:

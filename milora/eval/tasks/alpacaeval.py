@@ -5,7 +5,7 @@ The 805 AlpacaEval instructions come with the reference answers: the hub's
 protocol of the paper) when ``reference`` is None, or a local JSON / JSONL file of
 ``instruction`` + ``output`` records (``generator`` optional), e.g. the GPT-4-turbo answers of
 AlpacaEval 2.0. The model answers each instruction (prompt rendered like `milora train` does:
-its chat template when it has one; greedy), then the judge (`milora.eval.judge`, the user's
+its chat template when it has one; greedy), then the judge (`milora.eval.scoring.judge`, the user's
 choice) compares each answer with the reference, in a seeded random order.
 
 Scores are the package's (`alpaca_eval.metrics`): ``win_rate`` = mean preference for the model
@@ -26,9 +26,9 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.judge import build_annotator, check_judge, preference, raw_completion, record_completions
-from milora.eval.predictions import load_predictions, reject_generation_options
 from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.scoring.judge import build_annotator, check_judge, preference, raw_completion, record_completions
+from milora.eval.scoring.predictions import load_predictions, reject_generation_options
 from milora.io import read_records
 from milora.prompts import TEMPLATE_NAMES, instruction_prompts
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from milora.errors import DataError, DataNotFoundError
+from milora.eval.bridges.harness import primary_metric, run_tasks
 from milora.eval.generation import generate_with_images
-from milora.eval.harness import primary_metric, run_tasks
 from milora.eval.registry import Job, TaskResult, register
 from milora.prompts import apply_chat_template
 

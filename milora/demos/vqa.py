@@ -1,6 +1,6 @@
 """The embedded vision-language miniature (`milora demo-vqa`): MiLoRA visual instruction tuning on CPU.
 
-1. assembles a LLaVA-architecture model (`milora.assemble`): the embedded SmolLM2-135M-Instruct
+1. assembles a LLaVA-architecture model (`milora.demos.llava`): the embedded SmolLM2-135M-Instruct
    as language model, a small random CLIP vision tower for 64 x 64 images (16 x 16 patches:
    16 image tokens), a random projector;
 2. writes easy-VQA (the PyPI package ``easy-vqa``, MIT: 38,575 training and 9,673 test questions
@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from milora.demo import demo_train_config
+from milora.demos.text import demo_train_config
 from milora.errors import ConfigError, MiloraError
 from milora.io import atomic_write_json, atomic_write_text
 from milora.prompts import image_question
@@ -111,9 +111,9 @@ def run_vqa_demo(output_dir: str | Path = "runs/vqa_demo", train_size: int = 200
                  max_steps: int = 120, batch_size: int = 8, learning_rate: float = 2e-3, lora_rank: int = 16,
                  seed: int = 0) -> dict:
     """Run the miniature end to end (see module docstring); returns the report, also written as ``report.json``."""
-    from milora.assemble import assemble_llava
+    from milora.adapter.load import load_model
+    from milora.demos.llava import assemble_llava
     from milora.models import load_base_model
-    from milora.persistence import load_model
     from milora.training.run import train
 
     for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps),

@@ -125,8 +125,8 @@ def run_demo(
     seed: int = 0,
 ) -> dict:
     """Run the demo end to end (see module docstring); returns the report and writes it as ``report.json``."""
+    from milora.adapter.load import load_model
     from milora.models import load_base_model
-    from milora.persistence import load_model
     from milora.training.run import train
 
     for name, value in (("train_size", train_size), ("eval_size", eval_size), ("max_steps", max_steps),

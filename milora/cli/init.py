@@ -1,4 +1,4 @@
-"""`milora init` (decompose and save an initial adapter) and `milora merge` (fold one into its base)."""
+"""`milora init`: decompose every target weight offline and save the initial adapter (the paper's svd_init step)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,6 @@ from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, QUANTIZATIO
 
 
 def add(subparsers) -> None:
-    _add_init(subparsers)
-    _add_merge(subparsers)
-
-
-def _add_init(subparsers) -> None:
     parser = subparsers.add_parser(
         "init",
         help="initialise an adapter offline from a model directory and save it",
@@ -59,12 +54,12 @@ def _run_init(args) -> int:
     import torch
     from peft import LoraConfig
 
+    from milora.adapter.save import save_adapter
     from milora.errors import ModelError, OutputExistsError
     from milora.init import get_model, init_record, scoped_targets
+    from milora.init.quantize import check_quantization
     from milora.io import check_replaceable
-    from milora.models import load_pretrained_model
-    from milora.persistence import save_adapter
-    from milora.quantization import check_quantization
+    from milora.models import load_pretrained_model, refuse_quantized_checkpoint
 
     output = Path(args.output)
     if output.exists() and not output.is_dir():
@@ -78,7 +73,7 @@ def _run_init(args) -> int:
     if args.quantize and args.save_residual:
         raise ModelError("--save-residual writes the residual model in full precision: it cannot be combined with "
                          "--quantize (the saved adapter loads onto the full-precision base either way).")
-    _refuse_quantized_checkpoint(args.model, "decomposes full-precision weights; --quantize quantises the residual "
+    refuse_quantized_checkpoint(args.model, "decomposes full-precision weights; --quantize quantises the residual "
                                  "after the init")
     model = load_pretrained_model(args.model, dtype=args.dtype)
     names = [name.strip() for name in args.target_modules.split(",") if name.strip()]
@@ -107,53 +102,3 @@ def _run_init(args) -> int:
     return 0
 
 
-def _refuse_quantized_checkpoint(model: str | None, why: str) -> None:
-    from milora.errors import ModelError
-    from milora.models import checkpoint_quantization
-
-    method = checkpoint_quantization(model)
-    if method is not None:
-        raise ModelError(f"{model} is a quantised checkpoint ({method}), but milora {why}. Give the original "
-                         "full-precision checkpoint.")
-
-
-def _add_merge(subparsers) -> None:
-    parser = subparsers.add_parser("merge", help="fold a saved adapter into the base model and save the full model")
-    parser.add_argument("adapter", help="adapter directory written by milora")
-    parser.add_argument("--model", default=None, help="original base model (default: embedded SmolLM2)")
-    parser.add_argument("--output", required=True, help="directory to create for the merged model")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
-    parser.set_defaults(handler=_run_merge)
-
-
-def _run_merge(args) -> int:
-    from pathlib import Path
-
-    from milora.errors import OutputExistsError
-    from milora.io import staged_directory
-    from milora.models import (
-        is_vision_language_model,
-        load_pretrained_model,
-        load_processor,
-        load_tokenizer,
-        resolve_model_path,
-    )
-    from milora.persistence import load_model
-
-    output = Path(args.output)
-    if output.exists():
-        raise OutputExistsError(f"{output} already exists; choose another --output.")
-    _refuse_quantized_checkpoint(args.model, "merge needs the full-precision base the adapter belongs to (an adapter "
-                                 "trained on a quantised base is saved for the full-precision one, and merging into "
-                                 "quantised weights would round the update away)")
-    model = load_pretrained_model(args.model, dtype=args.dtype)
-    merged = load_model(model, args.adapter).merge_and_unload()
-    source = Path(resolve_model_path(args.model))
-    has_tokenizer = not source.is_dir() or any((source / f).exists()
-                                               for f in ("tokenizer.json", "tokenizer_config.json"))
-    with staged_directory(output) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
-        if has_tokenizer:  # keep the merged directory self-contained: tokenizer, or processor for image-text-to-text
-            (load_processor if is_vision_language_model(model) else load_tokenizer)(args.model).save_pretrained(staging)
-    print(f"merged model saved to {output}")
-    return 0

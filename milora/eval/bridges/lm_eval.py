@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
-from milora.eval.harness import primary_metric, run_tasks
+from milora.eval.bridges.harness import primary_metric, run_tasks
 from milora.eval.registry import Job, TaskResult, register
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.predictions import load_predictions, reject_generation_options
 from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.scoring.predictions import load_predictions, reject_generation_options
 from milora.io import read_records
 from milora.prompts import TEMPLATE_NAMES, instruction_prompts
 

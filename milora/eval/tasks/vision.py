@@ -16,7 +16,7 @@ Protocol (LLaVA-1.5's evaluation prompts): the question as a user turn after the
 placeholder, followed by "Answer the question using a single word or phrase." (vqa, pope) or the
 lettered options and "Answer with the option's letter from the given choices directly."
 (mcq-image), rendered with the processor's chat template; greedy decoding; scoring in
-`milora.eval.vqa_grading`. Every image is checked before the model runs.
+`milora.eval.scoring.vqa_grading`. Every image is checked before the model runs.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from milora.errors import DataError, DataNotFoundError
-from milora.eval import vqa_grading
-from milora.eval.benchmarks import dataset_name
 from milora.eval.generation import generate_with_images
 from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.scoring import vqa_grading
+from milora.eval.tasks.benchmarks import dataset_name
+from milora.images import check_image, split_placeholders
 from milora.io import read_records
 from milora.prompts import MCQ_LETTER_ANSWER, VQA_SHORT_ANSWER, apply_chat_template, image_question
-from milora.training.vision_data import check_image, split_placeholders
 
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "pope": 8, "mcq-image": 8}
 _LETTERS = "ABCDEFGHIJ"

@@ -1,0 +1,252 @@
+"""Reading saved adapters back: checked, onto the ORIGINAL base, for inference, training further or resuming.
+
+Every reader checks what `milora.adapter.format` promises before a tensor is used: finite
+weights, the checksum, the two configs agreeing, the base's fingerprint, every tensor's shape.
+`load_model` rebuilds the residual base W - s B0 A0 from the saved initial factors, without any
+SVD; ``load_model(..., quantization=method)`` rebuilds the same quantised residual an adapter
+was trained on. Weights are read as safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from milora.adapter.format import (
+    READABLE_VERSIONS,
+    check_configs_agree,
+    check_finite,
+    decode_factors,
+    factor_keys,
+    rank_factor,
+    saved_module_key,
+    trainable_config,
+    weights_checksum,
+)
+from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
+from milora.errors import AdapterError, AdapterNotFoundError
+from milora.init import (
+    InitRecord,
+    attach_record,
+    fingerprint,
+    init_record,
+    lora_layers,
+    rank_for,
+    saved_module_copies,
+    saved_modules,
+    set_adapter_factors,
+    target_modules,
+    weight_matrix,
+)
+from milora.init.quantize import check_quantizable, quantize_peft_model
+
+
+def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of any LoRA adapter directory (milora or plain PEFT), checked to be finite.
+
+    safetensors only: a pickled ``adapter_model.bin`` is refused (loading it can run code).
+    """
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        pickled = " (it has a pickled adapter_model.bin, which milora does not load: convert it to safetensors)" \
+            if (adapter_dir / "adapter_model.bin").exists() else ""
+        raise AdapterNotFoundError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}{pickled}.")
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path} is corrupt ({error}); re-save the adapter.") from error
+    check_finite(weights, path)
+    return weights
+
+
+def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike) -> PeftModel:
+    """Any saved LoRA adapter loaded by PEFT itself onto the ORIGINAL base (for a milora adapter:
+    its rank-2r update), after milora's checks: finite weights, and for milora adapters the
+    checksum, the two configs agreeing and the base fingerprint. ``base_model`` is wrapped in place."""
+    adapter_dir = Path(adapter_dir)
+    if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
+        read_adapter_weights(adapter_dir)
+    else:  # a milora adapter, or read_adapter's error naming what is missing
+        saved_config, _, metadata = read_adapter(adapter_dir)
+        check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
+    try:
+        return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
+        raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from None
+
+
+def is_plain_peft_adapter(adapter_dir: str | os.PathLike) -> bool:
+    """A PEFT adapter directory without milora's metadata (one PEFT itself loads, on any base)."""
+    adapter_dir = Path(adapter_dir)
+    return (adapter_dir / ADAPTER_CONFIG).is_file() and not (adapter_dir / MILORA_CONFIG).is_file()
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
+    """Read and check a milora adapter directory: (saved LoRA config, weights, milora metadata)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterNotFoundError(f"Adapter directory {adapter_dir} does not exist.")
+    for filename in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG):
+        if not (adapter_dir / filename).is_file():
+            hint = (" (a plain PEFT adapter? load it with peft.PeftModel.from_pretrained)"
+                    if filename == MILORA_CONFIG else "")
+            raise AdapterNotFoundError(
+                f"{adapter_dir} has no {filename}: it is not a complete milora adapter directory{hint}. "
+                "Save adapters with milora.save_adapter."
+            )
+    try:
+        metadata = json.loads((adapter_dir / MILORA_CONFIG).read_text())
+        json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise AdapterError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
+    if metadata.get("format_version") not in READABLE_VERSIONS:
+        raise AdapterError(
+            f"{adapter_dir / MILORA_CONFIG} has format_version {metadata.get('format_version')!r}; "
+            f"this milora reads versions {', '.join(map(str, READABLE_VERSIONS))}."
+        )
+    weights = read_adapter_weights(adapter_dir)
+    if metadata["format_version"] >= 2 and weights_checksum(weights) != metadata.get("weights_sha256"):
+        raise AdapterError(
+            f"{adapter_dir / ADAPTER_WEIGHTS} does not match the checksum recorded in {MILORA_CONFIG}: the file was "
+            "corrupted or replaced after saving. Re-save the adapter (or restore the file from a backup)."
+        )
+    check_configs_agree(config, metadata, adapter_dir)
+    return config, weights, metadata
+
+
+def load_model(
+    base_model: torch.nn.Module,
+    adapter_dir: str | os.PathLike,
+    is_trainable: bool = False,
+    device: str | torch.device | None = None,
+    adapter_name: str = "default",
+    quantization: str | None = None,
+) -> PeftModel:
+    """Rebuild a saved adapter on the ORIGINAL base model: residual weights + rank-r adapter.
+
+    The result equals the model that was saved (same outputs to the rounding of the residual)
+    and can continue training with ``is_trainable=True``. The base model is modified in place.
+    ``quantization`` (nf4, fp4, int8) quantises the rebuilt base with bitsandbytes as
+    `milora.get_model` does: with the method in the adapter's ``milora_config.json``
+    (``quantization.method``) it is the quantised residual the adapter was trained on.
+    """
+    adapter_dir = Path(adapter_dir)
+    saved_config, weights, metadata = read_adapter(adapter_dir)
+    lora_config = trainable_config(saved_config, metadata)
+    lora_config.inference_mode = not is_trainable
+    modules = target_modules(base_model, lora_config)
+    check_fingerprint(modules, metadata, adapter_dir)
+    _check_weight_shapes(modules, saved_modules(base_model, lora_config), weights, lora_config, metadata,
+                         adapter_dir)
+    if quantization is not None:
+        check_quantizable(base_model, modules, quantization)
+
+    peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
+    record = InitRecord(
+        init=metadata["init"], solver=metadata["solver"], seed=metadata["seed"], fingerprint=metadata["fingerprint"],
+        report=metadata["report"], measured=metadata.get("measured", {}),
+    )
+    for name, layer in lora_layers(peft_model).items():
+        factors = decode_factors(weights, name, layer.r[adapter_name], record.init)
+        if factors.A0 is None:
+            layer.lora_A[adapter_name].weight.data.copy_(factors.A)
+            layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+            continue
+        set_adapter_factors(layer, adapter_name, factors.A, factors.B, factors.A0, factors.B0, device=device)
+        record.initial_factors[name] = (factors.A0.clone(), factors.B0.clone())
+    _load_saved_modules(peft_model, weights, adapter_name)
+    attach_record(peft_model, record)
+    if quantization is not None:
+        peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
+
+
+def check_fingerprint(modules: dict, metadata: dict, adapter_dir) -> None:
+    """Refuse base modules other than the original ones the adapter was initialised from."""
+    found, expected = fingerprint(modules), metadata["fingerprint"]
+    low_precision = weight_matrix(next(iter(modules.values()))).dtype in (torch.bfloat16, torch.float16)
+    if found["float32"] == expected["float32"] or (low_precision and found["bfloat16"] == expected["bfloat16"]):
+        return
+    raise AdapterError(
+        f"The adapter in {adapter_dir} was initialised from different base weights (fingerprint "
+        f"{expected['float32'][:12]}, this model {found['float32'][:12]}). Load the original base model it was made "
+        "from (not a residual or merged model, not another checkpoint)."
+    )
+
+
+def _load_saved_modules(peft_model: PeftModel, weights: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy the saved ``modules_to_save`` weights into the model's trainable copies of those modules."""
+    for name, module in saved_module_copies(peft_model, adapter_name).items():
+        module.load_state_dict({key: weights[saved_module_key(name, key)] for key in module.state_dict()})
+
+
+def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config: LoraConfig, metadata: dict,
+                         adapter_dir) -> None:
+    """Every LoRA factor and ``modules_to_save`` tensor present with its shape, and nothing else."""
+    factor = rank_factor(metadata["init"])
+    expected = {saved_module_key(name, key): tuple(value.shape) for name, module in saved.items()
+                for key, value in module.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in weights or tuple(weights[key].shape) != shape:
+            found = tuple(weights[key].shape) if key in weights else "nothing"
+            raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS}: the modules_to_save tensor {key} should have shape "
+                               f"{shape}, found {found}; the file is incomplete or belongs to another model.")
+    expected_keys = set(expected)
+    for name, module in modules.items():
+        out_features, in_features = weight_matrix(module).shape
+        saved_rank = factor * rank_for(lora_config, name)
+        for key, shape in zip(factor_keys(name), ((saved_rank, in_features), (out_features, saved_rank)), strict=True):
+            expected_keys.add(key)
+            if key not in weights:
+                raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; "
+                                   "re-save the adapter.")
+            if tuple(weights[key].shape) != shape:
+                raise AdapterError(
+                    f"{adapter_dir / ADAPTER_WEIGHTS}: {key} has shape {tuple(weights[key].shape)}, expected {shape}; "
+                    "the file does not belong to this configuration."
+                )
+    unexpected = sorted(set(weights) - expected_keys)
+    if unexpected:
+        raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} has unexpected tensors {unexpected[:3]}: "
+                           "this milora cannot load them.")
+
+
+def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Copy the trainable factors saved in ``adapter_dir`` into an initialised model (resuming).
+
+    The checkpoint's initial factors must equal the model's, so the residual base matches.
+    """
+    record = init_record(peft_model)
+    _, weights, metadata = read_adapter(adapter_dir)
+    if metadata["init"] != record.init:
+        raise AdapterError(f"{adapter_dir} holds an init={metadata['init']!r} adapter, "
+                           f"the model is init={record.init!r}.")
+    trained_on = (metadata.get("quantization") or {}).get("method")
+    if trained_on != record.quantization_method:
+        raise AdapterError(
+            f"{adapter_dir} was trained on a {trained_on or 'full-precision'} base, this model's base is "
+            f"{record.quantization_method or 'full-precision'}: build the model with quantization={trained_on!r}."
+        )
+    for name, layer in lora_layers(peft_model).items():
+        factors = decode_factors(weights, name, layer.r[adapter_name], record.init)
+        if factors.A0 is not None:
+            A0, B0 = record.initial_factors[name]
+            if not (torch.equal(factors.A0, A0.to(factors.A0.dtype))
+                    and torch.equal(factors.B0, B0.to(factors.B0.dtype))):
+                raise AdapterError(
+                    f"{adapter_dir} was trained from a different initialisation than this model (module {name}); "
+                    "build the model with the same base, config and init before resuming."
+                )
+        layer.lora_A[adapter_name].weight.data.copy_(factors.A)
+        layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+    _load_saved_modules(peft_model, weights, adapter_name)

@@ -1,0 +1,113 @@
+"""`save_adapter`: a trained (or freshly initialised) milora model written in the format of `milora.adapter.format`.
+
+Writes go to a staging directory that is renamed into place, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from milora.adapter.format import (
+    FORMAT_VERSION,
+    check_finite,
+    encode_update,
+    saved_config,
+    target_list,
+    weights_checksum,
+)
+from milora.constants import ADAPTER_WEIGHTS, MILORA_CONFIG
+from milora.errors import AdapterError, OutputExistsError
+from milora.init import init_record
+from milora.io import check_replaceable, staged_directory
+
+
+def save_adapter(
+    peft_model: PeftModel,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    save_residual: bool = False,
+    adapter_name: str = "default",
+) -> Path:
+    """Write the adapter in milora's format (`milora.adapter.format`); returns the directory.
+
+    ``state_dict``: the full model state dict when parameters are sharded (DeepSpeed ZeRO-3,
+    FSDP), as transformers' Trainer passes it; by default the model's own parameters.
+    """
+    record = init_record(peft_model)
+    if save_residual and record.quantization:
+        raise AdapterError(
+            f"save_residual writes the residual model in full precision, but this model's base is quantised "
+            f"({record.quantization_method}). Save without it: the adapter loads onto the full-precision base, and "
+            f"milora.load_model(base, dir, quantization={record.quantization_method!r}) rebuilds the quantised "
+            "residual."
+        )
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputExistsError(f"{output_dir} is a file, not a directory: choose another path for the adapter.")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{output_dir} already exists and is not empty: choose another directory or pass "
+                                    "overwrite=True.")
+        check_replaceable(output_dir)  # overwrite replaces only what milora wrote
+    trained_config = peft_model.peft_config[adapter_name]
+    weights = {k: v.detach().cpu().contiguous()
+               for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
+    weights = encode_update(weights, record.initial_factors)
+    config = saved_config(trained_config, record.init)
+    check_finite(weights, output_dir / ADAPTER_WEIGHTS)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "weights_sha256": weights_checksum(weights),
+        "target_modules": target_list(trained_config.target_modules),
+        "modules_to_save": target_list(trained_config.modules_to_save),
+        "init": record.init,
+        "solver": record.solver,
+        "seed": record.seed,
+        "r": trained_config.r,
+        "lora_alpha": trained_config.lora_alpha,
+        "use_rslora": trained_config.use_rslora,
+        "rank_pattern": dict(trained_config.rank_pattern),
+        "alpha_pattern": dict(trained_config.alpha_pattern),
+        "fingerprint": record.fingerprint,
+        "quantization": record.quantization,
+        "layout": "PEFT LoRA on the original base; rank 2r = [trainable | initial] unless init is 'lora'",
+        "summary": record.summary(),
+        "measured": record.measured,
+        "report": record.report,
+    }
+    with staged_directory(output_dir, replace=overwrite) as staging:
+        config.save_pretrained(staging)
+        save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (staging / MILORA_CONFIG).write_text(json.dumps(_json_safe(metadata), indent=2) + "\n")
+        if save_residual:
+            _save_residual(peft_model, staging, adapter_name)
+    return output_dir
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str) -> None:
+    """The paper's layout: residual base model and the rank-r adapter that goes with it."""
+    base = peft_model.get_base_model()
+    # modules_to_save: the original module goes into the residual model, the trained copy into the adapter
+    residual_state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+                      for k, v in base.state_dict().items() if "lora_" not in k and ".modules_to_save." not in k}
+    base.save_pretrained(directory / "residual_model", state_dict=residual_state, safe_serialization=True)
+    PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])

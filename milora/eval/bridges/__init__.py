@@ -1,0 +1,1 @@
+"""Bridges to the field's harnesses: lm-evaluation-harness and lmms-eval."""

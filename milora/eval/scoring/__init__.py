@@ -1,0 +1,1 @@
+"""Scoring: answer extraction and grading, the judge, the code sandbox, answers made elsewhere."""

@@ -1,0 +1,1 @@
+"""Evaluation tasks: each module registers its tasks with `milora.eval.registry.register`."""
