@@ -77,11 +77,7 @@ def get_model(
     with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
     layers (see `milora.init.quantize`); the saved adapter is still for the full-precision base.
     """
-    validate_lora_config(lora_config, init)
-    if null_space not in NULL_SPACE_STARTS:
-        raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}.")
+    check_init_options(lora_config, init, null_space, seed)
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
     warn_outside_language_model(model, lora_config.target_modules, modules)
@@ -107,6 +103,15 @@ def get_model(
 
         peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
     return peft_model
+
+
+def check_init_options(lora_config: LoraConfig, init: str, null_space: str, seed: int) -> None:
+    """The options of an init, checked before anything is read or changed."""
+    validate_lora_config(lora_config, init)
+    if null_space not in NULL_SPACE_STARTS:
+        raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}.")
 
 
 def _undo(peft_model: PeftModel, record: InitRecord, adapter: str, error: BaseException) -> None:
