@@ -143,8 +143,9 @@ def stream_init(
     warn_outside_language_model(model, lora_config.target_modules, modules)
     resolve_solver(solver, init)
     check_devices(solver, workers, device, {"cpu"})
-    targets = _resolve_targets(model, modules, lora_config, checkpoint)
-    saved_tensors = {(name, key): _read(checkpoint, _checkpoint_key(model, f"{name}.{key}", checkpoint), dtype)
+    names = checkpoint_names(model, checkpoint)
+    targets = _resolve_targets(model, modules, lora_config, names, checkpoint)
+    saved_tensors = {(name, key): _read(checkpoint, _checkpoint_key(model, f"{name}.{key}", names, checkpoint), dtype)
                      for name, module in saved.items() for key in module.state_dict()}
     work_dir = work_directory(output)
     command = _command(model_dir, checkpoint, lora_config, targets, init, solver, seed, null_space, device, dtype,
@@ -174,14 +175,14 @@ def stream_init(
 
 
 def _resolve_targets(model: torch.nn.Module, modules: dict[str, torch.nn.Module], lora_config: LoraConfig,
-                     checkpoint: Checkpoint) -> list[Target]:
+                     names: dict[str, str], checkpoint: Checkpoint) -> list[Target]:
     """The targets in name order (`lora_layers`' order, which sets each weight's seed), each checked against
     the checkpoint: a tensor present (under the module's name or a tied alias), of its shape, floating."""
     headers = {}
     targets = []
     for index, name in enumerate(sorted(modules)):
         module = modules[name]
-        key = _checkpoint_key(model, f"{name}.weight", checkpoint)
+        key = _checkpoint_key(model, f"{name}.weight", names, checkpoint)
         shard = checkpoint.weight_map[key]
         entry = (headers.setdefault(shard, checkpoint.header(shard)[0]))[key]
         if entry.shape != list(module.weight.shape):
@@ -198,13 +199,33 @@ def _resolve_targets(model: torch.nn.Module, modules: dict[str, torch.nn.Module]
     return targets
 
 
-def _checkpoint_key(model: torch.nn.Module, parameter: str, checkpoint: Checkpoint) -> str:
-    """The checkpoint's name for a parameter of ``model``: its own, or that of a parameter tied to it."""
-    if parameter in checkpoint.weight_map:
-        return parameter
+def checkpoint_names(model: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """Each parameter name of ``model`` -> the checkpoint's name for it, renamed as transformers renames keys
+    on loading (e.g. LLaVA's ``language_model.model.layers`` -> ``model.language_model.layers``); tensors that
+    transformers converts (fuses, splits) on loading keep no entry."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [entry for entry in transforms if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in transforms if isinstance(entry, WeightConverter)]
+    meta_state = model.state_dict()
+    names = {}
+    for key in checkpoint.weight_map:
+        renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if renamed not in meta_state and key in meta_state:
+            renamed, converted = key, None
+        if converted is None:
+            names.setdefault(renamed, key)
+    return names
+
+
+def _checkpoint_key(model: torch.nn.Module, parameter: str, names: dict[str, str], checkpoint: Checkpoint) -> str:
+    """The checkpoint's name for a parameter of ``model`` (``names``: `checkpoint_names`), or that of a
+    parameter tied to it."""
     tensor = model.get_parameter(parameter) if parameter.endswith(".weight") else None
-    aliases = [name for name, p in model.named_parameters(remove_duplicate=False) if p is tensor]
-    found = next((alias for alias in aliases if alias in checkpoint.weight_map), None)
+    aliases = [parameter, *(name for name, p in model.named_parameters(remove_duplicate=False) if p is tensor)]
+    found = next((names[alias] for alias in aliases if alias in names), None)
     if found is None:
         example = next(iter(checkpoint.weight_map))
         raise ModelError(f"{checkpoint.directory} has no tensor {parameter} (nor a tied alias of it), which the "
