@@ -263,6 +263,7 @@ def train(
 
 def _build(config: TrainConfig, state):
     """Base model, data (and its collator) and the initialised adapter of a run (nothing written)."""
+    from milora.adapter.load import load_start
     from milora.init import get_model
     from milora.models import is_vision_language_model, load_base_model
 
@@ -283,10 +284,14 @@ def _build(config: TrainConfig, state):
     set_seed(config.seed)  # PEFT's random init (init: lora) draws from the global generator
     svd_device = state.device if state.device.type != "cpu" else None
     try:
-        peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
-                               device=svd_device, seed=config.seed, progress=state.is_main_process,
-                               null_space=config.null_space, quantization=config.quantization)
-    except ValueError as error:  # e.g. a target module the model lacks, a rank too large for a layer
+        if config.init_from is not None:  # decompose once: the saved start's factors, no SVD
+            peft_model = load_start(model, config.init_from, build_lora_config(config, model), config.init,
+                                    config.seed, device=svd_device, quantization=config.quantization)
+        else:
+            peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
+                                   device=svd_device, seed=config.seed, progress=state.is_main_process,
+                                   null_space=config.null_space, quantization=config.quantization)
+    except ValueError as error:  # e.g. a target module the model lacks, a rank too large, a start of another run
         raise ConfigError(f"cannot build the adapter: {error}") from None
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
