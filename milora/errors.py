@@ -2,7 +2,10 @@
 
 Each message names the problem and the fix. All are ``ValueError`` subclasses (bad values);
 the "not found" / "exists" ones are also the matching ``OSError``. The command line catches
-`MiloraError` once, prints ``milora <command>: error: <message>`` and exits with status 2.
+`MiloraError` once, prints ``milora <command>: error: <message>`` and exits with status 2
+(``milora --debug`` or ``MILORA_DEBUG=1`` also prints the traceback with its chained causes).
+
+Raise them ``from`` the error they translate, so that the cause survives for ``--debug``.
 """
 
 
@@ -12,6 +15,10 @@ class MiloraError(ValueError):
 
 class ConfigError(MiloraError):
     """A run or sweep configuration that cannot be run (unknown key, wrong type, bad value)."""
+
+
+class UsageError(ConfigError):
+    """An option or argument used wrongly: a bad value, or options that cannot go together."""
 
 
 class DataError(MiloraError):

@@ -36,7 +36,7 @@ def check_image(path: Path, index: int) -> None:
             mode = image.mode
             image.verify()  # structure and checksums, without decoding every pixel
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"record {index}: image {path} is unreadable or corrupt ({error}).") from None
+        raise DataError(f"record {index}: image {path} is unreadable or corrupt ({error}).") from error
     if mode not in SUPPORTED_MODES:
         raise DataError(f"record {index}: image {path} has mode {mode!r}, which milora does not convert to RGB: "
                         f"save it as RGB (supported modes: {', '.join(SUPPORTED_MODES)}).")
@@ -50,4 +50,4 @@ def load_image(path: Path, index: int):
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as error:
-        raise DataError(f"record {index}: image {path} cannot be decoded ({error}).") from None
+        raise DataError(f"record {index}: image {path} cannot be decoded ({error}).") from error

@@ -141,7 +141,7 @@ def read_text(path: str | os.PathLike) -> str:
         raise DataError(
             f"{path} is not UTF-8 text (byte {error.start} is {error.object[error.start:error.start + 1]!r}): "
             "convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`."
-        ) from None
+        ) from error
 
 
 def read_records(path: str | os.PathLike, single_object: bool = False) -> list[dict[str, Any]]:
@@ -172,7 +172,7 @@ def _read_parquet(path: Path) -> list:
     try:
         return pq.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as error:
-        raise DataError(f"{path} is not a readable Parquet file: {error}") from None
+        raise DataError(f"{path} is not a readable Parquet file: {error}") from error
 
 
 def _parse_json(path: Path, text: str, single_object: bool) -> list:
@@ -180,7 +180,7 @@ def _parse_json(path: Path, text: str, single_object: bool) -> list:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg != "Extra data":  # a .json file holding JSON Lines is common (and what datasets accepts)
-            raise DataError(f"{path} is not valid JSON: {error}") from None
+            raise DataError(f"{path} is not valid JSON: {error}") from error
         return _parse_json_lines(path, text)
     if isinstance(data, dict) and single_object:
         return [data]
@@ -196,7 +196,7 @@ def _parse_json_lines(path: Path, text: str) -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from None
+                raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from error
     return records
 
 
@@ -228,9 +228,9 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
     try:
         values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
     except DataError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(str(error)) from error
     if values is None:
         raise ConfigError(f"{path} is empty" + (f": {needs}." if needs else "."))
     if not isinstance(values, dict):

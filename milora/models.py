@@ -36,7 +36,7 @@ def check_device(device: str | torch.device) -> None:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         raise ModelError(f"device={str(device)!r} is not usable on this machine ({error}); "
-                         "use 'cpu' or omit it.") from None
+                         "use 'cpu' or omit it.") from error
 
 
 def cache_dir() -> Path:
@@ -111,7 +111,7 @@ def _from_pretrained(loader, name_or_path, **kwargs):
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:  # missing or unreadable files, an offline hub
-        raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from None
+        raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from error
 
 
 def is_vision_language_config(config) -> bool:

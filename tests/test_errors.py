@@ -11,6 +11,7 @@ from peft import LoraConfig
 
 import milora
 import milora.adapter.save
+from milora.errors import UsageError
 
 from conftest import LLAMA_TARGETS, tiny_llama
 
@@ -106,7 +107,7 @@ def test_model_already_wrapped_and_bad_seed(tmp_path):
     for model in (peft_model, peft_model.get_base_model()):
         with pytest.raises(ValueError, match="already holds PEFT adapter layers; milora needs the original base model"):
             milora.get_model(model, config())
-    with pytest.raises(TypeError, match="seed must be an integer, got 'x'"):
+    with pytest.raises(UsageError, match="seed must be an integer, got 'x'"):
         milora.get_model(tiny_llama(), config(), init="random", seed="x")
     (tmp_path / "file").write_text("mine")
     for overwrite in (False, True):
@@ -117,9 +118,9 @@ def test_model_already_wrapped_and_bad_seed(tmp_path):
 
 def test_bad_workers_and_cpu_only_options():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+    with pytest.raises(UsageError, match="workers must be a positive integer, got 0"):
         milora.get_model(model, config(), workers=0)
-    with pytest.raises(ValueError, match="workers must be a positive integer, got True"):
+    with pytest.raises(UsageError, match="workers must be a positive integer, got True"):
         milora.get_model(model, config(), workers=True)
     with pytest.raises(ValueError, match=r"The lanczos solver runs on CPU, but decompositions would run on \['meta'\]"):
         milora.get_model(model, config(), solver="lanczos", device="meta")

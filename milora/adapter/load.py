@@ -79,7 +79,7 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
     try:
         return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
-        raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from None
+        raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from error
 
 
 def is_plain_peft_adapter(adapter_dir: str | os.PathLike) -> bool:

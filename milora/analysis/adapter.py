@@ -25,7 +25,7 @@ def _open_adapter(base_model: torch.nn.Module, adapter_dir: Path) -> tuple[PeftM
         try:
             config, init = LoraConfig.from_pretrained(str(adapter_dir)), "peft"
         except (TypeError, ValueError) as error:
-            raise AdapterError(f"{adapter_dir} has an unreadable {ADAPTER_CONFIG} ({error}).") from None
+            raise AdapterError(f"{adapter_dir} has an unreadable {ADAPTER_CONFIG} ({error}).") from error
         if config.use_dora:
             raise AdapterError(f"{adapter_dir} is a DoRA adapter: its update is not B A; "
                                "milora analyses LoRA adapters.")

@@ -104,10 +104,10 @@ def _task_options(args) -> dict:
     if args.pass_k is not None:
         try:
             chosen["pass_k"] = tuple(int(k) for k in args.pass_k.split(","))
-        except ValueError:
-            from milora.errors import DataError
+        except ValueError as error:
+            from milora.errors import UsageError
 
-            raise DataError(f"--pass-k takes comma-separated integers such as 1,10 (got {args.pass_k!r}).") from None
+            raise UsageError(f"--pass-k takes comma-separated integers such as 1,10 (got {args.pass_k!r}).") from error
     return {key: value for key, value in chosen.items() if value is not None}
 
 
@@ -131,9 +131,9 @@ def _run_eval(args) -> int:
     output = check_output_file(args.output or f"{label}-{slug}.json")
     model = tokenizer = chat_template = None
     if args.predictions is not None and (args.adapter or args.model or args.chat_template):
-        from milora.errors import DataError
+        from milora.errors import UsageError
 
-        raise DataError("--predictions scores answers made elsewhere: drop --model / --adapter / --chat-template.")
+        raise UsageError("--predictions scores answers made elsewhere: drop --model / --adapter / --chat-template.")
     if args.chat_template is not None:
         from milora.prompts import resolve_chat_template
 

@@ -55,7 +55,7 @@ def _run_init(args) -> int:
     from peft import LoraConfig
 
     from milora.adapter.save import save_adapter
-    from milora.errors import ModelError, OutputExistsError
+    from milora.errors import OutputExistsError, UsageError
     from milora.init import get_model, init_record, scoped_targets
     from milora.init.quantize import check_quantization
     from milora.io import check_replaceable
@@ -71,7 +71,7 @@ def _run_init(args) -> int:
         check_replaceable(output)
     check_quantization(args.quantize)
     if args.quantize and args.save_residual:
-        raise ModelError("--save-residual writes the residual model in full precision: it cannot be combined with "
+        raise UsageError("--save-residual writes the residual model in full precision: it cannot be combined with "
                          "--quantize (the saved adapter loads onto the full-precision base either way).")
     refuse_quantized_checkpoint(args.model, "decomposes full-precision weights; --quantize quantises the residual "
                                  "after the init")

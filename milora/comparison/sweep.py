@@ -154,7 +154,7 @@ def _validate(values: Mapping[str, Any]) -> SweepConfig:
         for problem in error.errors(include_url=False):
             where = ".".join(str(part) for part in problem["loc"])
             messages.append(f"'{where}': {problem['msg']} (got {problem.get('input')!r})")
-        raise ConfigError("invalid sweep: " + "; ".join(messages)) from None
+        raise ConfigError("invalid sweep: " + "; ".join(messages)) from error
 
 
 def load_sweep(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> Sweep:

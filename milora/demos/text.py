@@ -35,8 +35,9 @@ def make_task(task: str, options: dict[str, Any], train_size: int, eval_size: in
     """
     try:
         import reasoning_gym
-    except ImportError:
-        raise MiloraError("The demo's task data comes from `reasoning-gym`: run `pip install reasoning-gym`.") from None
+    except ImportError as error:
+        raise MiloraError("The demo's task data comes from `reasoning-gym`: "
+                          "run `pip install reasoning-gym`.") from error
     held_out = reasoning_gym.create_dataset(task, size=eval_size, seed=seed + 1, **options)
     held_out_questions = {entry["question"] for entry in held_out}
     draws = train_size + eval_size

@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from milora.errors import ModelError
+from milora.errors import ModelError, UsageError
 from milora.init.layers import lora_layers, restore_weight, set_adapter_factors
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.record import InitRecord, attach_record
@@ -80,7 +80,7 @@ def get_model(
     if null_space not in NULL_SPACE_STARTS:
         raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}.")
+        raise UsageError(f"seed must be an integer, got {seed!r}.")
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
     warn_outside_language_model(model, lora_config.target_modules, modules)
@@ -136,7 +136,7 @@ def _release_freed_memory() -> None:
 def _check_devices(solver: str, workers: int | None, device, modules: dict[str, torch.nn.Module]) -> None:
     """Options that only work for decompositions on CPU, checked before the model is modified."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ModelError(f"workers must be a positive integer, got {workers!r}.")
+        raise UsageError(f"workers must be a positive integer, got {workers!r}.")
     if device is not None:
         check_device(device)
     devices = ({torch.device(device).type} if device is not None

@@ -191,9 +191,9 @@ def largest_eigenpairs(
     shifted = projected[:dim, :dim] + 1e-8 * abs(values[-1]) * np.eye(dim)
     try:
         lapack.cholesky(shifted)
-    except np.linalg.LinAlgError:
+    except np.linalg.LinAlgError as error:
         message = f"the operator is not positive semi-definite (largest Ritz value {values[-1]:.1e})"
-        raise np.linalg.LinAlgError(message) from None
+        raise np.linalg.LinAlgError(message) from error
     if not np.all(np.isfinite(values)):
         raise np.linalg.LinAlgError("non-finite Ritz values")
     return values, lapack.matmul(ritz, basis[:dim], transpose_a=True)

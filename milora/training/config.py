@@ -260,7 +260,7 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     try:
         config = TrainConfig.model_validate(dict(values))
     except ValidationError as error:
-        raise ConfigError(" ".join(_message(e) for e in error.errors(include_url=False))) from None
+        raise ConfigError(" ".join(_message(e) for e in error.errors(include_url=False))) from error
     _check_consistency(config)
     _check_trainer_args(config.trainer_args)
     return config
@@ -351,7 +351,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         try:
             parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error}).") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error}).") from error
     return parsed
 
 

@@ -87,7 +87,7 @@ def _check_output_dir(config: TrainConfig) -> str | None:
         try:
             check_replaceable(output_dir)
         except OutputError as error:
-            raise ConfigError(f"overwrite_output_dir is true but {error}") from None
+            raise ConfigError(f"overwrite_output_dir is true but {error}") from error
     return None
 
 
@@ -134,7 +134,7 @@ def _check_resume_quantization(config: TrainConfig, checkpoint: Path) -> None:
     try:
         metadata = json.loads((checkpoint / MILORA_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"cannot resume from {checkpoint}: its {MILORA_CONFIG} is unreadable ({error}).") from None
+        raise ConfigError(f"cannot resume from {checkpoint}: its {MILORA_CONFIG} is unreadable ({error}).") from error
     trained_on = (metadata.get("quantization") or {}).get("method")
     if trained_on != config.quantization:
         raise ConfigError(
@@ -158,7 +158,7 @@ def _check_environment(config: TrainConfig) -> None:
         try:
             check_quantization(config.quantization)
         except ModelError as error:
-            raise ConfigError(str(error)) from None
+            raise ConfigError(str(error)) from error
 
 
 def _multi_process_cpu() -> bool:
@@ -270,7 +270,7 @@ def _build(config: TrainConfig, state):
     try:
         model, tokenizer = load_base_model(config.model, dtype=config.dtype)
     except ModelError as error:
-        raise ConfigError(f"cannot load model {config.model!r}: {error}") from None
+        raise ConfigError(f"cannot load model {config.model!r}: {error}") from error
     text_config = model.config.get_text_config()
     positions = getattr(text_config, "max_position_embeddings", None)
     if positions is not None and config.cutoff_len > positions:
@@ -286,8 +286,8 @@ def _build(config: TrainConfig, state):
         peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
                                device=svd_device, seed=config.seed, progress=state.is_main_process,
                                null_space=config.null_space, quantization=config.quantization)
-    except ValueError as error:  # e.g. a target module the model lacks, a rank too large for a layer
-        raise ConfigError(f"cannot build the adapter: {error}") from None
+    except ModelError as error:  # e.g. a target module the model lacks, a rank too large for a layer
+        raise ConfigError(f"cannot build the adapter: {error}") from error
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
               "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)

