@@ -15,9 +15,19 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from milora.constants import DTYPE_NAMES, EMBEDDED_MODEL
@@ -194,12 +204,34 @@ def load_processor(name_or_path: str | None = None):
     return processor
 
 
-def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
-    """``(model, tokenizer)`` for a causal LM, ``(model, processor)`` for an image-text-to-text
-    model; ``name_or_path=None`` is the embedded SmolLM2."""
+class BaseModel(NamedTuple):
+    """A loaded base model and what prepares its inputs: ``model, preprocessor = load_base_model()``.
+
+    ``preprocessor`` is the tokenizer of a causal LM, the processor (image processor + tokenizer)
+    of an image-text-to-text model; milora's training and evaluation take either.
+    """
+
+    model: PreTrainedModel
+    preprocessor: PreTrainedTokenizerBase | ProcessorMixin
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The text tokenizer, for either kind of model."""
+        return getattr(self.preprocessor, "tokenizer", self.preprocessor)
+
+    @property
+    def processor(self) -> ProcessorMixin | None:
+        """The processor of an image-text-to-text model; None for a causal LM."""
+        return None if self.tokenizer is self.preprocessor else self.preprocessor
+
+
+def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
+                    device: str | None = None) -> BaseModel:
+    """The model (eval mode) with its tokenizer, or its processor for an image-text-to-text model;
+    ``name_or_path=None`` is the embedded SmolLM2."""
     model = load_pretrained_model(name_or_path, dtype, device)
     text_or_images = load_processor if is_vision_language_model(model) else load_tokenizer
-    return model, text_or_images(name_or_path)
+    return BaseModel(model, text_or_images(name_or_path))
 
 
 def refuse_quantized_checkpoint(model: str | None, why: str) -> None:

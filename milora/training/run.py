@@ -248,11 +248,11 @@ def train(
         resume = _check_output_dir(config)
         if resume is not None:
             _check_resume_matches(config, resume)
-        peft_model, train_dataset, val_dataset, stats, collator = _build(config, state)
+        built = _build(config, state)
         if state.is_main_process:
             _start_record(config, resume)
         state.wait_for_everyone()
-        return _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume, start)
+        return _run(config, state, built, callbacks, resume, start)
     finally:
         if lock is not None:
             lock.release()
@@ -261,16 +261,28 @@ def train(
                 output_dir.rmdir()  # refused before anything was written: leave no trace
 
 
-def _build(config: TrainConfig, state):
+@dataclass
+class BuiltRun:
+    """What a run trains, made before anything is written: the initialised adapter and its data."""
+
+    peft_model: Any
+    train_dataset: Any
+    val_dataset: Any | None
+    data_stats: dict[str, Any]  # record / token / truncation counts, as written to metrics.json
+    collator: Any
+
+
+def _build(config: TrainConfig, state) -> BuiltRun:
     """Base model, data (and its collator) and the initialised adapter of a run (nothing written)."""
     from milora.init import get_model
     from milora.models import is_vision_language_model, load_base_model
 
     set_seed(config.seed)
     try:
-        model, tokenizer = load_base_model(config.model, dtype=config.dtype)
+        loaded = load_base_model(config.model, dtype=config.dtype)
     except ModelError as error:
         raise ConfigError(f"cannot load model {config.model!r}: {error}") from error
+    model, preprocessor = loaded
     text_config = model.config.get_text_config()
     positions = getattr(text_config, "max_position_embeddings", None)
     if positions is not None and config.cutoff_len > positions:
@@ -278,8 +290,8 @@ def _build(config: TrainConfig, state):
                           f"lower cutoff_len to at most {positions}.")
     model.config.use_cache = False
     if config.chat_template is not None:
-        (getattr(tokenizer, "tokenizer", None) or tokenizer).chat_template = resolve_chat_template(config.chat_template)
-    data = _build_data(config, model, tokenizer, state.is_main_process)
+        loaded.tokenizer.chat_template = resolve_chat_template(config.chat_template)
+    train_dataset, val_dataset, stats, collator = _build_data(config, model, preprocessor, state.is_main_process)
     set_seed(config.seed)  # PEFT's random init (init: lora) draws from the global generator
     svd_device = state.device if state.device.type != "cpu" else None
     try:
@@ -291,7 +303,7 @@ def _build(config: TrainConfig, state):
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
               "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)
-    return peft_model, *data
+    return BuiltRun(peft_model, train_dataset, val_dataset, stats, collator)
 
 
 def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
@@ -329,21 +341,21 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
     save_config(config, output_dir / TRAIN_CONFIG_FILE)
 
 
-def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume,
-         start) -> TrainResult:
+def _run(config: TrainConfig, state, built: BuiltRun, callbacks: Sequence[TrainerCallback], resume: str | None,
+         start: float) -> TrainResult:
     stopper = StopOnSignal()
     trainer = MiloraTrainer(
-        model=peft_model,
-        args=_training_arguments(config, has_eval=val_dataset is not None),
-        train_dataset=train_dataset,
-        eval_dataset=val_dataset,
-        data_collator=collator,
+        model=built.peft_model,
+        args=_training_arguments(config, has_eval=built.val_dataset is not None),
+        train_dataset=built.train_dataset,
+        eval_dataset=built.val_dataset,
+        data_collator=built.collator,
         callbacks=[stopper, *callbacks],
     )
     with signals_request_stop(stopper, announce=state.is_main_process):
         output = trainer.train(resume_from_checkpoint=resume)
     interrupted = stopper.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
-    metrics = _metrics(trainer, output, stats, val_dataset, interrupted, start, state.num_processes)
+    metrics = _metrics(trainer, output, built, interrupted, start, state.num_processes)
     output_dir = Path(config.output_dir)
     checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
     if interrupted:
@@ -358,7 +370,7 @@ def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats,
     return TrainResult(output_dir, output_dir, checkpoint if checkpoint.is_dir() else None, False, metrics)
 
 
-def _metrics(trainer, output, stats, val_dataset, interrupted: bool, start: float, world_size: int) -> dict[str, Any]:
+def _metrics(trainer, output, built: BuiltRun, interrupted: bool, start: float, world_size: int) -> dict[str, Any]:
     from milora.init import init_record
 
     return {
@@ -366,8 +378,8 @@ def _metrics(trainer, output, stats, val_dataset, interrupted: bool, start: floa
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "train": output.metrics,
-        "data": stats,
-        "eval_examples": len(val_dataset) if val_dataset is not None else 0,
+        "data": built.data_stats,
+        "eval_examples": len(built.val_dataset) if built.val_dataset is not None else 0,
         "init": init_record(trainer.model).summary(),
         "loss_history": [
             {key: entry[key] for key in ("step", "loss", "eval_loss", "learning_rate", "grad_norm") if key in entry}
