@@ -210,7 +210,8 @@ def test_llava_recipes_parse_and_build(setup, init, tmp_path):
 
     raw = yaml.safe_load((REPO / "recipes" / "llava.yaml").read_text()) | {"init": init}  # the init= override
     assert (raw["lora_rank"], "lora_alpha" in raw) == (128, False)  # alpha: the key's default, r (2r for lora)
-    assert from_dict({**raw, "dataset": __file__, "output_dir": "unused"}).resolved_alpha() == (
+    assert from_dict({**raw, "dataset": __file__, "image_folder": str(setup["images"]),
+                      "output_dir": "unused"}).resolved_alpha() == (
         256 if init == "lora" else 128)
     assert (raw["learning_rate"] == 2e-4 and raw["num_train_epochs"] == 1
             and raw["modules_to_save"] == "multi_modal_projector")
