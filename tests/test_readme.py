@@ -90,3 +90,16 @@ def test_every_module_is_named_on_the_architecture_page():
     listed = architecture_tree()
     assert not modules - listed, f"modules missing from docs/architecture.md: {sorted(modules - listed)}"
     assert not listed - modules, f"docs/architecture.md names modules that do not exist: {sorted(listed - modules)}"
+
+
+@pytest.mark.slow
+def test_the_readme_api_example_runs(tmp_path, monkeypatch):
+    """README's ten-line API example, as written, on the embedded SmolLM2 (writes out/ under tmp_path)."""
+    text = README.read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", text, flags=re.S).group(1)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 11
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+    assert type(namespace["reloaded"]).__name__ == "PeftModelForCausalLM"
