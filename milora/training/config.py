@@ -209,7 +209,7 @@ def _choices(name: str) -> tuple[str, ...] | None:
 
 
 def key_help() -> list[tuple[str, str, Any, str]]:
-    """(key, kind, default, help) for every key: the table in the README."""
+    """(key, kind, default, help) for every key: `milora train --list-keys` and the table on docs/training.md."""
     rows = []
     for name, info in TrainConfig.model_fields.items():
         kind, optional = _kind(info.annotation)
