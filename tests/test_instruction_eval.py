@@ -101,9 +101,15 @@ def test_ifeval_strict_and_loose_differ_as_defined():
 
 def test_ifeval_random_checker_arguments_are_seeded():
     """A letter outside a-z ('#', as in prompts 1122 and 1129) makes lm-eval draw a random letter at every
-    check; seeded, strict and loose agree and repeated runs give the same verdicts."""
+    check; seeded, strict and loose agree and runs from 20 different global random states give the same
+    verdicts (the response has 4+ of only some letters, so an unseeded draw would flip them)."""
+    import random
+
     prompt = _prompt(["keywords:letter_frequency"], [{"let_relation": "at least", "letter": "#", "let_frequency": 4}])
-    verdicts = [score_response(prompt, "a tweet #one #two #three #four, lots of letters here") for _ in range(5)]
+    verdicts = []
+    for global_seed in range(20):
+        random.seed(global_seed)
+        verdicts.append(score_response(prompt, "a tweet #one #two #three #four, lots of letters here"))
     assert all(v == verdicts[0] for v in verdicts) and verdicts[0]["strict"] == verdicts[0]["loose"]
 
 
@@ -367,8 +373,12 @@ def test_alpaca_eval_verdicts_follow_the_package_parsers_and_the_random_swap(tmp
     result = evaluate(None, None, "alpaca-eval", judge=first_wins, reference=str(reference),
                       predictions=str(answers), progress=False)
     items, scores = result["items"], result["summary"]["scores"]
-    # The judge always prefers the output shown first; the package shows the model first on the swapped items.
-    assert {item["prediction"] for item in items} <= {"model", "reference"}
+    # The judge always prefers the output shown first; the package shows the reference as output_1 and
+    # swaps the two on the items it draws (seeded): both outcomes occur, and the same on a second run.
+    assert {item["prediction"] for item in items} == {"model", "reference"}
+    again = evaluate(None, None, "alpaca-eval", judge=first_wins, reference=str(reference),
+                     predictions=str(answers), progress=False)
+    assert [item["prediction"] for item in again["items"]] == [item["prediction"] for item in items]
     assert scores["win_rate"] == pytest.approx(sum(item["correct"] for item in items) / 6)
     assert scores["n_total"] == 6 and scores["n_unparsed"] == 0 and "lc_win_rate" not in scores
     assert "not computed" in result["summary"]["settings"]["notes"]["lc_win_rate"]
