@@ -243,6 +243,8 @@ def test_ray_backend_gives_the_local_results(local_sweep, tmp_path):
               "learning_rates": {"lora": [0.01, 0.1], "milora": [0.01, 0.1]}}
     remote = compare(values, progress=False)
     local_runs = {(r["method"], r["learning_rate"], r["seed"]): r for r in local["runs"]}
+    assert len(remote["runs"]) >= 4  # 2 methods x 2 learning rates, each seed
+    assert {(r["method"], r["learning_rate"], r["seed"]) for r in remote["runs"]} <= set(local_runs)
     for run in remote["runs"]:
         twin = local_runs[(run["method"], run["learning_rate"], run["seed"])]
         assert run["status"] == twin["status"] == "done"

@@ -18,7 +18,9 @@ from conftest import LLAMA_TARGETS, tiny_llama
 
 def assert_untouched(model, reference):
     assert not any("lora_" in name for name, _ in model.named_parameters())
-    for (name, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items(), strict=False):
+    state, expected = model.state_dict(), reference.state_dict()
+    assert list(state) == list(expected)
+    for (name, p), q in zip(state.items(), expected.values(), strict=True):
         assert torch.equal(p, q), name
 
 

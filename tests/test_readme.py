@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from milora.errors import ConfigError, DataError
+
 from conftest import make_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def test_the_example_evaluation_task_runs(tmp_path):
         result = evaluate(model, tokenizer, "yesno", str(data), batch_size=3, progress=False)
         assert result["summary"]["n"] == 6 and 0 <= result["summary"]["average"] <= 1
         assert {"prompt", "output", "prediction", "gold", "correct"} <= set(result["items"][0])
-        with pytest.raises(Exception, match="does not take the option"):
+        with pytest.raises(DataError, match="does not take the option"):
             evaluate(model, tokenizer, "yesno", str(data), scorer="loglik")
     finally:
         registry._TASKS.pop("yesno", None)
@@ -54,9 +56,9 @@ def test_trainer_options_pass_through(tmp_path):
                         "trainer_args": {"adam_beta2": 0.95}})
     arguments = _training_arguments(config, has_eval=False)
     assert arguments.adam_beta2 == 0.95 and arguments.weight_decay == 0.1
-    with pytest.raises(Exception, match=r"unknown key 'trainer_args.adam_beta3': did you mean 'adam_beta2'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer_args.adam_beta3': did you mean 'adam_beta2'"):
         from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"adam_beta3": 0.9}})
-    with pytest.raises(Exception, match=r"trainer_args\.learning_rate: milora sets this"):
+    with pytest.raises(ConfigError, match=r"trainer_args\.learning_rate: milora sets this"):
         from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"learning_rate": 0.1}})
     assert "adam_beta2: Float = Key(" in readme_block("**Adding a training key**")
 

@@ -359,8 +359,9 @@ def test_interrupted_init_restores_the_model(monkeypatch, tokens):
         milora.get_model(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS), progress=False)
     assert any("restored to its original weights" in note for note in caught.value.__notes__)
     assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert list(model.state_dict()) == list(reference.state_dict())
     for (name, restored), original_weight in zip(model.state_dict().items(), reference.state_dict().values(),
-                                                 strict=False):
+                                                 strict=True):
         assert torch.allclose(restored, original_weight, rtol=0, atol=1e-6 * float(original_weight.abs().max())), name
 
 

@@ -160,7 +160,7 @@ def test_train_on_llava_records_end_to_end(setup, tmp_path):
     result = train(vision_config(setup, tmp_path / "run", write_data(setup, "train.json", records)))
     assert result.metrics["global_step"] == 3 and result.metrics["data"] == {"records": 8, "images": 4}
     losses = [entry["loss"] for entry in result.metrics["loss_history"] if "loss" in entry]
-    assert all(np.isfinite(losses))
+    assert losses and all(np.isfinite(losses))
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert saved["modules_to_save"] == ["multi_modal_projector"] and "language_model" in saved["target_modules"]
     example = vision_collator(setup["processor"])([encode(setup, records[0])])
