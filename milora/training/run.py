@@ -30,7 +30,7 @@ from milora.errors import ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
-from milora.training.data import build_datasets, load_training_records, supervised_collator
+from milora.training.data import build_datasets, load_records, load_training_records, supervised_collator
 from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
 
 
@@ -168,13 +168,20 @@ def _multi_process_cpu() -> bool:
 
 def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
     """Keys named like TrainingArguments fields pass as they are (`trainer_keys`), ``trainer_args`` too;
-    the rest is milora's meaning of its own keys."""
+    the rest is milora's meaning of its own keys. ``objective: dpo``: a TRL `DPOConfig` with its keys."""
+    arguments_class, objective_values = TrainingArguments, {"remove_unused_columns": False}
+    if config.objective == "dpo":
+        from trl import DPOConfig
+
+        from milora.training.preference import dpo_arguments
+
+        arguments_class, objective_values = DPOConfig, dpo_arguments(config)
     checkpointing = {}
     if config.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5.x
         fields = TrainingArguments.__dataclass_fields__
         name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}}
-    return TrainingArguments(
+    return arguments_class(
         **{key: getattr(config, key) for key in trainer_keys()},
         **config.trainer_args,
         **checkpointing,
@@ -189,7 +196,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         eval_steps=(config.eval_steps or config.logging_steps) if has_eval else None,
         report_to=[] if config.report_to == "none" else [config.report_to],
         dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
+        **objective_values,
         ddp_find_unused_parameters=False,
         use_cpu=_multi_process_cpu(),
     )
@@ -248,11 +255,12 @@ def train(
         resume = _check_output_dir(config)
         if resume is not None:
             _check_resume_matches(config, resume)
-        peft_model, train_dataset, val_dataset, stats, collator = _build(config, state)
+        peft_model, tokenizer, train_dataset, val_dataset, stats, collator = _build(config, state)
         if state.is_main_process:
             _start_record(config, resume)
         state.wait_for_everyone()
-        return _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume, start)
+        return _run(config, state, peft_model, tokenizer, collator, train_dataset, val_dataset, stats, callbacks,
+                    resume, start)
     finally:
         if lock is not None:
             lock.release()
@@ -262,7 +270,7 @@ def train(
 
 
 def _build(config: TrainConfig, state):
-    """Base model, data (and its collator) and the initialised adapter of a run (nothing written)."""
+    """The initialised adapter, tokenizer, data (and its collator) of a run (nothing written)."""
     from milora.init import get_model
     from milora.models import is_vision_language_model, load_base_model
 
@@ -291,7 +299,7 @@ def _build(config: TrainConfig, state):
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
               "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)
-    return peft_model, *data
+    return peft_model, tokenizer, *data
 
 
 def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
@@ -300,6 +308,12 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     from milora.models import is_vision_language_model
     from milora.training import vision_data
 
+    if config.objective == "dpo":
+        from milora.training.preference import build_preference_datasets
+
+        records = load_records(config.dataset, config.dataset_split, config.dataset_config)[: config.max_samples]
+        train_dataset, val_dataset, stats = build_preference_datasets(config, records, tokenizer, progress)
+        return train_dataset, val_dataset, stats, None
     records, fmt = load_training_records(config)
     vision = is_vision_language_model(model)
     if fmt == "llava" or any(vision_data.has_images(record) for record in records):
@@ -329,11 +343,17 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
     save_config(config, output_dir / TRAIN_CONFIG_FILE)
 
 
-def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume,
+def _run(config, state, peft_model, tokenizer, collator, train_dataset, val_dataset, stats, callbacks, resume,
          start) -> TrainResult:
     stopper = StopOnSignal()
-    trainer = MiloraTrainer(
+    trainer_class, objective_values = MiloraTrainer, {}
+    if config.objective == "dpo":
+        from milora.training.preference import MiloraDPOTrainer
+
+        trainer_class, objective_values = MiloraDPOTrainer, {"processing_class": tokenizer}
+    trainer = trainer_class(
         model=peft_model,
+        **objective_values,
         args=_training_arguments(config, has_eval=val_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=val_dataset,
