@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 
 from milora.errors import ConfigError, DataError
 from milora.training.run import train
-from tests.conftest import RECORDS, run_config
+from conftest import RECORDS, run_config
+from test_training import InterruptAt
 
 PAIRS = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": r["output"][::-1] + " no"}
          for r in RECORDS]
@@ -25,8 +26,8 @@ def pairs_file(tmp_path_factory):
 
 
 def dpo_config(tiny, pairs_file, output_dir, **extra):
-    return run_config({**tiny, "dataset": pairs_file}, output_dir, objective="dpo", max_steps=3,
-                      per_device_train_batch_size=2, learning_rate=5e-3, **extra)
+    return run_config({**tiny, "dataset": pairs_file}, output_dir, **{
+        "objective": "dpo", "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 5e-3, **extra})
 
 
 def first_log(result):
@@ -92,3 +93,21 @@ def test_dpo_without_preference_data_and_keys_of_another_objective(tiny, pairs_f
     with pytest.raises(ConfigError, match="dpo_beta belong to objective: dpo"):
         train(run_config(tiny, out, dpo_beta=0.2))
     assert not out.exists()
+
+
+def test_ctrl_c_checkpoint_and_resume_match_an_uninterrupted_run(tiny, pairs_file, tmp_path):
+    from safetensors.torch import load_file
+
+    settings = {"max_steps": 4, "lora_dropout": 0.1}
+    straight = train(dpo_config(tiny, pairs_file, tmp_path / "a", **settings))
+    stopped = train(dpo_config(tiny, pairs_file, tmp_path / "b", **settings), callbacks=[InterruptAt(2)])
+    assert stopped.interrupted and stopped.checkpoint.is_dir()
+    assert not list(stopped.checkpoint.rglob("*.bin")) and not (stopped.checkpoint / "ref").exists()
+    resumed = train(dpo_config(tiny, pairs_file, tmp_path / "b", resume_from_checkpoint=True, **settings))
+    assert resumed.metrics["global_step"] == 4
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # same seed, same CPU: bitwise identical
+        assert torch.equal(a[key], b[key]), key
+    assert [e["loss"] for e in straight.metrics["loss_history"]] == [e["loss"] for e in resumed.metrics["loss_history"]]
