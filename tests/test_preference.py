@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
+from test_training import InterruptAt
 from transformers import TrainerCallback
 
 from milora.errors import ConfigError, DataError
 from milora.training.run import train
+
 from conftest import RECORDS, run_config
-from test_training import InterruptAt
 
 PAIRS = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": r["output"][::-1] + " no"}
          for r in RECORDS]
