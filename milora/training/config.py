@@ -105,6 +105,12 @@ class TrainConfig(BaseModel):
     quantization: Literal[QUANTIZATIONS] | None = Key(
         None, "QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init (W - s B0 A0 in "
         "the targets); the saved adapter is still for the full-precision base (default: none)")
+    # objective
+    objective: Literal["sft", "dpo"] = Key("sft", "sft: supervised fine-tuning; dpo: preference pairs through TRL's "
+                                                  "DPOTrainer, reference = the original model")
+    dpo_beta: Float | None = Key(None, "dpo: KL strength beta (default: TRL's 0.1)", gt=0)
+    dpo_loss_type: Str | None = Key(None, "dpo: TRL loss type, e.g. sigmoid, ipo, hinge (default: sigmoid)")
+    precompute_ref_log_probs: Bool | None = Key(None, "dpo: compute the reference log-probs once before training")
     # data
     dataset: Str | None = Key(None, "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name "
                                     "(required)")
@@ -266,7 +272,15 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
+_OBJECTIVE_KEYS = {"dpo": ("dpo_beta", "dpo_loss_type", "precompute_ref_log_probs")}
+
+
 def _check_consistency(config: TrainConfig) -> None:
+    for objective, keys in _OBJECTIVE_KEYS.items():
+        given = [key for key in keys if getattr(config, key) is not None]
+        if given and config.objective != objective:
+            raise ConfigError(f"key(s) {', '.join(given)} belong to objective: {objective}, but objective is "
+                              f"{config.objective!r}: remove them or set objective: {objective}.")
     if config.dataset is None:
         raise ConfigError("'dataset' is required: a local .json/.jsonl/.parquet file or a hub dataset name.")
     if config.output_dir is None:

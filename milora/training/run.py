@@ -30,7 +30,7 @@ from milora.errors import ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
-from milora.training.data import build_datasets, load_training_records, supervised_collator
+from milora.training.data import build_datasets, load_records, load_training_records, supervised_collator
 from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
 
 
@@ -168,13 +168,20 @@ def _multi_process_cpu() -> bool:
 
 def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
     """Keys named like TrainingArguments fields pass as they are (`trainer_keys`), ``trainer_args`` too;
-    the rest is milora's meaning of its own keys."""
+    the rest is milora's meaning of its own keys. ``objective: dpo``: a TRL `DPOConfig` with its keys."""
+    arguments_class, objective_values = TrainingArguments, {"remove_unused_columns": False}
+    if config.objective == "dpo":
+        from trl import DPOConfig
+
+        from milora.training.preference import dpo_arguments
+
+        arguments_class, objective_values = DPOConfig, dpo_arguments(config)
     checkpointing = {}
     if config.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5.x
         fields = TrainingArguments.__dataclass_fields__
         name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}}
-    return TrainingArguments(
+    return arguments_class(
         **{key: getattr(config, key) for key in trainer_keys()},
         **config.trainer_args,
         **checkpointing,
@@ -189,7 +196,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         eval_steps=(config.eval_steps or config.logging_steps) if has_eval else None,
         report_to=[] if config.report_to == "none" else [config.report_to],
         dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
+        **objective_values,
         ddp_find_unused_parameters=False,
         use_cpu=_multi_process_cpu(),
     )
@@ -263,9 +270,11 @@ def train(
 
 @dataclass
 class BuiltRun:
-    """What a run trains, made before anything is written: the initialised adapter and its data."""
+    """What a run trains, made before anything is written: the initialised adapter, its
+    preprocessor and its data."""
 
     peft_model: Any
+    preprocessor: Any  # the tokenizer, or an image-text-to-text model's processor
     train_dataset: Any
     val_dataset: Any | None
     data_stats: dict[str, Any]  # record / token / truncation counts, as written to metrics.json
@@ -303,7 +312,7 @@ def _build(config: TrainConfig, state) -> BuiltRun:
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
               "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)
-    return BuiltRun(peft_model, train_dataset, val_dataset, stats, collator)
+    return BuiltRun(peft_model, preprocessor, train_dataset, val_dataset, stats, collator)
 
 
 def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
@@ -312,6 +321,12 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     from milora.models import is_vision_language_model
     from milora.training import vision_data
 
+    if config.objective == "dpo":
+        from milora.training.preference import build_preference_datasets
+
+        records = load_records(config.dataset, config.dataset_split, config.dataset_config)[: config.max_samples]
+        train_dataset, val_dataset, stats = build_preference_datasets(config, records, tokenizer, progress)
+        return train_dataset, val_dataset, stats, None
     records, fmt = load_training_records(config)
     vision = is_vision_language_model(model)
     if fmt == "llava" or any(vision_data.has_images(record) for record in records):
@@ -344,8 +359,14 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
 def _run(config: TrainConfig, state, built: BuiltRun, callbacks: Sequence[TrainerCallback], resume: str | None,
          start: float) -> TrainResult:
     stopper = StopOnSignal()
-    trainer = MiloraTrainer(
+    trainer_class, objective_values = MiloraTrainer, {}
+    if config.objective == "dpo":
+        from milora.training.preference import MiloraDPOTrainer
+
+        trainer_class, objective_values = MiloraDPOTrainer, {"processing_class": built.preprocessor}
+    trainer = trainer_class(
         model=built.peft_model,
+        **objective_values,
         args=_training_arguments(config, has_eval=built.val_dataset is not None),
         train_dataset=built.train_dataset,
         eval_dataset=built.val_dataset,
