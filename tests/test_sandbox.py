@@ -137,3 +137,14 @@ def test_a_correct_program_that_runs_to_its_end_passes(ending):
 
     outcome = run_program(check_program(PROBLEM, CORRECT + ending), FAST)
     assert outcome.passed, outcome.as_dict()
+
+
+def test_the_docs_list_the_environment_the_child_gets():
+    from pathlib import Path
+
+    from milora.eval.scoring.sandbox import child_environment
+
+    root = Path(__file__).resolve().parents[1]
+    listed = ", ".join(f"`{name}`" for name in child_environment("/tmp"))
+    assert listed in (root / "docs" / "evaluation-sandbox.md").read_text()
+    assert listed in " ".join((root / "README.md").read_text().split())

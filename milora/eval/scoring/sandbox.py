@@ -4,8 +4,9 @@
 site-packages, no ``PYTHON*`` variables) as a child process that
 
 - starts in a fresh `tempfile.TemporaryDirectory` (its cwd and ``HOME``/``TMPDIR``), deleted afterwards;
-- gets a minimal environment (``PATH``, ``LANG``, ``HOME``, ``TMPDIR``, one thread): none of the
-  parent's variables, so no API keys or tokens;
+- gets a minimal environment (``PATH``, ``LANG``, ``HOME``, ``TMPDIR``, ``OMP_NUM_THREADS``): none of
+  the parent's variables are passed, but they stay readable through ``/proc/<ppid>/environ`` (any
+  same-user process can read another's; see docs/evaluation-sandbox.md);
 - sets its own rlimits before the program runs: address space (``RLIMIT_AS``), CPU seconds
   (``RLIMIT_CPU``), size of any file it writes (``RLIMIT_FSIZE``, which also bounds its captured
   output), no core dumps, and ``RLIMIT_NPROC`` (ignored by the kernel for root);
