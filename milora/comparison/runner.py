@@ -25,6 +25,7 @@ from milora.errors import ConfigError
 from milora.io import atomic_write_json, read_yaml_mapping
 
 SWEEP_FILE = "sweep.yaml"
+RECORD_KEYS = frozenset({"method", "learning_rate", "seed", "status"})
 
 
 def _absolute(path: str | None) -> str | None:
@@ -86,8 +87,21 @@ def pending(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's record, or None for an unfinished run: no ``run.json``, or one that is not a record
+    (truncated, ``{}``, ``[1, 2]``, an unknown status), which is named on stderr and run again."""
     path = run_dir / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"cannot be read as JSON ({error})"
+    else:
+        if isinstance(record, dict) and record.get("status") in ("done", "failed") and record.keys() >= RECORD_KEYS:
+            return record
+        problem = f"is not a run record (a JSON object with status 'done' or 'failed' and {sorted(RECORD_KEYS)})"
+    print(f"milora compare: {path} {problem}; the run is treated as unfinished and run again.", file=sys.stderr)
+    return None
 
 
 def prepare(sweep: Sweep) -> list[dict[str, Any]]:
