@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.constants import ADAPTER_FILES, MILORA_CONFIG, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, DataError, OutputError, OutputExistsError
+from milora.errors import ConfigError, DataError, OutputError, OutputExistsError, OutputInUseError
 
 LOCK_FILE = ".milora.lock"
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^/]+$")
@@ -348,7 +348,7 @@ class RunLock:
             f"{holder.get('purpose', 'a milora run')}, pid {holder.get('pid')} on {holder.get('host')}, "
             f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}"
         )
-        raise OutputError(
+        raise OutputInUseError(
             f"{self.path.parent} is in use by {described}: wait for it to finish, or choose another output "
             f"directory. If that run is gone (another machine), remove {self.path}."
         )
