@@ -128,3 +128,21 @@ def test_ctrl_c_lets_the_worker_finish_its_checkpoint_then_stops_cleanly(tmp_pat
         runner.run_local([job], progress=False)
     assert (tmp_path / "checkpoint").read_text() == "saved"
     assert not (Path(job["run_dir"]) / RECORD).exists()  # stopped, not failed
+
+
+def test_a_sweep_whose_every_run_failed_still_plots_and_replaces_old_figures(tmp_path):
+    from milora.comparison.report import methods_table, plot
+    from milora.comparison.summary import summarise
+
+    records = [{"method": method, "learning_rate": 1e30, "seed": seed, "status": "failed",
+                "reason": "diverged (NaN/Inf)", "error": "FloatingPointError: diverged"}
+               for method in ("lora", "milora") for seed in (0, 1)]
+    summary = summarise(records, ["lora", "milora"], "lora")
+    assert [m["status"] for m in summary["methods"]] == ["failed", "failed"]
+    assert methods_table(summary).count("no learning rate finished") == 2
+    stale = [tmp_path / "lr_curves.png", tmp_path / "accuracy_vs_forgetting.png", tmp_path / "loss_curves.png"]
+    for path in stale:
+        path.write_bytes(b"an earlier invocation's figure")
+    paths = plot(summary, records, tmp_path)  # raised "Data cannot be log-scaled"
+    assert set(paths) == set(stale)
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in paths)
