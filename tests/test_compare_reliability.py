@@ -146,3 +146,20 @@ def test_a_sweep_whose_every_run_failed_still_plots_and_replaces_old_figures(tmp
     paths = plot(summary, records, tmp_path)  # raised "Data cannot be log-scaled"
     assert set(paths) == set(stale)
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in paths)
+
+
+def test_an_accuracy_interval_stays_within_0_and_100_percent():
+    from milora.comparison.summary import summarise
+
+    def run(method, seed, accuracy):
+        correct = [accuracy == 1.0] * 10
+        return {"method": method, "learning_rate": 0.01, "seed": seed, "status": "done",
+                "validation": {"accuracy": 0.5, "correct": []}, "test": {"accuracy": accuracy, "correct": correct},
+                "forgetting_kl": 0.01 * (seed + 1), "train_seconds": 1.0, "trainable_parameters": 10,
+                "loss_history": [], "adapter_dir": "/x"}
+
+    summary = summarise([run("lora", 0, 0.0), run("lora", 1, 1.0)], ["lora"], "lora")
+    low, high = summary["methods"][0]["test_accuracy_ci95"]  # unclipped: 0.5 -/+ 6.35
+    assert (low, high) == (0.0, 1.0)
+    assert summary["methods"][0]["forgetting_kl_ci95"][0] == 0.0
+    assert any("clipped to the possible values" in sentence for sentence in summary["statistics"])
