@@ -41,6 +41,14 @@ class OutputError(MiloraError):
     """An output path milora must not or cannot write (exists, is a file, held by another run)."""
 
 
+class OutputInUseError(OutputError):
+    """An output directory held (`milora.io.RunLock`) by another live process: not a failure of this run."""
+
+
+class StoppedError(MiloraError):
+    """Stopped by the user (Ctrl-C) after the work in flight was saved: re-running continues it."""
+
+
 class OutputExistsError(OutputError, FileExistsError):
     """The output path already holds something milora will not replace."""
 

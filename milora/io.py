@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.constants import ADAPTER_FILES, MILORA_CONFIG, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, DataError, OutputError, OutputExistsError
+from milora.errors import ConfigError, DataError, OutputError, OutputExistsError, OutputInUseError
 
 LOCK_FILE = ".milora.lock"
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^/]+$")
@@ -300,7 +300,8 @@ class RunLock:
     """Exclusive hold of a run's output directory: ``.milora.lock`` with the holder's host and pid.
 
     Created with O_EXCL, so of two runs started together exactly one gets it. A lock whose
-    process is gone (same host, pid not alive) is stale and taken over; a lock of another
+    process is gone (same host, pid not alive) is stale and taken over (takers serialised by an
+    ``flock`` on the directory: exactly one of them wins); a lock of another
     host is respected (its age is shown). Released (the file removed) on `release` / exit.
     """
 
@@ -325,23 +326,29 @@ class RunLock:
         raise OutputError(f"could not lock {self.path.parent}: another run keeps taking it; try again.")
 
     def _take_over_if_stale(self) -> None:
-        holder = self.holder()
-        if holder is None:  # being written this instant, or unreadable: count it as held
-            time.sleep(0.05)
+        """Remove the lock if its holder is gone; takers are serialised by an ``flock`` on the directory,
+        so the holder read and the removal are one step and exactly one of N concurrent takers wins."""
+        import fcntl
+
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
             holder = self.holder()
-        if holder is not None and holder.get("host") == socket.gethostname() and not _process_alive(holder["pid"]):
-            stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-            try:
-                os.replace(self.path, stale)  # atomic: one taker wins the rename race
-                stale.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
-            return
+            if holder is None and self.path.exists():  # being written this instant, or unreadable
+                time.sleep(0.05)
+                holder = self.holder()
+            if holder is None and not self.path.exists():
+                return  # released or taken over meanwhile: try to create it again
+            if holder is not None and holder.get("host") == socket.gethostname() and not _process_alive(holder["pid"]):
+                self.path.unlink(missing_ok=True)  # only takers holding the flock remove a stale lock
+                return
+        finally:
+            os.close(directory)  # releases the flock
         described = "an unreadable lock" if holder is None else (
             f"{holder.get('purpose', 'a milora run')}, pid {holder.get('pid')} on {holder.get('host')}, "
             f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}"
         )
-        raise OutputError(
+        raise OutputInUseError(
             f"{self.path.parent} is in use by {described}: wait for it to finish, or choose another output "
             f"directory. If that run is gone (another machine), remove {self.path}."
         )

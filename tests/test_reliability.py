@@ -93,6 +93,15 @@ def test_a_second_run_on_a_held_directory_is_refused(tmp_path, tiny):
     assert (run.adapter_dir / "milora_config.json").is_file() and not (out / LOCK_FILE).exists()
 
 
+def test_a_moved_run_directory_resumes_where_it_is_now(tmp_path, tiny):
+    first = tmp_path / "first"
+    train(run_config(tiny, first, max_steps=2, save_steps=1))
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    run = train(run_config(tiny, moved, max_steps=3, save_steps=1, resume_from_checkpoint=True))
+    assert run.metrics["loss_history"] and (moved / "checkpoint-3").is_dir()
+
+
 def _take_lock(directory, barrier, results):
     barrier.wait()
     try:

@@ -117,20 +117,22 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], output_dir: Pat
             if chosen[method] in rates:
                 axis.scatter([chosen[method]], [means[rates.index(chosen[method])]], s=160, facecolors="none",
                              edgecolors=colour)
-        axis.set_xscale("log")
+        if _has_data(axis, "every run failed: no accuracy to plot"):
+            axis.set_xscale("log")
         axis.set_xlabel("learning rate")
         axis.set_title("validation" if key == "val_accuracy" else "test")
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize="small")
+    _legend(axes[0])
     _save(figure, paths[0])
 
     figure, axis = plt.subplots(figsize=(5, 3.8))
     for method, colour in colours.items():
         rows = [r for r in summary["runs"] if r["method"] == method and r["forgetting_kl"] is not None]
         axis.scatter([r["forgetting_kl"] for r in rows], [r["test_accuracy"] for r in rows], color=colour, label=method)
+    _has_data(axis, "no finished run: nothing to plot")
     axis.set_xlabel("forgetting (KL to the base model)")
     axis.set_ylabel("test accuracy")
-    axis.legend(fontsize="small")
+    _legend(axis)
     _save(figure, paths[1])
 
     figure, axis = plt.subplots(figsize=(5, 3.8))
@@ -141,11 +143,26 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], output_dir: Pat
             label = None if record["method"] in labelled else record["method"]
             labelled.add(record["method"])
             axis.plot(*zip(*history, strict=True), color=colours[record["method"]], alpha=0.7, label=label)
+    _has_data(axis, "no finished chosen run: no loss curve")
     axis.set_xlabel("step")
     axis.set_ylabel("training loss")
-    axis.legend(fontsize="small")
+    _legend(axis)
     _save(figure, paths[2])
     return paths
+
+
+def _has_data(axis, empty_message: str) -> bool:
+    """Whether anything was drawn on ``axis``; if not, say why on it (the figure is still written, so a
+    stale figure of an earlier invocation is replaced)."""
+    if any(len(line.get_xdata()) for line in axis.lines) or any(len(c.get_offsets()) for c in axis.collections):
+        return True
+    axis.text(0.5, 0.5, empty_message, ha="center", va="center", transform=axis.transAxes, color="C3")
+    return False
+
+
+def _legend(axis) -> None:
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize="small")
 
 
 def _save(figure, path: Path) -> None:

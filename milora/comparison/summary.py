@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from milora.comparison.stats import CONFIDENCE, Interval, mean_interval, paired_difference, verdict
+from milora.comparison.stats import CONFIDENCE, Interval, clipped, mean_interval, paired_difference, verdict
 
 RUN_FIELDS = ("method", "learning_rate", "seed", "status", "reason", "error", "val_accuracy", "test_accuracy",
               "forgetting_kl", "retention_accuracy", "train_seconds", "trainable_parameters", "adapter_dir")
@@ -69,7 +69,7 @@ def method_summary(records: list[dict], method: str, baseline_runs: list[dict] |
 
     def interval(key):
         values = [row[key] for row in rows if row[key] is not None]
-        return mean_interval(values) if values else None
+        return clipped(mean_interval(values), 0.0, None if key == "forgetting_kl" else 1.0) if values else None
 
     summary = {
         "method": method, "status": "done", "selected_learning_rate": rate, "selection": note,
@@ -114,7 +114,7 @@ def statements(summaries: list[dict], baseline: str) -> list[str]:
         "Each method's learning rate was chosen by the mean validation accuracy over seeds (ties: the smaller "
         "rate); the test set played no part in the choice, and only the chosen runs' test scores are reported.",
         f"Test accuracy and forgetting: mean over seeds with a two-sided {percent} Student t interval "
-        "(n - 1 degrees of freedom).",
+        "(n - 1 degrees of freedom), its bounds clipped to the possible values (accuracy [0, 100] %, KL >= 0).",
         f"Differences to {baseline}: per seed, the method's accuracy minus {baseline}'s on the same test items; "
         f"their mean and {percent} Student t interval over seeds (with one seed: a paired bootstrap over test "
         "items, which covers item sampling only). Intervals are not adjusted for the number of methods compared.",

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from milora.errors import MiloraError
+from milora.errors import MiloraError, OutputInUseError
 from milora.io import atomic_write_json
 
 RECORD = "run.json"
@@ -102,6 +102,8 @@ def run_one(job: dict) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         record = _train_and_score(job, run_dir)
+    except OutputInUseError:
+        raise  # another live process runs it: not this run's failure, and no record
     except (MiloraError, FloatingPointError, RuntimeError, ValueError) as error:
         diverged = "NaN or Inf" in str(error) or isinstance(error, FloatingPointError)
         record = {"status": "failed", "reason": "diverged (NaN/Inf)" if diverged else type(error).__name__,
@@ -123,10 +125,23 @@ def run_base(job: dict) -> dict[str, Any]:
     return record
 
 
+IN_USE = 3
+"""The worker's exit status when another live process holds its run (no record written)."""
+STOPPED = 130
+"""The worker's exit status when a Ctrl-C / SIGTERM stopped it after its checkpoint (no record written)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     path = Path((argv or sys.argv[1:])[0])
     job = json.loads(path.read_text())
-    record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+    try:
+        record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+    except OutputInUseError as error:
+        print(f"milora compare: {error}", file=sys.stderr)
+        return IN_USE
+    except KeyboardInterrupt:
+        print(f"milora compare: {job['name']} stopped; re-running continues it.", file=sys.stderr)
+        return STOPPED
     return 0 if record["status"] == "done" else 1
 
 

