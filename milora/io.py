@@ -191,7 +191,7 @@ def _parse_json(path: Path, text: str, single_object: bool) -> list:
 
 def _parse_json_lines(path: Path, text: str) -> list:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028, U+0085 are valid in strings
         if line.strip():
             try:
                 records.append(json.loads(line))
