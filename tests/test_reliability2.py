@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from milora.errors import DataError
 from milora.eval import evaluate
@@ -40,3 +42,84 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, separator):
     path = _jsonl(tmp_path / "data.jsonl", records)
     assert read_records(path) == records
     assert load_records(str(path)) == records
+
+
+# ---------------------------------------------------------------- saved adapters: corrupt metadata, alpha, dtypes
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    from peft import LoraConfig
+
+    import milora
+
+    from conftest import LLAMA_TARGETS, tiny_llama
+
+    directory = tmp_path_factory.mktemp("saved") / "adapter"
+    model = milora.get_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=LLAMA_TARGETS), progress=False)
+    milora.save_adapter(model, directory)
+    return directory
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(saved, tmp_path / "copy"))
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(data)))
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda m: [], "holds a list"),
+    (lambda m: {k: v for k, v in m.items() if k != "init"}, "lacks 'init'"),
+    (lambda m: {**m, "fingerprint": "abc"}, "fingerprint must be a mapping"),
+    (lambda m: {**m, "r": "2"}, "r must be a positive integer"),
+])
+def test_a_corrupt_milora_config_is_named(saved_adapter, tmp_path, edit, why):
+    from milora.adapter.load import load_model
+    from milora.errors import AdapterError
+
+    from conftest import tiny_llama
+
+    adapter = _copy(saved_adapter, tmp_path)
+    _edit_json(adapter / "milora_config.json", edit)
+    with pytest.raises(AdapterError, match=f"corrupt milora_config.json in .*{why}"):
+        load_model(tiny_llama(), adapter)
+
+
+def test_negated_alpha_in_both_configs_is_refused(saved_adapter, tmp_path):
+    from milora.adapter.load import load_model
+    from milora.errors import AdapterError
+
+    from conftest import tiny_llama
+
+    adapter = _copy(saved_adapter, tmp_path)
+    _edit_json(adapter / "milora_config.json", lambda m: {**m, "lora_alpha": -m["lora_alpha"]})
+    _edit_json(adapter / "adapter_config.json", lambda c: {**c, "lora_alpha": -c["lora_alpha"]})
+    with pytest.raises(AdapterError, match="lora_alpha must be a positive number"):
+        load_model(tiny_llama(), adapter)
+    _edit_json(adapter / "milora_config.json", lambda m: {**m, "lora_alpha": -m["lora_alpha"]})
+    with pytest.raises(AdapterError, match="lora_alpha must be positive"):
+        load_model(tiny_llama(), adapter)
+
+
+def test_an_integer_adapter_tensor_is_refused_even_with_its_checksum(saved_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from milora.adapter.format import weights_checksum
+    from milora.adapter.load import load_model
+    from milora.errors import AdapterError
+
+    from conftest import tiny_llama
+
+    adapter = _copy(saved_adapter, tmp_path)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = (weights[first] * 100).to(torch.int32)
+    save_file(weights, adapter / "adapter_model.safetensors")
+    _edit_json(adapter / "milora_config.json", lambda m: {**m, "weights_sha256": weights_checksum(weights)})
+    with pytest.raises(AdapterError, match=r"has dtype torch\.int32"):
+        load_model(tiny_llama(), adapter)

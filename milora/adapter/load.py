@@ -22,6 +22,8 @@ from milora.adapter.format import (
     READABLE_VERSIONS,
     check_configs_agree,
     check_finite,
+    check_floating,
+    check_metadata,
     decode_factors,
     factor_keys,
     rank_factor,
@@ -63,6 +65,7 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tens
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{path} is corrupt ({error}); re-save the adapter.") from error
     check_finite(weights, path)
+    check_floating(weights, path)
     return weights
 
 
@@ -107,11 +110,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
         raise AdapterError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
-    if metadata.get("format_version") not in READABLE_VERSIONS:
+    if isinstance(metadata, dict) and metadata.get("format_version") not in READABLE_VERSIONS:
         raise AdapterError(
             f"{adapter_dir / MILORA_CONFIG} has format_version {metadata.get('format_version')!r}; "
             f"this milora reads versions {', '.join(map(str, READABLE_VERSIONS))}."
         )
+    check_metadata(metadata, adapter_dir)
+    if not _positive(config.lora_alpha) or not all(_positive(a) for a in config.alpha_pattern.values()):
+        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: lora_alpha must be positive (got {config.lora_alpha!r}, "
+                           f"alpha_pattern {dict(config.alpha_pattern)!r}): the file was edited; re-save the adapter.")
     weights = read_adapter_weights(adapter_dir)
     if metadata["format_version"] >= 2 and weights_checksum(weights) != metadata.get("weights_sha256"):
         raise AdapterError(
@@ -120,6 +127,10 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         )
     check_configs_agree(config, metadata, adapter_dir)
     return config, weights, metadata
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def load_model(
