@@ -123,3 +123,24 @@ def test_an_integer_adapter_tensor_is_refused_even_with_its_checksum(saved_adapt
     _edit_json(adapter / "milora_config.json", lambda m: {**m, "weights_sha256": weights_checksum(weights)})
     with pytest.raises(AdapterError, match=r"has dtype torch\.int32"):
         load_model(tiny_llama(), adapter)
+
+
+def test_the_residual_adapter_points_at_residual_model_and_is_refused_on_the_original(tmp_path):
+    from peft import LoraConfig
+
+    import milora
+    from milora.adapter.load import open_peft_adapter
+    from milora.errors import AdapterError
+
+    from conftest import LLAMA_TARGETS, tiny_llama
+
+    model = milora.get_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=LLAMA_TARGETS), progress=False)
+    milora.save_adapter(model, tmp_path / "res", save_residual=True)
+    config = json.loads((tmp_path / "res" / "residual_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "res" / "residual_model").resolve())
+    with pytest.raises(AdapterError, match="paper-layout adapter of the residual model"):
+        open_peft_adapter(tiny_llama(), tmp_path / "res" / "residual_adapter")
+    from transformers import AutoModelForCausalLM
+
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "res" / "residual_model")
+    open_peft_adapter(residual, tmp_path / "res" / "residual_adapter")  # its own base: accepted

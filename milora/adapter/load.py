@@ -76,6 +76,7 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
     adapter_dir = Path(adapter_dir)
     if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
         read_adapter_weights(adapter_dir)
+        _refuse_residual_adapter_on_original(base_model, adapter_dir)
     else:  # a milora adapter, or read_adapter's error naming what is missing
         saved_config, _, metadata = read_adapter(adapter_dir)
         check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
@@ -83,6 +84,21 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
         return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
         raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from None
+
+
+def _refuse_residual_adapter_on_original(base_model: torch.nn.Module, adapter_dir: Path) -> None:
+    """``save_residual``'s ``residual_adapter`` belongs on ``residual_model``: refuse it on a base whose
+    fingerprint is the original's (recorded in the milora adapter beside it)."""
+    parent = adapter_dir.resolve().parent
+    if adapter_dir.resolve().name != "residual_adapter" or not (parent / MILORA_CONFIG).is_file():
+        return
+    saved_config, _, metadata = read_adapter(parent)
+    modules = target_modules(base_model, trainable_config(saved_config, metadata))
+    found, original = fingerprint(modules), metadata["fingerprint"]
+    if found["float32"] == original["float32"] or found["bfloat16"] == original["bfloat16"]:
+        raise AdapterError(f"{adapter_dir} is the paper-layout adapter of the residual model {parent}/residual_model, "
+                           f"but this base is the original model: load {parent} instead (milora's rank-2r adapter for "
+                           "the original base), or load this adapter onto residual_model.")
 
 
 def is_plain_peft_adapter(adapter_dir: str | os.PathLike) -> bool:
