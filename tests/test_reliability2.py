@@ -144,3 +144,25 @@ def test_the_residual_adapter_points_at_residual_model_and_is_refused_on_the_ori
 
     residual = AutoModelForCausalLM.from_pretrained(tmp_path / "res" / "residual_model")
     open_peft_adapter(residual, tmp_path / "res" / "residual_adapter")  # its own base: accepted
+
+
+def test_a_decompression_bomb_image_names_the_record_and_the_limit(tmp_path):
+    from PIL import Image
+
+    from milora.images import check_image, load_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 M pixels, a few KB on disk
+    for read in (check_image, load_image):
+        with pytest.raises(DataError, match=r"record 3: image .*bomb\.png is too large .*limit is \d+ pixels"):
+            read(path, 3)
+
+
+def test_the_demo_cuts_questions_at_a_word_boundary():
+    from milora.demos.text import question_tail
+
+    question = "Give the final answer to the following question about apples: 3 + 4 ="
+    tail = question_tail(question, 60)
+    assert tail.startswith("...") and question.endswith(tail[3:]) and len(tail) <= 63
+    assert f" {tail[3:].split()[0]} " in f" {question} "  # a whole word first
+    assert question_tail("short one", 60) == "short one"
