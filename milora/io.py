@@ -200,6 +200,20 @@ def _parse_json_lines(path: Path, text: str) -> list:
     return records
 
 
+MAX_YAML_NODES = 100_000  # values a config may expand to, aliases counted at each use
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values a composed YAML node stands for once every alias is expanded (memoised by
+    node identity: an alias is the same node object, so this is linear in the file, not the expansion)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a recursive alias counts once
+        children = node.value if isinstance(node.value, list) else []
+        flat = [item for child in children for item in (child if isinstance(child, tuple) else (child,))]
+        sizes[id(node)] = 1 + sum(min(_expanded_size(child, sizes), MAX_YAML_NODES + 1) for child in flat)
+    return sizes[id(node)]
+
+
 def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any]:
     """The mapping of a YAML config file; a key given twice is a `ConfigError` (YAML would keep the last).
 
@@ -225,12 +239,19 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
+    loader = UniqueKeyLoader(read_text(path))  # safe: a SafeLoader subclass
     try:
-        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # safe: a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES} values (an alias "
+                              "bomb?): write the values out, or use fewer nested aliases.")
+        values = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     except DataError as error:
         raise ConfigError(str(error)) from None
+    finally:
+        loader.dispose()
     if values is None:
         raise ConfigError(f"{path} is empty" + (f": {needs}." if needs else "."))
     if not isinstance(values, dict):

@@ -166,3 +166,21 @@ def test_the_demo_cuts_questions_at_a_word_boundary():
     assert tail.startswith("...") and question.endswith(tail[3:]) and len(tail) <= 63
     assert f" {tail[3:].split()[0]} " in f" {question} "  # a whole word first
     assert question_tail("short one", 60) == "short one"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    from milora.errors import ConfigError
+    from milora.io import read_yaml_mapping
+
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for level, name in enumerate("bcdefghi"):
+        previous = "abcdefghi"[level]
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 10) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="alias bomb") as caught:
+        read_yaml_mapping(path)
+    assert len(str(caught.value)) < 500
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("base: &base {lr: 1.0e-4}\nrun: *base\n")
+    assert read_yaml_mapping(fine) == {"base": {"lr": 1.0e-4}, "run": {"lr": 1.0e-4}}
