@@ -191,13 +191,27 @@ def _parse_json(path: Path, text: str, single_object: bool) -> list:
 
 def _parse_json_lines(path: Path, text: str) -> list:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028, U+0085 are valid in strings
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from error
     return records
+
+
+MAX_YAML_NODES = 100_000  # values a config may expand to, aliases counted at each use
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values a composed YAML node stands for once every alias is expanded (memoised by
+    node identity: an alias is the same node object, so this is linear in the file, not the expansion)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a recursive alias counts once
+        children = node.value if isinstance(node.value, list) else []
+        flat = [item for child in children for item in (child if isinstance(child, tuple) else (child,))]
+        sizes[id(node)] = 1 + sum(min(_expanded_size(child, sizes), MAX_YAML_NODES + 1) for child in flat)
+    return sizes[id(node)]
 
 
 def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any]:
@@ -225,12 +239,19 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
+    loader = UniqueKeyLoader(read_text(path))  # safe: a SafeLoader subclass
     try:
-        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # safe: a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES} values (an alias "
+                              "bomb?): write the values out, or use fewer nested aliases.")
+        values = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     except DataError as error:
         raise ConfigError(str(error)) from error
+    finally:
+        loader.dispose()
     if values is None:
         raise ConfigError(f"{path} is empty" + (f": {needs}." if needs else "."))
     if not isinstance(values, dict):

@@ -73,7 +73,8 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf_path()
-    dequantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    dequantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                       trust_remote_code=False)
     # transformers marks GGUF-loaded models as quantised and refuses to save them; the weights
     # are already plain float32, so copy them into an ordinary model of the same config.
     config = dequantised.config
@@ -81,7 +82,7 @@ def embedded_model_dir() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantised.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     try:  # atomic: a concurrent or interrupted run never sees half a cache
         with staged_directory(target) as staging:
             model.save_pretrained(staging, safe_serialization=True)
@@ -118,9 +119,13 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
 def _from_pretrained(loader, name_or_path, **kwargs):
     """``loader.from_pretrained`` with load failures (missing files, offline hub) as a `ModelError`."""
     path = resolve_model_path(name_or_path)
-    try:
-        return loader.from_pretrained(path, **kwargs)
+    try:  # never the directory's own Python: transformers would prompt, then run it (docs/security.md)
+        return loader.from_pretrained(path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as error:  # missing or unreadable files, an offline hub
+        if "trust_remote_code" in str(error):
+            raise ModelError(f"{path} needs its own Python code to load (an auto_map in its config.json): milora "
+                             "never runs a model's code; use a model transformers supports natively "
+                             "(see docs/security.md).") from error
         raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from error
 
 

@@ -185,3 +185,47 @@ def check_finite(weights: dict[str, torch.Tensor], where: str | os.PathLike) -> 
                 f"{where}: tensor {name} holds NaN or Inf values; the adapter is corrupt or its training diverged "
                 "(re-save it from a good checkpoint, or retrain with a lower learning rate)."
             )
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# milora_config.json keys every reader uses, and what each must be
+_METADATA_CHECKS = {
+    "init": (lambda v: isinstance(v, str), "a string"),
+    "solver": (lambda v: v is None or isinstance(v, str), "a string"),
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "lora_alpha": (_positive_number, "a positive number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(x, int) and x > 0 for x in v.values()),
+                     "a mapping to positive integers"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_positive_number(x) for x in v.values()),
+                      "a mapping to positive numbers"),
+    "fingerprint": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("float32", "bfloat16")),
+                    "a mapping with float32 and bfloat16 digests"),
+    "report": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def check_metadata(metadata, path: str | os.PathLike) -> None:
+    """Refuse a milora_config.json that is not what `save_adapter` writes (not a mapping, a key
+    missing or of the wrong type, alpha <= 0), naming the key: a "corrupt milora_config.json"."""
+    if not isinstance(metadata, dict):
+        raise AdapterError(f"corrupt {MILORA_CONFIG} in {path}: it holds a {type(metadata).__name__}, not a mapping; "
+                           "re-save the adapter.")
+    for key, (valid, what) in _METADATA_CHECKS.items():
+        if key not in metadata:
+            raise AdapterError(f"corrupt {MILORA_CONFIG} in {path}: it lacks {key!r}; re-save the adapter.")
+        if not valid(metadata[key]):
+            shown = repr(metadata[key])
+            raise AdapterError(f"corrupt {MILORA_CONFIG} in {path}: {key} must be {what}, got "
+                               f"{shown[:80] + '...' if len(shown) > 80 else shown}; re-save the adapter.")
+
+
+def check_floating(weights: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Refuse adapter tensors that are not floating point (an int32 factor is not a LoRA factor)."""
+    for name in sorted(weights):
+        if not weights[name].is_floating_point():
+            raise AdapterError(f"{where}: tensor {name} has dtype {weights[name].dtype}; adapter weights are floating "
+                               "point (float32, bfloat16, float16): the file was edited or belongs to something else.")

@@ -22,6 +22,8 @@ from milora.adapter.format import (
     READABLE_VERSIONS,
     check_configs_agree,
     check_finite,
+    check_floating,
+    check_metadata,
     decode_factors,
     factor_keys,
     rank_factor,
@@ -63,6 +65,7 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tens
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{path} is corrupt ({error}); re-save the adapter.") from error
     check_finite(weights, path)
+    check_floating(weights, path)
     return weights
 
 
@@ -73,6 +76,7 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
     adapter_dir = Path(adapter_dir)
     if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
         read_adapter_weights(adapter_dir)
+        _refuse_residual_adapter_on_original(base_model, adapter_dir)
     else:  # a milora adapter, or read_adapter's error naming what is missing
         saved_config, _, metadata = read_adapter(adapter_dir)
         check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
@@ -80,6 +84,21 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
         return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
         raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from error
+
+
+def _refuse_residual_adapter_on_original(base_model: torch.nn.Module, adapter_dir: Path) -> None:
+    """``save_residual``'s ``residual_adapter`` belongs on ``residual_model``: refuse it on a base whose
+    fingerprint is the original's (recorded in the milora adapter beside it)."""
+    parent = adapter_dir.resolve().parent
+    if adapter_dir.resolve().name != "residual_adapter" or not (parent / MILORA_CONFIG).is_file():
+        return
+    saved_config, _, metadata = read_adapter(parent)
+    modules = target_modules(base_model, trainable_config(saved_config, metadata))
+    found, original = fingerprint(modules), metadata["fingerprint"]
+    if found["float32"] == original["float32"] or found["bfloat16"] == original["bfloat16"]:
+        raise AdapterError(f"{adapter_dir} is the paper-layout adapter of the residual model {parent}/residual_model, "
+                           f"but this base is the original model: load {parent} instead (milora's rank-2r adapter for "
+                           "the original base), or load this adapter onto residual_model.")
 
 
 def is_plain_peft_adapter(adapter_dir: str | os.PathLike) -> bool:
@@ -107,11 +126,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
         raise AdapterError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
-    if metadata.get("format_version") not in READABLE_VERSIONS:
+    if isinstance(metadata, dict) and metadata.get("format_version") not in READABLE_VERSIONS:
         raise AdapterError(
             f"{adapter_dir / MILORA_CONFIG} has format_version {metadata.get('format_version')!r}; "
             f"this milora reads versions {', '.join(map(str, READABLE_VERSIONS))}."
         )
+    check_metadata(metadata, adapter_dir)
+    if not _positive(config.lora_alpha) or not all(_positive(a) for a in config.alpha_pattern.values()):
+        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: lora_alpha must be positive (got {config.lora_alpha!r}, "
+                           f"alpha_pattern {dict(config.alpha_pattern)!r}): the file was edited; re-save the adapter.")
     weights = read_adapter_weights(adapter_dir)
     if metadata["format_version"] >= 2 and weights_checksum(weights) != metadata.get("weights_sha256"):
         raise AdapterError(
@@ -120,6 +143,10 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         )
     check_configs_agree(config, metadata, adapter_dir)
     return config, weights, metadata
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def load_model(

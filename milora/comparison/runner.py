@@ -152,7 +152,7 @@ def _wait(process: subprocess.Popen, name: str) -> int:
 
     try:
         return process.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(f"\nmilora compare: stopping {name}: waiting for it to save its checkpoint "
               "(Ctrl-C again to kill it at once).", file=sys.stderr, flush=True)
         process.send_signal(signal.SIGINT)
@@ -161,7 +161,7 @@ def _wait(process: subprocess.Popen, name: str) -> int:
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             process.kill()
             process.wait()
-        raise StoppedError(f"stopped during {name}; re-run the same command to continue the sweep.") from None
+        raise StoppedError(f"stopped during {name}; re-run the same command to continue the sweep.") from interrupt
 
 
 def run_local(jobs: list[dict[str, Any]], progress: bool = True) -> None:

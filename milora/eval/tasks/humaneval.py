@@ -73,11 +73,17 @@ def pass_at_k(passed: list[list[bool]], ks: tuple[int, ...]) -> tuple[dict[str, 
     return scores, errors
 
 
+def _pass_ks(options: dict, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The k of pass@k: the given ones (each a positive integer) or ``default``."""
+    ks = tuple(options["pass_k"] or default)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise DataError(f"pass_k must be positive integers (got {options['pass_k']!r}; CLI: --pass-k 1,10).")
+    return ks
+
+
 def _settings(options: dict, samples: int) -> tuple[tuple[int, ...], float]:
     """``(ks, temperature)``, checked before any generation."""
-    ks = tuple(options["pass_k"] or ((1,) if samples == 1 else tuple(k for k in (1, 10, 100) if k <= samples)))
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise DataError(f"pass_k must be positive integers (got {options['pass_k']!r}).")
+    ks = _pass_ks(options, (1,) if samples == 1 else tuple(k for k in (1, 10, 100) if k <= samples))
     if max(ks) > samples:
         raise DataError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem, but samples={samples}: "
                         f"raise samples (CLI: --samples) or lower pass_k (CLI: --pass-k).")
@@ -147,7 +153,7 @@ def _run(job: Job) -> TaskResult:
     samples, temperature = options["samples"] or 1, None
     if options["predictions"] is not None:
         reject_generation_options(options, GENERATION_OPTIONS, "humaneval")
-        ks = tuple(options["pass_k"] or (1,))
+        ks = _pass_ks(options, (1,))
     else:
         ks, temperature = _settings(options, samples)  # before generating
     every, source = load_problems(job.data)
