@@ -42,7 +42,8 @@ if not VLLM_PYTHON.is_file():
 @pytest.fixture(scope="module", autouse=True)
 def _asked_for(request):
     """Only with ``-m vllm``: the whole suite stays well under its time budget even where vLLM is installed."""
-    if "vllm" not in (request.config.getoption("markexpr") or ""):
+    expression = request.config.getoption("markexpr") or ""
+    if "vllm" not in expression or "not vllm" in expression:
         pytest.skip("real-vLLM tests run with -m vllm")
 
 
@@ -150,3 +151,17 @@ def test_server_predictions_equal_local_generation(server, local, adapter, commo
     changed = sum(a["output"] != b["output"] for a, b in zip(base_result["items"], served_result["items"], strict=True))
     print(f"{task}: the adapter changed {changed} of 30 outputs of the served base")
     assert changed > 0  # the server applied the adapter
+
+
+def test_cli_eval_through_the_server_finds_the_adapter_by_its_path(server, adapter, tmp_path, capsys):
+    from milora.cli import main
+
+    output = tmp_path / "served.json"
+    assert main(["eval", "--task", "gsm8k", "--data", str(SHARED_DATA / "math" / "gsm8k_test.jsonl"), "--limit", "3",
+                 "--max-new-tokens", "16", "--adapter", str(adapter), "--server", server.url,
+                 "--output", str(output)]) == 0
+    summary = json.loads(output.read_text())["summary"]
+    assert summary["n"] == 3 and summary["settings"]["served_model"] == "tuned"
+    assert summary["adapter"] == str(adapter)
+    message = main(["eval", "--task", "gsm8k", "--server", server.url, "--served-model", "nothing"])
+    assert message == 2 and "does not serve 'nothing'; it serves" in capsys.readouterr().err
