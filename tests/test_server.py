@@ -28,6 +28,7 @@ class FakeServer:
     def __init__(self, models: list[dict], reply):
         self.models, self.reply, self.payloads, self.attempts = models, reply, [], {}
         self.lock = threading.Lock()
+        self.lora_calls, self.runtime_lora = [], True
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,6 +49,14 @@ class FakeServer:
 
             def do_POST(self):
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.endswith("_lora_adapter"):  # vLLM's run-time loading: plain-text answers
+                    fake.lora_calls.append((self.path.rsplit("/", 1)[1], payload))
+                    status = 200 if fake.runtime_lora else 404
+                    self.send_response(status)
+                    self.send_header("Content-Length", "7")
+                    self.end_headers()
+                    self.wfile.write(b"Success")
+                    return
                 with fake.lock:
                     fake.payloads.append(payload)
                     attempt = fake.attempts[payload["prompt"]] = fake.attempts.get(payload["prompt"], 0) + 1
@@ -270,3 +279,17 @@ def test_serve_line_names_the_exported_rank_and_every_adapter(tmp_path):
     assert f"x={tmp_path / 'run-a'} y={tmp_path / 'run-b'} --max-lora-rank 256 --max-loras 2" in hint
     with pytest.raises(Exception, match="different bases"):
         serve_hint([tmp_path / "run-a", tmp_path / "run-c"])
+
+
+def test_runtime_adapter_is_loaded_for_the_block_and_unloaded_after(serve, tmp_path):
+    from milora.eval.server import runtime_adapter
+
+    server = serve()
+    with runtime_adapter(server.url, "run-1", str(tmp_path)) as name:
+        assert name == "run-1"
+        assert server.lora_calls == [("load_lora_adapter", {"lora_name": "run-1", "lora_path": str(tmp_path)})]
+    assert server.lora_calls[1] == ("unload_lora_adapter", {"lora_name": "run-1"})
+    server.runtime_lora = False  # a server started without VLLM_ALLOW_RUNTIME_LORA_UPDATING has no such route
+    with pytest.raises(ServerError, match=r"did not load the adapter .*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"), \
+            runtime_adapter(server.url, "run-2", str(tmp_path)):
+        pass

@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,13 +74,14 @@ def base_url(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
-def _request(url: str, payload: dict | None, timeout_s: float) -> dict:
-    """One HTTP call; JSON in and out. Raises `_Transient` for what a retry may fix, `ServerError` else."""
+def _send(url: str, payload: dict | None, timeout_s: float) -> bytes:
+    """One HTTP call (a GET without ``payload``, else a JSON POST); its body. Raises `_Transient` for what a
+    retry may fix, `ServerError` else."""
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body = response.read()
+            return response.read()
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace")[:500]
         if error.code == 429 or error.code >= 500:
@@ -89,6 +91,11 @@ def _request(url: str, payload: dict | None, timeout_s: float) -> dict:
         raise ServerError(f"{url} answered HTTP {error.code}: {detail}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
         raise _Transient(f"{type(error).__name__}: {getattr(error, 'reason', error)}") from None
+
+
+def _request(url: str, payload: dict | None, timeout_s: float) -> dict:
+    """`_send` with a JSON answer; an answer that is not complete JSON is a `_Transient` failure."""
+    body = _send(url, payload, timeout_s)
     try:
         return json.loads(body)
     except json.JSONDecodeError:
@@ -237,6 +244,26 @@ class ServerModel:
             return choice["text"]
 
         return _with_retries(attempt, self.retry)
+
+
+@contextmanager
+def runtime_adapter(url: str, name: str, directory: str, retry: Retry = Retry(attempts=3, timeout_s=600.0)):
+    """``name`` loaded from ``directory`` into a running vLLM server for the ``with`` block, unloaded after
+    (vLLM's run-time LoRA loading: start the server with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and
+    ``--enable-lora --max-lora-rank R``, R >= the exported rank)."""
+    root = base_url(url).removesuffix("/v1")
+    payload = {"lora_name": name, "lora_path": str(Path(directory).resolve())}
+    try:
+        _with_retries(lambda: _send(f"{root}/v1/load_lora_adapter", payload, retry.timeout_s), retry)
+    except ServerError as error:
+        raise ServerError(f"{url} did not load the adapter {directory} ({error}): start vLLM with "
+                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, --enable-lora and a --max-lora-rank of at least "
+                          "the adapter's exported rank.") from None
+    try:
+        yield name
+    finally:
+        _with_retries(lambda: _send(f"{root}/v1/unload_lora_adapter", {"lora_name": name}, retry.timeout_s),
+                      retry)
 
 
 def connect(url: str, *, served_model: str | None = None, adapter: str | None = None,
