@@ -37,6 +37,10 @@ class AdapterNotFoundError(AdapterError, FileNotFoundError):
     """An adapter directory or one of its files does not exist."""
 
 
+class ServerError(MiloraError):
+    """An OpenAI-compatible server that cannot be used: unreachable, serving another model, failed requests."""
+
+
 class OutputError(MiloraError):
     """An output path milora must not or cannot write (exists, is a file, held by another run)."""
 

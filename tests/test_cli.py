@@ -27,6 +27,8 @@ def test_init_writes_adapter_and_report(model_dir, tmp_path, capsys, tokens):
     printed = capsys.readouterr().out
     summary = json.loads(printed[: printed.rindex("}") + 1])
     assert summary["weights"] == 10 and summary["output_relative_error"] < 1e-5 and summary["workers"] == 2
+    # the serve line: rank 8 is saved as rank 16, served under the directory's name
+    assert f"--enable-lora --lora-modules out={(tmp_path / 'out').resolve()} --max-lora-rank 16 --port 8000" in printed
     metadata = json.loads((tmp_path / "out" / "milora_config.json").read_text())
     assert metadata["init"] == "milora" and metadata["r"] == 8 and metadata["lora_alpha"] == 16
     assert metadata["measured"]["output_relative_error"] < 1e-5

@@ -135,6 +135,8 @@ def test_cli_train(tiny, tmp_path, capsys):
     config.write_text(yaml.safe_dump(run_config(tiny, tmp_path / "out", max_steps=2)))
     assert cli.main(["train", str(config), "init=pissa", "lora_rank=2"]) == 0
     assert json.loads((tmp_path / "out" / "milora_config.json").read_text())["init"] == "pissa"
+    # rank 2 saved as rank 4; vLLM's smallest --max-lora-rank holding it is 8
+    assert f"--lora-modules out={(tmp_path / 'out').resolve()} --max-lora-rank 8" in capsys.readouterr().out
     assert cli.main(["train", str(config), "lora_rnak=2"]) == 2
     assert "did you mean 'lora_rank'" in capsys.readouterr().err
     assert cli.main(["train", "--list-keys"]) == 0

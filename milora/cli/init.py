@@ -99,6 +99,9 @@ def _run_init(args) -> int:
     print(json.dumps(record.summary(), indent=2))
     print(f"adapter saved to {output} "
           f"(rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
+    from milora.adapter.serving import serve_hint
+
+    print(serve_hint([output]))
     return 0
 
 

@@ -90,6 +90,7 @@ class Task:
     options: dict[str, Option]
     metric: str = "accuracy"  # "accuracy" (fractions, averaged), "rate" (fractions, not averaged) or "value"
     table_scores: tuple[str, ...] = ()  # the scores `milora eval --compare` shows (default: all accuracies)
+    server: bool = False  # whether it can generate through an OpenAI-compatible server (`milora.eval.server`)
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with defaults filled in; an option the task does not take, or a bad value, is an error."""
@@ -107,11 +108,11 @@ _TASKS: dict[str, Task] = {}
 
 
 def register(name: str, description: str, options: dict[str, Option] | None = None, metric: str = "accuracy",
-             table_scores: tuple[str, ...] = ()) -> Callable:
+             table_scores: tuple[str, ...] = (), server: bool = False) -> Callable:
     """Decorator: register ``run`` as the task ``name``."""
 
     def decorate(run: Callable[[Job], TaskResult]) -> Callable[[Job], TaskResult]:
-        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores)
+        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores, server)
         return run
 
     return decorate

@@ -105,16 +105,13 @@ def _completions(job: Job, problems: list[dict], every: list[dict], samples: int
         outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in every], range(len(problems)),
                                    samples=True)
         return [o if isinstance(o, list) else [o] for o in outputs], {"predictions": str(options["predictions"])}
-    import torch
-
     seed = options["seed"] or 0
-    torch.manual_seed(seed)
     max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
     top_p = options["top_p"] if options["top_p"] is not None else (1.0 if temperature == 0 else 0.95)
     prompts = [p["prompt"] for p in problems for _ in range(samples)]
     outputs = generate(job.model, job.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=job.batch_size,
                        stop_strings=STOP_STRINGS, progress=job.progress, desc="humaneval", temperature=temperature,
-                       top_p=top_p)
+                       top_p=top_p, seed=seed)
     completions = [outputs[i * samples:(i + 1) * samples] for i in range(len(problems))]
     return completions, {"samples": samples, "temperature": temperature, "top_p": top_p, "seed": seed,
                          "max_new_tokens": max_new_tokens, "stop_strings": list(STOP_STRINGS)}
@@ -143,7 +140,7 @@ def _execute(problems: list[dict], completions: list[list[str]], timeout: float,
            "top_p": Option(None, minimum=0, kind=float), "pass_k": Option(None, kind=(tuple, list)),
            "max_new_tokens": Option(None, minimum=1), "seed": Option(None, minimum=0),
            "timeout": Option(None, minimum=1, kind=float)},
-          metric="rate", table_scores=("humaneval_pass@1",))
+          metric="rate", table_scores=("humaneval_pass@1",), server=True)
 def _run(job: Job) -> TaskResult:
     options = job.options
     if not options["allow_code_execution"]:
