@@ -145,6 +145,15 @@ def _model_loader(name_or_path: str | None):
     return AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
 
 
+def meta_model(name_or_path: str | os.PathLike):
+    """The model a checkpoint's config describes, built on the meta device: its module tree (names,
+    types, shapes, tied weights) without any weight in memory."""
+    config = _from_pretrained(AutoConfig, name_or_path)
+    loader = AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
+    with torch.device("meta"):
+        return loader.from_config(config).eval()
+
+
 def checkpoint_quantization(name_or_path: str | os.PathLike | None) -> str | None:
     """The quantisation method a checkpoint's config declares (``bitsandbytes``, ``gptq``, ...), or None.
 

@@ -23,7 +23,7 @@ def model_dir(tmp_path):
 
 def test_init_writes_adapter_and_report(model_dir, tmp_path, capsys, tokens):
     assert main(["init", str(model_dir), "--output", str(tmp_path / "out"), "--rank", "8", "--alpha", "16",
-                 "--workers", "2"]) == 0
+                 "--workers", "2", "--in-memory"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[: printed.rindex("}") + 1])
     assert summary["weights"] == 10 and summary["output_relative_error"] < 1e-5 and summary["workers"] == 2

@@ -5,13 +5,16 @@ Writes go to a staging directory that is renamed into place, so a failure leaves
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -19,13 +22,16 @@ from milora.adapter.format import (
     FORMAT_VERSION,
     check_finite,
     encode_update,
+    factor_keys,
     saved_config,
+    saved_module_key,
     target_list,
     weights_checksum,
 )
 from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
 from milora.errors import AdapterError, OutputExistsError
-from milora.init import init_record
+from milora.init import InitRecord, init_record
+from milora.init.streaming import StreamedInit
 from milora.io import check_replaceable, staged_directory
 
 
@@ -61,7 +67,18 @@ def save_adapter(
     trained_config = peft_model.peft_config[adapter_name]
     weights = {k: v.detach().cpu().contiguous()
                for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
-    weights = encode_update(weights, record.initial_factors)
+    residual = ((lambda staging: _save_residual(peft_model, staging, adapter_name, output_dir))
+                if save_residual else None)
+    return write_adapter(output_dir, encode_update(weights, record.initial_factors), trained_config, record,
+                         overwrite=overwrite, extra=residual)
+
+
+def write_adapter(output_dir: Path, weights: dict[str, torch.Tensor], trained_config: LoraConfig, record: InitRecord,
+                  overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write an adapter directory from its saved (encoded, `encode_update`) ``weights``, the rank-r
+    ``trained_config`` and the init ``record``: the one writer behind `save_adapter` and the streaming
+    ``milora init``. ``extra(staging)`` adds files (the residual layout) before the directory is renamed
+    into place; the caller has checked that ``output_dir`` may be written (or replaced, ``overwrite``)."""
     config = saved_config(trained_config, record.init)
     check_finite(weights, output_dir / ADAPTER_WEIGHTS)
     metadata = {
@@ -88,8 +105,41 @@ def save_adapter(
         config.save_pretrained(staging)
         save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (staging / MILORA_CONFIG).write_text(json.dumps(_json_safe(metadata), indent=2) + "\n")
-        if save_residual:
-            _save_residual(peft_model, staging, adapter_name, output_dir)
+        if extra is not None:
+            extra(staging)
+    return output_dir
+
+
+def save_streamed_start(streamed: StreamedInit, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the adapter of a streaming init (`milora.init.streaming.stream_init`) and remove its work
+    directory; the residual layout too when the init wrote a residual model.
+
+    The factors are read one weight at a time and each is encoded as soon as it is read, so the
+    adapter's tensors are in memory once (the rank-2r update), not twice.
+    """
+    output_dir = Path(output_dir)
+    weights = {saved_module_key(module, key): tensor for (module, key), tensor in streamed.saved_tensors.items()}
+    for name, A, B in streamed.factors():
+        weights.update(dict(zip(factor_keys(name), (A, B), strict=True)))
+    extra = None
+    if streamed.residual_dir is not None:
+        adapter_dir = streamed.residual_dir / "residual_adapter"
+        adapter_dir.mkdir(exist_ok=True)
+        config = copy.deepcopy(streamed.lora_config)
+        config.inference_mode = True
+        config.save_pretrained(adapter_dir)
+        save_file(weights, adapter_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+        def extra(staging: Path) -> None:
+            for part in ("residual_model", "residual_adapter"):
+                os.replace(streamed.residual_dir / part, staging / part)
+
+    for target in streamed.targets:  # encode in place: each module's trained-layout factors dropped as encoded
+        keys = factor_keys(target.name)
+        A, B = (weights.pop(key) for key in keys)
+        weights.update(encode_update(dict(zip(keys, (A, B), strict=True)), {target.name: (A, B)}))
+    write_adapter(output_dir, weights, streamed.lora_config, streamed.record, overwrite=overwrite, extra=extra)
+    shutil.rmtree(streamed.work_dir)
     return output_dir
 
 

@@ -30,7 +30,12 @@ def add(subparsers) -> None:
                         help="CPU weights decomposed at once, one BLAS thread each (default: one per thread, "
                              "at most 4, when every weight is below 2048; else 1)")
     parser.add_argument("--device", default=None, help="where the decompositions run (cpu, cuda, ...)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+    parser.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES),
+                        help="dtype the weights are read in (default: float32 in memory; streaming: the "
+                             "checkpoint's own, which the residual keeps; the factors are the same either way)")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="load the whole model first (the default for hub ids, --quantize and init lora); "
+                             "by default a local safetensors checkpoint is streamed one weight at a time")
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init")
     parser.add_argument("--null-space", default="zero", choices=["zero", "random"],
@@ -48,15 +53,13 @@ def add(subparsers) -> None:
 
 
 def _run_init(args) -> int:
-    import json
     from pathlib import Path
 
     import torch
-    from peft import LoraConfig
 
     from milora.adapter.save import save_adapter
     from milora.errors import OutputExistsError, UsageError
-    from milora.init import get_model, init_record, scoped_targets
+    from milora.init import get_model, init_record
     from milora.init.quantize import check_quantization
     from milora.io import check_replaceable
     from milora.models import load_pretrained_model, refuse_quantized_checkpoint
@@ -75,16 +78,12 @@ def _run_init(args) -> int:
                          "--quantize (the saved adapter loads onto the full-precision base either way).")
     refuse_quantized_checkpoint(args.model, "decomposes full-precision weights; --quantize quantises the residual "
                                  "after the init")
-    model = load_pretrained_model(args.model, dtype=args.dtype)
-    names = [name.strip() for name in args.target_modules.split(",") if name.strip()]
-    lora_config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha if args.alpha is not None else args.rank,
-        target_modules=scoped_targets(model, names, args.target_scope),
-        modules_to_save=[name.strip() for name in (args.modules_to_save or "").split(",") if name.strip()] or None,
-        use_rslora=args.rslora,
-        task_type="CAUSAL_LM",
-    )
+    streaming = (not args.in_memory and args.model is not None and Path(args.model).is_dir()
+                 and args.init != "lora" and args.quantize is None)
+    if streaming:
+        return _stream(args, output)
+    model = load_pretrained_model(args.model, dtype=args.dtype or "float32")
+    lora_config = _lora_config(args, model)
     vocab_size = model.config.get_text_config().vocab_size
     probe = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -96,12 +95,48 @@ def _run_init(args) -> int:
     record = init_record(peft_model)
     record.measured["output_relative_error"] = float((after - before).norm() / before.norm())
     save_adapter(peft_model, output, overwrite=args.overwrite, save_residual=args.save_residual)
+    _print_result(record, args, output)
+    return 0
+
+
+def _lora_config(args, model):
+    """The LoraConfig the options describe, with the targets scoped on ``model`` (in memory or on the meta device)."""
+    from peft import LoraConfig
+
+    from milora.init import scoped_targets
+
+    names = [name.strip() for name in args.target_modules.split(",") if name.strip()]
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha if args.alpha is not None else args.rank,
+        target_modules=scoped_targets(model, names, args.target_scope),
+        modules_to_save=[name.strip() for name in (args.modules_to_save or "").split(",") if name.strip()] or None,
+        use_rslora=args.rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _stream(args, output) -> int:
+    """The streaming init (`milora.init.streaming`): one weight at a time, resumable, the model never built."""
+    from milora.adapter.save import save_streamed_start
+    from milora.init.streaming import stream_init
+    from milora.models import DTYPES, meta_model
+
+    model = meta_model(args.model)
+    streamed = stream_init(args.model, model, _lora_config(args, model), output, init=args.init, solver=args.solver,
+                           seed=args.seed, null_space=args.null_space, workers=args.workers, device=args.device,
+                           dtype=DTYPES[args.dtype] if args.dtype else None, save_residual=args.save_residual)
+    save_streamed_start(streamed, output, overwrite=args.overwrite)
+    _print_result(streamed.record, args, output)
+    return 0
+
+
+def _print_result(record, args, output) -> None:
+    import json
+
     print(json.dumps(record.summary(), indent=2))
     print(f"adapter saved to {output} "
           f"(rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
     from milora.adapter.serving import serve_hint
 
     print(serve_hint([output]))
-    return 0
-
-

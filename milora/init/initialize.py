@@ -21,6 +21,7 @@ import ctypes.util
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ from milora.init.layers import lora_layers, restore_weight, set_adapter_factors
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.record import InitRecord, attach_record
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
-from milora.linalg.decomposition import default_workers, resolve_solver, select_components_many
+from milora.linalg.decomposition import Components, default_workers, resolve_solver, select_components_many
 from milora.models import check_device
 
 NULL_SPACE_STARTS = ("zero", "random")
@@ -76,11 +77,7 @@ def get_model(
     with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
     layers (see `milora.init.quantize`); the saved adapter is still for the full-precision base.
     """
-    validate_lora_config(lora_config, init)
-    if null_space not in NULL_SPACE_STARTS:
-        raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UsageError(f"seed must be an integer, got {seed!r}.")
+    check_init_options(lora_config, init, null_space, seed)
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
     warn_outside_language_model(model, lora_config.target_modules, modules)
@@ -90,7 +87,7 @@ def get_model(
         check_quantizable(model, modules, quantization)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
-        _check_devices(solver, workers, device, modules)
+        check_devices(solver, workers, device, {weight_matrix(m).device.type for m in modules.values()})
     record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed,
                         fingerprint=fingerprint(modules))
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
@@ -108,6 +105,15 @@ def get_model(
     return peft_model
 
 
+def check_init_options(lora_config: LoraConfig, init: str, null_space: str, seed: int) -> None:
+    """The options of an init, checked before anything is read or changed."""
+    validate_lora_config(lora_config, init)
+    if null_space not in NULL_SPACE_STARTS:
+        raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, got {seed!r}.")
+
+
 def _undo(peft_model: PeftModel, record: InitRecord, adapter: str, error: BaseException) -> None:
     """Put back the original weights (W_res + s B0 A0, rounded once) of the layers already
     initialised, and the plain modules PEFT replaced, so an interrupted init leaves a usable model."""
@@ -122,7 +128,7 @@ def _undo(peft_model: PeftModel, record: InitRecord, adapter: str, error: BaseEx
     )
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     Each weight's float64 buffers are freed after use, but glibc keeps freed blocks in its
@@ -133,14 +139,14 @@ def _release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _check_devices(solver: str, workers: int | None, device, modules: dict[str, torch.nn.Module]) -> None:
-    """Options that only work for decompositions on CPU, checked before the model is modified."""
+def check_devices(solver: str, workers: int | None, device, weight_devices: set[str]) -> None:
+    """Options that only work for decompositions on CPU, checked before the model is modified
+    (``weight_devices``: the device types the weights are on)."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise UsageError(f"workers must be a positive integer, got {workers!r}.")
     if device is not None:
         check_device(device)
-    devices = ({torch.device(device).type} if device is not None
-               else {weight_matrix(m).device.type for m in modules.values()})
+    devices = {torch.device(device).type} if device is not None else weight_devices
     if devices == {"cpu"}:
         return
     if workers is not None and workers > 1:
@@ -189,29 +195,47 @@ def _initialise_layers(
             stats = torch.zeros(4, dtype=torch.float64, device=here)
             ran = [resolve_solver(solver, record.init, here, tuple(weight.shape), r), ""]  # solver, fallback reason
             if rank == owner:
-                parts = next(owned_parts)
-                zero = _zero_components(parts.S, weight)
-                generator = torch.Generator().manual_seed(record.seed + index)
-                A_start, B_start = start_factors(parts.U, parts.S, parts.Vh, scaling, zero, null_space, generator)
-                A.copy_(A_start)
-                B.copy_(B_start)
-                stats.copy_(torch.tensor([float(parts.S.max()), float(parts.S.min()), parts.boundary_gap,
-                                          int(zero.sum())]))
-                ran = [parts.solver, parts.reason]
+                start_of = weight_start(next(owned_parts), weight, scaling, null_space, record.seed + index)
+                A.copy_(start_of.A)
+                B.copy_(start_of.B)
+                stats.copy_(torch.tensor(start_of.stats, dtype=torch.float64))
+                ran = start_of.ran
             if world > 1:
                 for tensor in (A, B, stats):
                     dist.broadcast(tensor, src=owner)
                 dist.broadcast_object_list(ran, src=owner)
             error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
             record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
-            _release_freed_memory()
-            record.report.append(_report_entry(name, weight, r, scaling, ran, stats.tolist(), error))
+            release_freed_memory()
+            record.report.append(report_entry(name, weight, r, scaling, ran, stats.tolist(), error))
     record.measured["init_seconds"] = time.perf_counter() - start
     record.measured["workers"] = workers
-    _warn_zero_components(record, null_space)
+    warn_zero_components(record, null_space)
 
 
-def _report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: list, stats: list,
+@dataclass
+class WeightStart:
+    """One weight's start from its selected triplets: A (r x in) and B (out x r) in float64;
+    ``stats`` = [largest selected sigma, smallest, boundary gap, exactly-zero components] and
+    ``ran`` = [the solver that ran, why it replaced the chosen one], as the report records them."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    stats: list[float]
+    ran: list[str]
+
+
+def weight_start(parts: Components, weight: torch.Tensor, scaling: float, null_space: str, seed: int) -> WeightStart:
+    """The start of one weight (out x in) from its triplets ``parts``: the one per-weight step shared by
+    `get_model` and the streaming init (`milora.init.streaming`), so both give the same bits.
+    ``seed``: the init's seed plus the weight's position among the sorted targets."""
+    zero = _zero_components(parts.S, weight)
+    A, B = start_factors(parts.U, parts.S, parts.Vh, scaling, zero, null_space, torch.Generator().manual_seed(seed))
+    return WeightStart(A, B, [float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, int(zero.sum())],
+                       [parts.solver, parts.reason])
+
+
+def report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: list, stats: list,
                   error: float) -> dict:
     """One weight's line of the init report; ``ran`` is [the solver that ran, why it replaced the chosen one]."""
     sigma_max, sigma_min, gap, zeros = stats
@@ -263,7 +287,7 @@ def start_factors(
     return A, B
 
 
-def _warn_zero_components(record: InitRecord, null_space: str) -> None:
+def warn_zero_components(record: InitRecord, null_space: str) -> None:
     dead = [entry for entry in record.report if entry["zero_components"]]
     if not dead or null_space != "zero":
         return

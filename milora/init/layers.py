@@ -11,6 +11,8 @@ base model (PEFT's ``base_model.model.`` prefix removed, `PEFT_PREFIX`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -18,6 +20,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from milora.init.targets import weight_matrix
 
+RESIDUAL_BLOCK_BYTES = 1 << 26  # 64 MiB of float64 rows at a time in `residual_weight`
 PEFT_PREFIX = "base_model.model."
 """What PEFT puts before a base model's module names, in its module tree and its saved state dicts."""
 
@@ -37,24 +40,43 @@ def saved_module_copies(peft_model: PeftModel, adapter: str = "default") -> dict
 def set_adapter_factors(
     layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, device=None
 ) -> float:
-    """Set the trainable factors to (A, B) and the base weight to W - s * B0 @ A0 (float64 math).
+    """Set the trainable factors to (A, B) and the base weight to W - s * B0 @ A0 (`residual_weight`).
 
-    Returns the relative reconstruction error ||W_res + s B0 A0 - W||_F / ||W||_F of the stored
-    (rounded) residual, i.e. how far the initial model is from the original weight.
+    Returns the relative reconstruction error of the stored (rounded) residual, i.e. how far the
+    initial model is from the original weight.
     """
     base = layer.get_base_layer()
     weight = weight_matrix(base)
-    device = device or weight.device
-    scaling = layer.scaling[adapter]
-    original = weight.detach().to(device=device, dtype=torch.float64)
-    initial_part = (B0.to(device, torch.float64) @ A0.to(device, torch.float64)).mul_(scaling)
-    residual = torch.sub(original, initial_part).to(weight.dtype)
+    residual, error = residual_weight(weight, A0, B0, layer.scaling[adapter], device)
     weight.data.copy_(residual.to(weight.device))  # weight is a view for Conv1D, so this writes through
     layer.lora_A[adapter].weight.data.copy_(A)
     layer.lora_B[adapter].weight.data.copy_(B)
-    # in place: at most three float64 copies of the weight alive at once
-    mismatch = residual.to(torch.float64).add_(initial_part).sub_(original)
-    return float(torch.linalg.norm(mismatch) / torch.linalg.norm(original).clamp_min(1e-300))
+    return error
+
+
+def residual_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float, device=None,
+                    block_bytes: int = RESIDUAL_BLOCK_BYTES) -> tuple[torch.Tensor, float]:
+    """W_res = W - s B0 A0 (``weight``: out x in) in float64, rounded once to the weight's dtype, on ``device``
+    (default: the weight's), and its relative error ||W_res - (W - s B0 A0)||_F / ||W||_F.
+
+    Computed in blocks of rows (about ``block_bytes`` of float64 each), so a weight never needs more
+    than the rounded residual and a few float64 blocks at once; every element is computed the same
+    way wherever the weight comes from (a model in memory, or a checkpoint streamed tensor by tensor).
+    """
+    device = device or weight.device
+    out_features, in_features = weight.shape
+    residual = torch.empty(out_features, in_features, dtype=weight.dtype, device=device)
+    A0, B0 = A0.to(device, torch.float64), B0.to(device, torch.float64)
+    rows = max(1, block_bytes // (8 * in_features))
+    mismatch, norm = 0.0, 0.0
+    for start in range(0, out_features, rows):
+        block = slice(start, start + rows)
+        exact = weight[block].detach().to(device=device, dtype=torch.float64)
+        norm += float(torch.linalg.norm(exact)) ** 2
+        exact.sub_((B0[block] @ A0).mul_(scaling))
+        residual[block] = exact.to(weight.dtype)
+        mismatch += float(torch.linalg.norm(exact.sub_(residual[block].to(torch.float64)))) ** 2
+    return residual, math.sqrt(mismatch) / max(math.sqrt(norm), 1e-300)
 
 
 def restore_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -62,11 +63,14 @@ def validate_lora_config(lora_config: LoraConfig, init: str) -> None:
                              f"got {bad[0]!r}.")
 
 
-def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, torch.nn.Module]:
+def target_modules(model: torch.nn.Module, lora_config: LoraConfig, check_values: bool = True
+                   ) -> dict[str, torch.nn.Module]:
     """The modules PEFT will adapt, by name, after checking each one can take an SVD start.
 
     Raises a ValueError naming the problem (missing target, unsupported or quantised module,
     rank too large, non-finite weight, a weight shared by two targets) before anything is modified.
+    ``check_values=False`` skips the one check that reads the weights (finite values), for a model
+    built on the meta device whose weights are streamed from a checkpoint (`milora.init.streaming`).
     """
     if isinstance(model, PeftModel) or any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         raise ModelError(
@@ -89,10 +93,12 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str,
         raise ModelError(f"No module matches target_modules={config.target_modules!r}. "
                          f"Linear modules: {', '.join(leaf_names)}.")
     for name, module in matched.items():
-        _check_module(name, module, rank_for(config, name))
+        _check_module(name, module, rank_for(config, name), check_values)
     shared = {}
     for name, module in matched.items():
-        first = shared.setdefault(module.weight.data_ptr(), name)
+        # tied weights share one Parameter; on the meta device every data_ptr is 0, so compare the objects
+        key = id(module.weight) if module.weight.is_meta else module.weight.data_ptr()
+        first = shared.setdefault(key, name)
         if first != name:
             raise ModelError(
                 f"Modules {first} and {name} share one weight tensor (tied weights): the init replaces each adapted "
@@ -155,7 +161,15 @@ def rank_for(config: LoraConfig, name: str) -> int:
     return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
 
 
-def _check_module(name: str, module: torch.nn.Module, rank: int) -> None:
+def scaling_for(config: LoraConfig, name: str) -> float:
+    """The scaling s PEFT gives module ``name``'s adapter: alpha / r, or alpha / sqrt(r) with rsLoRA
+    (alpha and r from their patterns), computed as PEFT computes it (`LoraLayer.update_layer`)."""
+    r = rank_for(config, name)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def _check_module(name: str, module: torch.nn.Module, rank: int, check_values: bool = True) -> None:
     package = _quantised_by(module)
     if package is not None:
         raise ModelError(
@@ -177,25 +191,41 @@ def _check_module(name: str, module: torch.nn.Module, rank: int) -> None:
             f"Rank {rank} is too large for {name} ({out_features} x {in_features}): it must be below "
             f"min(out, in) = {min(out_features, in_features)}. Lower r or set rank_pattern for this module."
         )
+    if check_values:
+        check_finite_weight(name, weight)
+
+
+def check_finite_weight(name: str, weight: torch.Tensor) -> None:
     if not torch.isfinite(weight).all():
         raise ModelError(f"Module {name} has NaN or Inf in its weight: "
                          "the checkpoint is corrupt or was loaded wrongly.")
 
 
-def fingerprint(modules: dict[str, torch.nn.Module], samples: int = 4096) -> dict[str, str]:
+def fingerprint(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
     """SHA-256 over names, shapes and an evenly strided sample of each weight, in float32 and bfloat16.
 
     The bfloat16 digest lets a model loaded in a lower precision match an adapter made in float32.
     """
+    weights = {name: weight_matrix(module) for name, module in modules.items()}
+    return fingerprint_of_samples({name: (tuple(w.shape), fingerprint_sample(w)) for name, w in weights.items()})
+
+
+def fingerprint_sample(weight: torch.Tensor, samples: int = 4096) -> torch.Tensor:
+    """What `fingerprint` reads of one (out x in) weight: ``samples`` evenly strided entries of its
+    row-major flattening, as float32 on CPU (exact for float32, bfloat16 and float16 weights)."""
+    flat = weight.detach().reshape(-1)
+    count = min(samples, flat.numel())
+    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+    return flat[index].float().cpu()
+
+
+def fingerprint_of_samples(samples: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> dict[str, str]:
+    """`fingerprint` from each weight's shape and `fingerprint_sample`, by module name (any order)."""
     digests = {"float32": hashlib.sha256(), "bfloat16": hashlib.sha256()}
-    for name in sorted(modules):
-        weight = weight_matrix(modules[name]).detach()
-        flat = weight.reshape(-1)
-        count = min(samples, flat.numel())
-        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-        sample = flat[index].float().cpu()
+    for name in sorted(samples):
+        shape, sample = samples[name]
         for dtype, digest in digests.items():
-            digest.update(f"{name}:{tuple(weight.shape)}".encode())
+            digest.update(f"{name}:{tuple(shape)}".encode())
             values = sample.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else sample
             digest.update(values.numpy().tobytes())
     return {dtype: digest.hexdigest() for dtype, digest in digests.items()}

@@ -1,0 +1,154 @@
+"""Peak memory and time of `milora init` on random LLaMA-2-7B-wide bfloat16 checkpoints: streaming vs in-memory.
+
+    python benchmarks/scale.py                       # 2, 4, 8 layers, both paths (q_proj,v_proj, r = 16)
+    python benchmarks/scale.py --layers 32 --paths streaming --rank 64 --targets default   # the whole 7B shape, once
+
+Each checkpoint has LLaMA-2-7B's widths (hidden 4096, intermediate 11008, vocabulary 32000,
+32 heads) and the given depth, in bfloat16, one shard per layer (plus one for the embeddings,
+the final norm and the untied lm_head), written with `config.json` and the safetensors index
+as `save_pretrained` writes them. Weights are N(0, 0.02^2); layer l's matrices are fixed random
+row permutations of layer 0's (same spectra, different matrices), so writing a 13.5 GB checkpoint
+is bound by the disk, not by the random number generator. Each `milora init` runs in a fresh
+child process that reports its own peak RSS (VmHWM of /proc/self/status) and wall time, so the
+ratios in-memory / streaming compare two runs on the same checkpoint in the same invocation.
+The per-layer slope is the least-squares line through (layers, value) for each path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, VOCAB, HEADS = 4096, 11008, 32000, 32
+
+
+def llama_config(layers: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS, "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", "tie_word_embeddings": False, "dtype": "bfloat16", "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def make_checkpoint(path: Path, layers: int, seed: int = 0) -> Path:
+    """A random 7B-wide bfloat16 LLaMA with ``layers`` layers in ``path`` (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+              "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+              "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+              "mlp.down_proj": (HIDDEN, INTERMEDIATE)}
+    base = {name: normal(*shape) for name, shape in shapes.items()}
+    path.mkdir(parents=True)
+    weight_map, total = {}, 0
+    shards = [f"model-{index + 1:05d}-of-{layers + 1:05d}.safetensors" for index in range(layers + 1)]
+    for layer in range(layers):
+        tensors = {}
+        for name, weight in base.items():
+            permutation = torch.randperm(weight.shape[0], generator=generator) if layer else None
+            tensors[f"model.layers.{layer}.{name}.weight"] = weight if layer == 0 else weight[permutation]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{layer}.{norm}.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        save_file(tensors, path / shards[layer], metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shards[layer]))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    tensors = {"model.embed_tokens.weight": normal(VOCAB, HIDDEN), "lm_head.weight": normal(VOCAB, HIDDEN),
+               "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)}
+    save_file(tensors, path / shards[-1], metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, shards[-1]))
+    total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(llama_config(layers), indent=2))
+    return path
+
+
+def measure(argv: list[str]) -> dict:
+    """Run ``milora <argv>`` in a child process; its wall time and peak RSS (GiB), from the child itself."""
+    # VmHWM, not getrusage: Linux carries ru_maxrss across execve, so a child would report at least the
+    # RSS of the process it was forked from; VmHWM belongs to the address space exec created
+    code = ("import json, re, sys, time; from milora.cli import main; start = time.perf_counter(); "
+            "status = main(sys.argv[1:]); seconds = time.perf_counter() - start; "
+            "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]); "
+            "print('MEASURED ' + json.dumps({'status': status, 'seconds': seconds, 'peak_rss_gib': peak / 2**20}))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    line = next((line for line in done.stdout.splitlines() if line.startswith("MEASURED ")), None)
+    if done.returncode or line is None:
+        raise RuntimeError(f"milora {' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(line.removeprefix("MEASURED "))
+    printed = done.stdout.split("\nadapter saved")[0]
+    summary = json.loads(printed[printed.index("{"):])
+    result["solvers"] = summary["solvers"]
+    return result
+
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of value against layers."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--paths", nargs="+", default=["streaming", "in-memory"], choices=["streaming", "in-memory"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="q_proj,v_proj", help="--target-modules, or 'default' (the paper's five)")
+    parser.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary directory)")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="milora-scale-", dir=args.workdir))
+    rows = {path: [] for path in args.paths}
+    try:
+        for layers in args.layers:
+            start = time.perf_counter()
+            checkpoint = make_checkpoint(root / f"llama-{layers}", layers)
+            size = sum(f.stat().st_size for f in checkpoint.iterdir()) / 2**30
+            print(f"# {layers} layers: {size:.2f} GiB written in {time.perf_counter() - start:.0f} s", flush=True)
+            for path in args.paths:
+                argv = ["init", str(checkpoint), "--output", str(root / f"adapter-{layers}-{path}"),
+                        "--rank", str(args.rank)]
+                argv += [] if args.targets == "default" else ["--target-modules", args.targets]
+                argv += ["--in-memory"] if path == "in-memory" else []
+                result = measure(argv)
+                rows[path].append((layers, result))
+                print(f"{path:9s} layers={layers:2d} seconds={result['seconds']:7.1f} "
+                      f"peak_rss_gib={result['peak_rss_gib']:6.2f} solvers={result['solvers']}", flush=True)
+                shutil.rmtree(root / f"adapter-{layers}-{path}")
+            shutil.rmtree(checkpoint)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("\n| layers | " + " | ".join(f"{p} s | {p} peak RSS GiB" for p in args.paths) + " |"
+          + (" RSS in-memory / streaming | time in-memory / streaming |" if len(args.paths) == 2 else ""))
+    print("|---" * (1 + 2 * len(args.paths) + (2 if len(args.paths) == 2 else 0)) + "|")
+    for index, layers in enumerate(args.layers):
+        cells = [f"{rows[p][index][1]['seconds']:.1f} | {rows[p][index][1]['peak_rss_gib']:.2f}" for p in args.paths]
+        ratios = ""
+        if len(args.paths) == 2:
+            s, m = rows["streaming"][index][1], rows["in-memory"][index][1]
+            ratios = f" {m['peak_rss_gib'] / s['peak_rss_gib']:.2f} | {m['seconds'] / s['seconds']:.2f} |"
+        print(f"| {layers} | " + " | ".join(cells) + " |" + ratios)
+    if len(args.layers) > 1:
+        for path in args.paths:
+            print(f"{path}: per layer {slope([(n, r['seconds']) for n, r in rows[path]]):.1f} s, "
+                  f"{slope([(n, r['peak_rss_gib']) for n, r in rows[path]]) * 1024:.0f} MiB peak RSS")
+
+
+if __name__ == "__main__":
+    main()
