@@ -147,4 +147,4 @@ def test_the_docs_list_the_environment_the_child_gets():
     root = Path(__file__).resolve().parents[1]
     listed = ", ".join(f"`{name}`" for name in child_environment("/tmp"))
     assert listed in (root / "docs" / "evaluation-sandbox.md").read_text()
-    assert listed in " ".join((root / "README.md").read_text().split())
+    assert listed in " ".join((root / "docs" / "evaluation.md").read_text().split())
