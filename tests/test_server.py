@@ -136,6 +136,8 @@ def test_model_choice_names_what_is_served(serve, tmp_path):
     chosen = connect(server.url, adapter=str(adapter))  # found by its path
     assert (chosen.name, chosen.base, chosen.max_model_len) == ("mine", BASE["root"], 8192)
     assert connect(server.url, served_model="mine", adapter=str(adapter)).name == "mine"
+    sglang = connect(server.url, served_model="base:sql")  # SGLang's BASE:NAME adapter, not listed
+    assert (sglang.name, sglang.base, sglang.max_model_len) == ("base:sql", BASE["root"], 8192)
     with pytest.raises(ServerError, match=r"does not serve 'theirs'; it serves base \(/models/.*\), mine"):
         connect(server.url, served_model="theirs")
     with pytest.raises(ServerError, match=r"no adapter from .*other.*--served-model NAME.*--lora-modules NAME="):

@@ -148,6 +148,10 @@ def _served_names(entries: list[ServedEntry]) -> str:
 def _choose(entries: list[ServedEntry], url: str, served_model: str | None, adapter: str | None) -> ServedEntry:
     if served_model is not None:
         chosen = next((e for e in entries if e.id == served_model), None)
+        base, colon, _ = served_model.rpartition(":")
+        parent = next((e for e in entries if colon and e.id == base and e.parent is None), None)
+        if chosen is None and parent is not None:  # SGLang names an adapter BASE:NAME and does not list it
+            return ServedEntry(served_model, None, parent.id, parent.max_model_len)
         if chosen is None:
             raise ServerError(f"{url} does not serve {served_model!r}; it serves {_served_names(entries)}.")
         if adapter is not None and chosen.parent is not None and not same_model(chosen.root, adapter):
