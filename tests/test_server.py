@@ -52,6 +52,10 @@ class FakeServer:
                 if self.path.endswith("_lora_adapter"):  # vLLM's run-time loading: plain-text answers
                     fake.lora_calls.append((self.path.rsplit("/", 1)[1], payload))
                     status = 200 if fake.runtime_lora else 404
+                    if status == 200 and self.path.endswith("/load_lora_adapter"):
+                        fake.models.append({"id": payload["lora_name"], "root": payload["lora_path"], "parent": "base"})
+                    elif status == 200:
+                        fake.models = [m for m in fake.models if m["id"] != payload["lora_name"]]
                     self.send_response(status)
                     self.send_header("Content-Length", "7")
                     self.end_headers()
@@ -132,6 +136,8 @@ def test_model_choice_names_what_is_served(serve, tmp_path):
     chosen = connect(server.url, adapter=str(adapter))  # found by its path
     assert (chosen.name, chosen.base, chosen.max_model_len) == ("mine", BASE["root"], 8192)
     assert connect(server.url, served_model="mine", adapter=str(adapter)).name == "mine"
+    sglang = connect(server.url, served_model="base:sql")  # SGLang's BASE:NAME adapter, not listed
+    assert (sglang.name, sglang.base, sglang.max_model_len) == ("base:sql", BASE["root"], 8192)
     with pytest.raises(ServerError, match=r"does not serve 'theirs'; it serves base \(/models/.*\), mine"):
         connect(server.url, served_model="theirs")
     with pytest.raises(ServerError, match=r"no adapter from .*other.*--served-model NAME.*--lora-modules NAME="):
@@ -172,6 +178,23 @@ def test_requests_carry_the_prompt_text_and_decoding_options_in_order(serve, tok
     server.payloads.clear()
     model.generate(tokenizer, ["a", "a"], max_new_tokens=3, temperature=0.8, top_p=0.9, seed=5, progress=False)
     assert sorted((p["temperature"], p["top_p"], p["seed"]) for p in server.payloads) == [(0.8, 0.9, 5), (0.8, 0.9, 6)]
+
+
+def test_stop_strings_sent_are_at_most_four_and_cut_first():
+    from milora.eval.server import server_stop_strings
+    from milora.prompts import MATH_STOP_STRINGS
+
+    assert server_stop_strings(MATH_STOP_STRINGS) == ["Question", "USER", "ASSISTANT", "Instruction"]
+    assert server_stop_strings(("\nclass", "\ndef", "\ndef", "\n#")) == ["\nclass", "\ndef", "\n#"]
+
+
+def test_an_unsent_stop_string_still_cuts_the_text(serve, tokenizer):
+    from milora.prompts import MATH_STOP_STRINGS
+
+    server = serve(reply=lambda payload, attempt: _answer(" 2 + 2 = 4. Response: more USER: even more"))
+    outputs = connect(server.url, retry=FAST).generate(tokenizer, ["q"], max_new_tokens=9,
+                                                       stop_strings=MATH_STOP_STRINGS, progress=False)
+    assert "Response" not in server.payloads[0]["stop"] and outputs == [" 2 + 2 = 4. "]
 
 
 def test_transient_failures_are_retried(serve, tokenizer):
@@ -293,3 +316,42 @@ def test_runtime_adapter_is_loaded_for_the_block_and_unloaded_after(serve, tmp_p
     with pytest.raises(ServerError, match=r"did not load the adapter .*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"), \
             runtime_adapter(server.url, "run-2", str(tmp_path)):
         pass
+
+
+def test_a_sweep_evaluates_each_run_on_the_server_with_its_adapter_loaded_at_run_time(serve, tmp_path):
+    from test_comparison import QUESTIONS, commonsense_records
+
+    from milora.comparison import compare
+    from milora.errors import ConfigError
+
+    from conftest import make_model_dir
+
+    (tmp_path / "train.json").write_text(json.dumps(commonsense_records(QUESTIONS[:40])))
+    (tmp_path / "test.json").write_text(json.dumps(commonsense_records(QUESTIONS[40:64])))
+    server = serve(reply=lambda payload, attempt: _answer(" the correct answer is true"),
+                   models=({**BASE, "root": str(make_model_dir(tmp_path / "model"))},))
+    values = {
+        "output_dir": str(tmp_path / "out"), "methods": ["lora"], "learning_rates": [0.01, 0.02], "seeds": [0],
+        "train": {"model": str(tmp_path / "model"), "dataset": str(tmp_path / "train.json"), "lora_rank": 2,
+                  "max_steps": 2, "per_device_train_batch_size": 4, "report_to": "none", "cutoff_len": 128,
+                  "logging_steps": 1, "save_steps": 100},
+        "eval_task": "commonsense", "eval_data": str(tmp_path / "test.json"), "validation_size": 8,
+        "eval_server": server.url, "forgetting": False, "analyze": False,
+    }
+    with pytest.raises(ConfigError, match="scorer: loglik needs the model's logits"):
+        compare({**values, "eval_options": {"scorer": "loglik"}}, progress=False)
+    with pytest.raises(ServerError, match="No OpenAI-compatible server answers"):
+        compare({**values, "eval_server": "http://127.0.0.1:9/v1"}, progress=False)
+    summary = compare(values, progress=False)
+    runs = sorted((r for r in summary["runs"] if r["method"] == "lora"), key=lambda r: r["learning_rate"])
+    assert [r["status"] for r in runs] == ["done", "done"], runs
+    names = [Path(r["adapter_dir"]).parent.name for r in runs]
+    assert [call[0] for call in server.lora_calls] == ["load_lora_adapter", "unload_lora_adapter"] * 2
+    assert sorted(call[1]["lora_name"] for call in server.lora_calls) == sorted(names * 2)
+    assert {call[1]["lora_path"] for call in server.lora_calls[::2]} == {str(Path(r["adapter_dir"]).resolve())
+                                                                           for r in runs}
+    served = {p["model"] for p in server.payloads}
+    assert served == {*names, "base"}  # each run's adapter for validation and test, the base for the base's scores
+    run = runs[0]
+    test = json.loads((Path(run["adapter_dir"]).parent / "test.json").read_text())
+    assert test["summary"]["settings"]["served_model"] == names[0] and test["summary"]["n"] == 24

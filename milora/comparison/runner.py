@@ -54,7 +54,7 @@ def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
         "name": name, "run_dir": str(run_dir), "identity": identity, "train": train,
         "eval_task": config.eval_task, "eval_data": _absolute(config.eval_data), "eval_options": config.eval_options,
         "validation_data": str(sweep.validation_file.absolute()), "test_limit": config.test_limit,
-        "eval_batch_size": config.eval_batch_size, "forgetting": config.forgetting,
+        "eval_batch_size": config.eval_batch_size, "eval_server": config.eval_server, "forgetting": config.forgetting,
         "forgetting_data": _absolute(config.forgetting_data), "forgetting_windows": config.forgetting_windows,
         "forgetting_length": config.forgetting_length, "retention_task": config.retention_task,
         "retention_data": _absolute(config.retention_data), "retention_options": config.retention_options,

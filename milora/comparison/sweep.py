@@ -80,6 +80,8 @@ class SweepConfig(BaseModel):
     split_seed: int = Field(0, description="seed of the held-out validation draw")
     test_limit: int | None = Field(None, ge=MIN_TEST_ITEMS, description="score the first N test items per dataset")
     eval_batch_size: int = Field(16, ge=1, description="batch size of every evaluation")
+    eval_server: str | None = Field(None, description="a running vLLM URL: validation and test generate there, each "
+                                    "run's adapter loaded at run time (docs/serving.md); forgetting stays local")
     forgetting: bool = Field(True, description="measure forgetting (KL to the base model on general text) per run")
     forgetting_data: str | None = Field(None, description="general text for forgetting (default: milora eval's)")
     forgetting_windows: int = Field(16, ge=1, description="text windows scored for forgetting")
@@ -171,6 +173,8 @@ def load_sweep(source: str | os.PathLike | Mapping[str, Any], overrides: Sequenc
     runs = _grid(config)
     sweep = Sweep(config, train, runs, Path(config.output_dir))
     _check_data(sweep)
+    if sweep.config.eval_server is not None:
+        _check_server(sweep.config)
     if config.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("backend: ray needs Ray: `pip install 'milora[ray]'` (or use backend: local).")
     return sweep
@@ -253,6 +257,18 @@ def _check_data(sweep: Sweep) -> None:
         example = next(iter(shared)).split(" || ")[0][:80]
         raise ConfigError(f"{len(shared)} validation item(s) also appear in the test set (e.g. {example!r}): the "
                           "validation split must not overlap the test data.")
+
+
+def _check_server(config: SweepConfig) -> None:
+    """An eval_server must answer and its eval_task generate through it, before any run trains."""
+    from milora.eval.registry import find_task
+    from milora.eval.runner import check_server_task
+    from milora.eval.server import base_url, list_models
+
+    check_server_task(find_task(config.eval_task)[0], config.eval_task)
+    if config.eval_options.get("scorer") == "loglik":
+        raise ConfigError("eval_server generates; eval_options scorer: loglik needs the model's logits: drop one.")
+    list_models(base_url(config.eval_server))
 
 
 def validation_records(sweep: Sweep) -> list[dict]:

@@ -12,6 +12,8 @@ from milora.eval.server import ServerModel
 
 
 def _model_label(model) -> str:
+    if isinstance(model, ServerModel):
+        return model.name
     path = getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
     return Path(str(path)).name or "model"
 

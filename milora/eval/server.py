@@ -5,7 +5,8 @@ and sends the text to the server's ``/v1/completions`` endpoint, one request per
 most ``concurrency`` requests in flight. Decoding options map one to one: greedy is
 ``temperature=0``; sampling sends ``temperature``, ``top_p`` and a per-prompt ``seed`` (the run's
 seed + the prompt's index, so repeated prompts give different samples); stop strings are sent as
-``stop`` and the text is cut at the first one again, as locally; ``add_special_tokens`` is sent
+``stop`` (at most four, `server_stop_strings`) and the text is cut at the first of all of them, as
+locally; ``add_special_tokens`` is sent
 only when the tokenizer's special tokens would change the prompt (vLLM's extension field).
 
 `connect` checks the server before any item: it answers ``/v1/models``, serves the named model
@@ -33,6 +34,7 @@ from pathlib import Path
 from milora.errors import ServerError
 from milora.prompts import truncate_at_stop
 
+MAX_STOP_STRINGS = 4  # the OpenAI API's limit on `stop`, which vLLM enforces
 FINISHED = ("stop", "length")  # finish reasons of a complete answer (OpenAI, vLLM, SGLang, llama.cpp)
 _SHOWN = 3
 
@@ -146,6 +148,10 @@ def _served_names(entries: list[ServedEntry]) -> str:
 def _choose(entries: list[ServedEntry], url: str, served_model: str | None, adapter: str | None) -> ServedEntry:
     if served_model is not None:
         chosen = next((e for e in entries if e.id == served_model), None)
+        base, colon, _ = served_model.rpartition(":")
+        parent = next((e for e in entries if colon and e.id == base and e.parent is None), None)
+        if chosen is None and parent is not None:  # SGLang names an adapter BASE:NAME and does not list it
+            return ServedEntry(served_model, None, parent.id, parent.max_model_len)
         if chosen is None:
             raise ServerError(f"{url} does not serve {served_model!r}; it serves {_served_names(entries)}.")
         if adapter is not None and chosen.parent is not None and not same_model(chosen.root, adapter):
@@ -195,7 +201,7 @@ class ServerModel:
             payload = {"model": self.name, "prompt": prompt, "max_tokens": max_new_tokens, "n": 1,
                        "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0}
             if stop_strings:
-                payload["stop"] = list(stop_strings)
+                payload["stop"] = server_stop_strings(stop_strings)
             if temperature > 0 and seed is not None:
                 payload["seed"] = seed + index
             if adds:
@@ -244,6 +250,19 @@ class ServerModel:
             return choice["text"]
 
         return _with_retries(attempt, self.retry)
+
+
+def server_stop_strings(stop_strings) -> list[str]:
+    """At most `MAX_STOP_STRINGS` stop strings for the server, the text being cut at all of them after.
+
+    Stops that contain another stop are dropped (the other one cuts first: ``Question:`` after
+    ``Question``); past the limit the rest only apply to the returned text. Greedy text before a stop
+    does not depend on what follows it, so the cut text equals local generation's; the server may
+    just generate further than needed (up to ``max_tokens``) when an unsent stop comes first.
+    """
+    unique = list(dict.fromkeys(stop_strings))
+    needed = [stop for stop in unique if not any(other != stop and other in stop for other in unique)]
+    return needed[:MAX_STOP_STRINGS]
 
 
 @contextmanager
