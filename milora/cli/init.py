@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, QUANTIZATIONS, SOLVERS, TARGET_SCOPES
+from milora.constants import (
+    DATA_INITS,
+    DTYPE_NAMES,
+    INIT_MODES,
+    PAPER_TARGETS,
+    PEFT_STARTS,
+    QUANTIZATIONS,
+    RESIDUAL_INITS,
+    SOLVERS,
+    TARGET_SCOPES,
+)
 
 
 def add(subparsers) -> None:
@@ -24,7 +34,11 @@ def add(subparsers) -> None:
     parser.add_argument("--modules-to-save", default=None,
                         help="comma-separated modules trained in full and saved with the adapter "
                              "(e.g. multi_modal_projector, LLaVA's projector)")
-    parser.add_argument("--init", default="milora", choices=list(INIT_MODES))
+    parser.add_argument("--init", default="milora", choices=[mode for mode in INIT_MODES if mode not in DATA_INITS],
+                        help="the start (PEFT's data starts corda-kpm, corda-ipm, eva, lora-ga need training data: "
+                             "use milora train)")
+    parser.add_argument("--pissa-niter", type=int, default=4,
+                        help="pissa-fast: subspace iterations of the randomised SVD (PEFT's pissa_niter_N)")
     parser.add_argument("--solver", default="auto", choices=list(SOLVERS))
     parser.add_argument("--workers", type=int, default=None,
                         help="CPU weights decomposed at once, one BLAS thread each (default: one per thread, "
@@ -70,6 +84,8 @@ def _run_init(args) -> int:
                                     "choose another --output or pass --overwrite.")
         check_replaceable(output)
     check_quantization(args.quantize)
+    if args.init != "pissa-fast" and args.pissa_niter != 4:
+        raise ModelError(f"--pissa-niter is for --init pissa-fast; init {args.init} ignores it: remove it.")
     if args.quantize and args.save_residual:
         raise ModelError("--save-residual writes the residual model in full precision: it cannot be combined with "
                          "--quantize (the saved adapter loads onto the full-precision base either way).")
@@ -89,8 +105,9 @@ def _run_init(args) -> int:
     probe = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(probe).logits.double()
+    extra = {"pissa_niter": args.pissa_niter} if args.init in PEFT_STARTS else {}
     peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed,
-                           workers=args.workers, null_space=args.null_space, quantization=args.quantize)
+                           workers=args.workers, null_space=args.null_space, quantization=args.quantize, **extra)
     with torch.no_grad():
         after = peft_model(probe).logits.double()
     record = init_record(peft_model)
@@ -98,7 +115,7 @@ def _run_init(args) -> int:
     save_adapter(peft_model, output, overwrite=args.overwrite, save_residual=args.save_residual)
     print(json.dumps(record.summary(), indent=2))
     print(f"adapter saved to {output} "
-          f"(rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
+          f"(rank-{2 * args.rank if args.init in RESIDUAL_INITS else args.rank} LoRA on the original base)")
     return 0
 
 
