@@ -123,7 +123,8 @@ def saved_config(config: LoraConfig, init: str) -> LoraConfig:
     doubled.lora_alpha = alphas * config.lora_alpha
     doubled.rank_pattern = {key: ranks * value for key, value in config.rank_pattern.items()}
     doubled.alpha_pattern = {key: alphas * value for key, value in config.alpha_pattern.items()}
-    doubled.init_lora_weights = True
+    doubled.init_lora_weights = True  # the start is in the saved factors: PEFT must not compute one again
+    doubled.corda_config = doubled.lora_ga_config = None
     return doubled
 
 
