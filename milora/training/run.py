@@ -328,7 +328,7 @@ def calibration_batches(train_dataset, collator, config: TrainConfig) -> list[di
     size = config.per_device_train_batch_size
     order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
     count = min(config.calibration_batches * size, len(order))
-    return [collator([train_dataset[i] for i in order[start:start + size]]) for start in range(0, count, size)]
+    return [dict(collator([train_dataset[i] for i in order[start:start + size]])) for start in range(0, count, size)]
 
 
 def _start_record(config: TrainConfig, resume: str | None) -> None:
