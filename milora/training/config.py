@@ -282,6 +282,12 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
+def method_only_keys(init: str) -> tuple[str, ...]:
+    """Keys only some inits read that ``init`` ignores (a sweep drops them from the runs of such a method)."""
+    return (*(["calibration_batches"] if init not in DATA_INITS else []),
+            *(["pissa_niter"] if init != "pissa-fast" else []))
+
+
 def _check_init_options(config: TrainConfig) -> None:
     """Keys the chosen init ignores, set to another value than their default: an error naming them."""
     defaults = {key: TrainConfig.model_fields[key].default for key in
@@ -289,10 +295,7 @@ def _check_init_options(config: TrainConfig) -> None:
     ignored = []
     if config.init in PEFT_STARTS:
         ignored += [key for key in ("solver", "null_space", "quantization") if getattr(config, key) != defaults[key]]
-    if config.init not in DATA_INITS and config.calibration_batches != defaults["calibration_batches"]:
-        ignored.append("calibration_batches")
-    if config.init != "pissa-fast" and config.pissa_niter != defaults["pissa_niter"]:
-        ignored.append("pissa_niter")
+    ignored += [key for key in method_only_keys(config.init) if getattr(config, key) != defaults[key]]
     if ignored:
         raise ConfigError(f"init={config.init!r} ignores {', '.join(repr(key) for key in ignored)}: remove "
                           f"{'it' if len(ignored) == 1 else 'them'} (calibration_batches is for the data starts "
