@@ -160,6 +160,14 @@ def test_bad_input_is_refused_before_anything_changes(tiny, tmp_path):
         ["init", tiny["model"], "--output", str(tmp_path / "o"), "--init", "olora", "--pissa-niter", "8"])
 
 
+def test_a_peft_too_old_for_a_start_is_named(monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    monkeypatch.delattr(LoraLayer, "mica_init")
+    with pytest.raises(ModelError, match=r"init=.mica. needs a newer PEFT than the installed .* lacks LoraLayer.mica"):
+        get_model(tiny_llama(), lora_config(), init="mica")
+
+
 def test_cli_init_saves_a_peft_start(tiny, tmp_path, capsys):
     from milora.cli import main
 

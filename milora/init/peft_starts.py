@@ -35,13 +35,15 @@ those options are refused, as is ``quantization``).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import peft
 import torch
-from peft import EvaConfig, LoraConfig, LoraGAConfig, PeftModel, get_peft_model
-from peft.tuners.lora.config import CordaConfig
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from milora.constants import DATA_INITS, PEFT_STARTS, RESIDUAL_INITS
 from milora.errors import ModelError
@@ -56,21 +58,23 @@ FUNCTION_PRESERVING = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 @dataclass(frozen=True)
 class PeftStart:
-    """How one milora init mode is run by PEFT."""
+    """How one milora init mode is run by PEFT; ``needs``: the PEFT LoRA-layer method that computes it
+    (absent from a PEFT too old for the start)."""
 
     init_lora_weights: bool | str
+    needs: str
     use_dora: bool = False
 
 
 STARTS = {
-    "dora": PeftStart(True, use_dora=True),
-    "olora": PeftStart("olora"),
-    "pissa-fast": PeftStart("pissa_niter"),
-    "corda-kpm": PeftStart("corda"),
-    "corda-ipm": PeftStart("corda"),
-    "eva": PeftStart("eva"),
-    "lora-ga": PeftStart("lora_ga"),
-    "mica": PeftStart("mica"),
+    "dora": PeftStart(True, "dora_init", use_dora=True),
+    "olora": PeftStart("olora", "olora_init"),
+    "pissa-fast": PeftStart("pissa_niter", "pissa_init"),
+    "corda-kpm": PeftStart("corda", "corda_init"),
+    "corda-ipm": PeftStart("corda", "corda_init"),
+    "eva": PeftStart("eva", "eva_init"),
+    "lora-ga": PeftStart("lora_ga", "lora_ga_init"),
+    "mica": PeftStart("mica", "mica_init"),
 }
 assert tuple(STARTS) == PEFT_STARTS
 
@@ -82,6 +86,9 @@ def is_peft_start(init: str) -> bool:
 def peft_lora_config(lora_config: LoraConfig, init: str, pissa_niter: int = 4) -> LoraConfig:
     """``lora_config`` with PEFT's options for ``init`` (`STARTS`); EVA without rank redistribution
     (rho = 1), so every method trains the same rank."""
+    from peft import EvaConfig, LoraGAConfig  # imported when used: older PEFTs lack them
+    from peft.tuners.lora.config import CordaConfig
+
     start = STARTS[init]
     config = copy.deepcopy(lora_config)
     config.use_dora = start.use_dora
@@ -97,7 +104,10 @@ def peft_lora_config(lora_config: LoraConfig, init: str, pissa_niter: int = 4) -
 
 def check_peft_start(init: str, calibration, solver: str, workers, device, null_space: str, quantization,
                      pissa_niter: int) -> None:
-    """Options a PEFT start ignores or lacks, refused before anything is modified."""
+    """Options a PEFT start ignores or lacks, and a PEFT too old for it, refused before anything is modified."""
+    if not _peft_has(STARTS[init].needs):
+        raise ModelError(f"init={init!r} needs a newer PEFT than the installed {peft.__version__} (it lacks "
+                         f"LoraLayer.{STARTS[init].needs}): `pip install -U peft` (milora is tested with 0.21).")
     ignored = [(name, value) for name, value, default in (
         ("solver", solver, "auto"), ("workers", workers, None), ("device", device, None),
         ("null_space", null_space, "zero"), ("quantization", quantization, None)) if value != default]
@@ -112,6 +122,14 @@ def check_peft_start(init: str, calibration, solver: str, workers, device, null_
         raise ModelError(f"init={init!r} takes no data: drop calibration= (data starts: {', '.join(DATA_INITS)}).")
     if isinstance(pissa_niter, bool) or not isinstance(pissa_niter, int) or pissa_niter < 1:
         raise ModelError(f"pissa_niter must be a positive integer, got {pissa_niter!r}.")
+
+
+def _peft_has(method: str) -> bool:
+    """Whether the installed PEFT computes a start: DoRA is a layer variant (peft.tuners.lora.dora), EVA
+    an initialiser function (peft.tuners.lora.eva), the others LoRA-layer methods."""
+    if method in ("dora_init", "eva_init"):
+        return importlib.util.find_spec(f"peft.tuners.lora.{method.removesuffix('_init')}") is not None
+    return hasattr(LoraLayer, method)
 
 
 def get_peft_start_model(
