@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, shared_settings_digest, write_split
+from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, method_train_keys, shared_settings_digest, write_split
 from milora.comparison.worker import IN_USE, RECORD, STOPPED
 from milora.errors import ConfigError, StoppedError
 from milora.io import atomic_write_json, read_yaml_mapping
@@ -48,8 +48,12 @@ def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
             train[key] = _absolute(train[key])
     identity = {"method": "base", "learning_rate": None, "seed": None}
     if spec is not None:
-        train.update(init=spec.method, learning_rate=spec.learning_rate, seed=spec.seed)
+        train = {**method_train_keys(train, spec.method), "init": spec.method, "learning_rate": spec.learning_rate,
+                 "seed": spec.seed}
         identity = {"method": spec.method, "learning_rate": spec.learning_rate, "seed": spec.seed}
+        if spec.batch_size is not None:
+            train["per_device_train_batch_size"] = spec.batch_size
+            identity["batch_size"] = spec.batch_size
     return {
         "name": name, "run_dir": str(run_dir), "identity": identity, "train": train,
         "eval_task": config.eval_task, "eval_data": _absolute(config.eval_data), "eval_options": config.eval_options,
