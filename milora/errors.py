@@ -2,7 +2,10 @@
 
 Each message names the problem and the fix. All are ``ValueError`` subclasses (bad values);
 the "not found" / "exists" ones are also the matching ``OSError``. The command line catches
-`MiloraError` once, prints ``milora <command>: error: <message>`` and exits with status 2.
+`MiloraError` once, prints ``milora <command>: error: <message>`` and exits with status 2
+(``milora --debug`` or ``MILORA_DEBUG=1`` also prints the traceback with its chained causes).
+
+Raise them ``from`` the error they translate, so that the cause survives for ``--debug``.
 """
 
 
@@ -12,6 +15,10 @@ class MiloraError(ValueError):
 
 class ConfigError(MiloraError):
     """A run or sweep configuration that cannot be run (unknown key, wrong type, bad value)."""
+
+
+class UsageError(ConfigError):
+    """An option or argument used wrongly: a bad value, or options that cannot go together."""
 
 
 class DataError(MiloraError):
@@ -30,8 +37,20 @@ class AdapterNotFoundError(AdapterError, FileNotFoundError):
     """An adapter directory or one of its files does not exist."""
 
 
+class ServerError(MiloraError):
+    """An OpenAI-compatible server that cannot be used: unreachable, serving another model, failed requests."""
+
+
 class OutputError(MiloraError):
     """An output path milora must not or cannot write (exists, is a file, held by another run)."""
+
+
+class OutputInUseError(OutputError):
+    """An output directory held (`milora.io.RunLock`) by another live process: not a failure of this run."""
+
+
+class StoppedError(MiloraError):
+    """Stopped by the user (Ctrl-C) after the work in flight was saved: re-running continues it."""
 
 
 class OutputExistsError(OutputError, FileExistsError):

@@ -25,6 +25,14 @@ def split_placeholders(text: str) -> list[dict[str, str]]:
     return content
 
 
+def _too_large(path: Path, index: int, error: Exception) -> DataError:
+    """PIL's decompression-bomb refusal (more than 2 x ``Image.MAX_IMAGE_PIXELS`` pixels) as a `DataError`."""
+    from PIL import Image
+
+    return DataError(f"record {index}: image {path} is too large to decode safely ({error}); PIL's limit is "
+                     f"{2 * Image.MAX_IMAGE_PIXELS} pixels: resize the image.")
+
+
 def check_image(path: Path, index: int) -> None:
     """A `DataError` naming the file and the record unless ``path`` is a readable image of a supported mode."""
     from PIL import Image, UnidentifiedImageError
@@ -35,8 +43,10 @@ def check_image(path: Path, index: int) -> None:
         with Image.open(path) as image:
             mode = image.mode
             image.verify()  # structure and checksums, without decoding every pixel
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, index, error) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"record {index}: image {path} is unreadable or corrupt ({error}).") from None
+        raise DataError(f"record {index}: image {path} is unreadable or corrupt ({error}).") from error
     if mode not in SUPPORTED_MODES:
         raise DataError(f"record {index}: image {path} has mode {mode!r}, which milora does not convert to RGB: "
                         f"save it as RGB (supported modes: {', '.join(SUPPORTED_MODES)}).")
@@ -49,5 +59,7 @@ def load_image(path: Path, index: int):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, index, error) from error
     except OSError as error:
-        raise DataError(f"record {index}: image {path} cannot be decoded ({error}).") from None
+        raise DataError(f"record {index}: image {path} cannot be decoded ({error}).") from error

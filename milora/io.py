@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.constants import ADAPTER_FILES, MILORA_CONFIG, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, DataError, OutputError, OutputExistsError
+from milora.errors import ConfigError, DataError, OutputError, OutputExistsError, OutputInUseError
 
 LOCK_FILE = ".milora.lock"
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^/]+$")
@@ -141,7 +141,7 @@ def read_text(path: str | os.PathLike) -> str:
         raise DataError(
             f"{path} is not UTF-8 text (byte {error.start} is {error.object[error.start:error.start + 1]!r}): "
             "convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`."
-        ) from None
+        ) from error
 
 
 def read_records(path: str | os.PathLike, single_object: bool = False) -> list[dict[str, Any]]:
@@ -172,7 +172,7 @@ def _read_parquet(path: Path) -> list:
     try:
         return pq.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as error:
-        raise DataError(f"{path} is not a readable Parquet file: {error}") from None
+        raise DataError(f"{path} is not a readable Parquet file: {error}") from error
 
 
 def _parse_json(path: Path, text: str, single_object: bool) -> list:
@@ -180,7 +180,7 @@ def _parse_json(path: Path, text: str, single_object: bool) -> list:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg != "Extra data":  # a .json file holding JSON Lines is common (and what datasets accepts)
-            raise DataError(f"{path} is not valid JSON: {error}") from None
+            raise DataError(f"{path} is not valid JSON: {error}") from error
         return _parse_json_lines(path, text)
     if isinstance(data, dict) and single_object:
         return [data]
@@ -191,13 +191,27 @@ def _parse_json(path: Path, text: str, single_object: bool) -> list:
 
 def _parse_json_lines(path: Path, text: str) -> list:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028, U+0085 are valid in strings
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from None
+                raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from error
     return records
+
+
+MAX_YAML_NODES = 100_000  # values a config may expand to, aliases counted at each use
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values a composed YAML node stands for once every alias is expanded (memoised by
+    node identity: an alias is the same node object, so this is linear in the file, not the expansion)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a recursive alias counts once
+        children = node.value if isinstance(node.value, list) else []
+        flat = [item for child in children for item in (child if isinstance(child, tuple) else (child,))]
+        sizes[id(node)] = 1 + sum(min(_expanded_size(child, sizes), MAX_YAML_NODES + 1) for child in flat)
+    return sizes[id(node)]
 
 
 def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any]:
@@ -225,12 +239,19 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
+    loader = UniqueKeyLoader(read_text(path))  # safe: a SafeLoader subclass
     try:
-        values = yaml.load(read_text(path), Loader=UniqueKeyLoader)  # safe: a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES} values (an alias "
+                              "bomb?): write the values out, or use fewer nested aliases.")
+        values = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
     except DataError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(str(error)) from error
+    finally:
+        loader.dispose()
     if values is None:
         raise ConfigError(f"{path} is empty" + (f": {needs}." if needs else "."))
     if not isinstance(values, dict):
@@ -300,7 +321,8 @@ class RunLock:
     """Exclusive hold of a run's output directory: ``.milora.lock`` with the holder's host and pid.
 
     Created with O_EXCL, so of two runs started together exactly one gets it. A lock whose
-    process is gone (same host, pid not alive) is stale and taken over; a lock of another
+    process is gone (same host, pid not alive) is stale and taken over (takers serialised by an
+    ``flock`` on the directory: exactly one of them wins); a lock of another
     host is respected (its age is shown). Released (the file removed) on `release` / exit.
     """
 
@@ -325,23 +347,29 @@ class RunLock:
         raise OutputError(f"could not lock {self.path.parent}: another run keeps taking it; try again.")
 
     def _take_over_if_stale(self) -> None:
-        holder = self.holder()
-        if holder is None:  # being written this instant, or unreadable: count it as held
-            time.sleep(0.05)
+        """Remove the lock if its holder is gone; takers are serialised by an ``flock`` on the directory,
+        so the holder read and the removal are one step and exactly one of N concurrent takers wins."""
+        import fcntl
+
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
             holder = self.holder()
-        if holder is not None and holder.get("host") == socket.gethostname() and not _process_alive(holder["pid"]):
-            stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-            try:
-                os.replace(self.path, stale)  # atomic: one taker wins the rename race
-                stale.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
-            return
+            if holder is None and self.path.exists():  # being written this instant, or unreadable
+                time.sleep(0.05)
+                holder = self.holder()
+            if holder is None and not self.path.exists():
+                return  # released or taken over meanwhile: try to create it again
+            if holder is not None and holder.get("host") == socket.gethostname() and not _process_alive(holder["pid"]):
+                self.path.unlink(missing_ok=True)  # only takers holding the flock remove a stale lock
+                return
+        finally:
+            os.close(directory)  # releases the flock
         described = "an unreadable lock" if holder is None else (
             f"{holder.get('purpose', 'a milora run')}, pid {holder.get('pid')} on {holder.get('host')}, "
             f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}"
         )
-        raise OutputError(
+        raise OutputInUseError(
             f"{self.path.parent} is in use by {described}: wait for it to finish, or choose another output "
             f"directory. If that run is gone (another machine), remove {self.path}."
         )

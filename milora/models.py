@@ -15,9 +15,19 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from milora.constants import DTYPE_NAMES, EMBEDDED_MODEL
@@ -36,7 +46,7 @@ def check_device(device: str | torch.device) -> None:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         raise ModelError(f"device={str(device)!r} is not usable on this machine ({error}); "
-                         "use 'cpu' or omit it.") from None
+                         "use 'cpu' or omit it.") from error
 
 
 def cache_dir() -> Path:
@@ -63,7 +73,8 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf_path()
-    dequantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    dequantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                       trust_remote_code=False)
     # transformers marks GGUF-loaded models as quantised and refuses to save them; the weights
     # are already plain float32, so copy them into an ordinary model of the same config.
     config = dequantised.config
@@ -71,7 +82,7 @@ def embedded_model_dir() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantised.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     try:  # atomic: a concurrent or interrupted run never sees half a cache
         with staged_directory(target) as staging:
             model.save_pretrained(staging, safe_serialization=True)
@@ -108,10 +119,14 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
 def _from_pretrained(loader, name_or_path, **kwargs):
     """``loader.from_pretrained`` with load failures (missing files, offline hub) as a `ModelError`."""
     path = resolve_model_path(name_or_path)
-    try:
-        return loader.from_pretrained(path, **kwargs)
+    try:  # never the directory's own Python: transformers would prompt, then run it (docs/security.md)
+        return loader.from_pretrained(path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as error:  # missing or unreadable files, an offline hub
-        raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from None
+        if "trust_remote_code" in str(error):
+            raise ModelError(f"{path} needs its own Python code to load (an auto_map in its config.json): milora "
+                             "never runs a model's code; use a model transformers supports natively "
+                             "(see docs/security.md).") from error
+        raise ModelError(f"cannot load {loader.__name__.removeprefix('Auto')} from {path}: {error}") from error
 
 
 def is_vision_language_config(config) -> bool:
@@ -203,12 +218,34 @@ def load_processor(name_or_path: str | None = None):
     return processor
 
 
-def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32", device: str | None = None):
-    """``(model, tokenizer)`` for a causal LM, ``(model, processor)`` for an image-text-to-text
-    model; ``name_or_path=None`` is the embedded SmolLM2."""
+class BaseModel(NamedTuple):
+    """A loaded base model and what prepares its inputs: ``model, preprocessor = load_base_model()``.
+
+    ``preprocessor`` is the tokenizer of a causal LM, the processor (image processor + tokenizer)
+    of an image-text-to-text model; milora's training and evaluation take either.
+    """
+
+    model: PreTrainedModel
+    preprocessor: PreTrainedTokenizerBase | ProcessorMixin
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The text tokenizer, for either kind of model."""
+        return getattr(self.preprocessor, "tokenizer", self.preprocessor)
+
+    @property
+    def processor(self) -> ProcessorMixin | None:
+        """The processor of an image-text-to-text model; None for a causal LM."""
+        return None if self.tokenizer is self.preprocessor else self.preprocessor
+
+
+def load_base_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
+                    device: str | None = None) -> BaseModel:
+    """The model (eval mode) with its tokenizer, or its processor for an image-text-to-text model;
+    ``name_or_path=None`` is the embedded SmolLM2."""
     model = load_pretrained_model(name_or_path, dtype, device)
     text_or_images = load_processor if is_vision_language_model(model) else load_tokenizer
-    return model, text_or_images(name_or_path)
+    return BaseModel(model, text_or_images(name_or_path))
 
 
 def refuse_quantized_checkpoint(model: str | None, why: str) -> None:

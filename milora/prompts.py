@@ -43,6 +43,12 @@ MCQ_LETTER_ANSWER = "Answer with the option's letter from the given choices dire
 """LLaVA-1.5's instruction for multiple choice with images (ScienceQA-IMG, MMBench)."""
 
 
+def truncate_at_stop(text: str, stop_strings) -> str:
+    """``text`` up to the first occurrence of any of ``stop_strings`` (the stop string itself dropped)."""
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 def image_question(question: str, instruction: str = VQA_SHORT_ANSWER, images: int = 1) -> str:
     """A visual question as a LLaVA user turn: one ``<image>`` placeholder per image, the question, the
     answer-format instruction (training records and evaluation prompts are built alike)."""

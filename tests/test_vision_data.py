@@ -160,7 +160,7 @@ def test_train_on_llava_records_end_to_end(setup, tmp_path):
     result = train(vision_config(setup, tmp_path / "run", write_data(setup, "train.json", records)))
     assert result.metrics["global_step"] == 3 and result.metrics["data"] == {"records": 8, "images": 4}
     losses = [entry["loss"] for entry in result.metrics["loss_history"] if "loss" in entry]
-    assert all(np.isfinite(losses))
+    assert losses and all(np.isfinite(losses))
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert saved["modules_to_save"] == ["multi_modal_projector"] and "language_model" in saved["target_modules"]
     example = vision_collator(setup["processor"])([encode(setup, records[0])])
@@ -210,7 +210,8 @@ def test_llava_recipes_parse_and_build(setup, init, tmp_path):
 
     raw = yaml.safe_load((REPO / "recipes" / "llava.yaml").read_text()) | {"init": init}  # the init= override
     assert (raw["lora_rank"], "lora_alpha" in raw) == (128, False)  # alpha: the key's default, r (2r for lora)
-    assert from_dict({**raw, "dataset": __file__, "output_dir": "unused"}).resolved_alpha() == (
+    assert from_dict({**raw, "dataset": __file__, "image_folder": str(setup["images"]),
+                      "output_dir": "unused"}).resolved_alpha() == (
         256 if init == "lora" else 128)
     assert (raw["learning_rate"] == 2e-4 and raw["num_train_epochs"] == 1
             and raw["modules_to_save"] == "multi_modal_projector")

@@ -130,6 +130,51 @@ def test_pope_and_mcq_tasks(vlm):
             in mcq["items"][1]["prompt"])
 
 
+def fixed_outputs(monkeypatch, outputs):
+    """Stand in for the model's generation only: the tasks score these fixed answers."""
+    from milora.eval.tasks import vision
+
+    def generate(model, processor, prompts, images, **options):
+        assert len(prompts) == len(outputs) == len(images)
+        return list(outputs)
+
+    monkeypatch.setattr(vision, "generate_with_images", generate)
+
+
+def test_vqa_scores_fixed_answers_hand_worked(vlm, tmp_path, monkeypatch):
+    """Outputs "Red.\n...", "two", "square": the first line "Red." matches "red" (1.0); "two" is
+    "2" after normalisation, said by 2 of 10 annotators: soft accuracy 0.6 (see the hand-worked
+    case above), exact match True; "square" matches nothing (0.0). Mean 1.6 / 3, exact match 2 / 3."""
+    records = [json.loads(line) for line in vlm["vqa"].read_text().splitlines()]
+    records[1]["answers"] = ["2"] * 2 + ["3"] * 8
+    data = vlm["vqa"].parent / "vqa_fixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    fixed_outputs(monkeypatch, ["Red.\nIt is red.", "two", "square"])
+    result = run(vlm, "vqa", data)
+    assert [item["score"] for item in result["items"]] == [1.0, pytest.approx(0.6), 0.0]
+    assert [item["correct"] for item in result["items"]] == [True, True, False]
+    assert list(result["summary"]["scores"].values()) == [pytest.approx(1.6 / 3)]
+    assert list(result["summary"]["settings"]["exact_match"].values()) == [pytest.approx(2 / 3)]
+
+
+def test_pope_and_mcq_score_fixed_answers_hand_worked(vlm, monkeypatch):
+    """POPE gold yes, no, no, yes (random, random, adversarial, adversarial); answers yes, yes, no,
+    yes: TP 2, FP 1, TN 1, FN 0: accuracy 3/4, precision 2/3, recall 1, F1 0.8, yes-ratio 3/4;
+    random: TP 1, FP 1: F1 2/3; adversarial: all right: F1 1. MCQ gold B, A; answers "green"
+    (option B's text) and "B": accuracy 1/2."""
+    fixed_outputs(monkeypatch, ["Yes, there is.", "Yes.", "No.", "yes"])
+    pope = run(vlm, "pope", vlm["pope"])
+    assert [item["prediction"] for item in pope["items"]] == ["yes", "yes", "no", "yes"]
+    assert pope["summary"]["scores"] == pytest.approx({
+        "accuracy": 3 / 4, "precision": 2 / 3, "recall": 1.0, "f1": 0.8, "yes_ratio": 3 / 4,
+        "f1_random": 2 / 3, "f1_adversarial": 1.0})
+    fixed_outputs(monkeypatch, ["green", "B"])
+    mcq = run(vlm, "mcq-image", vlm["mcq"])
+    assert [item["prediction"] for item in mcq["items"]] == ["B", "B"]
+    assert [item["correct"] for item in mcq["items"]] == [True, False]
+    assert list(mcq["summary"]["scores"].values()) == [0.5]
+
+
 def test_bad_data_is_refused_before_generation(vlm, tmp_path):
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"image": "nowhere.png", "question": "q", "answer": "a"}) + "\n")

@@ -21,18 +21,22 @@ from safetensors.torch import load_file
 
 from milora.adapter.format import (
     READABLE_VERSIONS,
+    Factors,
     check_configs_agree,
     check_finite,
+    check_floating,
+    check_metadata,
     decode_factors,
     factor_keys,
     has_initial_factors,
+    magnitude_key,
     rank_factor,
     saved_module_key,
     target_list,
     trainable_config,
     weights_checksum,
 )
-from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
+from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_INITS, MILORA_CONFIG
 from milora.errors import AdapterError, AdapterNotFoundError
 from milora.init import (
     InitRecord,
@@ -66,6 +70,7 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tens
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{path} is corrupt ({error}); re-save the adapter.") from error
     check_finite(weights, path)
+    check_floating(weights, path)
     return weights
 
 
@@ -76,13 +81,29 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
     adapter_dir = Path(adapter_dir)
     if is_plain_peft_adapter(adapter_dir):  # nothing tells which base it belongs to
         read_adapter_weights(adapter_dir)
+        _refuse_residual_adapter_on_original(base_model, adapter_dir)
     else:  # a milora adapter, or read_adapter's error naming what is missing
         saved_config, _, metadata = read_adapter(adapter_dir)
         check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
     try:
         return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
-        raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from None
+        raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from error
+
+
+def _refuse_residual_adapter_on_original(base_model: torch.nn.Module, adapter_dir: Path) -> None:
+    """``save_residual``'s ``residual_adapter`` belongs on ``residual_model``: refuse it on a base whose
+    fingerprint is the original's (recorded in the milora adapter beside it)."""
+    parent = adapter_dir.resolve().parent
+    if adapter_dir.resolve().name != "residual_adapter" or not (parent / MILORA_CONFIG).is_file():
+        return
+    saved_config, _, metadata = read_adapter(parent)
+    modules = target_modules(base_model, trainable_config(saved_config, metadata))
+    found, original = fingerprint(modules), metadata["fingerprint"]
+    if found["float32"] == original["float32"] or found["bfloat16"] == original["bfloat16"]:
+        raise AdapterError(f"{adapter_dir} is the paper-layout adapter of the residual model {parent}/residual_model, "
+                           f"but this base is the original model: load {parent} instead (milora's rank-2r adapter for "
+                           "the original base), or load this adapter onto residual_model.")
 
 
 def is_plain_peft_adapter(adapter_dir: str | os.PathLike) -> bool:
@@ -110,11 +131,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
         raise AdapterError(f"{adapter_dir} has a corrupt JSON file ({error}); re-save the adapter.") from error
-    if metadata.get("format_version") not in READABLE_VERSIONS:
+    if isinstance(metadata, dict) and metadata.get("format_version") not in READABLE_VERSIONS:
         raise AdapterError(
             f"{adapter_dir / MILORA_CONFIG} has format_version {metadata.get('format_version')!r}; "
             f"this milora reads versions {', '.join(map(str, READABLE_VERSIONS))}."
         )
+    check_metadata(metadata, adapter_dir)
+    if not _positive(config.lora_alpha) or not all(_positive(a) for a in config.alpha_pattern.values()):
+        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: lora_alpha must be positive (got {config.lora_alpha!r}, "
+                           f"alpha_pattern {dict(config.alpha_pattern)!r}): the file was edited; re-save the adapter.")
     weights = read_adapter_weights(adapter_dir)
     if metadata["format_version"] >= 2 and weights_checksum(weights) != metadata.get("weights_sha256"):
         raise AdapterError(
@@ -123,6 +148,14 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         )
     check_configs_agree(config, metadata, adapter_dir)
     return config, weights, metadata
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+SEEDED_INITS = ("random", "pissa-fast")
+"""Residual inits whose start depends on the seed (random triplets, PEFT's randomised SVD)."""
 
 
 def load_model(
@@ -158,6 +191,7 @@ def load_start(
     lora_config: LoraConfig,
     init: str,
     seed: int,
+    null_space: str = "zero",
     device: str | torch.device | None = None,
     quantization: str | None = None,
     adapter_name: str = "default",
@@ -167,14 +201,19 @@ def load_start(
     rebuilt from the saved initial factors (residual W - s B0 A0, trainable factors = B0, A0) without any SVD.
 
     The adapter must match the run: the base fingerprint, ``init``, rank and alpha (patterns too), rsLoRA,
-    the targets and ``modules_to_save``, and ``seed`` where the start depends on it (init random, or
-    rank-deficient weights whose zero components a seeded null-space start could fill). ``lora_config``'s
-    other options (dropout) are the run's own.
+    the targets and ``modules_to_save``, and ``seed`` where the start depends on it (random, pissa-fast, or
+    rank-deficient weights), ``null_space`` where a weight has zero components (read from the stored A0: the
+    zero start leaves those rows 0). ``lora_config``'s other options (dropout) are the run's own.
     """
+    if not has_initial_factors(init) or init in DATA_INITS:
+        why = ("leaves the base unchanged, so a saved adapter does not hold its start" if not has_initial_factors(init)
+               else "is computed from the run's training batches, which a saved start does not record")
+        raise AdapterError(f"init {init!r} {why}: drop init_from for this init (it cannot be reused).")
     adapter_dir = Path(adapter_dir)
     saved_config, weights, metadata = read_adapter(adapter_dir)
     saved = trainable_config(saved_config, metadata)
-    seeded = init == "random" or any(entry.get("zero_components") for entry in metadata["report"])
+    deficient = [entry for entry in metadata["report"] if entry.get("zero_components")]
+    seeded = init in SEEDED_INITS or bool(deficient)
     pairs = [("init", init, metadata["init"]), ("r", lora_config.r, saved.r),
              ("lora_alpha", float(lora_config.lora_alpha), float(saved.lora_alpha)),
              ("use_rslora", lora_config.use_rslora, saved.use_rslora),
@@ -183,17 +222,26 @@ def load_start(
               {k: float(v) for k, v in saved.alpha_pattern.items()}),
              ("target_modules", target_list(lora_config.target_modules), target_list(saved.target_modules)),
              ("modules_to_save", target_list(lora_config.modules_to_save), target_list(saved.modules_to_save)),
-             *([("seed", seed, metadata["seed"])] if seeded else [])]
+             *([("seed", seed, metadata["seed"])] if seeded else []),
+             *([("null_space", null_space, _null_space_of(weights, deficient, init))] if deficient else [])]
     changed = [f"{key} {ours!r} (the start has {theirs!r})" for key, ours, theirs in pairs if ours != theirs]
     if changed:
         raise AdapterError(f"{adapter_dir} is not this run's start: {'; '.join(changed)}. Make the start with the "
                            "run's settings (milora init) or change the run's to the start's.")
-    if not has_initial_factors(init):
-        raise AdapterError("init 'lora' has no decomposition to reuse: drop init_from (PEFT's random start is cheap).")
     start_config = copy.deepcopy(lora_config)
     start_config.inference_mode = False
     return _rebuild(base_model, start_config, weights, metadata, adapter_dir, device, adapter_name, quantization,
                     start_only=True)
+
+
+def _null_space_of(weights: dict, deficient: list[dict], init: str) -> str:
+    """The null-space start a saved start used: ``zero`` leaves A0's rows of the zero components 0
+    (`milora.init.initialize.start_factors`), ``random`` fills them."""
+    for entry in deficient:
+        A0 = decode_factors(weights, entry["module"], entry["rank"], init).A0
+        if int((A0 == 0).all(dim=1).sum()) < entry["zero_components"]:
+            return "random"
+    return "zero"
 
 
 def _rebuild(base_model, lora_config: LoraConfig, weights: dict, metadata: dict, adapter_dir: Path, device,
@@ -217,8 +265,7 @@ def _rebuild(base_model, lora_config: LoraConfig, weights: dict, metadata: dict,
     for name, layer in lora_layers(peft_model).items():
         factors = decode_factors(weights, name, layer.r[adapter_name], record.init)
         if factors.A0 is None:
-            layer.lora_A[adapter_name].weight.data.copy_(factors.A)
-            layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+            _copy_factors(layer, adapter_name, factors)
             continue
         A, B = (factors.A0, factors.B0) if start_only else (factors.A, factors.B)
         set_adapter_factors(layer, adapter_name, A, B, factors.A0, factors.B0, device=device)
@@ -265,7 +312,10 @@ def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config:
     for name, module in modules.items():
         out_features, in_features = weight_matrix(module).shape
         saved_rank = factor * rank_for(lora_config, name)
-        for key, shape in zip(factor_keys(name), ((saved_rank, in_features), (out_features, saved_rank)), strict=True):
+        keys, shapes = list(factor_keys(name)), [(saved_rank, in_features), (out_features, saved_rank)]
+        if lora_config.use_dora:
+            keys, shapes = [*keys, magnitude_key(name)], [*shapes, (out_features,)]
+        for key, shape in zip(keys, shapes, strict=True):
             expected_keys.add(key)
             if key not in weights:
                 raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; "
@@ -307,6 +357,13 @@ def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, ad
                     f"{adapter_dir} was trained from a different initialisation than this model (module {name}); "
                     "build the model with the same base, config and init before resuming."
                 )
-        layer.lora_A[adapter_name].weight.data.copy_(factors.A)
-        layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+        _copy_factors(layer, adapter_name, factors)
     _load_saved_modules(peft_model, weights, adapter_name)
+
+
+def _copy_factors(layer, adapter_name: str, factors: Factors) -> None:
+    """The trainable factors (and DoRA's magnitude vector) into a LoRA layer."""
+    layer.lora_A[adapter_name].weight.data.copy_(factors.A)
+    layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+    if factors.magnitude is not None:
+        layer.lora_magnitude_vector[adapter_name].weight.data.copy_(factors.magnitude)

@@ -28,7 +28,7 @@ from milora.adapter.format import (
     target_list,
     weights_checksum,
 )
-from milora.constants import ADAPTER_WEIGHTS, MILORA_CONFIG
+from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
 from milora.errors import AdapterError, OutputExistsError
 from milora.init import InitRecord, init_record
 from milora.init.streaming import StreamedInit
@@ -67,7 +67,8 @@ def save_adapter(
     trained_config = peft_model.peft_config[adapter_name]
     weights = {k: v.detach().cpu().contiguous()
                for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
-    residual = (lambda staging: _save_residual(peft_model, staging, adapter_name)) if save_residual else None
+    residual = ((lambda staging: _save_residual(peft_model, staging, adapter_name, output_dir))
+                if save_residual else None)
     return write_adapter(output_dir, encode_update(weights, record.initial_factors), trained_config, record,
                          overwrite=overwrite, extra=residual)
 
@@ -152,11 +153,17 @@ def _json_safe(value):
     return value
 
 
-def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str) -> None:
-    """The paper's layout: residual base model and the rank-r adapter that goes with it."""
+def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str, final_dir: Path) -> None:
+    """The paper's layout: residual base model and the rank-r adapter that goes with it; the
+    adapter's ``base_model_name_or_path`` names the residual model (``final_dir/residual_model``),
+    never the original base it must not be loaded on."""
     base = peft_model.get_base_model()
     # modules_to_save: the original module goes into the residual model, the trained copy into the adapter
     residual_state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v
                       for k, v in base.state_dict().items() if "lora_" not in k and ".modules_to_save." not in k}
     base.save_pretrained(directory / "residual_model", state_dict=residual_state, safe_serialization=True)
     PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])
+    config_path = directory / "residual_adapter" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(Path(final_dir).resolve() / "residual_model")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

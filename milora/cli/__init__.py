@@ -3,7 +3,8 @@
 Each command lives in a module of this package with ``add(subparsers)``; heavy libraries
 (torch, transformers, peft) are imported inside the commands, so ``--help`` starts fast.
 Every error a user can fix is a `milora.errors.MiloraError`: printed once here as
-``milora <command>: error: <message>``, exit status 2.
+``milora <command>: error: <message>``, exit status 2; with ``--debug`` (or ``MILORA_DEBUG=1``)
+the traceback, chained causes included, comes first.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from milora.cli import analyze, compare, demo, eval, init, merge, train
 from milora.errors import MiloraError
@@ -18,6 +20,8 @@ from milora.errors import MiloraError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="milora", description="MiLoRA fine-tuning for Hugging Face models.")
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("MILORA_DEBUG", "") not in ("", "0"),
+                        help="on an error, print the traceback with its causes (also: MILORA_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in (init, merge, train, eval, analyze, compare, demo):
         command.add(subparsers)
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MiloraError as error:
+        if args.debug:
+            traceback.print_exception(error, file=sys.stderr)
         print(f"milora {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` & co., which stopped reading

@@ -27,17 +27,17 @@ def _check_analyze_args(args) -> list:
     """Fail before the slow part, and before writing anything; returns the labels."""
     from pathlib import Path
 
-    from milora.errors import AdapterNotFoundError, ConfigError
+    from milora.errors import AdapterNotFoundError, UsageError
     from milora.io import check_output_file
 
     for adapter in args.adapters:
         if not Path(adapter).is_dir():
             raise AdapterNotFoundError(f"adapter directory {adapter} does not exist.")
     if args.rank is not None and args.rank < 1:
-        raise ConfigError(f"--rank must be a positive integer, got {args.rank}.")
+        raise UsageError(f"--rank must be a positive integer, got {args.rank}.")
     labels = args.labels.split(",") if args.labels is not None else [None] * len(args.adapters)
     if len(labels) != len(args.adapters):
-        raise ConfigError(f"--labels has {len(labels)} names for {len(args.adapters)} adapters.")
+        raise UsageError(f"--labels has {len(labels)} names for {len(args.adapters)} adapters.")
     for path in (args.output, args.plot):
         if path is not None:
             check_output_file(path)
@@ -46,7 +46,7 @@ def _check_analyze_args(args) -> list:
 
         formats = Figure().canvas.get_supported_filetypes()
         if Path(args.plot).suffix.lstrip(".").lower() not in formats:
-            raise ConfigError(f"--plot {args.plot}: use one of the extensions {', '.join(sorted(formats))}.")
+            raise UsageError(f"--plot {args.plot}: use one of the extensions {', '.join(sorted(formats))}.")
     return labels
 
 

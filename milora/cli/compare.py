@@ -29,7 +29,24 @@ def add(subparsers) -> None:
             parser.error("give a SWEEP file (or --list-keys)")
         from milora.comparison import compare
 
-        compare(args.sweep, args.overrides)
+        summary = compare(args.sweep, args.overrides)
+        chosen = _chosen_adapters(summary)
+        if chosen:
+            from milora.adapter.serving import serve_hint
+
+            print(serve_hint(list(chosen.values()), names=list(chosen)))
         return 0
 
     parser.set_defaults(handler=run)
+
+
+def _chosen_adapters(summary: dict) -> dict[str, str]:
+    """Served name -> adapter directory of each method's chosen run (its chosen rate, first seed)."""
+    chosen = {}
+    for method in summary["methods"]:
+        runs = sorted((r for r in summary["runs"] if r["method"] == method["method"] and r["status"] == "done"
+                       and r["learning_rate"] == method.get("selected_learning_rate") and r.get("adapter_dir")),
+                      key=lambda r: r["seed"])
+        if runs:
+            chosen[f"{method['method']}-lr{runs[0]['learning_rate']:g}-seed{runs[0]['seed']}"] = runs[0]["adapter_dir"]
+    return chosen

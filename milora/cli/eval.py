@@ -45,6 +45,7 @@ def add(subparsers) -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
     parser.add_argument("--compare", nargs="+", metavar="RESULTS", help="print result files as the paper's table")
+    _add_answer_flags(parser)
     _add_instruction_flags(parser)
 
     def run(args) -> int:
@@ -60,11 +61,25 @@ def add(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def _add_instruction_flags(parser) -> None:
-    group = parser.add_argument_group("ifeval, alpaca-eval, humaneval")
+def _add_answer_flags(parser) -> None:
+    group = parser.add_argument_group("answers from a server or a file (every generation task)")
+    group.add_argument("--server", default=None, metavar="URL",
+                       help="generate through an OpenAI-compatible server (vLLM, SGLang, llama.cpp), e.g. "
+                       "http://127.0.0.1:8000/v1: same prompts as local generation, sent as text; only the tokenizer "
+                       "of --model is loaded (gsm8k, math, commonsense, ifeval, alpaca-eval, humaneval)")
+    group.add_argument("--served-model", default=None, metavar="NAME",
+                       help="the model or adapter name on --server (default: the served adapter whose path is "
+                       "--adapter, else the server's one base model)")
+    group.add_argument("--server-concurrency", type=int, default=8, metavar="N",
+                       help="--server: requests in flight at once (default 8)")
     group.add_argument("--predictions", default=None, metavar="JSONL",
                        help='score answers made elsewhere: one {"id": ..., "output": ...} per line (ids: IFEval key, '
-                       "HumanEval task_id, AlpacaEval index or instruction); no model is loaded")
+                       "HumanEval task_id, AlpacaEval index or instruction; gsm8k, math, commonsense, vqa, pope, "
+                       "mcq-image: <dataset>/<index>, the `id` of a results file's items); no model is loaded")
+
+
+def _add_instruction_flags(parser) -> None:
+    group = parser.add_argument_group("ifeval, alpaca-eval, humaneval")
     group.add_argument("--template", default=None, choices=list(TEMPLATE_NAMES),
                        help="ifeval / alpaca-eval prompt template "
                             "(default: chat if the tokenizer has one, else alpaca)")
@@ -104,10 +119,10 @@ def _task_options(args) -> dict:
     if args.pass_k is not None:
         try:
             chosen["pass_k"] = tuple(int(k) for k in args.pass_k.split(","))
-        except ValueError:
-            from milora.errors import DataError
+        except ValueError as error:
+            from milora.errors import UsageError
 
-            raise DataError(f"--pass-k takes comma-separated integers such as 1,10 (got {args.pass_k!r}).") from None
+            raise UsageError(f"--pass-k takes comma-separated integers such as 1,10 (got {args.pass_k!r}).") from error
     return {key: value for key, value in chosen.items() if value is not None}
 
 
@@ -116,7 +131,7 @@ def _run_eval(args) -> int:
 
     from milora.constants import EMBEDDED_MODEL
     from milora.eval import evaluate, find_task
-    from milora.eval.runner import check_common
+    from milora.eval.runner import check_common, check_server_task
     from milora.io import check_output_file
     from milora.models import load_base_model
     from milora.report import format_summary, write_results
@@ -125,26 +140,31 @@ def _run_eval(args) -> int:
     check_common(args.limit, args.batch_size)
     options = _task_options(args)
     spec.check_options(options)
+    if args.server is not None:
+        check_server_task(spec, args.task)
     label = args.label or (Path(args.predictions).stem if args.predictions else
-                           Path(args.adapter or args.model or EMBEDDED_MODEL).name)
+                           Path(args.adapter or (args.server and args.served_model) or args.model
+                                or EMBEDDED_MODEL).name)
     slug = args.task.replace(":", "-").replace(",", "+")
     output = check_output_file(args.output or f"{label}-{slug}.json")
     model = tokenizer = chat_template = None
     if args.predictions is not None and (args.adapter or args.model or args.chat_template):
-        from milora.errors import DataError
+        from milora.errors import UsageError
 
-        raise DataError("--predictions scores answers made elsewhere: drop --model / --adapter / --chat-template.")
+        raise UsageError("--predictions scores answers made elsewhere: drop --model / --adapter / --chat-template.")
     if args.chat_template is not None:
         from milora.prompts import resolve_chat_template
 
         chat_template = resolve_chat_template(args.chat_template)
-    if args.predictions is None:  # answers made elsewhere need no model
+    if args.server is not None:
+        model, tokenizer = _served(args)
+    elif args.predictions is None:  # answers made elsewhere need no model
         model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=args.device)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if args.task == "forgetting" and (args.adapter or args.base_model):
         options["base_model"], _ = load_base_model(args.base_model or args.model, dtype=args.dtype, device=args.device)
-    if args.adapter:
+    if args.adapter and args.server is None:
         model = _with_adapter(model, args.adapter)
     metadata = {"model": args.model or EMBEDDED_MODEL, "adapter": args.adapter} if model is not None else {}
     result = evaluate(
@@ -155,6 +175,24 @@ def _run_eval(args) -> int:
     print(format_summary(result))
     print(f"results written to {output}")
     return 0
+
+
+def _served(args):
+    """``(server model, local tokenizer)`` for --server, after the server's up-front checks."""
+    from milora.errors import DataError
+    from milora.eval.server import connect
+    from milora.models import load_tokenizer, resolve_model_path
+
+    if args.predictions is not None or args.device is not None or args.base_model is not None:
+        raise DataError("--server generates on the server: drop --predictions / --device / --base-model.")
+    adapter_base = None
+    if args.adapter is not None:
+        from milora.adapter.serving import read_served_adapter
+
+        adapter_base = read_served_adapter(args.adapter).base
+    model = connect(args.server, served_model=args.served_model, adapter=args.adapter, adapter_base=adapter_base,
+                    local_model=resolve_model_path(args.model), concurrency=args.server_concurrency)
+    return model, load_tokenizer(args.model)
 
 
 def _with_adapter(model, adapter_dir: str):

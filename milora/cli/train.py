@@ -33,8 +33,11 @@ def add(subparsers) -> None:
         if result.interrupted:
             return 130
         if PartialState().is_main_process:
+            from milora.adapter.serving import serve_hint
+
             print(f"milora train: adapter saved to {result.adapter_dir} "
                   f"(metrics in {result.adapter_dir / 'metrics.json'})")
+            print(serve_hint([result.adapter_dir]))
         return 0
 
     parser.set_defaults(handler=run)

@@ -10,7 +10,7 @@ from typing import Any
 
 from milora.comparison.report import markdown, plot
 from milora.comparison.runner import job_for, prepare, read_record, run_local, run_ray
-from milora.comparison.summary import select, summarise
+from milora.comparison.summary import chosen_runs, summarise
 from milora.comparison.sweep import Sweep, load_sweep, validation_records
 from milora.io import RunLock, atomic_write_json, atomic_write_text, read_records
 
@@ -71,10 +71,10 @@ def _analysis(sweep: Sweep, records: list[dict]) -> list[dict[str, Any]]:
 
     rows = []
     for method in sweep.config.methods:
-        rate, _ = select(records, method)
-        chosen = [r for r in records if r["method"] == method and r["learning_rate"] == rate and r["status"] == "done"]
+        chosen = [r for r in chosen_runs(records, method) if r["status"] == "done"]
         if not chosen:
             continue
+        rate = chosen[0]["learning_rate"]
         means = []
         for record in chosen:
             cache = Path(record["adapter_dir"]).parent / "analysis.json"

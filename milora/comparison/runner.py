@@ -14,17 +14,20 @@ setting of a sweep that has runs is refused, naming the key.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, shared_settings_digest, write_split
-from milora.comparison.worker import RECORD
-from milora.errors import ConfigError
+from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, method_train_keys, shared_settings_digest, write_split
+from milora.comparison.worker import IN_USE, RECORD, STOPPED
+from milora.errors import ConfigError, StoppedError
 from milora.io import atomic_write_json, read_yaml_mapping
 
 SWEEP_FILE = "sweep.yaml"
+RECORD_KEYS = frozenset({"method", "learning_rate", "seed", "status"})
 
 
 def _absolute(path: str | None) -> str | None:
@@ -45,13 +48,17 @@ def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
             train[key] = _absolute(train[key])
     identity = {"method": "base", "learning_rate": None, "seed": None}
     if spec is not None:
-        train.update(init=spec.method, learning_rate=spec.learning_rate, seed=spec.seed)
+        train = {**method_train_keys(train, spec.method), "init": spec.method, "learning_rate": spec.learning_rate,
+                 "seed": spec.seed}
         identity = {"method": spec.method, "learning_rate": spec.learning_rate, "seed": spec.seed}
+        if spec.batch_size is not None:
+            train["per_device_train_batch_size"] = spec.batch_size
+            identity["batch_size"] = spec.batch_size
     return {
         "name": name, "run_dir": str(run_dir), "identity": identity, "train": train,
         "eval_task": config.eval_task, "eval_data": _absolute(config.eval_data), "eval_options": config.eval_options,
         "validation_data": str(sweep.validation_file.absolute()), "test_limit": config.test_limit,
-        "eval_batch_size": config.eval_batch_size, "forgetting": config.forgetting,
+        "eval_batch_size": config.eval_batch_size, "eval_server": config.eval_server, "forgetting": config.forgetting,
         "forgetting_data": _absolute(config.forgetting_data), "forgetting_windows": config.forgetting_windows,
         "forgetting_length": config.forgetting_length, "retention_task": config.retention_task,
         "retention_data": _absolute(config.retention_data), "retention_options": config.retention_options,
@@ -86,8 +93,21 @@ def pending(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's record, or None for an unfinished run: no ``run.json``, or one that is not a record
+    (truncated, ``{}``, ``[1, 2]``, an unknown status), which is named on stderr and run again."""
     path = run_dir / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"cannot be read as JSON ({error})"
+    else:
+        if isinstance(record, dict) and record.get("status") in ("done", "failed") and record.keys() >= RECORD_KEYS:
+            return record
+        problem = f"is not a run record (a JSON object with status 'done' or 'failed' and {sorted(RECORD_KEYS)})"
+    print(f"milora compare: {path} {problem}; the run is treated as unfinished and run again.", file=sys.stderr)
+    return None
 
 
 def prepare(sweep: Sweep) -> list[dict[str, Any]]:
@@ -105,19 +125,71 @@ def prepare(sweep: Sweep) -> list[dict[str, Any]]:
     return jobs
 
 
+STOP_GRACE_SECONDS = 600.0
+"""How long a Ctrl-C waits for the worker to save its checkpoint before killing it (a second Ctrl-C: at once)."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the worker, before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    ``kill -9`` of ``milora compare`` does not leave its run going (holding the run's lock)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the prctl
+            os._exit(1)
+
+
+def start_worker(argv: list[str], **popen) -> subprocess.Popen:
+    """``argv`` in its own process group (a terminal's Ctrl-C reaches only the parent, which forwards
+    one SIGINT), killed when this process dies."""
+    parent = os.getpid()
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, process_group=0,
+                            preexec_fn=lambda: _die_with_parent(parent), **popen)
+
+
+def _wait(process: subprocess.Popen, name: str) -> int:
+    """The worker's exit status; on Ctrl-C, one SIGINT forwarded (it checkpoints and stops) and up to
+    `STOP_GRACE_SECONDS` for it, a second Ctrl-C kills it; then `StoppedError`."""
+    import signal
+
+    try:
+        return process.wait()
+    except KeyboardInterrupt as interrupt:
+        print(f"\nmilora compare: stopping {name}: waiting for it to save its checkpoint "
+              "(Ctrl-C again to kill it at once).", file=sys.stderr, flush=True)
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            process.kill()
+            process.wait()
+        raise StoppedError(f"stopped during {name}; re-run the same command to continue the sweep.") from interrupt
+
+
 def run_local(jobs: list[dict[str, Any]], progress: bool = True) -> None:
-    """One job after the other, each in a fresh Python process (a crash or a leak stays in it)."""
+    """One job after the other, each in a fresh Python process (a crash or a leak stays in it). A run
+    held by another live process is left unfinished (not failed); Ctrl-C stops after its checkpoint."""
     for index, job in enumerate(jobs, start=1):
         if progress:
             print(f"milora compare: [{index}/{len(jobs)}] {job['name']}", file=sys.stderr, flush=True)
         run_dir = Path(job["run_dir"])
-        completed = subprocess.run([sys.executable, "-m", "milora.comparison", str(run_dir / "job.json")],
-                                   capture_output=not progress, text=True)
-        if read_record(run_dir) is None:  # the process died before it could write its record
-            tail = (completed.stderr or "")[-2000:] if not progress else "(see the output above)"
+        with tempfile.TemporaryFile() as stderr:
+            process = start_worker([sys.executable, "-m", "milora.comparison", str(run_dir / "job.json")],
+                                   **({} if progress else {"stdout": subprocess.DEVNULL, "stderr": stderr}))
+            returncode = _wait(process, job["name"])
+            stderr.seek(0)
+            tail = "(see the output above)" if progress else stderr.read()[-2000:].decode(errors="replace")
+        if returncode == IN_USE:
+            print(f"milora compare: {job['name']} is held by another live process; left unfinished (not failed): "
+                  "re-run when it has ended.", file=sys.stderr)
+        elif returncode == STOPPED:
+            raise StoppedError(f"{job['name']} was stopped; re-run the same command to continue the sweep.")
+        elif read_record(run_dir) is None:  # the process died before it could write its record
             atomic_write_json(run_dir / RECORD, {
                 **job["identity"], "status": "failed",
-                "error": f"the run's process exited with status {completed.returncode}", "stderr": tail,
+                "error": f"the run's process exited with status {returncode}", "stderr": tail,
             })
 
 

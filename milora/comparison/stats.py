@@ -53,6 +53,16 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> In
     return Interval(mean, mean - half, mean + half, n, f"Student t over {n} seeds")
 
 
+def clipped(interval: Interval, low: float, high: float | None = None) -> Interval:
+    """``interval`` with its bounds clipped to the values the quantity can take (an accuracy: [0, 1],
+    a KL: [0, inf)); the Student t interval is symmetric and can leave that range with few seeds."""
+    if interval.low is None:
+        return interval
+    top = interval.high if high is None else min(interval.high, high)
+    return Interval(interval.mean, max(interval.low, low), top, interval.n,
+                    f"{interval.method}, clipped to the quantity's range")
+
+
 def paired_difference(method: dict[int, Sequence[bool]], baseline: dict[int, Sequence[bool]],
                       confidence: float = CONFIDENCE, seed: int = 0) -> Interval:
     """Accuracy difference method - baseline, paired by seed and by test item.

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from milora.errors import MiloraError
+from milora.errors import MiloraError, OutputInUseError
 from milora.io import atomic_write_json
 
 RECORD = "run.json"
@@ -36,19 +36,20 @@ def _accuracy_record(result: dict) -> dict[str, Any]:
     return {"accuracy": result["summary"]["average"], "correct": [bool(item["correct"]) for item in result["items"]]}
 
 
-def _scores(job: dict, model, tokenizer, base_model, run_dir: Path, label: str) -> dict[str, Any]:
-    """Validation, test, forgetting and retention of ``model`` (an adapter on the base, or the base)."""
+def _scores(job: dict, model, tokenizer, base_model, run_dir: Path, label: str, served=None) -> dict[str, Any]:
+    """Validation, test, forgetting and retention of ``model`` (an adapter on the base, or the base);
+    ``served``: the same model on the sweep's ``eval_server`` (a `ServerModel`), used for validation and test."""
     from milora.report import write_results
 
     scores: dict[str, Any] = {}
-    evals = [("test", job["eval_task"], job["eval_data"], job["eval_options"], job["test_limit"])]
+    evals = [("test", job["eval_task"], job["eval_data"], job["eval_options"], job["test_limit"], served)]
     if job.get("validation_data"):
-        evals.insert(0, ("validation", job["eval_task"], job["validation_data"], job["eval_options"], None))
+        evals.insert(0, ("validation", job["eval_task"], job["validation_data"], job["eval_options"], None, served))
     if job.get("retention_task"):
         evals.append(("retention", job["retention_task"], job["retention_data"], job["retention_options"],
-                      job["retention_limit"]))
-    for name, task, data, options, limit in evals:
-        result = _evaluate(model, tokenizer, task, data, options, limit, job["eval_batch_size"], label)
+                      job["retention_limit"], None))
+    for name, task, data, options, limit, server_model in evals:
+        result = _evaluate(server_model or model, tokenizer, task, data, options, limit, job["eval_batch_size"], label)
         write_results(result, run_dir / f"{name}.json")
         scores[name] = _accuracy_record(result)
     if job.get("forgetting") and base_model is not None:
@@ -84,7 +85,14 @@ def _train_and_score(job: dict, run_dir: Path) -> dict[str, Any]:
     reference = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))[0] \
         if job.get("forgetting") else None
     model = load_model(base, result.adapter_dir)
-    scores = _scores(job, model, tokenizer, reference, run_dir, job["name"])
+    if job.get("eval_server"):
+        from milora.eval.server import connect, runtime_adapter
+
+        with runtime_adapter(job["eval_server"], job["name"], str(result.adapter_dir)) as name:
+            served = connect(job["eval_server"], served_model=name)
+            scores = _scores(job, model, tokenizer, reference, run_dir, job["name"], served)
+    else:
+        scores = _scores(job, model, tokenizer, reference, run_dir, job["name"])
     return {"status": "done", "train_seconds": train_seconds, "trainable_parameters": _trainable_parameters(model),
             "loss_history": result.metrics["loss_history"], "adapter_dir": str(result.adapter_dir), **scores}
 
@@ -102,6 +110,8 @@ def run_one(job: dict) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         record = _train_and_score(job, run_dir)
+    except OutputInUseError:
+        raise  # another live process runs it: not this run's failure, and no record
     except (MiloraError, FloatingPointError, RuntimeError, ValueError) as error:
         diverged = "NaN or Inf" in str(error) or isinstance(error, FloatingPointError)
         record = {"status": "failed", "reason": "diverged (NaN/Inf)" if diverged else type(error).__name__,
@@ -117,16 +127,35 @@ def run_base(job: dict) -> dict[str, Any]:
 
     run_dir = Path(job["run_dir"])
     model, tokenizer = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))
-    scores = _scores({**job, "forgetting": False, "validation_data": None}, model, tokenizer, None, run_dir, "base")
+    served = None
+    if job.get("eval_server"):
+        from milora.eval.server import connect
+
+        served = connect(job["eval_server"])  # the server's one base model
+    scores = _scores({**job, "forgetting": False, "validation_data": None}, model, tokenizer, None, run_dir, "base",
+                     served)
     record = {**job["identity"], "status": "done", **scores}
     atomic_write_json(run_dir / RECORD, record)
     return record
 
 
+IN_USE = 3
+"""The worker's exit status when another live process holds its run (no record written)."""
+STOPPED = 130
+"""The worker's exit status when a Ctrl-C / SIGTERM stopped it after its checkpoint (no record written)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     path = Path((argv or sys.argv[1:])[0])
     job = json.loads(path.read_text())
-    record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+    try:
+        record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+    except OutputInUseError as error:
+        print(f"milora compare: {error}", file=sys.stderr)
+        return IN_USE
+    except KeyboardInterrupt:
+        print(f"milora compare: {job['name']} stopped; re-running continues it.", file=sys.stderr)
+        return STOPPED
     return 0 if record["status"] == "done" else 1
 
 

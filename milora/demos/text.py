@@ -35,8 +35,9 @@ def make_task(task: str, options: dict[str, Any], train_size: int, eval_size: in
     """
     try:
         import reasoning_gym
-    except ImportError:
-        raise MiloraError("The demo's task data comes from `reasoning-gym`: run `pip install reasoning-gym`.") from None
+    except ImportError as error:
+        raise MiloraError("The demo's task data comes from `reasoning-gym`: "
+                          "run `pip install reasoning-gym`.") from error
     held_out = reasoning_gym.create_dataset(task, size=eval_size, seed=seed + 1, **options)
     held_out_questions = {entry["question"] for entry in held_out}
     draws = train_size + eval_size
@@ -201,5 +202,16 @@ def format_report(report: dict) -> str:
         f"  adapter: {report['adapter_dir']}  (milora.load_model(base, dir), or plain PEFT on the original base)",
     ]
     for item in report["examples_after"][:3]:
-        lines.append(f"  e.g. {item['question'][-60:]!r} -> {item['output'].strip()!r} (gold {item['gold']})")
+        lines.append(f"  e.g. {question_tail(item['question'])!r} -> {item['output'].strip()!r} (gold {item['gold']})")
     return "\n".join(lines)
+
+
+def question_tail(text: str, width: int = 60) -> str:
+    """The end of ``text`` in at most ``width`` characters (plus a leading "..." when cut), cut at a
+    word boundary, never inside a word."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    tail = text[-width:]
+    start = tail.find(" ") + 1 if not text[-width - 1].isspace() else 0
+    return "..." + tail[start:]

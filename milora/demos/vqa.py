@@ -38,8 +38,8 @@ YES_NO = ("yes", "no")
 def easy_vqa_folder() -> Path:
     try:
         import easy_vqa
-    except ImportError:
-        raise MiloraError("The vision demo's data comes from `easy-vqa`: run `pip install easy-vqa`.") from None
+    except ImportError as error:
+        raise MiloraError("The vision demo's data comes from `easy-vqa`: run `pip install easy-vqa`.") from error
     return Path(easy_vqa.__file__).parent / "data"
 
 

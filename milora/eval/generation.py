@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from milora.errors import DataError
+from milora.eval.server import ServerModel
+from milora.prompts import truncate_at_stop
 
 
 @contextmanager
@@ -24,21 +26,25 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _truncate_at_stop(text: str, stop_strings) -> str:
-    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
-    return text[:cut]
-
-
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
              stop_strings: tuple[str, ...] = (), add_special_tokens: bool = True, progress: bool = True,
-             desc: str = "generate", temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+             desc: str = "generate", temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None) -> list[str]:
     """Completions of ``prompts`` (batched, left padding, KV cache), cut at the first stop string.
 
     Greedy when ``temperature`` is 0, else sampled with that temperature and nucleus ``top_p``
-    (seed torch's generator for reproducible samples). Prompts are sorted by length so that
+    (``seed``: torch's generator is seeded with it first). Prompts are sorted by length so that
     batches hold similar lengths; outputs come back in the prompts' order.
     ``add_special_tokens=False`` for prompts that already hold them (chat templates).
+    ``model`` may be a `milora.eval.server.ServerModel`: the same prompts go to the server
+    (``batch_size`` is then its ``concurrency``'s business), the same decoding options with them.
     """
+    if isinstance(model, ServerModel):
+        return model.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                              add_special_tokens=add_special_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              progress=progress, desc=desc)
+    if seed is not None:
+        torch.manual_seed(seed)
     sampling = {"do_sample": temperature > 0, "temperature": temperature or None, "top_k": None,
                 "top_p": top_p if temperature > 0 else None}
     if tokenizer.pad_token_id is None:
@@ -60,7 +66,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
             )
             for index, row in zip(batch, sequences[:, inputs["input_ids"].shape[1]:], strict=False):
-                outputs[index] = _truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings)
+                outputs[index] = truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings)
     return outputs
 
 
@@ -68,6 +74,9 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str, str]], *, 
                           progress: bool = True, desc: str = "loglik") -> list[float]:
     """Sum of log-probabilities of each continuation given its context (lm-eval's encoding:
     the continuation's tokens are those of ``context + continuation`` after the context's)."""
+    if isinstance(model, ServerModel):
+        raise DataError("log-likelihood scoring (--scorer loglik) runs on a local model only, not through "
+                        "--server: use --scorer generate with --server, or drop --server.")
     pairs = []
     for context, continuation in requests:
         context_ids = tokenizer(context)["input_ids"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,8 +72,9 @@ class Option:
         wrong_type = ((numeric and (isinstance(value, bool)
                                     or not isinstance(value, int if kind is int else (int, float))))
                       or (not numeric and kind is not None and not isinstance(value, kind)))
-        if wrong_type or (self.minimum is not None and value < self.minimum):
-            what = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+        not_finite = numeric and not wrong_type and not math.isfinite(value)  # nan passes `<`, inf overflows
+        if wrong_type or not_finite or (self.minimum is not None and value < self.minimum):
+            what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
                     (tuple, list): "a list"}.get(kind, str(kind))
             bound = f" of at least {self.minimum}" if self.minimum is not None else ""
             raise DataError(f"{name} must be {what}{bound} (got {value!r}) for task {task}.")
@@ -88,6 +90,7 @@ class Task:
     options: dict[str, Option]
     metric: str = "accuracy"  # "accuracy" (fractions, averaged), "rate" (fractions, not averaged) or "value"
     table_scores: tuple[str, ...] = ()  # the scores `milora eval --compare` shows (default: all accuracies)
+    server: bool = False  # whether it can generate through an OpenAI-compatible server (`milora.eval.server`)
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with defaults filled in; an option the task does not take, or a bad value, is an error."""
@@ -105,11 +108,11 @@ _TASKS: dict[str, Task] = {}
 
 
 def register(name: str, description: str, options: dict[str, Option] | None = None, metric: str = "accuracy",
-             table_scores: tuple[str, ...] = ()) -> Callable:
+             table_scores: tuple[str, ...] = (), server: bool = False) -> Callable:
     """Decorator: register ``run`` as the task ``name``."""
 
     def decorate(run: Callable[[Job], TaskResult]) -> Callable[[Job], TaskResult]:
-        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores)
+        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores, server)
         return run
 
     return decorate

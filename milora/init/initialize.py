@@ -21,6 +21,7 @@ import ctypes.util
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from milora.errors import ModelError
+from milora.constants import DATA_INITS
+from milora.errors import ModelError, UsageError
 from milora.init.layers import lora_layers, restore_weight, set_adapter_factors
 from milora.init.multimodal import warn_outside_language_model
+from milora.init.peft_starts import check_peft_start, get_peft_start_model, is_peft_start
 from milora.init.record import InitRecord, attach_record
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
 from milora.linalg.decomposition import Components, default_workers, resolve_solver, select_components_many
@@ -54,6 +57,8 @@ def get_model(
     workers: int | None = None,
     null_space: str = "zero",
     quantization: str | None = None,
+    calibration: Sequence[dict] | None = None,
+    pissa_niter: int = 4,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model whose adapters start from the chosen singular triplets.
 
@@ -76,7 +81,16 @@ def get_model(
     ``quantization`` (nf4, fp4, int8; default none): QLoRA-style, the frozen base is then quantised
     with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
     layers (see `milora.init.quantize`); the saved adapter is still for the full-precision base.
+    PEFT's own starts (`milora.constants.PEFT_STARTS`: dora, olora, pissa-fast, corda-kpm, corda-ipm, eva, lora-ga,
+    mica) are computed by PEFT (`milora.init.peft_starts`); the data starts take ``calibration``, a list of training
+    batches, and ``pissa_niter`` is pissa-fast's number of subspace iterations.
     """
+    if is_peft_start(init):
+        _check_seed(seed)
+        check_peft_start(init, calibration, solver, workers, device, null_space, quantization, pissa_niter)
+        return get_peft_start_model(model, lora_config, init, calibration, seed, adapter_name, pissa_niter)
+    if calibration is not None:
+        raise ModelError(f"init={init!r} takes no data: drop calibration= (data starts: {', '.join(DATA_INITS)}).")
     check_init_options(lora_config, init, null_space, seed)
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
@@ -110,8 +124,12 @@ def check_init_options(lora_config: LoraConfig, init: str, null_space: str, seed
     validate_lora_config(lora_config, init)
     if null_space not in NULL_SPACE_STARTS:
         raise ModelError(f"null_space must be one of {', '.join(NULL_SPACE_STARTS)}, got {null_space!r}.")
+    _check_seed(seed)
+
+
+def _check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}.")
+        raise UsageError(f"seed must be an integer, got {seed!r}.")
 
 
 def _undo(peft_model: PeftModel, record: InitRecord, adapter: str, error: BaseException) -> None:
@@ -132,8 +150,8 @@ def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     Each weight's float64 buffers are freed after use, but glibc keeps freed blocks in its
-    heaps, and the small long-lived tensors kept per weight (the initial factors) pin them:
-    a SmolLM2 init ended 389 MiB larger without this, 63 MiB with it (benchmarks/RESULTS.md).
+    heaps, and the small long-lived tensors kept per weight (the initial factors) pin them, so
+    the process would grow by most of the freed memory (measured in benchmarks/RESULTS.md).
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -143,7 +161,7 @@ def check_devices(solver: str, workers: int | None, device, weight_devices: set[
     """Options that only work for decompositions on CPU, checked before the model is modified
     (``weight_devices``: the device types the weights are on)."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ModelError(f"workers must be a positive integer, got {workers!r}.")
+        raise UsageError(f"workers must be a positive integer, got {workers!r}.")
     if device is not None:
         check_device(device)
     devices = {torch.device(device).type} if device is not None else weight_devices

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from milora.constants import RESIDUAL_INITS
 from milora.errors import ModelError
 
 # Below this relative boundary gap the selected subspace is sensitive: a relative
@@ -25,7 +26,7 @@ class InitRecord:
     """What milora knows about an adapter beyond PEFT's own config.
 
     ``initial_factors`` maps each adapted module (name relative to the base model) to its
-    initial ``(A0, B0)`` on CPU; empty for ``init="lora"``, whose base weights are untouched.
+    initial ``(A0, B0)`` on CPU; empty for inits whose base weights are untouched (lora, dora, eva, mica).
     ``fingerprint`` identifies the original base weights (see `fingerprint`); ``measured``
     holds checks made by the caller (e.g. the output error at init) and is saved with the adapter.
     ``quantization`` is empty for a full-precision base, else the method and the quantisation
@@ -101,6 +102,6 @@ def init_record(peft_model: torch.nn.Module) -> InitRecord:
 
 
 def has_residual_base(model: torch.nn.Module) -> bool:
-    """True for a milora model whose base weights are residuals W - s B0 A0 (any init but plain LoRA)."""
+    """True for a milora model whose base weights are residuals W - s B0 A0 (`milora.constants.RESIDUAL_INITS`)."""
     record = find_record(model)
-    return record is not None and record.init != "lora"
+    return record is not None and record.init in RESIDUAL_INITS

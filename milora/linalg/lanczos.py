@@ -4,7 +4,7 @@ The operator A (k x k) is given as ``apply(X) = X @ A`` for a block of p row vec
 basis grows one block per step (no restarts) and is fully re-orthogonalised (classical
 Gram-Schmidt, twice), so every step is level-3 BLAS: applying A to a block of p vectors
 through a k x k factor reads the factor once, where single-vector Lanczos (ARPACK) reads it
-once per vector (measured 10-20x fewer seconds per vector at k = 4096). After each step
+once per vector (the per-vector times are in benchmarks/RESULTS.md). After each step
 Rayleigh-Ritz on the basis gives the wanted eigenpairs and their residuals ||A x - theta x||
 (from the next block's QR factor, at no extra cost).
 
@@ -37,21 +37,21 @@ TOL, FLOOR = 1e-14, 1e-13
 # vector would need the neighbour separated from the rest of the spectrum, which is where it
 # crowds (the bulk's edge under a few outliers, for pissa).
 VALUE_TOL = 1e-6
-# Block steps after the first estimate that the spectra which suit Lanczos needed: 11-16 for
-# the gaussian, clustered and real families at r = 16-128 (benchmarks/RESULTS.md).
+# Block steps after the first estimate that the spectra which suit Lanczos typically need (the
+# gaussian, clustered and real families; the recorded counts are in benchmarks/RESULTS.md).
 TYPICAL_STEPS = 14
 # Try Lanczos only where its typical cost is below this fraction of the dense solver's: where
-# it fails it has cost its setup and a few steps (about 12 % of the dense cost for milora).
+# it fails it has cost its setup and a few steps, a small fraction of the dense cost.
 TRY_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
 class CostModel:
     """Predicted CPU time of the dense and block-Lanczos kernels, in units of one flop of a large
-    Gram product (dsyrk, 52 GFLOP/s on one core of this machine).
+    Gram product (dsyrk), the fastest level-3 kernel.
 
     Each kernel's weight is its measured time per flop over dsyrk's (one thread, CPU time,
-    k = 2048 and 4096; benchmarks/RESULTS.md): the dense eigensolver's tridiagonal reduction is
+    k = 2048 and 4096; the measurements are in benchmarks/RESULTS.md): the dense eigensolver's tridiagonal reduction is
     half level-2 BLAS and slows as G outgrows the caches (2.1 at k = 2048, 2.7 at 4096);
     triangular solves with a block of p vectors run at 1 + 18 / p; thin products at 1.4; a
     Householder QR of a k x p block at 7; and Rayleigh-Ritz on the small projected matrix is
@@ -91,8 +91,8 @@ class CostModel:
 COSTS = CostModel()
 # The extrapolated basis size may exceed the affordable one by this factor before the iteration
 # gives up: extrapolating from the third residual on overestimates the basis needed by up to
-# 3x, because Krylov convergence accelerates; 2 separated every recorded history (families
-# gaussian, real, clustered, power at k = 2048-4096, r = 16-128; benchmarks/RESULTS.md).
+# 3x, because Krylov convergence accelerates; 2 separated every recorded history (the families
+# and sizes are in benchmarks/RESULTS.md).
 SLACK = 2.0
 
 
@@ -191,9 +191,9 @@ def largest_eigenpairs(
     shifted = projected[:dim, :dim] + 1e-8 * abs(values[-1]) * np.eye(dim)
     try:
         lapack.cholesky(shifted)
-    except np.linalg.LinAlgError:
+    except np.linalg.LinAlgError as error:
         message = f"the operator is not positive semi-definite (largest Ritz value {values[-1]:.1e})"
-        raise np.linalg.LinAlgError(message) from None
+        raise np.linalg.LinAlgError(message) from error
     if not np.all(np.isfinite(values)):
         raise np.linalg.LinAlgError("non-finite Ritz values")
     return values, lapack.matmul(ritz, basis[:dim], transpose_a=True)

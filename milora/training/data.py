@@ -89,7 +89,7 @@ def _load_with_datasets(dataset: str, split: str, config_name: str | None, local
         hint = ("" if local
                 else " If this machine is offline, download the data and give the local .json/.jsonl/.parquet path.")
         raise DataError(f"could not load {where} {dataset!r} (split {split!r}): "
-                        f"{str(error).rstrip('.')}.{hint}") from None
+                        f"{str(error).rstrip('.')}.{hint}") from error
     return loaded.to_list()
 
 

@@ -1,4 +1,4 @@
-"""`milora train`: fine-tune a MiLoRA (or PiSSA, middle, random, LoRA) adapter from one config.
+"""`milora train`: fine-tune a MiLoRA (or PiSSA, middle, random, LoRA, or one of PEFT's starts) adapter from one config.
 
 Layout of ``output_dir``: ``train_config.yaml`` (the resolved config, written once the run is
 accepted), ``checkpoint-N/`` (adapter + optimizer/scheduler/RNG/trainer state), ``runs/``
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from milora.constants import ADAPTER_FILES, METRICS_FILE, MILORA_CONFIG, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, ModelError, OutputError
+from milora.constants import ADAPTER_FILES, DATA_INITS, METRICS_FILE, MILORA_CONFIG, PEFT_STARTS, TRAIN_CONFIG_FILE
+from milora.errors import AdapterError, ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
-from milora.training.data import build_datasets, load_training_records, supervised_collator
+from milora.training.data import build_datasets, load_records, load_training_records, supervised_collator
 from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
 
 
@@ -47,9 +47,10 @@ class TrainResult:
 
 
 # keys a resumed run may change; any other difference from the run's train_config.yaml is refused
+# (output_dir: a run directory moved or copied elsewhere resumes where it is now)
 RESUMABLE_CHANGES = {
-    "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "report_to",
-    "resume_from_checkpoint", "overwrite_output_dir", "dataloader_num_workers", "deepspeed",
+    "output_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
+    "report_to", "resume_from_checkpoint", "overwrite_output_dir", "dataloader_num_workers", "deepspeed",
 }
 
 
@@ -87,7 +88,7 @@ def _check_output_dir(config: TrainConfig) -> str | None:
         try:
             check_replaceable(output_dir)
         except OutputError as error:
-            raise ConfigError(f"overwrite_output_dir is true but {error}") from None
+            raise ConfigError(f"overwrite_output_dir is true but {error}") from error
     return None
 
 
@@ -134,7 +135,7 @@ def _check_resume_quantization(config: TrainConfig, checkpoint: Path) -> None:
     try:
         metadata = json.loads((checkpoint / MILORA_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"cannot resume from {checkpoint}: its {MILORA_CONFIG} is unreadable ({error}).") from None
+        raise ConfigError(f"cannot resume from {checkpoint}: its {MILORA_CONFIG} is unreadable ({error}).") from error
     trained_on = (metadata.get("quantization") or {}).get("method")
     if trained_on != config.quantization:
         raise ConfigError(
@@ -158,7 +159,7 @@ def _check_environment(config: TrainConfig) -> None:
         try:
             check_quantization(config.quantization)
         except ModelError as error:
-            raise ConfigError(str(error)) from None
+            raise ConfigError(str(error)) from error
 
 
 def _multi_process_cpu() -> bool:
@@ -168,13 +169,20 @@ def _multi_process_cpu() -> bool:
 
 def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
     """Keys named like TrainingArguments fields pass as they are (`trainer_keys`), ``trainer_args`` too;
-    the rest is milora's meaning of its own keys."""
+    the rest is milora's meaning of its own keys. ``objective: dpo``: a TRL `DPOConfig` with its keys."""
+    arguments_class, objective_values = TrainingArguments, {"remove_unused_columns": False}
+    if config.objective == "dpo":
+        from trl import DPOConfig
+
+        from milora.training.preference import dpo_arguments
+
+        arguments_class, objective_values = DPOConfig, dpo_arguments(config)
     checkpointing = {}
     if config.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5.x
         fields = TrainingArguments.__dataclass_fields__
         name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}}
-    return TrainingArguments(
+    return arguments_class(
         **{key: getattr(config, key) for key in trainer_keys()},
         **config.trainer_args,
         **checkpointing,
@@ -189,7 +197,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         eval_steps=(config.eval_steps or config.logging_steps) if has_eval else None,
         report_to=[] if config.report_to == "none" else [config.report_to],
         dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
+        **objective_values,
         ddp_find_unused_parameters=False,
         use_cpu=_multi_process_cpu(),
     )
@@ -248,11 +256,11 @@ def train(
         resume = _check_output_dir(config)
         if resume is not None:
             _check_resume_matches(config, resume)
-        peft_model, train_dataset, val_dataset, stats, collator = _build(config, state)
+        built = _build(config, state)
         if state.is_main_process:
             _start_record(config, resume)
         state.wait_for_everyone()
-        return _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume, start)
+        return _run(config, state, built, callbacks, resume, start)
     finally:
         if lock is not None:
             lock.release()
@@ -261,7 +269,20 @@ def train(
                 output_dir.rmdir()  # refused before anything was written: leave no trace
 
 
-def _build(config: TrainConfig, state):
+@dataclass
+class BuiltRun:
+    """What a run trains, made before anything is written: the initialised adapter, its
+    preprocessor and its data."""
+
+    peft_model: Any
+    preprocessor: Any  # the tokenizer, or an image-text-to-text model's processor
+    train_dataset: Any
+    val_dataset: Any | None
+    data_stats: dict[str, Any]  # record / token / truncation counts, as written to metrics.json
+    collator: Any
+
+
+def _build(config: TrainConfig, state) -> BuiltRun:
     """Base model, data (and its collator) and the initialised adapter of a run (nothing written)."""
     from milora.adapter.load import load_start
     from milora.init import get_model
@@ -269,9 +290,10 @@ def _build(config: TrainConfig, state):
 
     set_seed(config.seed)
     try:
-        model, tokenizer = load_base_model(config.model, dtype=config.dtype)
+        loaded = load_base_model(config.model, dtype=config.dtype)
     except ModelError as error:
-        raise ConfigError(f"cannot load model {config.model!r}: {error}") from None
+        raise ConfigError(f"cannot load model {config.model!r}: {error}") from error
+    model, preprocessor = loaded
     text_config = model.config.get_text_config()
     positions = getattr(text_config, "max_position_embeddings", None)
     if positions is not None and config.cutoff_len > positions:
@@ -279,24 +301,29 @@ def _build(config: TrainConfig, state):
                           f"lower cutoff_len to at most {positions}.")
     model.config.use_cache = False
     if config.chat_template is not None:
-        (getattr(tokenizer, "tokenizer", None) or tokenizer).chat_template = resolve_chat_template(config.chat_template)
-    data = _build_data(config, model, tokenizer, state.is_main_process)
-    set_seed(config.seed)  # PEFT's random init (init: lora) draws from the global generator
-    svd_device = state.device if state.device.type != "cpu" else None
+        loaded.tokenizer.chat_template = resolve_chat_template(config.chat_template)
+    train_dataset, val_dataset, stats, collator = _build_data(config, model, preprocessor, state.is_main_process)
+    set_seed(config.seed)  # PEFT's random inits (lora, dora, lora-ga's sketch) draw from the global generator
+    peft_start = config.init in PEFT_STARTS
+    svd_device = state.device if state.device.type != "cpu" and not peft_start else None
+    calibration = (calibration_batches(train_dataset, collator, config)
+                   if config.init in DATA_INITS and config.init_from is None else None)
+    extra = {"calibration": calibration, "pissa_niter": config.pissa_niter} if peft_start else {}
     try:
         if config.init_from is not None:  # decompose once: the saved start's factors, no SVD
             peft_model = load_start(model, config.init_from, build_lora_config(config, model), config.init,
-                                    config.seed, device=svd_device, quantization=config.quantization)
+                                    config.seed, null_space=config.null_space, device=svd_device,
+                                    quantization=config.quantization)
         else:
             peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
                                    device=svd_device, seed=config.seed, progress=state.is_main_process,
-                                   null_space=config.null_space, quantization=config.quantization)
-    except ValueError as error:  # e.g. a target module the model lacks, a rank too large, a start of another run
-        raise ConfigError(f"cannot build the adapter: {error}") from None
+                                   null_space=config.null_space, quantization=config.quantization, **extra)
+    except (ModelError, AdapterError) as error:  # a target the model lacks, a rank too large, another run's start
+        raise ConfigError(f"cannot build the adapter: {error}") from error
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
               "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)
-    return peft_model, *data
+    return BuiltRun(peft_model, preprocessor, train_dataset, val_dataset, stats, collator)
 
 
 def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
@@ -305,6 +332,12 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     from milora.models import is_vision_language_model
     from milora.training import vision_data
 
+    if config.objective == "dpo":
+        from milora.training.preference import build_preference_datasets
+
+        records = load_records(config.dataset, config.dataset_split, config.dataset_config)[: config.max_samples]
+        train_dataset, val_dataset, stats = build_preference_datasets(config, records, tokenizer, progress)
+        return train_dataset, val_dataset, stats, None
     records, fmt = load_training_records(config)
     vision = is_vision_language_model(model)
     if fmt == "llava" or any(vision_data.has_images(record) for record in records):
@@ -324,6 +357,15 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     return train_dataset, val_dataset, stats.as_dict(), collator
 
 
+def calibration_batches(train_dataset, collator, config: TrainConfig) -> list[dict]:
+    """The data starts' batches: ``calibration_batches`` collated batches of ``per_device_train_batch_size``
+    training examples, drawn without replacement in a ``seed``-ed order (the same on every rank and resume)."""
+    size = config.per_device_train_batch_size
+    order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    count = min(config.calibration_batches * size, len(order))
+    return [dict(collator([train_dataset[i] for i in order[start:start + size]])) for start in range(0, count, size)]
+
+
 def _start_record(config: TrainConfig, resume: str | None) -> None:
     """The run is accepted: clear an overwritten directory (keeping the lock) and write its config."""
     output_dir = Path(config.output_dir)
@@ -334,21 +376,27 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
     save_config(config, output_dir / TRAIN_CONFIG_FILE)
 
 
-def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats, callbacks, resume,
-         start) -> TrainResult:
+def _run(config: TrainConfig, state, built: BuiltRun, callbacks: Sequence[TrainerCallback], resume: str | None,
+         start: float) -> TrainResult:
     stopper = StopOnSignal()
-    trainer = MiloraTrainer(
-        model=peft_model,
-        args=_training_arguments(config, has_eval=val_dataset is not None),
-        train_dataset=train_dataset,
-        eval_dataset=val_dataset,
-        data_collator=collator,
+    trainer_class, objective_values = MiloraTrainer, {}
+    if config.objective == "dpo":
+        from milora.training.preference import MiloraDPOTrainer
+
+        trainer_class, objective_values = MiloraDPOTrainer, {"processing_class": built.preprocessor}
+    trainer = trainer_class(
+        model=built.peft_model,
+        **objective_values,
+        args=_training_arguments(config, has_eval=built.val_dataset is not None),
+        train_dataset=built.train_dataset,
+        eval_dataset=built.val_dataset,
+        data_collator=built.collator,
         callbacks=[stopper, *callbacks],
     )
     with signals_request_stop(stopper, announce=state.is_main_process):
         output = trainer.train(resume_from_checkpoint=resume)
     interrupted = stopper.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
-    metrics = _metrics(trainer, output, stats, val_dataset, interrupted, start, state.num_processes)
+    metrics = _metrics(trainer, output, built, interrupted, start, state.num_processes)
     output_dir = Path(config.output_dir)
     checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
     if interrupted:
@@ -363,7 +411,7 @@ def _run(config, state, peft_model, collator, train_dataset, val_dataset, stats,
     return TrainResult(output_dir, output_dir, checkpoint if checkpoint.is_dir() else None, False, metrics)
 
 
-def _metrics(trainer, output, stats, val_dataset, interrupted: bool, start: float, world_size: int) -> dict[str, Any]:
+def _metrics(trainer, output, built: BuiltRun, interrupted: bool, start: float, world_size: int) -> dict[str, Any]:
     from milora.init import init_record
 
     return {
@@ -371,8 +419,8 @@ def _metrics(trainer, output, stats, val_dataset, interrupted: bool, start: floa
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "train": output.metrics,
-        "data": stats,
-        "eval_examples": len(val_dataset) if val_dataset is not None else 0,
+        "data": built.data_stats,
+        "eval_examples": len(built.val_dataset) if built.val_dataset is not None else 0,
         "init": init_record(trainer.model).summary(),
         "loss_history": [
             {key: entry[key] for key in ("step", "loss", "eval_loss", "learning_rate", "grad_norm") if key in entry}

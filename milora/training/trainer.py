@@ -13,10 +13,16 @@ residual base:
 and for reliability: checkpoints are written to a hidden staging directory and renamed into
 place (a kill never leaves a half-written ``checkpoint-N``), and a run resumed at its last step
 does not train one step more (see `MiloraTrainer._run_epoch`).
+
+These need four of Trainer's private methods (``PRIVATE_OVERRIDES``), which transformers may
+change in any release: `check_trainer_internals` compares their parameters with the ones this
+class was written for (transformers 5.24, the range pinned in pyproject.toml) and names the
+mismatch, so a changed Trainer fails loudly at construction instead of misbehaving.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -32,6 +38,31 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from milora.adapter import load_trained_state, save_adapter
 from milora.constants import ADAPTER_FILES
+from milora.errors import MiloraError
+
+# Trainer's private methods MiloraTrainer overrides -> the parameters it was written against.
+PRIVATE_OVERRIDES = {
+    "_get_output_dir": ("self", "trial"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_run_epoch": ("self", "model", "epoch", "train_dataloader", "steps_in_epoch", "num_update_steps_per_epoch",
+                   "trial", "ignore_keys_for_eval", "start_time", "resume_from_checkpoint", "epochs_trained",
+                   "steps_trained_in_current_epoch"),
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+}
+
+
+def check_trainer_internals(trainer_class: type = Trainer) -> None:
+    """Raise if a private Trainer method milora overrides is gone or takes other parameters."""
+    import transformers
+
+    for name, expected in PRIVATE_OVERRIDES.items():
+        method = getattr(trainer_class, name, None)
+        found = None if method is None else tuple(inspect.signature(method).parameters)
+        if found != expected:
+            now = "is gone" if found is None else f"now takes ({', '.join(found)})"
+            raise MiloraError(f"transformers {transformers.__version__}: Trainer.{name} {now}, but milora's "
+                              f"trainer overrides it as ({', '.join(expected)}); install the tested range "
+                              "(pip install 'transformers>=5.24,<5.25') or update milora/training/trainer.py.")
 
 
 def write_adapter(peft_model, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
@@ -55,7 +86,15 @@ def write_adapter(peft_model, directory: str | os.PathLike, state_dict: dict | N
 
 
 class MiloraTrainer(Trainer):
-    """`Trainer` whose checkpoints and final output are milora adapters (see module docstring)."""
+    """`Trainer` whose checkpoints and final output are milora adapters (see module docstring).
+
+    ``_checkpoint_staging`` is set only while `_save_checkpoint` runs: Trainer asks
+    `_get_output_dir` where to write ``checkpoint-N``, and gets the staging directory.
+    """
+
+    def __init__(self, *args, **kwargs):
+        check_trainer_internals()
+        super().__init__(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir

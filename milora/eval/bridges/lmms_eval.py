@@ -33,7 +33,7 @@ def _import_lmms_eval():
         from lmms_eval.evaluator import simple_evaluate
         from lmms_eval.tasks import TaskManager
     except ImportError as error:
-        raise DataError(f"lmms-eval tasks need lmms-eval, which is not installed ({error}): {INSTALL_HINT}.") from None
+        raise DataError(f"lmms-eval tasks need lmms-eval, which is not installed ({error}): {INSTALL_HINT}.") from error
     return lmms, simple_evaluate, TaskManager
 
 

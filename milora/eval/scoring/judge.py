@@ -55,7 +55,7 @@ def _alpaca_eval():
             from alpaca_eval.annotators import PairwiseAnnotator
     except ImportError as error:
         raise DataError(f"AlpacaEval needs the `alpaca-eval` package ({error}): "
-                        "`pip install 'milora[alpaca-eval]'`.") from None
+                        "`pip install 'milora[alpaca-eval]'`.") from error
     finally:
         logging.getLogger().setLevel(level)
     return constants, PairwiseAnnotator
@@ -97,7 +97,7 @@ def _served_model(url: str) -> str:
         return models.data[0].id
     except (openai.OpenAIError, IndexError) as error:
         raise DataError(f"judge server {url} could not be reached or lists no model ({type(error).__name__}: {error}); "
-                        "start it first (e.g. `vllm serve MODEL`), or name the model with judge_model.") from None
+                        "start it first (e.g. `vllm serve MODEL`), or name the model with judge_model.") from error
 
 
 def _api_key() -> str | None:
@@ -143,7 +143,8 @@ def build_annotator(judge: str, workdir: Path, *, judge_model: str | None = None
     try:
         annotator = PairwiseAnnotator(annotators_config=str(path), caching_path=None, seed=0, **extra)
     except Exception as error:  # a broken config: missing prompt file, unknown parser or decoder, bad yaml
-        raise DataError(f"judge {judge!r} could not be set up from {path} ({type(error).__name__}: {error}).") from None
+        raise DataError(f"judge {judge!r} could not be set up from {path} "
+                        f"({type(error).__name__}: {error}).") from error
     finally:
         logging.getLogger().setLevel(level)
     return annotator, {"judge": judge, "kind": kind, "config": str(path), "judge_model": judge_model}
@@ -156,7 +157,7 @@ def check_judge(annotator, judge: str) -> dict:
     except Exception as error:  # whatever the decoder raises: connection, authentication, model loading
         raise DataError(f"judge {judge!r} could not be reached or loaded ({type(error).__name__}: {error}). "
                         "Check the URL / model path, or the API key in the environment "
-                        "(e.g. OPENAI_API_KEY).") from None
+                        "(e.g. OPENAI_API_KEY).") from error
     return {"probe_verdict": preference(record), "probe_raw": record.get("preference_raw_completion")}
 
 

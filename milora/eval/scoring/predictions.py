@@ -1,8 +1,12 @@
 """Answers produced elsewhere (e.g. with vLLM), scored by milora: the ``--predictions`` file.
 
 The file is JSONL, one object per item: ``{"id": ..., "output": ...}``, where ``id`` is the
-item's own identifier in the task's data and ``output`` the answer (a string; for tasks that
-take several samples per item, a list of strings). The file is checked against the task's
+item's own identifier in the task's data (IFEval's ``key``, HumanEval's ``task_id``, an AlpacaEval
+index or instruction; for gsm8k, math, commonsense, vqa, pope and mcq-image, which have no ids of
+their own, ``<dataset>/<index>``: the data file's dataset name as in the results and the item's
+0-based position in it, e.g. ``gsm8k/0``, ``ARC-Easy/12``, the ``id`` of each item of a results
+file) and ``output`` the answer (a string; for tasks that take several samples per item, a list
+of strings). The file is checked against the task's
 items before any work: every scored item must have exactly one line, and every line must name
 an item of the data.
 """
@@ -71,6 +75,24 @@ def load_predictions(path: str | Path, aliases: list[list[str]], required: Seque
                         f"{_names(missing)}. Answer every item, or score fewer with --limit "
                         "(the first N items of the data).")
     return [found[i] for i in required]
+
+
+def item_ids(datasets: Sequence[str]) -> list[str]:
+    """``<dataset>/<index>`` of each item, ``datasets[i]`` being item i's dataset (items of one dataset in
+    their data order)."""
+    seen: dict[str, int] = {}
+    ids = []
+    for name in datasets:
+        ids.append(f"{name}/{seen.get(name, 0)}")
+        seen[name] = seen.get(name, 0) + 1
+    return ids
+
+
+def first_per_dataset(datasets: Sequence[str], limit: int | None) -> list[int]:
+    """Indices of the first ``limit`` items of each dataset (all items when ``limit`` is None): the items
+    ``--limit`` scores."""
+    ids = item_ids(datasets)
+    return [i for i, name in enumerate(ids) if limit is None or int(name.rsplit("/", 1)[1]) < limit]
 
 
 def reject_generation_options(options: dict, names: tuple[str, ...], task: str) -> None:

