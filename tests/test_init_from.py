@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from milora.cli import main
-from milora.errors import ConfigError
+from milora.errors import AdapterError, ConfigError
 from milora.training.run import train
 
 from conftest import run_config
@@ -50,9 +50,11 @@ def test_a_start_of_other_settings_is_refused(tiny, tmp_path, start):
     for extra, message in (({"lora_rank": 2}, r"r 2 \(the start has 4\)"),
                            ({"init": "pissa"}, r"init 'pissa' \(the start has 'milora'\)"),
                            ({"lora_alpha": 8}, r"lora_alpha 8.0 \(the start has 4.0\)"),
-                           ({"lora_target": "q_proj,v_proj"}, r"target_modules \['q_proj', 'v_proj'\]")):
-        with pytest.raises(ConfigError, match=message):
+                           ({"lora_target": "q_proj,v_proj"}, r"target_modules \['q_proj', 'v_proj'\]"),
+                           ({"init": "lora"}, "init 'lora' leaves the base unchanged")):
+        with pytest.raises(ConfigError, match=message) as caught:
             train(run_config(tiny, tmp_path / "out", init_from=str(start), **extra))
+        assert isinstance(caught.value.__cause__, AdapterError)
     shutil.copytree(tiny["model"], tmp_path / "other")  # the tokenizer too
     other = AutoModelForCausalLM.from_pretrained(tiny["model"])
     with torch.no_grad():
