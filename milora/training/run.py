@@ -162,6 +162,20 @@ def _check_environment(config: TrainConfig) -> None:
             raise ConfigError(str(error)) from error
 
 
+def _check_sharding_on_cpu() -> None:
+    """FSDP or DeepSpeed asked for (`accelerate launch` with their config) on CPU processes: accelerate builds
+    their plugins only for GPUs and other accelerators, and on CPU would silently run plain DDP instead."""
+    if not _multi_process_cpu():
+        return
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise ConfigError(
+                f"{name} was asked for on CPU processes, but accelerate shards with {name} only on GPUs (and other "
+                "accelerators): here it would run plain data parallel instead. On CPU launch DDP: accelerate launch "
+                "--config_file recipes/accelerate/ddp.yaml --num_processes 2 --mixed_precision no -m milora.cli train "
+                "RECIPE.yaml (or torchrun --nproc_per_node 2 -m milora.cli train RECIPE.yaml).")
+
+
 def _multi_process_cpu() -> bool:
     """Launched as several processes without GPUs: accelerate then needs ``cpu=True`` for gloo DDP."""
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -247,6 +261,7 @@ def train(
     config = load_config(config, overrides)
     config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
     _check_environment(config)
+    _check_sharding_on_cpu()
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
     lock = RunLock(config.output_dir, purpose="milora train") if state.is_main_process else None
     created = not Path(config.output_dir).exists()
