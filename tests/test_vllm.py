@@ -27,11 +27,13 @@ import torch
 
 from milora.eval import evaluate
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+from conftest import SHARED_DATA, needs_data
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, needs_data(SHARED_DATA / "math"),
+              needs_data(SHARED_DATA / "commonsense")]
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("MILORA_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-SHARED_DATA = Path("/work/shared/data")
 NEAR_TIE = 0.05  # logits; float32 kernel differences are ~1e-4 on this model, real preferences are >> 0.05
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--seed", "0"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache (CPU); the RAM share of --gpu-memory-utilization
