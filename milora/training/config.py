@@ -25,7 +25,17 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, QUANTIZATIONS, SOLVERS, TARGET_SCOPES
+from milora.constants import (
+    DATA_INITS,
+    DTYPE_NAMES,
+    INIT_MODES,
+    PAPER_TARGETS,
+    PEFT_STARTS,
+    QUANTIZATIONS,
+    RESIDUAL_INITS,
+    SOLVERS,
+    TARGET_SCOPES,
+)
 from milora.errors import ConfigError
 from milora.io import atomic_write_text, read_yaml_mapping
 from milora.prompts import CHAT_TEMPLATES, TEMPLATE_NAMES
@@ -90,8 +100,9 @@ class TrainConfig(BaseModel):
     init: Literal[INIT_MODES] = Key("milora", "adapter initialisation")
     solver: Literal[SOLVERS] = Key("auto", "decomposition solver of the SVD-based inits")
     lora_rank: Int = Key(16, "LoRA rank r", ge=1)
-    lora_alpha: Float | None = Key(None, "LoRA alpha (default: r for milora/pissa/middle/random, 2r for lora, "
-                                         "as in the paper)", gt=0)
+    lora_alpha: Float | None = Key(None, "LoRA alpha (default: r for the inits that change the base, milora/pissa/"
+                                         "middle/random/olora/pissa-fast/corda/lora-ga, 2r for lora/dora/eva/mica)",
+                                   gt=0)
     lora_dropout: Float = Key(0.05, "dropout on the LoRA input, in [0, 1)", ge=0, lt=1)
     lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'")
     target_scope: Literal[TARGET_SCOPES] = Key(
@@ -102,6 +113,9 @@ class TrainConfig(BaseModel):
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
     null_space: Literal["zero", "random"] = Key(
         "zero", "start of exactly-zero selected singular values: zero (the paper's; cannot train) or random (B = 0)")
+    calibration_batches: Int = Key(8, "training batches (of per_device_train_batch_size, seeded draw) the data "
+                                      "starts corda-kpm, corda-ipm, eva, lora-ga compute their start from", ge=1)
+    pissa_niter: Int = Key(4, "subspace iterations of pissa-fast's randomised SVD (PEFT's pissa_niter_N)", ge=1)
     quantization: Literal[QUANTIZATIONS] | None = Key(
         None, "QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init (W - s B0 A0 in "
         "the targets); the saved adapter is still for the full-precision base (default: none)")
@@ -164,10 +178,11 @@ class TrainConfig(BaseModel):
         return self.model_dump()
 
     def resolved_alpha(self) -> float:
-        """lora_alpha, or the paper's default: r for the SVD-based inits, 2r for plain LoRA."""
+        """lora_alpha, or the paper's default: r for the inits that move part of W into the adapter
+        (`RESIDUAL_INITS`, PiSSA's convention), 2r for those starting at B A = 0 (lora, dora, eva, mica)."""
         if self.lora_alpha is not None:
             return self.lora_alpha
-        return float(2 * self.lora_rank if self.init == "lora" else self.lora_rank)
+        return float(self.lora_rank if self.init in RESIDUAL_INITS else 2 * self.lora_rank)
 
     def is_local_dataset(self) -> bool:
         """True for a local file or directory; otherwise ``dataset`` names a hub dataset."""
@@ -268,8 +283,34 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     except ValidationError as error:
         raise ConfigError(" ".join(_message(e) for e in error.errors(include_url=False))) from error
     _check_consistency(config)
+    _check_init_options(config)
     _check_trainer_args(config.trainer_args)
     return config
+
+
+def method_only_keys(init: str) -> tuple[str, ...]:
+    """Keys only some inits read that ``init`` ignores (a sweep drops them from the runs of such a method)."""
+    return (*(["calibration_batches"] if init not in DATA_INITS else []),
+            *(["pissa_niter"] if init != "pissa-fast" else []))
+
+
+def _check_init_options(config: TrainConfig) -> None:
+    """Keys the chosen init ignores, set to another value than their default: an error naming them."""
+    defaults = {key: TrainConfig.model_fields[key].default for key in
+                ("solver", "null_space", "quantization", "calibration_batches", "pissa_niter")}
+    if config.init in DATA_INITS and config.objective != "sft":
+        raise ConfigError(f"init={config.init!r} calibrates on supervised training batches; objective "
+                          f"{config.objective!r} has none: use an SVD start (milora, pissa) or PEFT's data-free "
+                          "starts (dora, olora, pissa-fast, mica) with it.")
+    ignored = []
+    if config.init in PEFT_STARTS:
+        ignored += [key for key in ("solver", "null_space", "quantization") if getattr(config, key) != defaults[key]]
+    ignored += [key for key in method_only_keys(config.init) if getattr(config, key) != defaults[key]]
+    if ignored:
+        raise ConfigError(f"init={config.init!r} ignores {', '.join(repr(key) for key in ignored)}: remove "
+                          f"{'it' if len(ignored) == 1 else 'them'} (calibration_batches is for the data starts "
+                          f"{', '.join(DATA_INITS)}; pissa_niter for pissa-fast; solver and null_space for the SVD "
+                          "starts; quantization is not available with PEFT's starts).")
 
 
 _OBJECTIVE_KEYS = {"dpo": ("dpo_beta", "dpo_loss_type", "precompute_ref_log_probs")}
