@@ -3,9 +3,8 @@
 milora builds the model (its start) and hands TRL a `PeftModel`; TRL then adds a frozen "ref"
 adapter copied from the start, so the reference is the ORIGINAL model W_res + s B0 A0 = W, not
 the residual base W_res that disabled adapters would give. `MiloraDPOTrainer` refuses to run
-without that adapter and checks it on the first batch: the reference's sequence log-probabilities
-must equal the policy's (at step 0 the policy is the original model) to
-``|ref - policy| <= REF_RTOL * (1 + |ref|)``.
+without that adapter and checks, on the first batch, the reference's sequence log-probabilities
+against the policy's (at step 0 the policy is the original model): `milora.training.reference`.
 
 Checkpoints and the final adapter are milora adapters (rank 2r, valid on the original base)
 through `MiloraTrainer` (the "ref" adapter is never saved); TRL's model card is not written.
@@ -25,10 +24,10 @@ from trl import DPOTrainer
 from milora.errors import ConfigError, DataError
 from milora.prompts import render_prompt
 from milora.training.data import split_validation
+from milora.training.reference import check_reference, require_reference_adapter
 from milora.training.trainer import MiloraTrainer
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
-REF_RTOL = 1e-4
 
 
 def _text(value: Any) -> str:
@@ -143,13 +142,7 @@ class MiloraDPOTrainer(MiloraTrainer, DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        peft_model = self.accelerator.unwrap_model(self.model)
-        if getattr(self, "ref_model", None) is None and "ref" not in getattr(peft_model, "peft_config", {}):
-            raise ConfigError(
-                "TRL did not add a frozen 'ref' adapter: its reference would be the residual base (adapters "
-                "disabled), not the original model. Use peft>=0.20 (for target_parameters) or a TRL release "
-                "that copies the start."
-            )
+        require_reference_adapter(self, "DPO")
         self._reference_checked = False
 
     def create_model_card(self, *args, **kwargs) -> None:
@@ -178,11 +171,4 @@ class MiloraDPOTrainer(MiloraTrainer, DPOTrainer):
         finally:
             model.train(was_training)
         mask = inputs["completion_mask"][..., 1:]
-        policy = per_token[:, -mask.size(1):].sum(dim=1).to(ref_logps)
-        error = (ref_logps - policy).abs() / (1 + ref_logps.abs())
-        if error.max().item() > REF_RTOL:
-            raise ConfigError(
-                f"the DPO reference is not the original model: its log-probabilities differ from the start's by "
-                f"{error.max().item():.3g} (relative; tolerance {REF_RTOL}). A reference on the residual base is "
-                "refused."
-            )
+        check_reference(ref_logps, per_token[:, -mask.size(1):].sum(dim=1), "DPO")
