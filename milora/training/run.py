@@ -360,7 +360,7 @@ def _run(config: TrainConfig, state, built: BuiltRun, callbacks: Sequence[Traine
         args=_training_arguments(config, built.val_dataset is not None, built.objective),
         train_dataset=built.train_dataset,
         eval_dataset=built.val_dataset,
-        data_collator=built.collator,
+        **({"data_collator": built.collator} if built.collator is not None else {}),  # TRL's own otherwise
         callbacks=[stopper, *callbacks],
     )
     with signals_request_stop(stopper, announce=state.is_main_process):
