@@ -20,19 +20,18 @@ the reward functions as a keyword argument (``answer`` for the ``math`` reward).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import use_adapter
 
-from milora.errors import ConfigError, DataError, MiloraError
+from milora.errors import ConfigError, DataError
 from milora.prompts import render_prompt
 from milora.training.data import split_validation
 from milora.training.reference import REF_ADAPTER, check_reference, require_reference_adapter
 from milora.training.rewards import REQUIRED_FIELDS, completion_text, resolve_reward
-from milora.training.trainer import MiloraTrainer
+from milora.training.trainer import MiloraTrainer, check_private_method
 
 
 def check_prompt_record(record: Any, index: int, required: tuple[str, ...]) -> dict[str, Any]:
@@ -115,10 +114,7 @@ class MiloraGRPOTrainer(MiloraTrainer, GRPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
-        found = tuple(inspect.signature(GRPOTrainer._generate_and_score_completions).parameters)
-        if found != ("self", "inputs"):
-            raise MiloraError(f"TRL's GRPOTrainer._generate_and_score_completions now takes ({', '.join(found)}); "
-                              "milora's GRPO trainer was written for (self, inputs): install trl>=1.16,<1.17.")
+        check_private_method(GRPOTrainer, "_generate_and_score_completions", ("self", "inputs"), "trl>=1.16,<1.17")
         super().__init__(*args, **kwargs)
         if self.beta != 0.0:
             require_reference_adapter(self, "GRPO")

@@ -25,7 +25,7 @@ from milora.errors import ConfigError, DataError
 from milora.prompts import render_prompt
 from milora.training.data import split_validation
 from milora.training.reference import check_reference, require_reference_adapter
-from milora.training.trainer import MiloraTrainer
+from milora.training.trainer import MiloraTrainer, check_private_method
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -141,6 +141,8 @@ class MiloraDPOTrainer(MiloraTrainer, DPOTrainer):
     """TRL's `DPOTrainer` with milora's saving and resuming (`MiloraTrainer`) and the reference check."""
 
     def __init__(self, *args, **kwargs):
+        check_private_method(DPOTrainer, "_compute_loss", ("self", "model", "inputs", "return_outputs"),
+                             "trl>=1.16,<1.17")
         super().__init__(*args, **kwargs)
         require_reference_adapter(self, "DPO")
         self._reference_checked = False
@@ -148,24 +150,27 @@ class MiloraDPOTrainer(MiloraTrainer, DPOTrainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """No README.md model card in milora's checkpoints and outputs."""
 
-    def compute_ref_log_probs(self, model, inputs):
-        ref_chosen, ref_rejected = super().compute_ref_log_probs(model, inputs)
+    def _compute_loss(self, model, inputs, return_outputs):
         if not self._reference_checked:
-            self._check_reference(model, inputs, torch.cat([ref_chosen, ref_rejected]))
+            if self.state.global_step == 0 and self.ld_alpha is None:  # resumed runs were checked at their step 0
+                self._check_reference(model, inputs)
             self._reference_checked = True
-        return ref_chosen, ref_rejected
+        return super()._compute_loss(model, inputs, return_outputs)
 
     @torch.no_grad()
-    def _check_reference(self, model, inputs, ref_logps: torch.Tensor) -> None:
-        """On the first batch, before any update: the reference's log-probs equal the start's, i.e. the
-        original model's (the start reproduces it: W_res + s B0 A0 = W)."""
-        if self.state.global_step > 0 or self.ld_alpha is not None:  # resumed: checked at step 0 already
-            return
+    def _check_reference(self, model, inputs) -> None:
+        """On the first batch, before any update: the sequence log-probs of TRL's reference (precomputed, or
+        by its `compute_ref_log_probs`: ``ref_model``, else the "ref" adapter, else disabled adapters) equal
+        the start's, i.e. the original model's (W_res + s B0 A0 = W). Both in eval mode (no dropout)."""
         keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         was_training = model.training
         model.eval()
         try:
+            if self.precompute_ref_logps:
+                ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+            else:
+                ref_logps = torch.cat(self.compute_ref_log_probs(model, inputs))
             kwargs = {k: v for k, v in inputs.items() if k not in keys}
             per_token = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True).log_probs
         finally:
