@@ -5,8 +5,14 @@ Plain Python only (no torch): the command line reads these at start-up.
 
 SELECTIONS = ("milora", "pissa", "middle", "random")
 """Which singular triplets an SVD-based init takes (see `milora.linalg.decomposition`)."""
-INIT_MODES = (*SELECTIONS, "lora")
-"""Adapter initialisations: the SVD-based selections, and PEFT's default LoRA start."""
+PEFT_STARTS = ("dora", "olora", "pissa-fast", "corda-kpm", "corda-ipm", "eva", "lora-ga", "mica")
+"""Starts computed by PEFT's own code (see `milora.init.peft_starts`)."""
+INIT_MODES = (*SELECTIONS, "lora", *PEFT_STARTS)
+"""Adapter initialisations: the SVD-based selections, PEFT's default LoRA start, and PEFT's other starts."""
+RESIDUAL_INITS = (*SELECTIONS, "olora", "pissa-fast", "corda-kpm", "corda-ipm", "lora-ga")
+"""Inits that move a start into the adapter, W_res = W - s B0 A0: their saved update has rank 2r."""
+DATA_INITS = ("corda-kpm", "corda-ipm", "eva", "lora-ga")
+"""Starts computed from batches of the training data (calibration batches)."""
 SOLVERS = ("auto", "eigh", "lanczos", "svd")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("nf4", "fp4", "int8")

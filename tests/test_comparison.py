@@ -90,8 +90,8 @@ def test_failed_rates_are_left_out_and_an_all_failed_method_is_reported():
     records = [record("lora", 1e-4, s, 0.5, 0.5) for s in (0, 1)]
     records += [record("lora", 1e-2, 0, 0.9, 0.9), record("lora", 1e-2, 1, None, None, status="failed")]
     records[-1]["error"] = "AdapterError: diverged"
-    rate, note = select(records, "lora")
-    assert rate == 1e-4 and "left out: 0.01" in note
+    setting, note = select(records, "lora")
+    assert setting.learning_rate == 1e-4 and setting.batch_size is None and "left out: 0.01" in note
     diverged = [dict(record("pissa", r, s, None, None, status="failed"), error="diverged")
                 for r in (1, 2) for s in (0,)]
     summary = summarise(records + diverged, ["lora", "pissa"], "lora")
@@ -143,7 +143,7 @@ def sweep_values(setup, output_dir, **extra):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"methods": ["lora", "dora"]}, "methods"),
+    ({"methods": ["lora", "bora"]}, "methods"),
     ({"learning_rates": []}, "learning-rate list of lora is empty"),
     ({"learning_rates": {"lora": [1e-3], "milora": []}}, "learning-rate list of milora is empty"),
     ({"seeds": [0, "one"]}, "seeds"),
@@ -258,6 +258,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("recipe", ["compare_math.yaml", "compare_commonsense.yaml"])
 def test_paper_scale_sweep_recipes_are_valid(recipe, tmp_path, monkeypatch):
     """Keys, grid and shared train keys as milora checks them (their data is not here: a stand-in file)."""
+    from milora.comparison.grid import rate_ratio
     from milora.comparison.sweep import _grid, _shared_train_keys, _validate
     from milora.io import read_yaml_mapping
 
@@ -267,10 +268,11 @@ def test_paper_scale_sweep_recipes_are_valid(recipe, tmp_path, monkeypatch):
     config = _validate(read_yaml_mapping(REPO / "recipes" / recipe))
     _shared_train_keys(config)
     runs = _grid(config)
-    assert len(runs) == 27 and all(3e-4 in config.rates_for(method) for method in config.methods)
-    for method in config.methods:
+    assert config.learning_rates == "auto" and len(config.methods) == 11 and len(runs) == 99
+    for method in config.methods:  # each grid spans 9x around lora_rate / the method's published ratio
         rates = config.rates_for(method)
-        assert max(rates) / min(rates) >= 10 - 1e-9
+        assert max(rates) / min(rates) == pytest.approx(9, rel=1e-2)
+        assert rates[1] == pytest.approx(3e-4 / rate_ratio(method), rel=1e-2)
 
 
 def test_the_embedded_sweep_recipe_loads(tmp_path, monkeypatch):

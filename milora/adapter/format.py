@@ -9,8 +9,9 @@ A directory written by `milora.adapter.save_adapter` holds:
   ``PeftModel.from_pretrained(original_base, dir)``, lm-eval's ``peft=`` and vLLM (with
   ``max_lora_rank >= 2r``) therefore all give the trained model. Rows/columns [0, r) are the
   trainable factors, [r, 2r) the initial ones, which lets `milora.adapter.load_model` rebuild the
-  residual base W - s B0 A0 and the rank-r trainable adapter without any SVD. For ``init="lora"``
-  it is PEFT's own rank-r adapter (the base was never changed). Modules in ``modules_to_save``
+  residual base W - s B0 A0 and the rank-r trainable adapter without any SVD. For inits that never
+  change the base (``lora``, ``dora``, ``eva``, ``mica``: not in `milora.constants.RESIDUAL_INITS`)
+  it is PEFT's own rank-r adapter, DoRA's magnitude vectors included. Modules in ``modules_to_save``
   (e.g. a vision-language model's projector, trained in full) are saved whole, under PEFT's own
   keys, so PEFT loads them too.
 - ``milora_config.json``: init mode, rank, alpha, solver, init report and a fingerprint of
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from milora.constants import ADAPTER_CONFIG, MILORA_CONFIG
+from milora.constants import ADAPTER_CONFIG, MILORA_CONFIG, RESIDUAL_INITS
 from milora.errors import AdapterError
 from milora.init import PEFT_PREFIX
 
@@ -51,6 +52,11 @@ def factor_keys(module: str) -> tuple[str, str]:
     return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
 
 
+def magnitude_key(module: str) -> str:
+    """The state-dict key of a DoRA module's magnitude vector m (out,), as PEFT saves it."""
+    return f"{PEFT_PREFIX}{module}.lora_magnitude_vector"
+
+
 def saved_module_key(module: str, key: str) -> str:
     """The state-dict key of tensor ``key`` of a ``modules_to_save`` module's trained copy, as PEFT saves it."""
     return f"{PEFT_PREFIX}{module}.{key}"
@@ -58,7 +64,7 @@ def saved_module_key(module: str, key: str) -> str:
 
 def has_initial_factors(init: str) -> bool:
     """Whether an init changes the base (W_res = W - s B0 A0), so that its saved update has rank 2r."""
-    return init != "lora"
+    return init in RESIDUAL_INITS
 
 
 def rank_factor(init: str) -> int:
@@ -76,12 +82,14 @@ def alpha_factor(init: str, use_rslora: bool) -> float:
 
 @dataclass
 class Factors:
-    """One module's factors: the trainable A (r x in), B (out x r), and the initial A0, B0 (None for plain LoRA)."""
+    """One module's factors: the trainable A (r x in), B (out x r), the initial A0, B0 (None when the base is
+    unchanged) and DoRA's magnitude vector (out,) (None without DoRA)."""
 
     A: torch.Tensor
     B: torch.Tensor
     A0: torch.Tensor | None = None
     B0: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
 
 
 def encode_update(weights: dict[str, torch.Tensor], initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -100,7 +108,7 @@ def decode_factors(weights: dict[str, torch.Tensor], module: str, r: int, init: 
     """The inverse of `encode_update` for one module of trained rank ``r``."""
     saved_A, saved_B = (weights[key] for key in factor_keys(module))
     if not has_initial_factors(init):
-        return Factors(saved_A, saved_B)
+        return Factors(saved_A, saved_B, magnitude=weights.get(magnitude_key(module)))
     return Factors(saved_A[:r], saved_B[:, :r], saved_A[r:], -saved_B[:, r:])
 
 
@@ -115,7 +123,8 @@ def saved_config(config: LoraConfig, init: str) -> LoraConfig:
     doubled.lora_alpha = alphas * config.lora_alpha
     doubled.rank_pattern = {key: ranks * value for key, value in config.rank_pattern.items()}
     doubled.alpha_pattern = {key: alphas * value for key, value in config.alpha_pattern.items()}
-    doubled.init_lora_weights = True
+    doubled.init_lora_weights = True  # the start is in the saved factors: PEFT must not compute one again
+    doubled.corda_config = doubled.lora_ga_config = None
     return doubled
 
 

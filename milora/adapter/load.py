@@ -20,12 +20,14 @@ from safetensors.torch import load_file
 
 from milora.adapter.format import (
     READABLE_VERSIONS,
+    Factors,
     check_configs_agree,
     check_finite,
     check_floating,
     check_metadata,
     decode_factors,
     factor_keys,
+    magnitude_key,
     rank_factor,
     saved_module_key,
     trainable_config,
@@ -184,8 +186,7 @@ def load_model(
     for name, layer in lora_layers(peft_model).items():
         factors = decode_factors(weights, name, layer.r[adapter_name], record.init)
         if factors.A0 is None:
-            layer.lora_A[adapter_name].weight.data.copy_(factors.A)
-            layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+            _copy_factors(layer, adapter_name, factors)
             continue
         set_adapter_factors(layer, adapter_name, factors.A, factors.B, factors.A0, factors.B0, device=device)
         record.initial_factors[name] = (factors.A0.clone(), factors.B0.clone())
@@ -232,7 +233,10 @@ def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config:
     for name, module in modules.items():
         out_features, in_features = weight_matrix(module).shape
         saved_rank = factor * rank_for(lora_config, name)
-        for key, shape in zip(factor_keys(name), ((saved_rank, in_features), (out_features, saved_rank)), strict=True):
+        keys, shapes = list(factor_keys(name)), [(saved_rank, in_features), (out_features, saved_rank)]
+        if lora_config.use_dora:
+            keys, shapes = [*keys, magnitude_key(name)], [*shapes, (out_features,)]
+        for key, shape in zip(keys, shapes, strict=True):
             expected_keys.add(key)
             if key not in weights:
                 raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {key}: the file is incomplete; "
@@ -274,6 +278,13 @@ def load_trained_state(peft_model: PeftModel, adapter_dir: str | os.PathLike, ad
                     f"{adapter_dir} was trained from a different initialisation than this model (module {name}); "
                     "build the model with the same base, config and init before resuming."
                 )
-        layer.lora_A[adapter_name].weight.data.copy_(factors.A)
-        layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+        _copy_factors(layer, adapter_name, factors)
     _load_saved_modules(peft_model, weights, adapter_name)
+
+
+def _copy_factors(layer, adapter_name: str, factors: Factors) -> None:
+    """The trainable factors (and DoRA's magnitude vector) into a LoRA layer."""
+    layer.lora_A[adapter_name].weight.data.copy_(factors.A)
+    layer.lora_B[adapter_name].weight.data.copy_(factors.B)
+    if factors.magnitude is not None:
+        layer.lora_magnitude_vector[adapter_name].weight.data.copy_(factors.magnitude)

@@ -26,13 +26,23 @@ def _open_adapter(base_model: torch.nn.Module, adapter_dir: Path) -> tuple[PeftM
             config, init = LoraConfig.from_pretrained(str(adapter_dir)), "peft"
         except (TypeError, ValueError) as error:
             raise AdapterError(f"{adapter_dir} has an unreadable {ADAPTER_CONFIG} ({error}).") from error
-        if config.use_dora:
-            raise AdapterError(f"{adapter_dir} is a DoRA adapter: its update is not B A; "
-                               "milora analyses LoRA adapters.")
     else:
         saved_config, _, metadata = read_adapter(adapter_dir)
         config, init = trainable_config(saved_config, metadata), metadata["init"]
     return open_peft_adapter(base_model, adapter_dir), config, init
+
+
+def update_factors(layer, adapter: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta W of one layer as left @ right. LoRA: s B @ A. DoRA (W' = diag(d) (W + s B A), with
+    d = m / row norms of W + s B A, PEFT's rule): Delta W = [diag(d - 1) | diag(d) s B] @ [W ; A], in float64."""
+    scaled_B = layer.lora_B[adapter].weight.double() * layer.scaling[adapter]
+    A = layer.lora_A[adapter].weight.double()
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)
+    if not magnitudes or adapter not in magnitudes:
+        return scaled_B, A
+    w = weight.detach().double()
+    d = magnitudes[adapter].weight.double() / torch.linalg.norm(w + scaled_B @ A, dim=1)
+    return torch.cat([torch.diag(d - 1), d[:, None] * scaled_B], dim=1), torch.cat([w, A], dim=0)
 
 
 def analyze_adapter(
@@ -42,7 +52,7 @@ def analyze_adapter(
     label: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Analyse a saved adapter (milora or plain PEFT LoRA) on its ORIGINAL base model.
+    """Analyse a saved adapter (milora or plain PEFT LoRA, DoRA included) on its ORIGINAL base model.
 
     ``rank``: size k of the compared subspaces (default: each layer's adapter rank r). CPU
     weights are analysed several at once, as `milora.get_model` decomposes them.
@@ -66,8 +76,8 @@ def analyze_adapter(
                 raise ModelError(f"Subspace size k={k} is too large for {name} "
                                  f"({weight.shape[0]} x {weight.shape[1]}): it must be below {min(weight.shape)}; "
                                  "pass a smaller rank.")
-            left = layer.lora_B[adapter].weight * layer.scaling[adapter]
-            tasks.append((name, weight, left, layer.lora_A[adapter].weight, k))
+            left, right = update_factors(layer, adapter, weight)
+            tasks.append((name, weight, left, right, k))
     on_cpu = all(weight.device.type == "cpu" for _, weight, *_ in tasks)
     workers = default_workers([tuple(weight.shape) for _, weight, *_ in tasks]) if on_cpu else 1
     layers = []

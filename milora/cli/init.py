@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, QUANTIZATIONS, SOLVERS, TARGET_SCOPES
+from milora.constants import (
+    DATA_INITS,
+    DTYPE_NAMES,
+    INIT_MODES,
+    PAPER_TARGETS,
+    PEFT_STARTS,
+    QUANTIZATIONS,
+    RESIDUAL_INITS,
+    SOLVERS,
+    TARGET_SCOPES,
+)
 
 
 def add(subparsers) -> None:
@@ -24,7 +34,11 @@ def add(subparsers) -> None:
     parser.add_argument("--modules-to-save", default=None,
                         help="comma-separated modules trained in full and saved with the adapter "
                              "(e.g. multi_modal_projector, LLaVA's projector)")
-    parser.add_argument("--init", default="milora", choices=list(INIT_MODES))
+    parser.add_argument("--init", default="milora", choices=[mode for mode in INIT_MODES if mode not in DATA_INITS],
+                        help="the start (PEFT's data starts corda-kpm, corda-ipm, eva, lora-ga need training data: "
+                             "use milora train)")
+    parser.add_argument("--pissa-niter", type=int, default=4,
+                        help="pissa-fast: subspace iterations of the randomised SVD (PEFT's pissa_niter_N)")
     parser.add_argument("--solver", default="auto", choices=list(SOLVERS))
     parser.add_argument("--workers", type=int, default=None,
                         help="CPU weights decomposed at once, one BLAS thread each (default: one per thread, "
@@ -34,7 +48,8 @@ def add(subparsers) -> None:
                         help="dtype the weights are read in (default: float32 in memory; streaming: the "
                              "checkpoint's own, which the residual keeps; the factors are the same either way)")
     parser.add_argument("--in-memory", action="store_true",
-                        help="load the whole model first (the default for hub ids, --quantize and init lora); "
+                        help="load the whole model first (the default for hub ids, --quantize, init lora and "
+                             "PEFT's starts); "
                              "by default a local safetensors checkpoint is streamed one weight at a time")
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init")
@@ -73,13 +88,15 @@ def _run_init(args) -> int:
                                     "choose another --output or pass --overwrite.")
         check_replaceable(output)
     check_quantization(args.quantize)
+    if args.init != "pissa-fast" and args.pissa_niter != 4:
+        raise UsageError(f"--pissa-niter is for --init pissa-fast; init {args.init} ignores it: remove it.")
     if args.quantize and args.save_residual:
         raise UsageError("--save-residual writes the residual model in full precision: it cannot be combined with "
                          "--quantize (the saved adapter loads onto the full-precision base either way).")
     refuse_quantized_checkpoint(args.model, "decomposes full-precision weights; --quantize quantises the residual "
                                  "after the init")
     streaming = (not args.in_memory and args.model is not None and Path(args.model).is_dir()
-                 and args.init != "lora" and args.quantize is None)
+                 and args.init not in ("lora", *PEFT_STARTS) and args.quantize is None)
     if streaming:
         return _stream(args, output)
     model = load_pretrained_model(args.model, dtype=args.dtype or "float32")
@@ -88,8 +105,9 @@ def _run_init(args) -> int:
     probe = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(probe).logits.double()
+    extra = {"pissa_niter": args.pissa_niter} if args.init in PEFT_STARTS else {}
     peft_model = get_model(model, lora_config, init=args.init, solver=args.solver, device=args.device, seed=args.seed,
-                           workers=args.workers, null_space=args.null_space, quantization=args.quantize)
+                           workers=args.workers, null_space=args.null_space, quantization=args.quantize, **extra)
     with torch.no_grad():
         after = peft_model(probe).logits.double()
     record = init_record(peft_model)
@@ -136,7 +154,7 @@ def _print_result(record, args, output) -> None:
 
     print(json.dumps(record.summary(), indent=2))
     print(f"adapter saved to {output} "
-          f"(rank-{2 * args.rank if args.init != 'lora' else args.rank} LoRA on the original base)")
+          f"(rank-{2 * args.rank if args.init in RESIDUAL_INITS else args.rank} LoRA on the original base)")
     from milora.adapter.serving import serve_hint
 
     print(serve_hint([output]))

@@ -10,7 +10,7 @@ from typing import Any
 
 from milora.comparison.report import markdown, plot
 from milora.comparison.runner import job_for, prepare, read_record, run_local, run_ray
-from milora.comparison.summary import select, summarise
+from milora.comparison.summary import chosen_runs, summarise
 from milora.comparison.sweep import Sweep, load_sweep, validation_records
 from milora.io import RunLock, atomic_write_json, atomic_write_text, read_records
 
@@ -30,8 +30,8 @@ def compare(sweep: str | os.PathLike | Mapping[str, Any], overrides: Sequence[st
         jobs = prepare(sweep)
         if jobs:
             run_ray(jobs, sweep) if sweep.config.backend == "ray" else run_local(jobs, progress)
-        records = [record for spec in sweep.runs if (record := read_record(Path(job_for(sweep, spec)["run_dir"])))]
-        base = read_record(Path(job_for(sweep, None)["run_dir"]))
+        records = [record for spec in sweep.runs if (record := read_record(Path(job_for(sweep, spec).run_dir)))]
+        base = read_record(Path(job_for(sweep, None).run_dir))
         summary = summarise(records, sweep.config.methods, sweep.config.baseline)
         summary["setup"] = _setup(sweep, records, base, time.perf_counter() - started)
         if sweep.config.analyze:
@@ -71,10 +71,10 @@ def _analysis(sweep: Sweep, records: list[dict]) -> list[dict[str, Any]]:
 
     rows = []
     for method in sweep.config.methods:
-        rate, _ = select(records, method)
-        chosen = [r for r in records if r["method"] == method and r["learning_rate"] == rate and r["status"] == "done"]
+        chosen = [r for r in chosen_runs(records, method) if r["status"] == "done"]
         if not chosen:
             continue
+        rate = chosen[0]["learning_rate"]
         means = []
         for record in chosen:
             cache = Path(record["adapter_dir"]).parent / "analysis.json"

@@ -2,7 +2,9 @@
 
 - ``lr_curves.png``: validation and test accuracy against the learning rate (log axis), one
   line per method (the mean over seeds), each seed a dot, the chosen rate circled;
-- ``accuracy_vs_forgetting.png``: test accuracy against forgetting (KL to the base), one dot per run;
+- ``accuracy_vs_forgetting.png``: the Pareto plot, test accuracy against forgetting (KL to the
+  base) of each method's chosen runs: the mean with its 95 % interval on both axes, each run a
+  faint dot, and the Pareto front (the methods no other beats on both) joined by a line;
 - ``loss_curves.png``: training loss of the chosen runs (one line per seed).
 """
 
@@ -35,15 +37,16 @@ def _interval(mean: float | None, bounds: list[float] | None, scale: float = 100
 
 
 def methods_table(summary: dict[str, Any]) -> str:
-    header = ["method", "chosen lr", "val acc %", "test acc % [95% CI]", f"vs {summary['baseline']} (points) [95% CI]",
+    header = ["method", "chosen lr", "lr / lora's (published)", "val acc %", "test acc % [95% CI]",
+              f"vs {summary['baseline']} (points) [95% CI]",
               "verdict", "forgetting KL [95% CI]", "retention acc %", "trainable params", "train s / run"]
     rows = []
     for m in summary["methods"]:
         if m["status"] != "done":
-            rows.append([m["method"], "-", "-", "-", "-", m["selection"], "-", "-", "-", "-"])
+            rows.append([m["method"], "-", "-", "-", "-", "-", m["selection"], "-", "-", "-", "-"])
             continue
         rows.append([
-            m["method"], f"{m['selected_learning_rate']:g}", _percent(m["validation_accuracy_mean"]),
+            m["method"], _chosen(m), _ratio(m), _percent(m["validation_accuracy_mean"]),
             _interval(m["test_accuracy_mean"], m["test_accuracy_ci95"]),
             "(baseline)" if m["method"] == summary["baseline"] else
             _interval(m["difference_to_baseline"], m["difference_ci95"]),
@@ -52,6 +55,22 @@ def methods_table(summary: dict[str, Any]) -> str:
             f"{m['train_seconds_mean']:.0f}",
         ])
     return markdown_table(header, rows)
+
+
+def _chosen(m: dict[str, Any]) -> str:
+    """The chosen rate (and batch size), marked when it is an end of the method's grid."""
+    text = f"{m['selected_learning_rate']:g}"
+    if m.get("selected_batch_size") is not None:
+        text += f", batch {m['selected_batch_size']}"
+    return text + (f" ({m['grid_edge']} of grid!)" if m.get("grid_edge") else "")
+
+
+def _ratio(m: dict[str, Any]) -> str:
+    """LoRA's chosen rate over this method's (how many times lower), next to the published ratio."""
+    measured = "-" if not m.get("rate_vs_lora") else f"1/{1 / m['rate_vs_lora']:.3g}"
+    published = m.get("published_rate_ratio")
+    source = m.get("ratio_source", "")
+    return f"{measured} ({'-' if source.startswith('none') else f'1/{published:g}'})"
 
 
 def runs_table(summary: dict[str, Any]) -> str:
@@ -125,15 +144,7 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], output_dir: Pat
     _legend(axes[0])
     _save(figure, paths[0])
 
-    figure, axis = plt.subplots(figsize=(5, 3.8))
-    for method, colour in colours.items():
-        rows = [r for r in summary["runs"] if r["method"] == method and r["forgetting_kl"] is not None]
-        axis.scatter([r["forgetting_kl"] for r in rows], [r["test_accuracy"] for r in rows], color=colour, label=method)
-    _has_data(axis, "no finished run: nothing to plot")
-    axis.set_xlabel("forgetting (KL to the base model)")
-    axis.set_ylabel("test accuracy")
-    _legend(axis)
-    _save(figure, paths[1])
+    _pareto(plt, summary, colours, paths[1])
 
     figure, axis = plt.subplots(figsize=(5, 3.8))
     labelled = set()
@@ -163,6 +174,49 @@ def _has_data(axis, empty_message: str) -> bool:
 def _legend(axis) -> None:
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize="small")
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The methods no other method beats on both axes (accuracy higher or equal, forgetting lower or equal,
+    one strictly), ordered by forgetting. ``points``: method -> (forgetting, accuracy)."""
+    def beaten(name):
+        kl, acc = points[name]
+        return any(o_kl <= kl and o_acc >= acc and (o_kl, o_acc) != (kl, acc) for o_kl, o_acc in points.values())
+
+    return sorted((name for name in points if not beaten(name)), key=lambda name: points[name])
+
+
+def _error_bar(mean: float, bounds: list[float] | None) -> list[list[float]] | None:
+    """matplotlib's asymmetric error bar of an interval (none with a single seed)."""
+    return None if bounds is None else [[mean - bounds[0]], [bounds[1] - mean]]
+
+
+def _pareto(plt, summary: dict[str, Any], colours: dict[str, str], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    means = {}
+    for m in summary["methods"]:
+        if m["status"] != "done" or m["forgetting_kl_mean"] is None:
+            continue
+        colour = colours[m["method"]]
+        x, y = m["forgetting_kl_mean"], m["test_accuracy_mean"]
+        means[m["method"]] = (x, y)
+        axis.errorbar([x], [y], xerr=_error_bar(x, m["forgetting_kl_ci95"]),
+                      yerr=_error_bar(y, m["test_accuracy_ci95"]), fmt="o", color=colour, capsize=3, label=m["method"])
+        runs = [r for r in summary["runs"] if r["method"] == m["method"] and r["status"] == "done"
+                and r["learning_rate"] == m["selected_learning_rate"] and r["forgetting_kl"] is not None
+                and r.get("batch_size") == m.get("selected_batch_size")]
+        axis.scatter([r["forgetting_kl"] for r in runs], [r["test_accuracy"] for r in runs], color=colour, alpha=0.3,
+                     s=10)
+    front = pareto_front(means)
+    if len(front) > 1:
+        axis.plot(*zip(*(means[name] for name in front), strict=True), color="grey", linestyle="--", linewidth=1,
+                  label="Pareto front")
+    axis.set_xlabel("forgetting (KL to the base model; lower is better)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("chosen runs: mean and 95 % interval", fontsize="small")
+    _has_data(axis, "no finished run: nothing to plot")
+    _legend(axis)
+    _save(figure, path)
 
 
 def _save(figure, path: Path) -> None:

@@ -1,22 +1,28 @@
 """From the runs' records to the comparison: each method's learning rate chosen on validation,
 its test accuracy and forgetting over seeds, its paired difference to the baseline.
 
-Selection: for each method, among the learning rates whose runs all finished for every seed,
-the one with the highest mean validation accuracy (ties: the smaller rate). The test set never
-takes part in the choice. A method whose every run failed (e.g. diverged) is reported as failed;
-runs that failed at some rates only leave those rates out of the choice.
+Selection: for each method, among the settings (learning rate, and batch size when the sweep has
+a ``batch_sizes`` axis) whose runs all finished for every seed, the one with the highest mean
+validation accuracy (ties: the smaller rate, then the smaller batch). The test set never takes
+part in the choice. A method whose every run failed (e.g. diverged) is reported as failed;
+runs that failed at some settings only leave those out of the choice. Each chosen rate is
+reported as a ratio to LoRA's chosen rate, and flagged when it is the lowest or highest rate of
+the method's grid (the optimum may lie outside it).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
+from milora.comparison.grid import at_grid_edge, rate_ratio, ratio_source
 from milora.comparison.stats import CONFIDENCE, Interval, clipped, mean_interval, paired_difference, verdict
 
-RUN_FIELDS = ("method", "learning_rate", "seed", "status", "reason", "error", "val_accuracy", "test_accuracy",
-              "forgetting_kl", "retention_accuracy", "train_seconds", "trainable_parameters", "adapter_dir")
+RUN_FIELDS = ("method", "learning_rate", "batch_size", "seed", "status", "reason", "error", "val_accuracy",
+              "test_accuracy", "forgetting_kl", "retention_accuracy", "train_seconds", "trainable_parameters",
+              "adapter_dir")
 
 
 def run_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -29,12 +35,38 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def select(records: list[dict[str, Any]], method: str) -> tuple[float | None, str]:
-    """The chosen learning rate of ``method`` and why (or None and the reason there is none)."""
-    by_rate: dict[float, list[dict]] = defaultdict(list)
+@dataclass(frozen=True)
+class Setting:
+    """What a sweep varies besides the method and seed: the learning rate, and the batch size (None:
+    the shared one)."""
+
+    learning_rate: float
+    batch_size: int | None = None
+
+    def order(self) -> tuple[float, int]:
+        return self.learning_rate, self.batch_size or 0
+
+    def describe(self) -> str:
+        return f"{self.learning_rate:g}" + ("" if self.batch_size is None else f" (batch {self.batch_size})")
+
+
+def setting_of(record: dict[str, Any]) -> Setting:
+    return Setting(record["learning_rate"], record.get("batch_size"))
+
+
+def chosen_runs(records: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """The runs of ``method`` at its chosen setting, by seed (none when no setting finished)."""
+    setting, _ = select(records, method)
+    return sorted((r for r in records if r["method"] == method and setting_of(r) == setting),
+                  key=lambda r: r["seed"]) if setting else []
+
+
+def select(records: list[dict[str, Any]], method: str) -> tuple[Setting | None, str]:
+    """The chosen setting of ``method`` and why (or None and the reason there is none)."""
+    by_rate: dict[Setting, list[dict]] = defaultdict(list)
     for record in records:
         if record["method"] == method:
-            by_rate[record["learning_rate"]].append(record)
+            by_rate[setting_of(record)].append(record)
     if not by_rate:
         return None, "no runs"
     complete = {rate: runs for rate, runs in by_rate.items()
@@ -44,11 +76,11 @@ def select(records: list[dict[str, Any]], method: str) -> tuple[float | None, st
         reason = failed.get("error", "failed") if failed else "unfinished"
         return None, f"no learning rate finished for every seed ({reason})"
     means = {rate: sum(run_row(run)["val_accuracy"] for run in runs) / len(runs) for rate, runs in complete.items()}
-    best = max(sorted(means), key=lambda rate: means[rate])  # sorted + max keeps the smaller rate on ties
-    left_out = sorted(set(by_rate) - set(complete))
+    best = max(sorted(means, key=Setting.order), key=lambda rate: means[rate])  # max keeps the first of ties
+    left_out = sorted(set(by_rate) - set(complete), key=Setting.order)
     note = f"best mean validation accuracy {means[best]:.4f} over {len(complete[best])} seeds"
     if left_out:
-        note += f"; rates with failed runs left out: {', '.join(f'{rate:g}' for rate in left_out)}"
+        note += f"; settings with failed runs left out: {', '.join(rate.describe() for rate in left_out)}"
     return best, note
 
 
@@ -59,20 +91,24 @@ def _interval_fields(name: str, interval: Interval | None) -> dict[str, Any]:
 
 
 def method_summary(records: list[dict], method: str, baseline_runs: list[dict] | None) -> dict[str, Any]:
-    rate, note = select(records, method)
-    if rate is None:
+    setting, note = select(records, method)
+    if setting is None:
         return {"method": method, "status": "failed", "selected_learning_rate": None, "selection": note,
                 **_interval_fields("test_accuracy", None), **_interval_fields("forgetting_kl", None),
                 "difference_to_baseline": None, "difference_ci95": None, "verdict": None}
-    runs = sorted((r for r in records if r["method"] == method and r["learning_rate"] == rate), key=lambda r: r["seed"])
+    runs = chosen_runs(records, method)
     rows = [run_row(run) for run in runs]
+    grid = sorted({r["learning_rate"] for r in records if r["method"] == method})
 
     def interval(key):
         values = [row[key] for row in rows if row[key] is not None]
         return clipped(mean_interval(values), 0.0, None if key == "forgetting_kl" else 1.0) if values else None
 
     summary = {
-        "method": method, "status": "done", "selected_learning_rate": rate, "selection": note,
+        "method": method, "status": "done", "selected_learning_rate": setting.learning_rate,
+        "selected_batch_size": setting.batch_size, "selection": note, "learning_rate_grid": grid,
+        "grid_edge": at_grid_edge(setting.learning_rate, grid), "published_rate_ratio": rate_ratio(method),
+        "ratio_source": ratio_source(method), "rate_vs_lora": None,
         "seeds": [row["seed"] for row in rows],
         "validation_accuracy_mean": sum(row["val_accuracy"] for row in rows) / len(rows),
         **_interval_fields("test_accuracy", interval("test_accuracy")),
@@ -92,12 +128,12 @@ def method_summary(records: list[dict], method: str, baseline_runs: list[dict] |
 
 def summarise(records: list[dict], methods: list[str], baseline: str) -> dict[str, Any]:
     """compare.json's ``runs``, ``methods``, ``baseline`` and ``statistics``."""
-    rate, _ = select(records, baseline)
-    baseline_runs = [r for r in records if r["method"] == baseline and r["learning_rate"] == rate] if rate else None
-    summaries = []
-    for method in methods:
-        summary = method_summary(records, method, None if method == baseline else baseline_runs)
-        summaries.append(summary)
+    baseline_runs = chosen_runs(records, baseline) or None
+    summaries = [method_summary(records, method, None if method == baseline else baseline_runs) for method in methods]
+    lora = next((s for s in summaries if s["method"] == "lora" and s["status"] == "done"), None)
+    for summary in summaries:
+        if lora and summary["status"] == "done":
+            summary["rate_vs_lora"] = summary["selected_learning_rate"] / lora["selected_learning_rate"]
     return {
         "runs": [run_row(record)
                  for record in sorted(records, key=lambda r: (r["method"], r["learning_rate"], r["seed"]))],
@@ -119,6 +155,13 @@ def statements(summaries: list[dict], baseline: str) -> list[str]:
         f"their mean and {percent} Student t interval over seeds (with one seed: a paired bootstrap over test "
         "items, which covers item sampling only). Intervals are not adjusted for the number of methods compared.",
     ]
+    for summary in summaries:
+        if summary.get("grid_edge"):
+            sentences.append(
+                f"Warning: {summary['method']}'s chosen rate {summary['selected_learning_rate']:g} is the "
+                f"{summary['grid_edge']} of its grid ({', '.join(f'{r:g}' for r in summary['learning_rate_grid'])}): "
+                f"its best rate may lie outside; extend the grid {'down' if summary['grid_edge'] == 'lowest' else 'up'}"
+                " and re-run the same sweep (finished runs are kept).")
     for summary in summaries:
         if summary["method"] == baseline or summary["verdict"] is None:
             continue

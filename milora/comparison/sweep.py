@@ -1,6 +1,8 @@
 """A method comparison described by one YAML file: the sweep's keys, its grid of runs, its data split.
 
-A sweep trains every init method at every learning rate of its grid with every seed, all other
+A sweep trains every init method at every learning rate of its grid (given, or ``auto``: built from
+published ratios to LoRA's best rate, `milora.comparison.grid`), optionally at every batch size of
+``batch_sizes``, with every seed, all other
 `milora train` keys shared (``train``, or ``train_config`` plus ``train``), and scores each run
 on a validation split (for choosing each method's learning rate) and on the test set (reported
 for the chosen runs only). `load_sweep` validates everything before anything runs or is
@@ -24,19 +26,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from milora.comparison.grid import auto_grid
 from milora.constants import INIT_MODES
 from milora.errors import ConfigError
 from milora.io import read_records, read_yaml_mapping
 from milora.training.config import from_dict as train_config_from_dict
-from milora.training.config import parse_overrides
+from milora.training.config import method_only_keys, parse_overrides
 
 MIN_TEST_ITEMS = 20
 # train keys the sweep sets per run: giving them in `train` would be silently overridden
 SET_BY_SWEEP = ("init", "learning_rate", "seed", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
                 "val_size")
 # keys whose change only extends or re-runs the grid (methods, rates, seeds) or moves the work elsewhere
-GRID_KEYS = ("methods", "learning_rates", "seeds", "backend", "ray_address", "gpus_per_run", "cpus_per_run",
-             "retry_failed")
+GRID_KEYS = ("methods", "learning_rates", "seeds", "batch_sizes", "lora_rate", "rate_span", "rate_points", "backend",
+             "ray_address", "gpus_per_run", "cpus_per_run", "retry_failed")
 
 
 def _integer_list(value: Any) -> Any:
@@ -68,8 +71,18 @@ class SweepConfig(BaseModel):
                                                        "(`train` overrides)")
     methods: list[Literal[INIT_MODES]] = Field(["lora", "pissa", "milora"], min_length=1,
                                                description="init modes compared")
-    learning_rates: Annotated[list[float] | dict[str, list[float]], BeforeValidator(_number_list)] = Field(
-        description="learning-rate grid: one list for every method, or a mapping method -> list")
+    learning_rates: Annotated[list[float] | dict[str, list[float]] | Literal["auto"],
+                              BeforeValidator(_number_list)] = Field(
+        description="learning-rate grid: one list for every method, a mapping method -> list, or auto (each "
+                    "method's grid around lora_rate / its published ratio, see milora.comparison.grid)")
+    lora_rate: Annotated[float | None, BeforeValidator(lambda v: float(v) if isinstance(v, str) else v)] = Field(
+        None, gt=0, description="learning_rates: auto: LoRA's best rate, the reference the grids are centred from")
+    rate_span: float = Field(3.0, gt=1, description="learning_rates: auto: each grid runs from centre / span to "
+                                                    "centre * span")
+    rate_points: int = Field(3, ge=1, description="learning_rates: auto: rates per grid, log-evenly spaced")
+    batch_sizes: Annotated[list[int], BeforeValidator(_integer_list)] | None = Field(
+        None, min_length=1, description="optional batch-size axis: per_device_train_batch_size of the runs, each "
+                                        "(rate, batch size) pair chosen on validation like a rate")
     seeds: Annotated[list[int], BeforeValidator(_integer_list)] = Field([0, 1, 2], min_length=1,
                                                                        description="seeds of every (method, rate)")
     eval_task: str = Field(description="milora eval task scored on validation and test (e.g. gsm8k, commonsense)")
@@ -99,6 +112,8 @@ class SweepConfig(BaseModel):
     retry_failed: bool = Field(False, description="re-run runs recorded as failed (default: keep their record)")
 
     def rates_for(self, method: str) -> list[float]:
+        if self.learning_rates == "auto":
+            return auto_grid(method, self.lora_rate, self.rate_span, self.rate_points)
         return list(self.learning_rates.get(method, []) if isinstance(self.learning_rates, dict)
                     else self.learning_rates)
 
@@ -110,10 +125,12 @@ class RunSpec:
     method: str
     learning_rate: float
     seed: int
+    batch_size: int | None = None  # None: the shared train key's
 
     @property
     def name(self) -> str:
-        return f"{self.method}-lr{self.learning_rate:.3g}-seed{self.seed}"
+        batch = "" if self.batch_size is None else f"-bs{self.batch_size}"
+        return f"{self.method}-lr{self.learning_rate:.3g}{batch}-seed{self.seed}"
 
 
 @dataclass
@@ -142,7 +159,7 @@ class Sweep:
 
 def _closest(key: str) -> str:
     match = difflib.get_close_matches(key, list(SweepConfig.model_fields), n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'?" if match else "see README.md, 'milora compare', for the keys"
+    return f"did you mean '{match[0]}'?" if match else "run `milora compare --list-keys` for the valid keys"
 
 
 def _validate(values: Mapping[str, Any]) -> SweepConfig:
@@ -183,23 +200,39 @@ def load_sweep(source: str | os.PathLike | Mapping[str, Any], overrides: Sequenc
 def _shared_train_keys(config: SweepConfig) -> dict[str, Any]:
     train = dict(read_yaml_mapping(config.train_config) if config.train_config else {})
     train.update(config.train)
-    fixed = [key for key in SET_BY_SWEEP if key in train]
+    fixed = [key for key in (*SET_BY_SWEEP, *(["per_device_train_batch_size"] if config.batch_sizes else []))
+             if key in train]
     if fixed:
         raise ConfigError(
-            f"train key(s) {', '.join(fixed)} are set by the sweep for each run: use methods, learning_rates, seeds "
-            "and output_dir (and validation_size for held-out records)."
+            f"train key(s) {', '.join(fixed)} are set by the sweep for each run: use methods, learning_rates, seeds, "
+            "batch_sizes and output_dir (and validation_size for held-out records)."
         )
     if "dataset" not in train:
         raise ConfigError("the sweep's train keys need 'dataset': the training data every run shares.")
-    probe = {**train, "output_dir": str(Path(config.output_dir) / "runs" / "probe"), "init": config.methods[0]}
-    train_config_from_dict(probe)  # every shared key checked as milora train checks it (unknown key, type, range)
+    for method in config.methods:  # every shared key checked as milora train checks it (unknown key, type, range)
+        probe = {**method_train_keys(train, method), "output_dir": str(Path(config.output_dir) / "runs" / "probe"),
+                 "init": method}
+        train_config_from_dict(probe)
     return train
+
+
+def method_train_keys(train: dict[str, Any], method: str) -> dict[str, Any]:
+    """The shared train keys as ``method``'s runs take them: without the keys only other methods read
+    (e.g. calibration_batches, for the data starts)."""
+    return {key: value for key, value in train.items() if key not in method_only_keys(method)}
 
 
 def _grid(config: SweepConfig) -> list[RunSpec]:
     if config.baseline not in config.methods:
         raise ConfigError(f"baseline {config.baseline!r} is not among the methods {config.methods}: "
                           "add it or choose another.")
+    if (config.learning_rates == "auto") != (config.lora_rate is not None):
+        raise ConfigError("learning_rates: auto needs lora_rate (LoRA's best rate, the grids' reference), and "
+                          "lora_rate is only for learning_rates: auto: set both, or give the rates by hand.")
+    if config.batch_sizes and len(set(config.batch_sizes)) != len(config.batch_sizes):
+        raise ConfigError(f"batch_sizes {config.batch_sizes} repeat a size: give distinct sizes.")
+    if any(size < 1 for size in config.batch_sizes or []):
+        raise ConfigError(f"batch_sizes must be positive, got {config.batch_sizes}.")
     if isinstance(config.learning_rates, dict):
         extra = sorted(set(config.learning_rates) - set(config.methods))
         missing = [method for method in config.methods if method not in config.learning_rates]
@@ -214,7 +247,8 @@ def _grid(config: SweepConfig) -> list[RunSpec]:
             raise ConfigError(f"the learning-rate list of {method} is empty: give at least one rate.")
         if any(rate <= 0 for rate in rates) or len(set(rates)) != len(rates):
             raise ConfigError(f"learning rates of {method} must be positive and distinct, got {rates}.")
-        runs += [RunSpec(method, float(rate), seed) for rate in rates for seed in config.seeds]
+        runs += [RunSpec(method, float(rate), seed, batch) for rate in rates for batch in config.batch_sizes or [None]
+                 for seed in config.seeds]
     return runs
 
 

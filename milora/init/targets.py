@@ -49,11 +49,13 @@ def validate_lora_config(lora_config: LoraConfig, init: str) -> None:
     if lora_config.init_lora_weights is not True:
         raise ModelError(
             f"init={init!r} sets the adapter itself; leave LoraConfig.init_lora_weights at its default "
-            f"(got {lora_config.init_lora_weights!r})."
+            f"(got {lora_config.init_lora_weights!r}; PEFT's starts are init modes too, e.g. init='olora')."
         )
     for option, value, default in (("use_dora", lora_config.use_dora, False), ("bias", lora_config.bias, "none")):
         if value != default:
-            raise ModelError(f"LoraConfig.{option}={value!r} is not supported with init={init!r}; use {default!r}.")
+            hint = " (DoRA is init='dora')" if option == "use_dora" else ""
+            raise ModelError(f"LoraConfig.{option}={value!r} is not supported with init={init!r}; use {default!r}"
+                             f"{hint}.")
     # B = U sqrt(S / s) needs a positive scaling s = alpha / r (or alpha / sqrt(r))
     for option, values in (("r", [lora_config.r, *lora_config.rank_pattern.values()]),
                            ("lora_alpha", [lora_config.lora_alpha, *lora_config.alpha_pattern.values()])):

@@ -25,7 +25,17 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from milora.constants import DTYPE_NAMES, INIT_MODES, PAPER_TARGETS, QUANTIZATIONS, SOLVERS, TARGET_SCOPES
+from milora.constants import (
+    DATA_INITS,
+    DTYPE_NAMES,
+    INIT_MODES,
+    PAPER_TARGETS,
+    PEFT_STARTS,
+    QUANTIZATIONS,
+    RESIDUAL_INITS,
+    SOLVERS,
+    TARGET_SCOPES,
+)
 from milora.errors import ConfigError
 from milora.io import atomic_write_text, read_yaml_mapping
 from milora.prompts import CHAT_TEMPLATES, TEMPLATE_NAMES
@@ -90,8 +100,9 @@ class TrainConfig(BaseModel):
     init: Literal[INIT_MODES] = Key("milora", "adapter initialisation")
     solver: Literal[SOLVERS] = Key("auto", "decomposition solver of the SVD-based inits")
     lora_rank: Int = Key(16, "LoRA rank r", ge=1)
-    lora_alpha: Float | None = Key(None, "LoRA alpha (default: r for milora/pissa/middle/random, 2r for lora, "
-                                         "as in the paper)", gt=0)
+    lora_alpha: Float | None = Key(None, "LoRA alpha (default: r for the inits that change the base, milora/pissa/"
+                                         "middle/random/olora/pissa-fast/corda/lora-ga, 2r for lora/dora/eva/mica)",
+                                   gt=0)
     lora_dropout: Float = Key(0.05, "dropout on the LoRA input, in [0, 1)", ge=0, lt=1)
     lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'")
     target_scope: Literal[TARGET_SCOPES] = Key(
@@ -102,6 +113,9 @@ class TrainConfig(BaseModel):
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
     null_space: Literal["zero", "random"] = Key(
         "zero", "start of exactly-zero selected singular values: zero (the paper's; cannot train) or random (B = 0)")
+    calibration_batches: Int = Key(8, "training batches (of per_device_train_batch_size, seeded draw) the data "
+                                      "starts corda-kpm, corda-ipm, eva, lora-ga compute their start from", ge=1)
+    pissa_niter: Int = Key(4, "subspace iterations of pissa-fast's randomised SVD (PEFT's pissa_niter_N)", ge=1)
     quantization: Literal[QUANTIZATIONS] | None = Key(
         None, "QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init (W - s B0 A0 in "
         "the targets); the saved adapter is still for the full-precision base (default: none)")
@@ -170,10 +184,11 @@ class TrainConfig(BaseModel):
         return self.model_dump()
 
     def resolved_alpha(self) -> float:
-        """lora_alpha, or the paper's default: r for the SVD-based inits, 2r for plain LoRA."""
+        """lora_alpha, or the paper's default: r for the inits that move part of W into the adapter
+        (`RESIDUAL_INITS`, PiSSA's convention), 2r for those starting at B A = 0 (lora, dora, eva, mica)."""
         if self.lora_alpha is not None:
             return self.lora_alpha
-        return float(2 * self.lora_rank if self.init == "lora" else self.lora_rank)
+        return float(self.lora_rank if self.init in RESIDUAL_INITS else 2 * self.lora_rank)
 
     def is_local_dataset(self) -> bool:
         """True for a local file or directory; otherwise ``dataset`` names a hub dataset."""
@@ -274,19 +289,40 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     except ValidationError as error:
         raise ConfigError(" ".join(_message(e) for e in error.errors(include_url=False))) from error
     _check_consistency(config)
+    _check_init_options(config)
     _check_trainer_args(config.trainer_args, config.objective)
     return config
+
+
+def method_only_keys(init: str) -> tuple[str, ...]:
+    """Keys only some inits read that ``init`` ignores (a sweep drops them from the runs of such a method)."""
+    return (*(["calibration_batches"] if init not in DATA_INITS else []),
+            *(["pissa_niter"] if init != "pissa-fast" else []))
+
+
+def _check_init_options(config: TrainConfig) -> None:
+    """Keys the chosen init ignores, set to another value than their default: an error naming them."""
+    defaults = {key: TrainConfig.model_fields[key].default for key in
+                ("solver", "null_space", "quantization", "calibration_batches", "pissa_niter")}
+    if config.init in DATA_INITS and config.objective != "sft":
+        raise ConfigError(f"init={config.init!r} calibrates on supervised training batches; objective "
+                          f"{config.objective!r} has none: use an SVD start (milora, pissa) or PEFT's data-free "
+                          "starts (dora, olora, pissa-fast, mica) with it.")
+    ignored = []
+    if config.init in PEFT_STARTS:
+        ignored += [key for key in ("solver", "null_space", "quantization") if getattr(config, key) != defaults[key]]
+    ignored += [key for key in method_only_keys(config.init) if getattr(config, key) != defaults[key]]
+    if ignored:
+        raise ConfigError(f"init={config.init!r} ignores {', '.join(repr(key) for key in ignored)}: remove "
+                          f"{'it' if len(ignored) == 1 else 'them'} (calibration_batches is for the data starts "
+                          f"{', '.join(DATA_INITS)}; pissa_niter for pissa-fast; solver and null_space for the SVD "
+                          "starts; quantization is not available with PEFT's starts).")
 
 
 _OBJECTIVE_KEYS = {
     "dpo": ("dpo_beta", "dpo_loss_type", "precompute_ref_log_probs"),
     "grpo": ("grpo_rewards", "grpo_beta", "grpo_num_generations", "grpo_max_completion_length"),
 }
-TRL_DEFAULT_NUM_GENERATIONS = 8
-# TRL fields milora sets from its objective keys (refused in trainer_args) -> the key to use
-_TRL_FIELDS = {"beta": "dpo_beta or grpo_beta", "loss_type": "dpo_loss_type", "max_length": "cutoff_len",
-               "precompute_ref_log_probs": "precompute_ref_log_probs", "num_generations": "grpo_num_generations",
-               "max_completion_length": "grpo_max_completion_length"}
 
 
 def _check_consistency(config: TrainConfig) -> None:
@@ -295,8 +331,10 @@ def _check_consistency(config: TrainConfig) -> None:
         if given and config.objective != objective:
             raise ConfigError(f"key(s) {', '.join(given)} belong to objective: {objective}, but objective is "
                               f"{config.objective!r}: remove them or set objective: {objective}.")
-    if config.objective == "grpo":
-        _check_grpo(config)
+    if config.objective != "sft":
+        from milora.training.objectives import check_objective
+
+        check_objective(config)
     if config.dataset is None:
         raise ConfigError("'dataset' is required: a local .json/.jsonl/.parquet file or a hub dataset name.")
     if config.output_dir is None:
@@ -334,17 +372,6 @@ def _check_consistency(config: TrainConfig) -> None:
         raise ConfigError(f"'resume_from_checkpoint' directory not found: {config.resume_from_checkpoint}.")
 
 
-def _check_grpo(config: TrainConfig) -> None:
-    if not config.grpo_rewards:
-        raise ConfigError("objective: grpo needs grpo_rewards: built-in math or format, or module:function.")
-    generations = config.grpo_num_generations or TRL_DEFAULT_NUM_GENERATIONS
-    batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    if batch % generations:
-        raise ConfigError(f"objective: grpo samples grpo_num_generations={generations} completions per prompt, which "
-                          f"must divide per_device_train_batch_size x gradient_accumulation_steps = {batch}: change "
-                          "one of them.")
-
-
 # TrainingArguments that milora sets itself: from keys whose meaning differs from the field of the
 # same name (max_steps: None, report_to: "none", eval_steps: only with validation data, ...) or fixed
 _SET_BY_MILORA = {
@@ -368,12 +395,12 @@ def _check_trainer_args(trainer_args: dict[str, Any], objective: str) -> None:
     DPOConfig / GRPOConfig) that milora does not set from its own keys."""
     if not trainer_args:
         return
-    from milora.training.objectives import arguments_class
+    from milora.training.objectives import TRL_FIELDS, arguments_class
 
     trainer_fields = [f.name for f in dataclasses.fields(arguments_class(objective)) if f.init]
     for key in trainer_args:
-        if key in _TRL_FIELDS:
-            raise ConfigError(f"trainer_args.{key}: milora sets this from {_TRL_FIELDS[key]}; use that key instead.")
+        if key in TRL_FIELDS:
+            raise ConfigError(f"trainer_args.{key}: milora sets this from {TRL_FIELDS[key]}; use that key instead.")
         if key in TrainConfig.model_fields or key in _SET_BY_MILORA:
             raise ConfigError(f"trainer_args.{key}: milora sets this from its own keys; use the top-level key instead.")
         if key not in trainer_fields:

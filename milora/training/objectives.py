@@ -12,6 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from milora.errors import ConfigError
+
+TRL_DEFAULT_NUM_GENERATIONS = 8
+# TRL fields milora sets from its objective keys (refused in trainer_args) -> the key to use
+TRL_FIELDS = {"beta": "dpo_beta or grpo_beta", "loss_type": "dpo_loss_type", "max_length": "cutoff_len",
+              "precompute_ref_log_probs": "precompute_ref_log_probs", "num_generations": "grpo_num_generations",
+              "max_completion_length": "grpo_max_completion_length"}
+
 
 @dataclass
 class Objective:
@@ -25,6 +33,20 @@ class Objective:
     trainer_class: type
     arguments: dict[str, Any] = field(default_factory=dict)
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def check_objective(config) -> None:
+    """The DPO/GRPO settings that TRL would refuse later, refused while the config is validated."""
+    if config.objective != "grpo":
+        return
+    if not config.grpo_rewards:
+        raise ConfigError("objective: grpo needs grpo_rewards: built-in math or format, or module:function.")
+    generations = config.grpo_num_generations or TRL_DEFAULT_NUM_GENERATIONS
+    batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    if batch % generations:
+        raise ConfigError(f"objective: grpo samples grpo_num_generations={generations} completions per prompt, which "
+                          f"must divide per_device_train_batch_size x gradient_accumulation_steps = {batch}: change "
+                          "one of them.")
 
 
 def arguments_class(objective: str) -> type:

@@ -1,4 +1,4 @@
-"""`milora train`: fine-tune a MiLoRA (or PiSSA, middle, random, LoRA) adapter from one config.
+"""`milora train`: fine-tune a MiLoRA (or PiSSA, middle, random, LoRA, or one of PEFT's starts) adapter from one config.
 
 Layout of ``output_dir``: ``train_config.yaml`` (the resolved config, written once the run is
 accepted), ``checkpoint-N/`` (adapter + optimizer/scheduler/RNG/trainer state), ``runs/``
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from milora.constants import ADAPTER_FILES, METRICS_FILE, MILORA_CONFIG, TRAIN_CONFIG_FILE
+from milora.constants import ADAPTER_FILES, DATA_INITS, METRICS_FILE, MILORA_CONFIG, PEFT_STARTS, TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.prompts import resolve_chat_template
@@ -298,12 +298,15 @@ def _build(config: TrainConfig, state) -> BuiltRun:
     if config.chat_template is not None:
         loaded.tokenizer.chat_template = resolve_chat_template(config.chat_template)
     train_dataset, val_dataset, stats, collator = _build_data(config, model, preprocessor, state.is_main_process)
-    set_seed(config.seed)  # PEFT's random init (init: lora) draws from the global generator
-    svd_device = state.device if state.device.type != "cpu" else None
+    set_seed(config.seed)  # PEFT's random inits (lora, dora, lora-ga's sketch) draw from the global generator
+    peft_start = config.init in PEFT_STARTS
+    svd_device = state.device if state.device.type != "cpu" and not peft_start else None
+    calibration = calibration_batches(train_dataset, collator, config) if config.init in DATA_INITS else None
+    extra = {"calibration": calibration, "pissa_niter": config.pissa_niter} if peft_start else {}
     try:
         peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
                                device=svd_device, seed=config.seed, progress=state.is_main_process,
-                               null_space=config.null_space, quantization=config.quantization)
+                               null_space=config.null_space, quantization=config.quantization, **extra)
     except ModelError as error:  # e.g. a target module the model lacks, a rank too large for a layer
         raise ConfigError(f"cannot build the adapter: {error}") from error
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
@@ -339,6 +342,15 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
         print(f"milora: data: {stats.describe(config.cutoff_len)}", flush=True)
     collator = supervised_collator(text_tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
     return train_dataset, val_dataset, stats.as_dict(), collator
+
+
+def calibration_batches(train_dataset, collator, config: TrainConfig) -> list[dict]:
+    """The data starts' batches: ``calibration_batches`` collated batches of ``per_device_train_batch_size``
+    training examples, drawn without replacement in a ``seed``-ed order (the same on every rank and resume)."""
+    size = config.per_device_train_batch_size
+    order = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    count = min(config.calibration_batches * size, len(order))
+    return [dict(collator([train_dataset[i] for i in order[start:start + size]])) for start in range(0, count, size)]
 
 
 def _start_record(config: TrainConfig, resume: str | None) -> None:
