@@ -218,3 +218,42 @@ def test_eval_and_resume_verify_the_checksum(tmp_path, tiny):
     with pytest.raises(AdapterError, match=r"checkpoint-2.*does not match the checksum"):
         train(run_config(tiny, out, max_steps=3, save_steps=2, resume_from_checkpoint=True))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no checkpoint-3, no new adapter
+
+
+# ---------------------------------------------------------------- the embedded-model cache is written atomically
+
+
+def test_the_embedded_model_cache_is_staged(tmp_path, monkeypatch):
+    """docs/reliability.md: the embedded-model cache is built in a staging directory and renamed into place.
+    The GGUF conversion is replaced by a tiny LLaMA (what is under test is the write): interrupted while
+    saving, the cache holds nothing (no half model, no staging); the next call writes it whole."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import milora.models
+
+    from conftest import tiny_llama, tiny_tokenizer
+
+    source, tokenizer = tiny_llama(), tiny_tokenizer()
+    monkeypatch.setenv("MILORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(milora.models, "embedded_gguf_path", lambda: tmp_path / "smollm2.gguf")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: source)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tokenizer)
+    saved_tokenizer = type(tokenizer).save_pretrained
+
+    def interrupted(self, directory, *args, **kwargs):
+        assert (Path(directory) / "model.safetensors").is_file()  # the model is already written, into staging
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        milora.models.embedded_model_dir()
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", saved_tokenizer)
+    target = milora.models.embedded_model_dir()
+    assert target.parent == tmp_path / "cache" and [p.name for p in (tmp_path / "cache").iterdir()] == [target.name]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in target.iterdir()}
+    monkeypatch.undo()
+    cached = AutoModelForCausalLM.from_pretrained(target)
+    assert cached.state_dict().keys() == source.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), source.state_dict().values(),
+                                                  strict=True))
