@@ -124,10 +124,21 @@ def test_reported_errors_equal_a_direct_computation(method, init):
     others = [relative_error(direct_dequantized(w, method), w) for n, w in weights.items() if n.endswith(OTHER_LINEAR)]
     assert report["other_modules"] == len(others) == 4
     assert report["other_mean_quantization_error"] == pytest.approx(sum(others) / len(others), rel=1e-12)
+    # the summary milora init prints (docs/quantized-bases.md "Report"): means and the largest share, from the
+    # direct float64 values
+    direct = {name: (float((direct_dequantized(residual[name], method).double() - residual[name].double()).norm()),
+                     float(residual[name].double().norm()), float(weights[name].double().norm()),
+                     float(initial[name].norm())) for name in layers}
     summary = init_record(quantized).summary()
-    assert summary["quantization"] == method
+    assert summary["quantization"] == method and len(direct) == 10
     assert summary["mean_quantization_error"] == pytest.approx(
-        sum(entry["quantization_error"] for entry in report["targets"]) / len(report["targets"]), rel=1e-12)
+        sum(e / r for e, r, _, _ in direct.values()) / 10, rel=1e-12)
+    assert summary["mean_quantization_error_vs_weight"] == pytest.approx(
+        sum(e / w for e, _, w, _ in direct.values()) / 10, rel=1e-7)
+    shares = [share / w for _, _, w, share in direct.values()]
+    assert summary["mean_initial_share"] == pytest.approx(sum(shares) / 10, rel=1e-9, abs=0)
+    assert summary["max_initial_share"] == pytest.approx(max(shares), rel=1e-9, abs=0)
+    assert summary["other_mean_quantization_error"] == pytest.approx(sum(others) / len(others), rel=1e-12)
 
 
 def frozen_state(model) -> dict[str, torch.Tensor]:
