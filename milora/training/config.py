@@ -111,6 +111,9 @@ class TrainConfig(BaseModel):
     modules_to_save: Names | None = Key(None, "modules trained in full and saved with the adapter, e.g. "
                                               "multi_modal_projector (LLaVA's projector) for visual instruction tuning")
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
+    init_from: Str | None = Key(None, "a saved start (adapter directory of milora init or of an earlier run) to begin "
+                                      "from instead of decomposing again: checked against the base and the run's "
+                                      "init, rank, alpha, targets and seed, its residual rebuilt without any SVD")
     null_space: Literal["zero", "random"] = Key(
         "zero", "start of exactly-zero selected singular values: zero (the paper's; cannot train) or random (B = 0)")
     calibration_batches: Int = Key(8, "training batches (of per_device_train_batch_size, seeded draw) the data "

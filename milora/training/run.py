@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from milora.constants import ADAPTER_FILES, DATA_INITS, METRICS_FILE, MILORA_CONFIG, PEFT_STARTS, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, ModelError, OutputError
+from milora.errors import AdapterError, ConfigError, ModelError, OutputError
 from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
 from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
@@ -163,6 +163,20 @@ def _check_environment(config: TrainConfig) -> None:
             raise ConfigError(str(error)) from error
 
 
+def _check_sharding_on_cpu() -> None:
+    """FSDP or DeepSpeed asked for (`accelerate launch` with their config) on CPU processes: accelerate builds
+    their plugins only for GPUs and other accelerators, and on CPU would silently run plain DDP instead."""
+    if not _multi_process_cpu():
+        return
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise ConfigError(
+                f"{name} was asked for on CPU processes, but accelerate shards with {name} only on GPUs (and other "
+                "accelerators): here it would run plain data parallel instead. On CPU launch DDP: accelerate launch "
+                "--config_file recipes/accelerate/ddp.yaml --num_processes 2 --mixed_precision no -m milora.cli train "
+                "RECIPE.yaml (or torchrun --nproc_per_node 2 -m milora.cli train RECIPE.yaml).")
+
+
 def _multi_process_cpu() -> bool:
     """Launched as several processes without GPUs: accelerate then needs ``cpu=True`` for gloo DDP."""
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -242,6 +256,7 @@ def train(
     config = load_config(config, overrides)
     config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
     _check_environment(config)
+    _check_sharding_on_cpu()
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
     lock = RunLock(config.output_dir, purpose="milora train") if state.is_main_process else None
     created = not Path(config.output_dir).exists()
@@ -280,6 +295,7 @@ class BuiltRun:
 
 def _build(config: TrainConfig, state) -> BuiltRun:
     """Base model, data (and its collator) and the initialised adapter of a run (nothing written)."""
+    from milora.adapter.load import load_start
     from milora.init import get_model
     from milora.models import is_vision_language_model, load_base_model
 
@@ -301,13 +317,19 @@ def _build(config: TrainConfig, state) -> BuiltRun:
     set_seed(config.seed)  # PEFT's random inits (lora, dora, lora-ga's sketch) draw from the global generator
     peft_start = config.init in PEFT_STARTS
     svd_device = state.device if state.device.type != "cpu" and not peft_start else None
-    calibration = calibration_batches(train_dataset, collator, config) if config.init in DATA_INITS else None
+    calibration = (calibration_batches(train_dataset, collator, config)
+                   if config.init in DATA_INITS and config.init_from is None else None)
     extra = {"calibration": calibration, "pissa_niter": config.pissa_niter} if peft_start else {}
     try:
-        peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
-                               device=svd_device, seed=config.seed, progress=state.is_main_process,
-                               null_space=config.null_space, quantization=config.quantization, **extra)
-    except ModelError as error:  # e.g. a target module the model lacks, a rank too large for a layer
+        if config.init_from is not None:  # decompose once: the saved start's factors, no SVD
+            peft_model = load_start(model, config.init_from, build_lora_config(config, model), config.init,
+                                    config.seed, null_space=config.null_space, device=svd_device,
+                                    quantization=config.quantization)
+        else:
+            peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
+                                   device=svd_device, seed=config.seed, progress=state.is_main_process,
+                                   null_space=config.null_space, quantization=config.quantization, **extra)
+    except (ModelError, AdapterError) as error:  # a target the model lacks, a rank too large, another run's start
         raise ConfigError(f"cannot build the adapter: {error}") from error
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
