@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from milora.errors import DataError
+from milora.errors import DataError, shown
 
 _TASK_MODULES = (
     "milora.eval.tasks.benchmarks", "milora.eval.tasks.forgetting", "milora.eval.tasks.ifeval",
@@ -77,9 +77,9 @@ class Option:
             what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
                     (tuple, list): "a list"}.get(kind, str(kind))
             bound = f" of at least {self.minimum}" if self.minimum is not None else ""
-            raise DataError(f"{name} must be {what}{bound} (got {value!r}) for task {task}.")
+            raise DataError(f"{name} must be {what}{bound} (got {shown(value)}) for task {task}.")
         if self.choices is not None and value not in self.choices:
-            raise DataError(f"Unknown {name} {value!r} for task {task}: choose one of {', '.join(self.choices)}.")
+            raise DataError(f"Unknown {name} {shown(value)} for task {task}: choose one of {', '.join(self.choices)}.")
 
 
 @dataclass(frozen=True)
