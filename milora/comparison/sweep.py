@@ -14,6 +14,7 @@ requested but not installed.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -26,9 +27,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from milora.comparison.consistency import data_fingerprints
 from milora.comparison.grid import auto_grid
 from milora.constants import INIT_MODES
-from milora.errors import ConfigError
+from milora.errors import ConfigError, shown
 from milora.io import read_records, read_yaml_mapping
 from milora.training.config import from_dict as train_config_from_dict
 from milora.training.config import method_only_keys, parse_overrides
@@ -152,6 +154,14 @@ class Sweep:
         return self.output_dir / "data" / "validation.jsonl" if self.config.validation_size else Path(
             self.config.validation_data)
 
+    @functools.cached_property
+    def data_sha256(self) -> dict[str, str | None]:
+        """sha256 of each local data file the sweep reads, by role (`milora.comparison.consistency`)."""
+        config = self.config
+        return data_fingerprints(self.train["dataset"], {
+            "validation": config.validation_data, "test": config.eval_data, "forgetting": config.forgetting_data,
+            "retention": config.retention_data})
+
     def resolved(self) -> dict[str, Any]:
         """The sweep as written back into output_dir (sweep.yaml): every key, the train keys merged."""
         return {**self.config.model_dump(), "train": self.train, "train_config": None}
@@ -165,14 +175,14 @@ def _closest(key: str) -> str:
 def _validate(values: Mapping[str, Any]) -> SweepConfig:
     unknown = [key for key in values if key not in SweepConfig.model_fields]
     if unknown:
-        raise ConfigError("; ".join(f"unknown sweep key '{key}': {_closest(str(key))}" for key in unknown))
+        raise ConfigError("; ".join(f"unknown sweep key {shown(key)}: {_closest(str(key))}" for key in unknown))
     try:
         return SweepConfig.model_validate(dict(values))
     except ValidationError as error:
         messages = []
         for problem in error.errors(include_url=False):
             where = ".".join(str(part) for part in problem["loc"])
-            messages.append(f"'{where}': {problem['msg']} (got {problem.get('input')!r})")
+            messages.append(f"'{where}': {problem['msg']} (got {shown(problem.get('input'))})")
         raise ConfigError("invalid sweep: " + "; ".join(messages)) from error
 
 
