@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from milora.comparison.consistency import data_fingerprints
 from milora.comparison.grid import auto_grid
 from milora.constants import INIT_MODES
-from milora.errors import ConfigError, shown
+from milora.errors import ConfigError, DataError, shown
 from milora.io import read_records, read_yaml_mapping
 from milora.training.config import from_dict as train_config_from_dict
 from milora.training.config import method_only_keys, parse_overrides
@@ -301,6 +301,33 @@ def _check_data(sweep: Sweep) -> None:
         example = next(iter(shared)).split(" || ")[0][:80]
         raise ConfigError(f"{len(shared)} validation item(s) also appear in the test set (e.g. {example!r}): the "
                           "validation split must not overlap the test data.")
+    _check_records(sweep, validation)
+
+
+def _check_records(sweep: Sweep, validation: list[dict]) -> None:
+    """Every record of every evaluation file read as its task reads it (question, gold answer, ...), and the
+    task options checked, before any run trains: a record without its answer would fail every run."""
+    import tempfile
+
+    from milora.eval.registry import find_task
+
+    config = sweep.config
+    checks = [(config.eval_task, config.eval_data, config.eval_options)]
+    if config.validation_data is not None:
+        checks.append((config.eval_task, config.validation_data, config.eval_options))
+    if config.retention_task is not None:
+        checks.append((config.retention_task, config.retention_data, config.retention_options))
+    for task, data, options in checks:
+        find_task(task)[0].check_local_data(data, options)
+    if config.validation_size:  # the held-out training records, scored with eval_task
+        with tempfile.TemporaryDirectory(prefix="milora-validation-") as folder:
+            path = Path(folder) / "held_out_validation.jsonl"
+            path.write_text("".join(json.dumps(record, default=str) + "\n" for record in validation), encoding="utf-8")
+            try:
+                find_task(config.eval_task)[0].check_local_data(path, config.eval_options)
+            except DataError as error:
+                raise DataError(f"the validation records held out of {sweep.train['dataset']} (validation_size="
+                                f"{config.validation_size}) cannot be scored by {config.eval_task}: {error}") from error
 
 
 def _check_server(config: SweepConfig) -> None:

@@ -91,6 +91,9 @@ class Task:
     metric: str = "accuracy"  # "accuracy" (fractions, averaged), "rate" (fractions, not averaged) or "value"
     table_scores: tuple[str, ...] = ()  # the scores `milora eval --compare` shows (default: all accuracies)
     server: bool = False  # whether it can generate through an OpenAI-compatible server (`milora.eval.server`)
+    # reads and checks every record of local data (data, the checked options), raising DataError: run before any
+    # model loads or run trains; hub data (not on disk) is left to the task's run
+    check_data: Callable[[Any, dict[str, Any]], None] | None = None
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with defaults filled in; an option the task does not take, or a bad value, is an error."""
@@ -103,16 +106,23 @@ class Task:
             self.options[name].check(self.name, name, value)
         return {name: options.get(name, option.default) for name, option in self.options.items()}
 
+    def check_local_data(self, data: Any, options: dict[str, Any]) -> None:
+        """Check ``options`` and every record of local ``data`` now (`check_data`), before any work."""
+        checked = self.check_options(options)
+        if self.check_data is not None:
+            self.check_data(data, checked)
+
 
 _TASKS: dict[str, Task] = {}
 
 
 def register(name: str, description: str, options: dict[str, Option] | None = None, metric: str = "accuracy",
-             table_scores: tuple[str, ...] = (), server: bool = False) -> Callable:
+             table_scores: tuple[str, ...] = (), server: bool = False,
+             check_data: Callable[[Any, dict[str, Any]], None] | None = None) -> Callable:
     """Decorator: register ``run`` as the task ``name``."""
 
     def decorate(run: Callable[[Job], TaskResult]) -> Callable[[Job], TaskResult]:
-        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores, server)
+        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores, server, check_data)
         return run
 
     return decorate

@@ -138,7 +138,8 @@ def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
           {"judge": Option(None, kind=str), "judge_model": Option(None, kind=str), "reference": Option(None, kind=str),
            "predictions": Option(None, kind=str), "template": Option(None, choices=TEMPLATE_NAMES),
            "max_new_tokens": Option(None, minimum=1)},
-          metric="rate", table_scores=("win_rate", "lc_win_rate"), server=True)
+          metric="rate", table_scores=("win_rate", "lc_win_rate"), server=True,
+          check_data=lambda data, options: options["reference"] and load_reference(options["reference"]))
 def _run(job: Job) -> TaskResult:
     options = job.options
     if job.data is not None:

@@ -140,7 +140,8 @@ def _execute(problems: list[dict], completions: list[list[str]], timeout: float,
            "top_p": Option(None, minimum=0, kind=float), "pass_k": Option(None, kind=(tuple, list)),
            "max_new_tokens": Option(None, minimum=1), "seed": Option(None, minimum=0),
            "timeout": Option(None, minimum=1, kind=float)},
-          metric="rate", table_scores=("humaneval_pass@1",), server=True)
+          metric="rate", table_scores=("humaneval_pass@1",), server=True,
+          check_data=lambda data, options: None if data is None else load_problems(data))
 def _run(job: Job) -> TaskResult:
     options = job.options
     if not options["allow_code_execution"]:
