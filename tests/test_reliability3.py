@@ -4,11 +4,12 @@ streaming init's residual adapter."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
-from milora.errors import ConfigError
+from milora.errors import ConfigError, DataError
 
 from conftest import cli_error
 
@@ -47,3 +48,125 @@ def test_a_huge_override_is_not_echoed_whole_by_the_cli(tmp_path):
     assert len(message) < 1000 and "1000000 characters" in message
     sweep_message = cli_error(["compare", str(config), "learning_rates=" + "y" * 10**6])
     assert len(sweep_message) < 2000
+
+
+# ---------------------------------------------------------------- evaluation records checked before any work
+
+QUESTIONS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in range(12) for b in range(12) if a != b]
+
+
+def _commonsense(pairs):
+    return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
+             "answer": a} for q, a in pairs]
+
+
+@pytest.fixture(scope="module")
+def sweep_model(tmp_path_factory):
+    from conftest import make_model_dir
+
+    return str(make_model_dir(tmp_path_factory.mktemp("model") / "model"))
+
+
+def _sweep(tmp_path, model, test, validation=None, train=None) -> dict:
+    (tmp_path / "train.json").write_text(json.dumps(train or _commonsense(QUESTIONS[:60])))
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    values = {"output_dir": str(tmp_path / "out"), "methods": ["lora"], "learning_rates": [0.01],
+              "train": {"model": model, "dataset": str(tmp_path / "train.json"), "max_steps": 1, "report_to": "none"},
+              "eval_task": "commonsense", "eval_data": str(tmp_path / "test.json"), "validation_size": 5}
+    if validation is not None:
+        (tmp_path / "validation.json").write_text(json.dumps(validation))
+        values.update(validation_size=None, validation_data=str(tmp_path / "validation.json"))
+    return values
+
+
+BROKEN = [(lambda r: {k: v for k, v in r.items() if k != "answer"}, r"item 7: no `answer` field"),
+          (lambda r: {**r, "instruction": None}, r"item 7: `instruction` must be a string, got None"),
+          (lambda r: {**r, "answer": True}, r"item 7: `answer` must be a string, got True")]
+
+
+@pytest.mark.parametrize("edit,message", BROKEN, ids=["no answer", "instruction null", "answer not a string"])
+@pytest.mark.parametrize("where", ["test", "validation", "held out"])
+def test_a_sweep_refuses_a_broken_evaluation_record_before_any_run(tmp_path, sweep_model, edit, message, where):
+    from milora.comparison.sweep import load_sweep
+
+    test, validation, train = _commonsense(QUESTIONS[60:90]), _commonsense(QUESTIONS[90:100]), None
+    broken = {"test": test, "validation": validation}.get(where)
+    if where == "held out":  # validation_size: the held-out training records are scored with eval_task
+        train = [edit(record) for record in _commonsense(QUESTIONS[:60])]
+        validation = None
+    else:
+        broken[7] = edit(broken[7])
+    values = _sweep(tmp_path, sweep_model, test, validation, train)
+    file = {"test": "test.json", "validation": "validation.json", "held out": "held_out_validation.jsonl"}[where]
+    with pytest.raises(DataError, match=rf"{re.escape(file)} {message if where != 'held out' else ''}"):
+        load_sweep(values)  # what `milora compare` does first
+    assert not (tmp_path / "out").exists()  # refused before anything was written or trained
+
+
+def test_milora_eval_checks_every_record_before_the_model_loads(tmp_path, monkeypatch):
+    import milora.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(milora.models, "load_base_model", no_model)
+    records = _commonsense(QUESTIONS[:30])
+    records[12] = {**records[12], "instruction": None}
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    message = cli_error(["eval", "--task", "commonsense", "--data", str(tmp_path / "test.json"),
+                         "--output", str(tmp_path / "r.json")])
+    assert f"{tmp_path / 'test.json'} item 12: `instruction` must be a string, got None" in message
+
+
+# ---------------------------------------------------------------- ambiguous AlpacaEval ids
+
+def _alpaca(tmp_path, instructions, ids):
+    reference, answers = tmp_path / "reference.json", tmp_path / "answers.jsonl"
+    reference.write_text(json.dumps([{"instruction": text, "output": "ref"} for text in instructions]))
+    answers.write_text("".join(json.dumps({"id": name, "output": f"answer {name}"}) + "\n" for name in ids))
+    return reference, answers
+
+
+@pytest.mark.parametrize("instructions,ids,named", [
+    (["Say a.", "Say b.", "Say c.", "Say d.", "Say e.", "0"], [0, 1, 2, 3, 4, 5], r"0 \(line 1: items 0, 5\)"),
+    (["Say a.", "Say hi.", "Say c.", "Say hi."], ["Say a.", "Say hi.", "Say c.", "Say hi."],
+     r"'Say hi\.' \(line 2: items 1, 3\), 'Say hi\.' \(line 4: items 1, 3\)"),
+], ids=["an instruction that is another item's index", "an instruction given twice"])
+def test_ambiguous_alpaca_eval_ids_are_refused(tmp_path, instructions, ids, named):
+    from milora.eval import evaluate
+
+    reference, answers = _alpaca(tmp_path, instructions, ids)
+    with pytest.raises(DataError, match=rf"id\(s\) name more than one item of the data: {named}"):
+        evaluate(None, None, "alpaca-eval", judge="alpaca_eval_gpt4", reference=str(reference),
+                 predictions=str(answers), progress=False)
+
+
+def test_unambiguous_alpaca_eval_ids_by_index_or_text_still_load(tmp_path):
+    from milora.eval.scoring.predictions import load_predictions
+
+    texts = ["Say a.", "Say b.", "7"]
+    _, answers = _alpaca(tmp_path, texts, [0, "Say b.", 2])
+    aliases = [[str(i), text] for i, text in enumerate(texts)]
+    assert load_predictions(answers, aliases, range(3)) == ["answer 0", "answer Say b.", "answer 2"]
+
+
+# ---------------------------------------------------------------- the FutureWarning of `make demo`
+
+def test_peft_reading_a_deprecated_transformers_property_warns_no_milora_user(tmp_path):
+    import warnings
+
+    from peft import LoraConfig
+
+    import milora
+
+    from conftest import LLAMA_TARGETS, tiny_llama
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = milora.get_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=LLAMA_TARGETS),
+                                 progress=False)
+        milora.save_adapter(model, tmp_path / "adapter")
+        milora.load_model(tiny_llama(), tmp_path / "adapter")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):  # filtered at PEFT's calls only
+        assert tiny_llama().is_gradient_checkpointing is False
