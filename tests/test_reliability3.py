@@ -170,3 +170,30 @@ def test_peft_reading_a_deprecated_transformers_property_warns_no_milora_user(tm
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):  # filtered at PEFT's calls only
         assert tiny_llama().is_gradient_checkpointing is False
+
+
+# ---------------------------------------------------------------- the streaming init's residual adapter
+
+def test_the_streamed_residual_adapter_points_at_residual_model_and_is_refused_on_the_original(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from milora.adapter.load import open_peft_adapter
+    from milora.cli import main
+
+    from conftest import make_model_dir
+
+    make_model_dir(tmp_path / "model")
+    assert main(["init", str(tmp_path / "model"), "--output", str(tmp_path / "res"), "--rank", "2",
+                 "--save-residual"]) == 0  # a local safetensors directory: the streaming init
+    config = json.loads((tmp_path / "res" / "residual_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "res" / "residual_model").resolve())
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    with pytest.raises(Exception, match="paper-layout adapter of the residual model") as caught:
+        open_peft_adapter(original, tmp_path / "res" / "residual_adapter")
+    assert "AdapterError" in type(caught.value).__name__
+    message = cli_error(["eval", "--model", str(tmp_path / "model"), "--adapter",
+                         str(tmp_path / "res" / "residual_adapter"), "--task", "forgetting", "--limit", "1",
+                         "--output", str(tmp_path / "r.json")])
+    assert "paper-layout adapter of the residual model" in message
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "res" / "residual_model")
+    open_peft_adapter(residual, tmp_path / "res" / "residual_adapter")  # its own base: accepted
