@@ -321,6 +321,27 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Fail now, not after the work, if the output directory ``path`` cannot be made: it is a file, a
+    file stands in its way, or the directory it is made in (its nearest existing ancestor, and ``path``
+    itself when it exists) takes no new file (no permission, a read-only mount): a file is created
+    there and removed to find out."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, not a directory: choose another output path.")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"{parent} is a file, so {path} cannot be created under it: choose another output path.")
+    for directory in (parent, *([path] if path.is_dir() else [])):
+        try:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as error:
+            raise OutputError(f"{path} cannot be written: no new file can be made in {directory} "
+                              f"({error.strerror or error}); choose another output path.") from error
+    return path
+
+
 class RunLock:
     """Exclusive hold of a run's output directory: ``.milora.lock`` with the holder's host and pid.
 

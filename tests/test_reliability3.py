@@ -197,3 +197,85 @@ def test_the_streamed_residual_adapter_points_at_residual_model_and_is_refused_o
     assert "paper-layout adapter of the residual model" in message
     residual = AutoModelForCausalLM.from_pretrained(tmp_path / "res" / "residual_model")
     open_peft_adapter(residual, tmp_path / "res" / "residual_adapter")  # its own base: accepted
+
+
+# ---------------------------------------------------------------- outputs checked up front, I/O errors as messages
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from conftest import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("io") / "model")
+
+
+def _run(argv):
+    """(exit status, stderr) of the command line."""
+    import contextlib
+    import io
+
+    from milora.cli import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        code = main(argv)
+    return code, buffer.getvalue()
+
+
+def test_an_output_that_is_a_file_is_refused_by_every_command(tmp_path, model_dir):
+    taken = tmp_path / "taken"
+    taken.write_text("the user's file")
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {model_dir}\ndataset: {tmp_path / 'd.json'}\noutput_dir: {taken}\n")
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"output_dir: {taken / 'sub'}\nlearning_rates: [0.01]\neval_task: commonsense\n"
+                     f"eval_data: {tmp_path / 'test.json'}\nvalidation_data: {tmp_path / 'v.json'}\n"
+                     f"train: {{model: {model_dir}, dataset: {tmp_path / 'd.json'}}}\n")
+    (tmp_path / "test.json").write_text(json.dumps(_commonsense(QUESTIONS[:25])))
+    (tmp_path / "v.json").write_text(json.dumps(_commonsense(QUESTIONS[30:35])))
+    for argv in (["init", str(model_dir), "--output", str(taken)], ["train", str(config)],
+                 ["compare", str(sweep)], ["init", str(model_dir), "--output", str(taken / "adapter")]):
+        code, message = _run(argv)
+        assert code == 2 and "Traceback" not in message and str(taken) in message, (argv, message)
+    assert taken.read_text() == "the user's file"
+
+
+def test_init_on_a_read_only_directory_stops_before_decomposing(tmp_path, model_dir, monkeypatch):
+    import errno
+
+    import milora.init.streaming
+    import milora.io
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def decompose(*args, **kwargs):
+        raise AssertionError("decomposed before the output was checked")
+
+    monkeypatch.setattr(milora.io.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(milora.init.streaming, "stream_init", decompose)
+    message = cli_error(["init", str(model_dir), "--output", str(tmp_path / "out")])
+    assert f"{tmp_path / 'out'} cannot be written" in message and "Read-only file system" in message
+
+
+@pytest.mark.parametrize("failure", ["full disk", "safetensors"])
+def test_an_io_error_while_saving_is_a_message_and_leaves_nothing(tmp_path, model_dir, monkeypatch, failure):
+    import errno
+
+    import safetensors
+
+    import milora.adapter.save
+
+    def save_file(*args, **kwargs):
+        if failure == "full disk":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(milora.adapter.save, "save_file", save_file)
+    argv = ["init", str(model_dir), "--output", str(tmp_path / "out"), "--rank", "2"]
+    code, message = _run(argv)
+    assert code == 1 and "Traceback" not in message
+    assert "milora init: error: cannot read or write a file: " in message and "No space left" in message
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    code, message = _run(["--debug", *argv])
+    assert code == 1 and "Traceback" in message

@@ -31,7 +31,7 @@ from milora.comparison.consistency import data_fingerprints
 from milora.comparison.grid import auto_grid
 from milora.constants import INIT_MODES
 from milora.errors import ConfigError, DataError, shown
-from milora.io import read_records, read_yaml_mapping
+from milora.io import check_output_dir, read_records, read_yaml_mapping
 from milora.training.config import from_dict as train_config_from_dict
 from milora.training.config import method_only_keys, parse_overrides
 
@@ -202,6 +202,7 @@ def load_sweep(source: str | os.PathLike | Mapping[str, Any], overrides: Sequenc
     _check_data(sweep)
     if sweep.config.eval_server is not None:
         _check_server(sweep.config)
+    check_output_dir(sweep.output_dir)
     if config.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("backend: ray needs Ray: `pip install 'milora[ray]'` (or use backend: local).")
     return sweep
