@@ -88,7 +88,7 @@ def _train_config_differences(path: Path, train: dict[str, Any]) -> list[str]:
     """The run's own resolved training config against the one the sweep gives it now."""
     from milora.training.config import from_dict, load_config
 
-    saved, now = load_config(path).to_dict(), from_dict(train).to_dict()
+    saved, now = load_config(path).to_dict(), from_dict(train).as_run().to_dict()
     keys = [key for key in dict.fromkeys([*saved, *now]) if key not in _RUN_KEYS]
     return [f"{key} was {shown(saved.get(key))}, the sweep now gives {shown(now.get(key))}" for key in keys
             if saved.get(key) != now.get(key)]

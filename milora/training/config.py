@@ -184,6 +184,10 @@ class TrainConfig(BaseModel):
             return self.lora_alpha
         return float(self.lora_rank if self.init in RESIDUAL_INITS else 2 * self.lora_rank)
 
+    def as_run(self) -> TrainConfig:
+        """The config as a run uses and records it (``train_config.yaml``): ``lora_alpha`` resolved."""
+        return self.model_copy(update={"lora_alpha": self.resolved_alpha()})
+
     def is_local_dataset(self) -> bool:
         """True for a local file or directory; otherwise ``dataset`` names a hub dataset."""
         return is_local_path(self.dataset)

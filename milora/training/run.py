@@ -245,7 +245,7 @@ def train(
 
     start = time.perf_counter()
     config = load_config(config, overrides)
-    config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
+    config = config.as_run()
     _check_environment(config)
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
     lock = RunLock(config.output_dir, purpose="milora train") if state.is_main_process else None
