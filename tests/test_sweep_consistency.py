@@ -118,3 +118,23 @@ def test_runs_not_started_and_the_base_ignore_what_does_not_concern_them(values,
     (tmp_path / "out" / SWEEP_FILE).unlink()
     with pytest.raises(ConfigError, match=r"base/job\.json: the test data \(eval_data\)"):
         prepare(load_sweep(values))
+
+
+@pytest.mark.slow
+def test_a_real_sweep_accepts_a_new_seed_and_refuses_a_changed_test_set(values, tmp_path):
+    """The runs' real job.json and train_config.yaml (written by the worker's training) agree with an
+    unchanged sweep: adding a seed runs it; a test set edited in place is then refused."""
+    from milora.comparison import compare
+
+    values = {**values, "forgetting": False, "analyze": False, "eval_options": {"scorer": "loglik"},
+              "train": {**values["train"], "max_steps": 1, "per_device_train_batch_size": 2, "cutoff_len": 128,
+                        "save_steps": 100}}
+    compare(values, progress=False)
+    summary = compare({**values, "seeds": [0, 1]}, progress=False)
+    assert sorted(run["seed"] for run in summary["runs"]) == [0, 1]
+    assert all(run["status"] == "done" for run in summary["runs"])
+    assert (tmp_path / "out" / "runs" / "lora-lr0.01-seed0" / "train" / "train_config.yaml").is_file()
+    records = json.loads((tmp_path / "test.json").read_text())
+    (tmp_path / "test.json").write_text(json.dumps(records[::-1]))
+    with pytest.raises(ConfigError, match=r"the test data \(eval_data\) is not the same file"):
+        compare({**values, "seeds": [0, 1, 2]}, progress=False)
