@@ -26,11 +26,15 @@ def readme_block(after: str) -> str:
     return match.group(1)
 
 
-def test_the_example_evaluation_task_runs(tmp_path):
-    from milora.eval import evaluate, registry
+def test_the_example_evaluation_task_runs(tmp_path, monkeypatch):
+    from milora.eval import evaluate, options, registry
     from milora.models import load_base_model
 
     code = readme_block("**Adding an evaluation task**")
+    catalogue = readme_block("**The task's options**")
+    assert '"yesno": ("max_new_tokens",)' in catalogue and '"yesno": 4' in catalogue
+    monkeypatch.setitem(options.TASK_OPTIONS, "yesno", ("max_new_tokens",))  # the catalogue lines of the page
+    monkeypatch.setitem(options.OPTIONS["max_new_tokens"].default, "yesno", 4)
     try:
         exec(compile(code, "docs/architecture.md", "exec"), {})  # registers "yesno"
         data = tmp_path / "yesno.json"
@@ -42,6 +46,8 @@ def test_the_example_evaluation_task_runs(tmp_path):
         assert {"prompt", "output", "prediction", "gold", "correct"} <= set(result["items"][0])
         with pytest.raises(DataError, match="does not take the option"):
             evaluate(model, tokenizer, "yesno", str(data), scorer="loglik")
+        with pytest.raises(DataError, match="max_new_tokens must be an integer of at least 1"):
+            evaluate(model, tokenizer, "yesno", str(data), max_new_tokens=0)
     finally:
         registry._TASKS.pop("yesno", None)
 

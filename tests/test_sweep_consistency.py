@@ -51,7 +51,7 @@ def values(tmp_path, model):
 def _finish(sweep) -> None:
     """Prepare the sweep and record its runs as finished (as the worker would, without training)."""
     for job in prepare(sweep):
-        Path(job["run_dir"], RECORD).write_text(json.dumps({**job["identity"], "status": "done"}))
+        Path(job.run_dir, RECORD).write_text(json.dumps({**job.identity.as_record(), "status": "done"}))
 
 
 def test_every_run_records_the_sha256_of_every_data_file(values, tmp_path):
@@ -97,7 +97,7 @@ def test_a_run_without_its_job_json_is_checked_by_its_train_config(values, tmp_p
     sweep = load_sweep(values)
     _finish(sweep)
     run_dir = tmp_path / "out" / "runs" / sweep.runs[0].name
-    save_config(from_dict(job_for(sweep, sweep.runs[0])["train"]).as_run(), run_dir / "train" / "train_config.yaml")
+    save_config(from_dict(job_for(sweep, sweep.runs[0]).train).as_run(), run_dir / "train" / "train_config.yaml")
     (run_dir / "job.json").unlink()
     (tmp_path / "out" / SWEEP_FILE).unlink()
     with pytest.raises(ConfigError, match=r"train_config\.yaml: lora_rank was 2, the sweep now gives 4"):

@@ -18,13 +18,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from milora.comparison.job import JOB_FILE
 from milora.constants import TRAIN_CONFIG_FILE
 from milora.errors import ConfigError, shown
 
 DATA_ROLES = {"train": "train.dataset", "validation": "validation_data", "test": "eval_data",
               "forgetting": "forgetting_data", "retention": "retention_data"}
 """Each data file a sweep reads, by role, and the sweep key naming it."""
-JOB_FILE = "job.json"
 # where a run is, not what it is: a sweep directory moved elsewhere keeps its runs
 _PLACE_KEYS = ("run_dir", "train.output_dir")
 # what the worker sets when it resumes or restarts a run's training
@@ -108,7 +108,7 @@ def _has_work(run_dir: Path, record_file: str) -> bool:
 
 def check_runs(jobs: list[dict[str, Any]], record_file: str) -> None:
     """Refuse the sweep if a run in its output directory was made with other data or settings than
-    ``jobs`` (every job of the sweep, `milora.comparison.runner.job_for`) give it now."""
+    ``jobs`` (every job of the sweep as `milora.comparison.job.Job.to_json`) give it now."""
     problems = []
     for job in jobs:
         run_dir = Path(job["run_dir"])

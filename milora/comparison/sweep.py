@@ -169,7 +169,7 @@ class Sweep:
 
 def _closest(key: str) -> str:
     match = difflib.get_close_matches(key, list(SweepConfig.model_fields), n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'?" if match else "see README.md, 'milora compare', for the keys"
+    return f"did you mean '{match[0]}'?" if match else "run `milora compare --list-keys` for the valid keys"
 
 
 def _validate(values: Mapping[str, Any]) -> SweepConfig:

@@ -105,10 +105,3 @@ def first_per_dataset(datasets: Sequence[str], limit: int | None) -> list[int]:
     ids = item_ids(datasets)
     return [i for i, name in enumerate(ids) if limit is None or int(name.rsplit("/", 1)[1]) < limit]
 
-
-def reject_generation_options(options: dict, names: tuple[str, ...], task: str) -> None:
-    """A generation option given together with a predictions file would be silently ignored: an error."""
-    given = [name for name in names if options.get(name) is not None]
-    if given:
-        raise DataError(f"Task {task} scores the predictions file as it is: {', '.join(given)} only apply when "
-                        "milora generates the answers; drop them or drop the predictions.")

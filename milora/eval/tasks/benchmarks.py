@@ -21,15 +21,13 @@ from typing import Any
 
 from milora.errors import DataError, DataNotFoundError, shown
 from milora.eval.generation import continuation_logprobs, generate
-from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.registry import Job, TaskResult, register
 from milora.eval.scoring import grading
-from milora.eval.scoring.predictions import first_per_dataset, item_ids, load_predictions, reject_generation_options
+from milora.eval.scoring.predictions import first_per_dataset, item_ids, load_predictions
 from milora.io import read_records
 from milora.prompts import COMMONSENSE_ANSWER_PREFIX, MATH_STOP_STRINGS, eval_prompt
 
-DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 512, "math": 512, "commonsense": 32}
 ACCURACY_TASKS = ("gsm8k", "math", "commonsense")
-SCORERS = ("generate", "loglik")
 _HUB_DEFAULTS = {
     "gsm8k": [("openai/gsm8k", "main")],
     "math": [("EleutherAI/hendrycks_math", subject) for subject in (
@@ -240,7 +238,6 @@ def _accuracies(items: list[dict]) -> dict[str, float]:
 def _from_predictions(job: Job) -> TaskResult:
     """The answers of the predictions file, graded; its ids may name any item of the data."""
     task, options = job.task, job.options
-    reject_generation_options(options, ("max_new_tokens",), task)
     if options.get("scorer") == "loglik":
         raise DataError("--scorer loglik scores the model's log-likelihoods, not answers: drop it with --predictions.")
     every, source = load_examples(task, job.data)
@@ -256,7 +253,7 @@ def _run(job: Job) -> TaskResult:
     if options["predictions"] is not None:
         return _from_predictions(job)
     examples, source = load_examples(task, job.data, job.limit)
-    max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS[task]
+    max_new_tokens = options["max_new_tokens"]
     scorer = options.get("scorer", "generate")
     settings: dict[str, Any] = {"scorer": scorer, "max_new_tokens": max_new_tokens}
     if task != "commonsense":
@@ -276,11 +273,9 @@ def _checker(task: str):
     return check
 
 
-_GENERATION = {"max_new_tokens": Option(None, minimum=1), "predictions": Option(None, kind=str)}
-register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", _GENERATION,
-         server=True, check_data=_checker("gsm8k"))(_run)
-register("math", "Hendrycks MATH, generated chain of thought, boxed answer", _GENERATION, server=True,
+register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", server=True,
+         check_data=_checker("gsm8k"))(_run)
+register("math", "Hendrycks MATH, generated chain of thought, boxed answer", server=True,
          check_data=_checker("math"))(_run)
-register("commonsense", "LLM-Adapters commonsense suite, generated label (or --scorer loglik)",
-         {**_GENERATION, "scorer": Option("generate", choices=SCORERS)}, server=True,
+register("commonsense", "LLM-Adapters commonsense suite, generated label (or --scorer loglik)", server=True,
          check_data=_checker("commonsense"))(_run)
