@@ -64,7 +64,8 @@ class Option:
             bound = f" of at least {self.minimum}" if self.minimum is not None else ""
             raise DataError(f"{self.name} must be {what}{bound} (got {shown(value)}) for task {task}.")
         if self.choices is not None and value not in self.choices:
-            raise DataError(f"Unknown {self.name} {shown(value)} for task {task}: choose one of {', '.join(self.choices)}.")
+            raise DataError(f"Unknown {self.name} {shown(value)} for task {task}: "
+                            f"choose one of {', '.join(self.choices)}.")
 
 
 _VISION = ("vqa", "pope", "mcq-image")
