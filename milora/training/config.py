@@ -36,8 +36,8 @@ from milora.constants import (
     SOLVERS,
     TARGET_SCOPES,
 )
-from milora.errors import ConfigError
-from milora.io import atomic_write_text, read_yaml_mapping
+from milora.errors import ConfigError, shown
+from milora.io import atomic_write_text, load_yaml, read_yaml_mapping
 from milora.prompts import CHAT_TEMPLATES, TEMPLATE_NAMES
 
 FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages", "sharegpt", "llava")
@@ -193,6 +193,10 @@ class TrainConfig(BaseModel):
             return self.lora_alpha
         return float(self.lora_rank if self.init in RESIDUAL_INITS else 2 * self.lora_rank)
 
+    def as_run(self) -> TrainConfig:
+        """The config as a run uses and records it (``train_config.yaml``): ``lora_alpha`` resolved."""
+        return self.model_copy(update={"lora_alpha": self.resolved_alpha()})
+
     def is_local_dataset(self) -> bool:
         """True for a local file or directory; otherwise ``dataset`` names a hub dataset."""
         return is_local_path(self.dataset)
@@ -265,17 +269,17 @@ def _message(error: dict) -> str:
         choices = _choices(name)
         match = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean '{match[0]}'?)" if match else ""
-        return f"'{name}' must be one of {', '.join(choices)}; got {value!r}{hint}."
+        return f"'{name}' must be one of {', '.join(choices)}; got {shown(value)}{hint}."
     if error["type"] == "greater_than_equal":
-        return f"'{name}' must be at least {context['ge']}, got {value}."
+        return f"'{name}' must be at least {context['ge']}, got {shown(value)}."
     if error["type"] == "greater_than":
-        return f"'{name}' must be positive, got {value} (it sets the scaling alpha / r)."
+        return f"'{name}' must be positive, got {shown(value)} (it sets the scaling alpha / r)."
     if error["type"] == "less_than":
-        return f"'{name}' must be below {context['lt']}, got {value}."
+        return f"'{name}' must be below {context['lt']}, got {shown(value)}."
     if error["type"] == "too_short" and kind == "strlist":
         return f"'{name}' is empty: list at least one module name, e.g. q_proj,v_proj."
     words = _KIND_WORDS["str" if kind == "choice" else kind]
-    return f"'{name}' must be {words}, got {value!r} ({type(value).__name__})."
+    return f"'{name}' must be {words}, got {shown(value)} ({type(value).__name__})."
 
 
 def from_dict(values: Mapping[str, Any]) -> TrainConfig:
@@ -285,7 +289,7 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     unknown = [key for key in values if key not in TrainConfig.model_fields]
     if unknown:
         hint = "run `milora train --list-keys` for the valid keys"
-        raise ConfigError("; ".join(f"unknown key '{key}': {_closest(str(key), valid_keys(), hint)}"
+        raise ConfigError("; ".join(f"unknown key {shown(key)}: {_closest(str(key), valid_keys(), hint)}"
                                     for key in unknown))
     try:
         config = TrainConfig.model_validate(dict(values))
@@ -415,18 +419,14 @@ def _check_trainer_args(trainer_args: dict[str, Any], objective: str) -> None:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` to a dict; values are parsed as YAML (``lora_rank=8`` is an int)."""
-    import yaml
-
+    """``["key=value", ...]`` to a dict; values are parsed as YAML (``lora_rank=8`` is an int), with the
+    checks of a config file (`milora.io.load_yaml`: no alias bombs, no repeated keys)."""
     parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. max_steps=100).")
-        try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error}).") from error
+            raise ConfigError(f"override {shown(item)} is not of the form key=value (e.g. max_steps=100).")
+        parsed[key.strip()] = load_yaml(raw, f"override {shown(key.strip())}") if raw.strip() else None
     return parsed
 
 

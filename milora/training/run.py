@@ -27,7 +27,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from milora.constants import ADAPTER_FILES, DATA_INITS, METRICS_FILE, MILORA_CONFIG, PEFT_STARTS, TRAIN_CONFIG_FILE
 from milora.errors import AdapterError, ConfigError, ModelError, OutputError
-from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
+from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_output_dir, check_replaceable
 from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
 from milora.training.data import build_datasets, load_records, load_training_records, supervised_collator
@@ -254,13 +254,14 @@ def train(
 
     start = time.perf_counter()
     config = load_config(config, overrides)
-    config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
+    config = config.as_run()
     _check_environment(config)
     _check_sharding_on_cpu()
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
     lock = RunLock(config.output_dir, purpose="milora train") if state.is_main_process else None
     created = not Path(config.output_dir).exists()
     if lock is not None:
+        check_output_dir(config.output_dir)  # a file there, a read-only mount: before anything is written
         lock.acquire()
     try:
         resume = _check_output_dir(config)
