@@ -239,10 +239,10 @@ def test_retry_failed_reruns_exactly_the_failed_runs(setup, tmp_path):
     for spec in [None, *sweep.runs]:
         job = job_for(sweep, spec)
         status = "failed" if spec is failed else "done"
-        (Path(job["run_dir"]) / RECORD).write_text(json.dumps({**job["identity"], "status": status}))
+        (Path(job.run_dir) / RECORD).write_text(json.dumps({**job.identity.as_record(), "status": status}))
     assert pending(sweep) == []
     retried = load_sweep({**values, "retry_failed": True})
-    assert [job["run_dir"] for job in prepare(retried)] == [job_for(retried, failed)["run_dir"]]
+    assert [job.run_dir for job in prepare(retried)] == [job_for(retried, failed).run_dir]
 
 
 def _write(path: Path, values: dict) -> Path:
