@@ -2,7 +2,8 @@
 
 `<!-- train-config-keys -->` becomes a table of every `TrainConfig` key (name, type, default,
 description, as `milora train --list-keys` prints them); `<!-- sweep-config-keys -->` the same
-for `SweepConfig` (`milora compare --list-keys`); `<!-- api-reference -->`
+for `SweepConfig` (`milora compare --list-keys`); `<!-- eval-options -->` the evaluation tasks' options
+(`milora.eval.options`, as `milora eval --help` lists them); `<!-- api-reference -->`
 the API reference of every public name in `milora/__init__.py`. Nothing is written by hand, so it cannot go stale.
 """
 
@@ -37,6 +38,18 @@ def _sweep_table() -> str:
     return "\n".join(rows)
 
 
+def _eval_options_table() -> str:
+    from milora.eval.options import OPTIONS, describe_default, tasks_taking
+
+    rows = ["| option | flag | tasks | default | meaning |", "|---|---|---|---|---|"]
+    for option in OPTIONS.values():
+        flag = f"`{option.flag}`" if option.cli else "(Python only)"
+        tasks = ", ".join(f"`{task}`" for task in tasks_taking(option.name))
+        default = describe_default(option) or "not set"
+        rows.append(f"| `{option.name}` | {flag} | {tasks} | {_cell(default)} | {_cell(option.help)} |")
+    return "\n".join(rows)
+
+
 def _api_reference() -> str:
     """One mkdocstrings block per public name of `milora` (its ``_PUBLIC`` map), in order."""
     import milora
@@ -50,6 +63,8 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
         markdown = markdown.replace("<!-- api-reference -->", _api_reference())
     if "<!-- train-config-keys -->" in markdown:
         markdown = markdown.replace("<!-- train-config-keys -->", _train_table())
+    if "<!-- eval-options -->" in markdown:
+        markdown = markdown.replace("<!-- eval-options -->", _eval_options_table())
     if "<!-- sweep-config-keys -->" in markdown:
         markdown = markdown.replace("<!-- sweep-config-keys -->", _sweep_table())
     return markdown

@@ -18,7 +18,7 @@ _PUBLIC = {
     "TrainConfig": "milora.training.config",
     "analyze_adapter": "milora.analysis.adapter",
     "compare": "milora.comparison",
-    "evaluate": "milora.eval",
+    "evaluate": "milora.eval.runner",
     "get_model": "milora.init",
     "language_model_targets": "milora.init",
     "load_base_model": "milora.models",

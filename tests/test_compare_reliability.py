@@ -65,13 +65,16 @@ def test_kill_9_of_the_compare_parent_kills_its_worker():
     assert not _alive(child)
 
 
-def _job(tmp_path) -> dict:
+def _job(tmp_path):
+    """A run's job.json holding only the keys every milora version wrote (the others take their defaults)."""
+    from milora.comparison.job import read_job
+
     run_dir = tmp_path / "runs" / "lora-lr0.01-seed0"
     run_dir.mkdir(parents=True)
     identity = {key: GOOD[key] for key in ("method", "learning_rate", "seed")}
     job = {"name": run_dir.name, "run_dir": str(run_dir), "identity": identity, "train": {}}
     (run_dir / "job.json").write_text(json.dumps(job))
-    return job
+    return read_job(run_dir / "job.json")
 
 
 def test_a_run_held_by_a_live_process_is_not_recorded_as_failed(tmp_path, monkeypatch, capsys):
@@ -79,7 +82,7 @@ def test_a_run_held_by_a_live_process_is_not_recorded_as_failed(tmp_path, monkey
     from milora.io import RunLock
 
     job = _job(tmp_path)
-    run_dir = Path(job["run_dir"])
+    run_dir = Path(job.run_dir)
 
     def train_held(config):
         with RunLock(run_dir / "train"), RunLock(run_dir / "train"):  # the second is refused: held, live
@@ -127,7 +130,7 @@ def test_ctrl_c_lets_the_worker_finish_its_checkpoint_then_stops_cleanly(tmp_pat
     with pytest.raises(StoppedError, match="re-run the same command"):
         runner.run_local([job], progress=False)
     assert (tmp_path / "checkpoint").read_text() == "saved"
-    assert not (Path(job["run_dir"]) / RECORD).exists()  # stopped, not failed
+    assert not (Path(job.run_dir) / RECORD).exists()  # stopped, not failed
 
 
 def test_a_sweep_whose_every_run_failed_still_plots_and_replaces_old_figures(tmp_path):

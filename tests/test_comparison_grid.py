@@ -41,7 +41,7 @@ def test_auto_sweep_and_batch_axis(setup, tmp_path):  # noqa: F811
     assert sweep.config.rates_for("milora") == auto_grid("milora", 1e-2, 2.0, 2)
     assert len(sweep.runs) == 3 * 2 * 2 and sweep.runs[0].name == "lora-lr0.005-bs2-seed0"
     job = job_for(sweep, sweep.runs[1])
-    assert job["train"]["per_device_train_batch_size"] == 4 and job["identity"]["batch_size"] == 4
+    assert job.train["per_device_train_batch_size"] == 4 and job.identity.batch_size == 4
     assert not (tmp_path / "out").exists()
     for change, message in [({"lora_rate": None}, "learning_rates: auto needs lora_rate"),
                             ({"learning_rates": [1e-3]}, "lora_rate is only for learning_rates: auto"),

@@ -26,11 +26,15 @@ def readme_block(after: str) -> str:
     return match.group(1)
 
 
-def test_the_example_evaluation_task_runs(tmp_path):
-    from milora.eval import evaluate, registry
+def test_the_example_evaluation_task_runs(tmp_path, monkeypatch):
+    from milora.eval import evaluate, options, registry
     from milora.models import load_base_model
 
     code = readme_block("**Adding an evaluation task**")
+    catalogue = readme_block("**The task's options**")
+    assert '"yesno": ("max_new_tokens",)' in catalogue and '"yesno": 4' in catalogue
+    monkeypatch.setitem(options.TASK_OPTIONS, "yesno", ("max_new_tokens",))  # the catalogue lines of the page
+    monkeypatch.setitem(options.OPTIONS["max_new_tokens"].default, "yesno", 4)
     try:
         exec(compile(code, "docs/architecture.md", "exec"), {})  # registers "yesno"
         data = tmp_path / "yesno.json"
@@ -42,19 +46,22 @@ def test_the_example_evaluation_task_runs(tmp_path):
         assert {"prompt", "output", "prediction", "gold", "correct"} <= set(result["items"][0])
         with pytest.raises(DataError, match="does not take the option"):
             evaluate(model, tokenizer, "yesno", str(data), scorer="loglik")
+        with pytest.raises(DataError, match="max_new_tokens must be an integer of at least 1"):
+            evaluate(model, tokenizer, "yesno", str(data), max_new_tokens=0)
     finally:
         registry._TASKS.pop("yesno", None)
 
 
 def test_trainer_options_pass_through(tmp_path):
     from milora.training.config import from_dict
+    from milora.training.objectives import objective_for
     from milora.training.run import _training_arguments
 
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     config = from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "weight_decay": 0.1,
                         "trainer_args": {"adam_beta2": 0.95}})
-    arguments = _training_arguments(config, has_eval=False)
+    arguments = _training_arguments(config, False, objective_for(config, preprocessor=None))
     assert arguments.adam_beta2 == 0.95 and arguments.weight_decay == 0.1
     with pytest.raises(ConfigError, match=r"unknown key 'trainer_args.adam_beta3': did you mean 'adam_beta2'"):
         from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"adam_beta3": 0.9}})

@@ -52,6 +52,7 @@ from milora.init import (
     weight_matrix,
 )
 from milora.init.quantize import check_quantizable, quantize_peft_model
+from milora.models import peft_wrapping
 
 
 def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -86,7 +87,8 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
         saved_config, _, metadata = read_adapter(adapter_dir)
         check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
     try:
-        return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+        with peft_wrapping():
+            return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
         raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from error
 
@@ -256,7 +258,8 @@ def _rebuild(base_model, lora_config: LoraConfig, weights: dict, metadata: dict,
     if quantization is not None:
         check_quantizable(base_model, modules, quantization)
 
-    peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
+    with peft_wrapping():
+        peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
     record = InitRecord(
         init=metadata["init"], solver=metadata["solver"], seed=metadata["seed"], fingerprint=metadata["fingerprint"],
         report=metadata["report"], measured={**metadata.get("measured", {}),

@@ -30,8 +30,8 @@ def compare(sweep: str | os.PathLike | Mapping[str, Any], overrides: Sequence[st
         jobs = prepare(sweep)
         if jobs:
             run_ray(jobs, sweep) if sweep.config.backend == "ray" else run_local(jobs, progress)
-        records = [record for spec in sweep.runs if (record := read_record(Path(job_for(sweep, spec)["run_dir"])))]
-        base = read_record(Path(job_for(sweep, None)["run_dir"]))
+        records = [record for spec in sweep.runs if (record := read_record(Path(job_for(sweep, spec).run_dir)))]
+        base = read_record(Path(job_for(sweep, None).run_dir))
         summary = summarise(records, sweep.config.methods, sweep.config.baseline)
         summary["setup"] = _setup(sweep, records, base, time.perf_counter() - started)
         if sweep.config.analyze:
@@ -61,6 +61,7 @@ def _setup(sweep: Sweep, records: list[dict], base: dict | None, seconds: float)
         "base_retention_accuracy": base["retention"]["accuracy"] if base and base.get("retention") else None,
         "wall_minutes": (sum(r.get("wall_seconds", 0) for r in records) + (base or {}).get("wall_seconds", 0)) / 60,
         "this_invocation_minutes": seconds / 60,
+        "data_sha256": sweep.data_sha256,
     }
 
 

@@ -5,10 +5,13 @@ accepted), ``data/`` (the training and held-out validation records of a validati
 sweep), ``runs/<method>-lr<rate>-seed<seed>/`` (``job.json``, ``train/`` = the `milora train`
 output, ``validation.json`` / ``test.json`` / ``forgetting.json`` eval results, ``run.json`` =
 the run's record, written last), ``runs/base/`` (the base model's scores), and the report.
+Each ``job.json`` holds the sha256 of every data file the sweep reads (`milora.comparison.consistency`).
 
 Resuming: a run with a record is finished and is skipped (a failed one too, unless
 ``retry_failed``); a run killed mid-way resumes from its last checkpoint. Changing a shared
-setting of a sweep that has runs is refused, naming the key.
+setting of a sweep that has runs is refused, naming the key, and so is a run whose own job.json or
+train_config.yaml disagrees with the sweep (a data file changed in place, sweep.yaml deleted and a
+setting changed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from milora.comparison.consistency import check_runs
+from milora.comparison.job import JOB_FILE, Job, RunIdentity
 from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, method_train_keys, shared_settings_digest, write_split
 from milora.comparison.worker import IN_USE, RECORD, STOPPED
 from milora.errors import ConfigError, StoppedError
@@ -35,8 +40,8 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).absolute()) if path is not None and Path(path).exists() else path
 
 
-def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
-    """Everything the worker needs for one run (``spec=None``: the base model's scores), as JSON."""
+def job_for(sweep: Sweep, spec: RunSpec | None) -> Job:
+    """Everything the worker needs for one run (``spec=None``: the base model's scores)."""
     config = sweep.config
     name = spec.name if spec is not None else "base"
     run_dir = (sweep.output_dir / "runs" / name).absolute()
@@ -46,24 +51,23 @@ def job_for(sweep: Sweep, spec: RunSpec | None) -> dict[str, Any]:
     for key in ("model", "deepspeed"):
         if train.get(key) is not None:
             train[key] = _absolute(train[key])
-    identity = {"method": "base", "learning_rate": None, "seed": None}
+    identity = RunIdentity("base")
     if spec is not None:
         train = {**method_train_keys(train, spec.method), "init": spec.method, "learning_rate": spec.learning_rate,
                  "seed": spec.seed}
-        identity = {"method": spec.method, "learning_rate": spec.learning_rate, "seed": spec.seed}
+        identity = RunIdentity(spec.method, spec.learning_rate, spec.seed, spec.batch_size)
         if spec.batch_size is not None:
             train["per_device_train_batch_size"] = spec.batch_size
-            identity["batch_size"] = spec.batch_size
-    return {
-        "name": name, "run_dir": str(run_dir), "identity": identity, "train": train,
-        "eval_task": config.eval_task, "eval_data": _absolute(config.eval_data), "eval_options": config.eval_options,
-        "validation_data": str(sweep.validation_file.absolute()), "test_limit": config.test_limit,
-        "eval_batch_size": config.eval_batch_size, "eval_server": config.eval_server, "forgetting": config.forgetting,
-        "forgetting_data": _absolute(config.forgetting_data), "forgetting_windows": config.forgetting_windows,
-        "forgetting_length": config.forgetting_length, "retention_task": config.retention_task,
-        "retention_data": _absolute(config.retention_data), "retention_options": config.retention_options,
-        "retention_limit": config.retention_limit,
-    }
+    return Job(
+        name=name, run_dir=str(run_dir), identity=identity, train=train,
+        eval_task=config.eval_task, eval_data=_absolute(config.eval_data), eval_options=config.eval_options,
+        validation_data=str(sweep.validation_file.absolute()), test_limit=config.test_limit,
+        eval_batch_size=config.eval_batch_size, eval_server=config.eval_server, forgetting=config.forgetting,
+        forgetting_data=_absolute(config.forgetting_data), forgetting_windows=config.forgetting_windows,
+        forgetting_length=config.forgetting_length, retention_task=config.retention_task,
+        retention_data=_absolute(config.retention_data), retention_options=config.retention_options,
+        retention_limit=config.retention_limit, data_sha256=sweep.data_sha256,
+    )
 
 
 def check_same_sweep(sweep: Sweep) -> None:
@@ -81,12 +85,12 @@ def check_same_sweep(sweep: Sweep) -> None:
         )
 
 
-def pending(sweep: Sweep) -> list[dict[str, Any]]:
+def pending(sweep: Sweep) -> list[Job]:
     """The jobs still to run: the base scores first, then the grid, skipping finished runs."""
     jobs = []
     for spec in [None, *sweep.runs]:
         job = job_for(sweep, spec)
-        record = read_record(Path(job["run_dir"]))
+        record = read_record(Path(job.run_dir))
         if record is None or (record["status"] == "failed" and sweep.config.retry_failed):
             jobs.append(job)
     return jobs
@@ -110,18 +114,19 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def prepare(sweep: Sweep) -> list[dict[str, Any]]:
+def prepare(sweep: Sweep) -> list[Job]:
     """Accept the sweep: write its data split and sweep.yaml, and each pending job's job.json."""
     import yaml
 
     from milora.io import atomic_write_text
 
     check_same_sweep(sweep)
+    check_runs([job_for(sweep, spec).to_json() for spec in [None, *sweep.runs]], RECORD)
     write_split(sweep)
     atomic_write_text(sweep.output_dir / SWEEP_FILE, yaml.safe_dump(sweep.resolved(), sort_keys=False))
     jobs = pending(sweep)
     for job in jobs:
-        atomic_write_json(Path(job["run_dir"]) / "job.json", job)
+        job.write()
     return jobs
 
 
@@ -168,32 +173,32 @@ def _wait(process: subprocess.Popen, name: str) -> int:
         raise StoppedError(f"stopped during {name}; re-run the same command to continue the sweep.") from interrupt
 
 
-def run_local(jobs: list[dict[str, Any]], progress: bool = True) -> None:
+def run_local(jobs: list[Job], progress: bool = True) -> None:
     """One job after the other, each in a fresh Python process (a crash or a leak stays in it). A run
     held by another live process is left unfinished (not failed); Ctrl-C stops after its checkpoint."""
     for index, job in enumerate(jobs, start=1):
         if progress:
-            print(f"milora compare: [{index}/{len(jobs)}] {job['name']}", file=sys.stderr, flush=True)
-        run_dir = Path(job["run_dir"])
+            print(f"milora compare: [{index}/{len(jobs)}] {job.name}", file=sys.stderr, flush=True)
+        run_dir = Path(job.run_dir)
         with tempfile.TemporaryFile() as stderr:
-            process = start_worker([sys.executable, "-m", "milora.comparison", str(run_dir / "job.json")],
+            process = start_worker([sys.executable, "-m", "milora.comparison", str(run_dir / JOB_FILE)],
                                    **({} if progress else {"stdout": subprocess.DEVNULL, "stderr": stderr}))
-            returncode = _wait(process, job["name"])
+            returncode = _wait(process, job.name)
             stderr.seek(0)
             tail = "(see the output above)" if progress else stderr.read()[-2000:].decode(errors="replace")
         if returncode == IN_USE:
-            print(f"milora compare: {job['name']} is held by another live process; left unfinished (not failed): "
+            print(f"milora compare: {job.name} is held by another live process; left unfinished (not failed): "
                   "re-run when it has ended.", file=sys.stderr)
         elif returncode == STOPPED:
-            raise StoppedError(f"{job['name']} was stopped; re-run the same command to continue the sweep.")
+            raise StoppedError(f"{job.name} was stopped; re-run the same command to continue the sweep.")
         elif read_record(run_dir) is None:  # the process died before it could write its record
             atomic_write_json(run_dir / RECORD, {
-                **job["identity"], "status": "failed",
+                **job.identity.as_record(), "status": "failed",
                 "error": f"the run's process exited with status {returncode}", "stderr": tail,
             })
 
 
-def run_ray(jobs: list[dict[str, Any]], sweep: Sweep) -> None:
+def run_ray(jobs: list[Job], sweep: Sweep) -> None:
     """Every job as a Ray Tune trial with ``cpus_per_run`` / ``gpus_per_run`` (ray_address: a cluster
     whose workers see output_dir at the same path, e.g. a shared file system)."""
     import ray
@@ -206,7 +211,7 @@ def run_ray(jobs: list[dict[str, Any]], sweep: Sweep) -> None:
         trainable = tune.with_resources(_ray_trial, {"cpu": config.cpus_per_run, "gpu": config.gpus_per_run})
         tuner = tune.Tuner(
             trainable,
-            param_space={"job": tune.grid_search(jobs)},
+            param_space={"job": tune.grid_search([job.to_json() for job in jobs])},
             tune_config=tune.TuneConfig(max_concurrent_trials=None),
             run_config=tune.RunConfig(name="milora-compare", storage_path=str((sweep.output_dir / "ray").absolute()),
                                       verbose=0),
@@ -223,6 +228,6 @@ def _ray_trial(params: dict) -> None:
 
     from milora.comparison.worker import run_base, run_one
 
-    job = params["job"]
-    record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+    job = Job.from_json(params["job"])
+    record = (run_base if job.is_base else run_one)(job)
     tune.report({key: value for key, value in record.items() if isinstance(value, (int, float, str, type(None)))})

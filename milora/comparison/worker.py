@@ -10,7 +10,7 @@ retention before fine-tuning).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import sys
 import time
@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from milora.comparison.job import Job, read_job
 from milora.errors import MiloraError, OutputInUseError
 from milora.io import atomic_write_json
 
@@ -36,26 +37,26 @@ def _accuracy_record(result: dict) -> dict[str, Any]:
     return {"accuracy": result["summary"]["average"], "correct": [bool(item["correct"]) for item in result["items"]]}
 
 
-def _scores(job: dict, model, tokenizer, base_model, run_dir: Path, label: str, served=None) -> dict[str, Any]:
+def _scores(job: Job, model, tokenizer, base_model, run_dir: Path, label: str, served=None) -> dict[str, Any]:
     """Validation, test, forgetting and retention of ``model`` (an adapter on the base, or the base);
     ``served``: the same model on the sweep's ``eval_server`` (a `ServerModel`), used for validation and test."""
     from milora.report import write_results
 
     scores: dict[str, Any] = {}
-    evals = [("test", job["eval_task"], job["eval_data"], job["eval_options"], job["test_limit"], served)]
-    if job.get("validation_data"):
-        evals.insert(0, ("validation", job["eval_task"], job["validation_data"], job["eval_options"], None, served))
-    if job.get("retention_task"):
-        evals.append(("retention", job["retention_task"], job["retention_data"], job["retention_options"],
-                      job["retention_limit"], None))
+    evals = [("test", job.eval_task, job.eval_data, job.eval_options, job.test_limit, served)]
+    if job.validation_data:
+        evals.insert(0, ("validation", job.eval_task, job.validation_data, job.eval_options, None, served))
+    if job.retention_task:
+        evals.append(("retention", job.retention_task, job.retention_data, job.retention_options,
+                      job.retention_limit, None))
     for name, task, data, options, limit, server_model in evals:
-        result = _evaluate(server_model or model, tokenizer, task, data, options, limit, job["eval_batch_size"], label)
+        result = _evaluate(server_model or model, tokenizer, task, data, options, limit, job.eval_batch_size, label)
         write_results(result, run_dir / f"{name}.json")
         scores[name] = _accuracy_record(result)
-    if job.get("forgetting") and base_model is not None:
-        result = _evaluate(model, tokenizer, "forgetting", job.get("forgetting_data"),
-                           {"base_model": base_model, "max_length": job["forgetting_length"]},
-                           job["forgetting_windows"], job["eval_batch_size"], label)
+    if job.forgetting and base_model is not None:
+        result = _evaluate(model, tokenizer, "forgetting", job.forgetting_data,
+                           {"base_model": base_model, "max_length": job.forgetting_length},
+                           job.forgetting_windows, job.eval_batch_size, label)
         write_results(result, run_dir / "forgetting.json")
         scores["forgetting_kl"] = result["summary"]["scores"]["forgetting_loss"]
     return scores
@@ -66,7 +67,7 @@ def _trainable_parameters(model) -> int:
     return sum(parameter.numel() for name, parameter in model.named_parameters() if ".lora_" in name)
 
 
-def _train_and_score(job: dict, run_dir: Path) -> dict[str, Any]:
+def _train_and_score(job: Job, run_dir: Path) -> dict[str, Any]:
     from milora.adapter.load import load_model
     from milora.models import load_base_model
     from milora.training.run import train
@@ -74,25 +75,25 @@ def _train_and_score(job: dict, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     resume = _latest_checkpoint(run_dir)
     # a killed attempt may have left this run's own training directory: resume it, or start it over
-    result = train({**job["train"], "resume_from_checkpoint": resume, "overwrite_output_dir": resume is None})
+    result = train({**job.train, "resume_from_checkpoint": resume, "overwrite_output_dir": resume is None})
     if result.interrupted:
         raise KeyboardInterrupt
     losses = [entry["loss"] for entry in result.metrics["loss_history"] if "loss" in entry]
     if losses and not math.isfinite(losses[-1]):
         raise FloatingPointError(f"training diverged: the last logged loss is {losses[-1]}")
     train_seconds = time.perf_counter() - started
-    base, tokenizer = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))
-    reference = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))[0] \
-        if job.get("forgetting") else None
+    base, tokenizer = load_base_model(job.train.get("model"), dtype=job.train.get("dtype", "float32"))
+    reference = load_base_model(job.train.get("model"), dtype=job.train.get("dtype", "float32"))[0] \
+        if job.forgetting else None
     model = load_model(base, result.adapter_dir)
-    if job.get("eval_server"):
+    if job.eval_server:
         from milora.eval.server import connect, runtime_adapter
 
-        with runtime_adapter(job["eval_server"], job["name"], str(result.adapter_dir)) as name:
-            served = connect(job["eval_server"], served_model=name)
-            scores = _scores(job, model, tokenizer, reference, run_dir, job["name"], served)
+        with runtime_adapter(job.eval_server, job.name, str(result.adapter_dir)) as name:
+            served = connect(job.eval_server, served_model=name)
+            scores = _scores(job, model, tokenizer, reference, run_dir, job.name, served)
     else:
-        scores = _scores(job, model, tokenizer, reference, run_dir, job["name"])
+        scores = _scores(job, model, tokenizer, reference, run_dir, job.name)
     return {"status": "done", "train_seconds": train_seconds, "trainable_parameters": _trainable_parameters(model),
             "loss_history": result.metrics["loss_history"], "adapter_dir": str(result.adapter_dir), **scores}
 
@@ -104,9 +105,9 @@ def _latest_checkpoint(run_dir: Path) -> bool | None:
     return True if latest_complete_checkpoint(run_dir / "train") is not None else None
 
 
-def run_one(job: dict) -> dict[str, Any]:
+def run_one(job: Job) -> dict[str, Any]:
     """Run one job of the sweep (see `milora.comparison.runner.job_for`) and write its record."""
-    run_dir = Path(job["run_dir"])
+    run_dir = Path(job.run_dir)
     started = time.perf_counter()
     try:
         record = _train_and_score(job, run_dir)
@@ -116,25 +117,25 @@ def run_one(job: dict) -> dict[str, Any]:
         diverged = "NaN or Inf" in str(error) or isinstance(error, FloatingPointError)
         record = {"status": "failed", "reason": "diverged (NaN/Inf)" if diverged else type(error).__name__,
                   "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=-3)}
-    record = {**job["identity"], **record, "wall_seconds": time.perf_counter() - started}
+    record = {**job.identity.as_record(), **record, "wall_seconds": time.perf_counter() - started}
     atomic_write_json(run_dir / RECORD, record)
     return record
 
 
-def run_base(job: dict) -> dict[str, Any]:
+def run_base(job: Job) -> dict[str, Any]:
     """Score the base model itself (no adapter): test accuracy and the retention probe before tuning."""
     from milora.models import load_base_model
 
-    run_dir = Path(job["run_dir"])
-    model, tokenizer = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))
+    run_dir = Path(job.run_dir)
+    model, tokenizer = load_base_model(job.train.get("model"), dtype=job.train.get("dtype", "float32"))
     served = None
-    if job.get("eval_server"):
+    if job.eval_server:
         from milora.eval.server import connect
 
-        served = connect(job["eval_server"])  # the server's one base model
-    scores = _scores({**job, "forgetting": False, "validation_data": None}, model, tokenizer, None, run_dir, "base",
-                     served)
-    record = {**job["identity"], "status": "done", **scores}
+        served = connect(job.eval_server)  # the server's one base model
+    scores = _scores(dataclasses.replace(job, forgetting=False, validation_data=None), model, tokenizer, None, run_dir,
+                     "base", served)
+    record = {**job.identity.as_record(), "status": "done", **scores}
     atomic_write_json(run_dir / RECORD, record)
     return record
 
@@ -147,14 +148,14 @@ STOPPED = 130
 
 def main(argv: list[str] | None = None) -> int:
     path = Path((argv or sys.argv[1:])[0])
-    job = json.loads(path.read_text())
+    job = read_job(path)
     try:
-        record = (run_base if job["identity"]["method"] == "base" else run_one)(job)
+        record = (run_base if job.is_base else run_one)(job)
     except OutputInUseError as error:
         print(f"milora compare: {error}", file=sys.stderr)
         return IN_USE
     except KeyboardInterrupt:
-        print(f"milora compare: {job['name']} stopped; re-running continues it.", file=sys.stderr)
+        print(f"milora compare: {job.name} stopped; re-running continues it.", file=sys.stderr)
         return STOPPED
     return 0 if record["status"] == "done" else 1
 

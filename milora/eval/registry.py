@@ -3,20 +3,21 @@
 A task is a function ``run(job) -> TaskResult`` registered under a name with `register`,
 in one of the modules listed in ``_TASK_MODULES`` (imported on first lookup). A name ending
 in ``:`` is a family taking an argument after the colon (``lm-eval:boolq,piqa``).
-Each task declares the options it takes beyond ``data``, ``limit`` and ``batch_size``;
-`evaluate` rejects any other, so no option is silently ignored.
+The options a task takes beyond ``data``, ``limit`` and ``batch_size`` are declared with their
+defaults in `milora.eval.options` (``TASK_OPTIONS``); `evaluate` rejects any other, and a generation
+option given with a predictions file, so no option is silently ignored.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from milora.errors import DataError
+from milora.eval.options import OPTIONS, TASK_OPTIONS, Option
 
 _TASK_MODULES = (
     "milora.eval.tasks.benchmarks", "milora.eval.tasks.forgetting", "milora.eval.tasks.ifeval",
@@ -53,36 +54,6 @@ class TaskResult:
 
 
 @dataclass(frozen=True)
-class Option:
-    """A task option: its default (``None``: the task decides), and the checks on a given value.
-
-    ``kind``: the type a value must have (``int`` when ``minimum`` is set and no kind is given;
-    ``float`` accepts integers too; ``None``: any value)."""
-
-    default: Any = None
-    minimum: float | None = None
-    choices: tuple[str, ...] | None = None
-    kind: type | tuple[type, ...] | None = None
-
-    def check(self, task: str, name: str, value: Any) -> None:
-        if value is None:
-            return
-        kind = self.kind or (int if self.minimum is not None else None)
-        numeric = kind in (int, float)
-        wrong_type = ((numeric and (isinstance(value, bool)
-                                    or not isinstance(value, int if kind is int else (int, float))))
-                      or (not numeric and kind is not None and not isinstance(value, kind)))
-        not_finite = numeric and not wrong_type and not math.isfinite(value)  # nan passes `<`, inf overflows
-        if wrong_type or not_finite or (self.minimum is not None and value < self.minimum):
-            what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-                    (tuple, list): "a list"}.get(kind, str(kind))
-            bound = f" of at least {self.minimum}" if self.minimum is not None else ""
-            raise DataError(f"{name} must be {what}{bound} (got {value!r}) for task {task}.")
-        if self.choices is not None and value not in self.choices:
-            raise DataError(f"Unknown {name} {value!r} for task {task}: choose one of {', '.join(self.choices)}.")
-
-
-@dataclass(frozen=True)
 class Task:
     name: str
     run: Callable[[Job], TaskResult]
@@ -91,28 +62,46 @@ class Task:
     metric: str = "accuracy"  # "accuracy" (fractions, averaged), "rate" (fractions, not averaged) or "value"
     table_scores: tuple[str, ...] = ()  # the scores `milora eval --compare` shows (default: all accuracies)
     server: bool = False  # whether it can generate through an OpenAI-compatible server (`milora.eval.server`)
+    # reads and checks every record of local data (data, the checked options), raising DataError: run before any
+    # model loads or run trains; hub data (not on disk) is left to the task's run
+    check_data: Callable[[Any, dict[str, Any]], None] | None = None
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """``options`` with defaults filled in; an option the task does not take, or a bad value, is an error."""
+        """``options`` with the defaults filled in (`Option.default_for`; a given ``None`` is not given); an
+        option the task does not take, a bad value, or a generation option with a predictions file is an error."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             takes = ", ".join(self.options) or "none"
             raise DataError(f"Task {self.name} does not take the option(s) {', '.join(unknown)} "
                             f"(its options: {takes}).")
         for name, value in options.items():
-            self.options[name].check(self.name, name, value)
-        return {name: options.get(name, option.default) for name, option in self.options.items()}
+            self.options[name].check(self.name, value)
+        given = [name for name, option in self.options.items() if option.generation and options.get(name) is not None]
+        if options.get("predictions") is not None and given:
+            raise DataError(f"Task {self.name} scores the predictions file as it is: {', '.join(given)} only apply "
+                            "when milora generates the answers; drop them or drop the predictions.")
+        return {name: option.default_for(self.name) if options.get(name) is None else options[name]
+                for name, option in self.options.items()}
+
+    def check_local_data(self, data: Any, options: dict[str, Any]) -> None:
+        """Check ``options`` and every record of local ``data`` now (`check_data`), before any work."""
+        checked = self.check_options(options)
+        if self.check_data is not None:
+            self.check_data(data, checked)
 
 
 _TASKS: dict[str, Task] = {}
 
 
-def register(name: str, description: str, options: dict[str, Option] | None = None, metric: str = "accuracy",
-             table_scores: tuple[str, ...] = (), server: bool = False) -> Callable:
-    """Decorator: register ``run`` as the task ``name``."""
+def register(name: str, description: str, metric: str = "accuracy", table_scores: tuple[str, ...] = (),
+             server: bool = False, check_data: Callable[[Any, dict[str, Any]], None] | None = None) -> Callable:
+    """Decorator: register ``run`` as the task ``name``, taking the options `TASK_OPTIONS` lists for it."""
+    if name not in TASK_OPTIONS:
+        raise KeyError(f"Task {name!r} is not in milora.eval.options.TASK_OPTIONS: list the options it takes there.")
 
     def decorate(run: Callable[[Job], TaskResult]) -> Callable[[Job], TaskResult]:
-        _TASKS[name] = Task(name, run, description, dict(options or {}), metric, table_scores, server)
+        options = {option: OPTIONS[option] for option in TASK_OPTIONS[name]}
+        _TASKS[name] = Task(name, run, description, options, metric, table_scores, server, check_data)
         return run
 
     return decorate

@@ -35,10 +35,10 @@ from milora.errors import ModelError, UsageError
 from milora.init.layers import lora_layers, restore_weight, set_adapter_factors
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.peft_starts import check_peft_start, get_peft_start_model, is_peft_start
-from milora.init.record import InitRecord, attach_record
+from milora.init.record import InitRecord, SolverRun, SpectrumStats, attach_record, report_entry
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
 from milora.linalg.decomposition import Components, default_workers, resolve_solver, select_components_many
-from milora.models import check_device
+from milora.models import check_device, peft_wrapping
 
 NULL_SPACE_STARTS = ("zero", "random")
 _LIBC_PATH = ctypes.util.find_library("c")
@@ -104,7 +104,8 @@ def get_model(
         check_devices(solver, workers, device, {weight_matrix(m).device.type for m in modules.values()})
     record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed,
                         fingerprint=fingerprint(modules))
-    peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
         try:
             _initialise_layers(peft_model, record, adapter_name, solver, device, workers, progress, null_space)
@@ -210,14 +211,14 @@ def _initialise_layers(
             r, scaling = layer.r[adapter], layer.scaling[adapter]
             A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
             B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
-            stats = torch.zeros(4, dtype=torch.float64, device=here)
-            ran = [resolve_solver(solver, record.init, here, tuple(weight.shape), r), ""]  # solver, fallback reason
+            stats = torch.zeros(4, dtype=torch.float64, device=here)  # SpectrumStats.as_tensor(), the owner's
+            ran = [SolverRun(resolve_solver(solver, record.init, here, tuple(weight.shape), r))]  # the owner's, sent
             if rank == owner:
                 start_of = weight_start(next(owned_parts), weight, scaling, null_space, record.seed + index)
                 A.copy_(start_of.A)
                 B.copy_(start_of.B)
-                stats.copy_(torch.tensor(start_of.stats, dtype=torch.float64))
-                ran = start_of.ran
+                stats.copy_(start_of.stats.as_tensor())
+                ran = [start_of.ran]
             if world > 1:
                 for tensor in (A, B, stats):
                     dist.broadcast(tensor, src=owner)
@@ -225,7 +226,8 @@ def _initialise_layers(
             error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
             record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
             release_freed_memory()
-            record.report.append(report_entry(name, weight, r, scaling, ran, stats.tolist(), error))
+            record.report.append(report_entry(name, weight, r, scaling, ran[0], SpectrumStats.from_tensor(stats),
+                                              error))
     record.measured["init_seconds"] = time.perf_counter() - start
     record.measured["workers"] = workers
     warn_zero_components(record, null_space)
@@ -233,14 +235,13 @@ def _initialise_layers(
 
 @dataclass
 class WeightStart:
-    """One weight's start from its selected triplets: A (r x in) and B (out x r) in float64;
-    ``stats`` = [largest selected sigma, smallest, boundary gap, exactly-zero components] and
-    ``ran`` = [the solver that ran, why it replaced the chosen one], as the report records them."""
+    """One weight's start from its selected triplets: A (r x in) and B (out x r) in float64, and what
+    the report records of it (`report_entry`)."""
 
     A: torch.Tensor
     B: torch.Tensor
-    stats: list[float]
-    ran: list[str]
+    stats: SpectrumStats
+    ran: SolverRun
 
 
 def weight_start(parts: Components, weight: torch.Tensor, scaling: float, null_space: str, seed: int) -> WeightStart:
@@ -249,28 +250,8 @@ def weight_start(parts: Components, weight: torch.Tensor, scaling: float, null_s
     ``seed``: the init's seed plus the weight's position among the sorted targets."""
     zero = _zero_components(parts.S, weight)
     A, B = start_factors(parts.U, parts.S, parts.Vh, scaling, zero, null_space, torch.Generator().manual_seed(seed))
-    return WeightStart(A, B, [float(parts.S.max()), float(parts.S.min()), parts.boundary_gap, int(zero.sum())],
-                       [parts.solver, parts.reason])
-
-
-def report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: list, stats: list,
-                  error: float) -> dict:
-    """One weight's line of the init report; ``ran`` is [the solver that ran, why it replaced the chosen one]."""
-    sigma_max, sigma_min, gap, zeros = stats
-    solver, reason = ran
-    return {
-        "module": name,
-        "shape": list(weight.shape),
-        "rank": r,
-        "scaling": scaling,
-        "solver": solver,
-        **({"solver_reason": reason} if reason else {}),
-        "sigma_max_selected": sigma_max,
-        "sigma_min_selected": sigma_min,
-        "boundary_gap": None if math.isnan(gap) else gap,
-        "zero_components": int(zeros),
-        "reconstruction_error": error,
-    }
+    return WeightStart(A, B, SpectrumStats(float(parts.S.max()), float(parts.S.min()), parts.boundary_gap,
+                                           int(zero.sum())), SolverRun(parts.solver, parts.reason))
 
 
 def _zero_components(S: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

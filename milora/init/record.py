@@ -21,6 +21,55 @@ SENSITIVE_GAP = 1e-3
 _ATTRIBUTE = "milora_init"
 
 
+@dataclass(frozen=True)
+class SpectrumStats:
+    """One weight's selected singular values: the largest and smallest, the relative gap at the block's
+    boundary (nan when not computed: random and plain starts) and how many are exactly 0 (`float64`
+    resolution)."""
+
+    sigma_max: float
+    sigma_min: float
+    boundary_gap: float
+    zero_components: int
+
+    def as_tensor(self) -> torch.Tensor:
+        """The four values as a float64 tensor (4,), as the owner rank broadcasts them."""
+        return torch.tensor([self.sigma_max, self.sigma_min, self.boundary_gap, self.zero_components],
+                            dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> SpectrumStats:
+        sigma_max, sigma_min, gap, zeros = values.tolist()
+        return cls(sigma_max, sigma_min, gap, int(zeros))
+
+
+@dataclass(frozen=True)
+class SolverRun:
+    """The solver that decomposed a weight and, when it replaced the chosen one, why (``""``: it did not)."""
+
+    solver: str
+    reason: str = ""
+
+
+def report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: SolverRun, stats: SpectrumStats,
+                 error: float) -> dict:
+    """One weight's line of the init report, as saved in milora_config.json (``boundary_gap`` None when not
+    computed; ``solver_reason`` only when the solver was replaced)."""
+    return {
+        "module": name,
+        "shape": list(weight.shape),
+        "rank": r,
+        "scaling": scaling,
+        "solver": ran.solver,
+        **({"solver_reason": ran.reason} if ran.reason else {}),
+        "sigma_max_selected": stats.sigma_max,
+        "sigma_min_selected": stats.sigma_min,
+        "boundary_gap": None if math.isnan(stats.boundary_gap) else stats.boundary_gap,
+        "zero_components": stats.zero_components,
+        "reconstruction_error": error,
+    }
+
+
 @dataclass
 class InitRecord:
     """What milora knows about an adapter beyond PEFT's own config.

@@ -43,13 +43,12 @@ from milora.init.initialize import (
     check_devices,
     check_init_options,
     release_freed_memory,
-    report_entry,
     warn_zero_components,
     weight_start,
 )
 from milora.init.layers import residual_weight
 from milora.init.multimodal import warn_outside_language_model
-from milora.init.record import InitRecord
+from milora.init.record import InitRecord, report_entry
 from milora.init.targets import (
     check_finite_weight,
     fingerprint_of_samples,

@@ -27,11 +27,12 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from milora.constants import ADAPTER_FILES, DATA_INITS, METRICS_FILE, MILORA_CONFIG, PEFT_STARTS, TRAIN_CONFIG_FILE
 from milora.errors import AdapterError, ConfigError, ModelError, OutputError
-from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
+from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_output_dir, check_replaceable
 from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
 from milora.training.data import build_datasets, load_records, load_training_records, supervised_collator
-from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
+from milora.training.objectives import Objective, build_objective_data, objective_for
+from milora.training.trainer import StopOnSignal, signals_request_stop
 
 
 @dataclass
@@ -181,22 +182,16 @@ def _multi_process_cpu() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+def _training_arguments(config: TrainConfig, has_eval: bool, objective: Objective) -> TrainingArguments:
     """Keys named like TrainingArguments fields pass as they are (`trainer_keys`), ``trainer_args`` too;
-    the rest is milora's meaning of its own keys. ``objective: dpo``: a TRL `DPOConfig` with its keys."""
-    arguments_class, objective_values = TrainingArguments, {"remove_unused_columns": False}
-    if config.objective == "dpo":
-        from trl import DPOConfig
-
-        from milora.training.preference import dpo_arguments
-
-        arguments_class, objective_values = DPOConfig, dpo_arguments(config)
+    the rest is milora's meaning of its own keys. ``objective: dpo`` / ``grpo``: TRL's `DPOConfig` /
+    `GRPOConfig` with the objective's keys (`milora.training.objectives`)."""
     checkpointing = {}
     if config.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5.x
         fields = TrainingArguments.__dataclass_fields__
         name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}}
-    return arguments_class(
+    return objective.arguments_class(
         **{key: getattr(config, key) for key in trainer_keys()},
         **config.trainer_args,
         **checkpointing,
@@ -211,7 +206,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         eval_steps=(config.eval_steps or config.logging_steps) if has_eval else None,
         report_to=[] if config.report_to == "none" else [config.report_to],
         dataloader_pin_memory=torch.cuda.is_available(),
-        **objective_values,
+        **objective.arguments,
         ddp_find_unused_parameters=False,
         use_cpu=_multi_process_cpu(),
     )
@@ -259,13 +254,14 @@ def train(
 
     start = time.perf_counter()
     config = load_config(config, overrides)
-    config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
+    config = config.as_run()
     _check_environment(config)
     _check_sharding_on_cpu()
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
     lock = RunLock(config.output_dir, purpose="milora train") if state.is_main_process else None
     created = not Path(config.output_dir).exists()
     if lock is not None:
+        check_output_dir(config.output_dir)  # a file there, a read-only mount: before anything is written
         lock.acquire()
     try:
         resume = _check_output_dir(config)
@@ -295,6 +291,7 @@ class BuiltRun:
     val_dataset: Any | None
     data_stats: dict[str, Any]  # record / token / truncation counts, as written to metrics.json
     collator: Any
+    objective: Objective  # arguments and trainer classes (GRPO's reward functions already imported)
 
 
 def _build(config: TrainConfig, state) -> BuiltRun:
@@ -338,7 +335,8 @@ def _build(config: TrainConfig, state) -> BuiltRun:
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
               "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)
-    return BuiltRun(peft_model, preprocessor, train_dataset, val_dataset, stats, collator)
+    objective = objective_for(config, preprocessor)
+    return BuiltRun(peft_model, preprocessor, train_dataset, val_dataset, stats, collator, objective)
 
 
 def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
@@ -347,12 +345,9 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     from milora.models import is_vision_language_model
     from milora.training import vision_data
 
-    if config.objective == "dpo":
-        from milora.training.preference import build_preference_datasets
-
+    if config.objective != "sft":
         records = load_records(config.dataset, config.dataset_split, config.dataset_config)[: config.max_samples]
-        train_dataset, val_dataset, stats = build_preference_datasets(config, records, tokenizer, progress)
-        return train_dataset, val_dataset, stats, None
+        return *build_objective_data(config, records, tokenizer, progress), None
     records, fmt = load_training_records(config)
     vision = is_vision_language_model(model)
     if fmt == "llava" or any(vision_data.has_images(record) for record in records):
@@ -394,18 +389,13 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
 def _run(config: TrainConfig, state, built: BuiltRun, callbacks: Sequence[TrainerCallback], resume: str | None,
          start: float) -> TrainResult:
     stopper = StopOnSignal()
-    trainer_class, objective_values = MiloraTrainer, {}
-    if config.objective == "dpo":
-        from milora.training.preference import MiloraDPOTrainer
-
-        trainer_class, objective_values = MiloraDPOTrainer, {"processing_class": built.preprocessor}
-    trainer = trainer_class(
+    trainer = built.objective.trainer_class(
         model=built.peft_model,
-        **objective_values,
-        args=_training_arguments(config, has_eval=built.val_dataset is not None),
+        **built.objective.trainer_kwargs,
+        args=_training_arguments(config, built.val_dataset is not None, built.objective),
         train_dataset=built.train_dataset,
         eval_dataset=built.val_dataset,
-        data_collator=built.collator,
+        **({"data_collator": built.collator} if built.collator is not None else {}),  # TRL's own otherwise
         callbacks=[stopper, *callbacks],
     )
     with signals_request_stop(stopper, announce=state.is_main_process):

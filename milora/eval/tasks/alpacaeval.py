@@ -26,15 +26,13 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.registry import Job, TaskResult, register
 from milora.eval.scoring.judge import build_annotator, check_judge, preference, raw_completion, record_completions
-from milora.eval.scoring.predictions import load_predictions, reject_generation_options
+from milora.eval.scoring.predictions import load_predictions
 from milora.io import read_records
-from milora.prompts import TEMPLATE_NAMES, instruction_prompts
+from milora.prompts import instruction_prompts
 
 HUB_DATASET = ("tatsu-lab/alpaca_eval", "alpaca_eval.json")  # AlpacaEval 1.0: 805 text-davinci-003 answers
-DEFAULT_MAX_NEW_TOKENS = 2048
-GENERATION_OPTIONS = ("template", "max_new_tokens")
 
 
 def load_reference(reference: str | Path | None) -> tuple[list[dict], str]:
@@ -69,12 +67,11 @@ def _answers(job: Job, rows: list[dict], every: list[dict]) -> tuple[list[str], 
     read from the predictions file (whose ids may name any of ``every``)."""
     options = job.options
     if options["predictions"] is not None:
-        reject_generation_options(options, GENERATION_OPTIONS, "alpaca-eval")
         outputs = load_predictions(options["predictions"], [[str(i), r["instruction"]] for i, r in enumerate(every)],
                                    range(len(rows)))
         return [r["instruction"] for r in rows], outputs, {"predictions": str(options["predictions"])}
     prompts, template = instruction_prompts(job.tokenizer, [r["instruction"] for r in rows], options["template"])
-    max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens = options["max_new_tokens"]
     outputs = generate(job.model, job.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=job.batch_size,
                        add_special_tokens=template != "chat", progress=job.progress, desc="alpaca-eval")
     return prompts, [o.strip() for o in outputs], {"template": template, "max_new_tokens": max_new_tokens,
@@ -135,10 +132,8 @@ def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
 
 
 @register("alpaca-eval", "AlpacaEval: answers judged pairwise against reference answers (alpaca-eval), win rates",
-          {"judge": Option(None, kind=str), "judge_model": Option(None, kind=str), "reference": Option(None, kind=str),
-           "predictions": Option(None, kind=str), "template": Option(None, choices=TEMPLATE_NAMES),
-           "max_new_tokens": Option(None, minimum=1)},
-          metric="rate", table_scores=("win_rate", "lc_win_rate"), server=True)
+          metric="rate", table_scores=("win_rate", "lc_win_rate"), server=True,
+          check_data=lambda data, options: options["reference"] and load_reference(options["reference"]))
 def _run(job: Job) -> TaskResult:
     options = job.options
     if job.data is not None:

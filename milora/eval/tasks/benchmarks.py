@@ -19,17 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from milora.errors import DataError, DataNotFoundError
+from milora.errors import DataError, DataNotFoundError, shown
 from milora.eval.generation import continuation_logprobs, generate
-from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.registry import Job, TaskResult, register
 from milora.eval.scoring import grading
-from milora.eval.scoring.predictions import first_per_dataset, item_ids, load_predictions, reject_generation_options
+from milora.eval.scoring.predictions import first_per_dataset, item_ids, load_predictions
 from milora.io import read_records
 from milora.prompts import COMMONSENSE_ANSWER_PREFIX, MATH_STOP_STRINGS, eval_prompt
 
-DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 512, "math": 512, "commonsense": 32}
 ACCURACY_TASKS = ("gsm8k", "math", "commonsense")
-SCORERS = ("generate", "loglik")
 _HUB_DEFAULTS = {
     "gsm8k": [("openai/gsm8k", "main")],
     "math": [("EleutherAI/hendrycks_math", subject) for subject in (
@@ -104,7 +102,10 @@ def _field(record: dict, names: tuple[str, ...], where: str) -> str:
     for name in names:
         if isinstance(record.get(name), str):
             return record[name]
-    raise DataError(f"{where}: no {' / '.join(f'`{n}`' for n in names)} field (keys: {sorted(record)}).")
+    given = [name for name in names if name in record]
+    if given:
+        raise DataError(f"{where}: `{given[0]}` must be a string, got {shown(record[given[0]])}.")
+    raise DataError(f"{where}: no {' / '.join(f'`{n}`' for n in names)} field (keys: {shown(sorted(record))}).")
 
 
 def _examples(task: str, name: str, records: list[dict], where: str) -> list[Example]:
@@ -237,7 +238,6 @@ def _accuracies(items: list[dict]) -> dict[str, float]:
 def _from_predictions(job: Job) -> TaskResult:
     """The answers of the predictions file, graded; its ids may name any item of the data."""
     task, options = job.task, job.options
-    reject_generation_options(options, ("max_new_tokens",), task)
     if options.get("scorer") == "loglik":
         raise DataError("--scorer loglik scores the model's log-likelihoods, not answers: drop it with --predictions.")
     every, source = load_examples(task, job.data)
@@ -253,7 +253,7 @@ def _run(job: Job) -> TaskResult:
     if options["predictions"] is not None:
         return _from_predictions(job)
     examples, source = load_examples(task, job.data, job.limit)
-    max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS[task]
+    max_new_tokens = options["max_new_tokens"]
     scorer = options.get("scorer", "generate")
     settings: dict[str, Any] = {"scorer": scorer, "max_new_tokens": max_new_tokens}
     if task != "commonsense":
@@ -265,9 +265,17 @@ def _run(job: Job) -> TaskResult:
     return TaskResult(_accuracies(items), items, source, settings)
 
 
-_GENERATION = {"max_new_tokens": Option(None, minimum=1), "predictions": Option(None, kind=str)}
-register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", _GENERATION,
-         server=True)(_run)
-register("math", "Hendrycks MATH, generated chain of thought, boxed answer", _GENERATION, server=True)(_run)
-register("commonsense", "LLM-Adapters commonsense suite, generated label (or --scorer loglik)",
-         {**_GENERATION, "scorer": Option("generate", choices=SCORERS)}, server=True)(_run)
+def _checker(task: str):
+    """`Task.check_data` of a benchmark: every item of local data parsed (question, gold answer)."""
+    def check(data, options: dict) -> None:
+        if data is not None and Path(data).exists():
+            load_examples(task, data)
+    return check
+
+
+register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", server=True,
+         check_data=_checker("gsm8k"))(_run)
+register("math", "Hendrycks MATH, generated chain of thought, boxed answer", server=True,
+         check_data=_checker("math"))(_run)
+register("commonsense", "LLM-Adapters commonsense suite, generated label (or --scorer loglik)", server=True,
+         check_data=_checker("commonsense"))(_run)

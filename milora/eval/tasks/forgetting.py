@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import model_device, padding_side
-from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.options import OPTIONS
+from milora.eval.registry import Job, TaskResult, register
 from milora.init import has_residual_base
 from milora.io import read_records, read_text
 
@@ -126,8 +127,9 @@ def _windows(tokenizer, documents: list[str], max_length: int, limit: int | None
         yield buffer
 
 
-def forgetting(model, tokenizer, documents: list[str], *, base_model=None, max_length: int = 1024,
-               limit: int | None = None, batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
+def forgetting(model, tokenizer, documents: list[str], *, base_model=None,
+               max_length: int = OPTIONS["max_length"].default, limit: int | None = None, batch_size: int = 8,
+               progress: bool = True) -> tuple[dict, list[dict]]:
     """Forgetting of ``model`` relative to ``base_model`` on general text, token-averaged:
 
     - ``forgetting_loss``: KL(p_base || p_model) of the next-token distributions; 0 iff they agree;
@@ -196,7 +198,7 @@ def forgetting(model, tokenizer, documents: list[str], *, base_model=None, max_l
 
 
 @register("forgetting", "KL of the model's next-token distribution from the base model's on general text",
-          {"base_model": Option(None), "max_length": Option(1024, minimum=2)}, metric="value",
+          metric="value",
           table_scores=("forgetting_loss", "perplexity"))
 def _run(job: Job) -> TaskResult:
     documents, source = load_documents(job.data)

@@ -21,15 +21,13 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.registry import Job, Option, TaskResult, register
-from milora.eval.scoring.predictions import load_predictions, reject_generation_options
+from milora.eval.options import SAMPLING_TEMPERATURE, SAMPLING_TOP_P
+from milora.eval.registry import Job, TaskResult, register
+from milora.eval.scoring.predictions import load_predictions
 from milora.eval.scoring.sandbox import Limits, run_programs
 
 STOP_STRINGS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 """The Codex paper's stop sequences for HumanEval completions."""
-DEFAULT_MAX_NEW_TOKENS = 512
-DEFAULT_TEMPERATURE = 0.8  # when samples > 1 and no temperature is given (Codex paper: 0.8 for pass@100)
-GENERATION_OPTIONS = ("samples", "temperature", "top_p", "max_new_tokens", "seed")
 
 
 def load_problems(data: str | Path | None) -> tuple[list[dict], str]:
@@ -89,7 +87,7 @@ def _settings(options: dict, samples: int) -> tuple[tuple[int, ...], float]:
                         f"raise samples (CLI: --samples) or lower pass_k (CLI: --pass-k).")
     temperature = options["temperature"]
     if temperature is None:
-        temperature = 0.0 if samples == 1 else DEFAULT_TEMPERATURE
+        temperature = 0.0 if samples == 1 else SAMPLING_TEMPERATURE
     if samples > 1 and temperature == 0:
         raise DataError(f"samples={samples} with greedy decoding (temperature 0) gives identical completions: "
                         "set a temperature > 0 (e.g. 0.8), or samples=1 for greedy pass@1.")
@@ -105,9 +103,8 @@ def _completions(job: Job, problems: list[dict], every: list[dict], samples: int
         outputs = load_predictions(options["predictions"], [[p["task_id"]] for p in every], range(len(problems)),
                                    samples=True)
         return [o if isinstance(o, list) else [o] for o in outputs], {"predictions": str(options["predictions"])}
-    seed = options["seed"] or 0
-    max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
-    top_p = options["top_p"] if options["top_p"] is not None else (1.0 if temperature == 0 else 0.95)
+    seed, max_new_tokens = options["seed"], options["max_new_tokens"]
+    top_p = options["top_p"] if options["top_p"] is not None else (1.0 if temperature == 0 else SAMPLING_TOP_P)
     prompts = [p["prompt"] for p in problems for _ in range(samples)]
     outputs = generate(job.model, job.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=job.batch_size,
                        stop_strings=STOP_STRINGS, progress=job.progress, desc="humaneval", temperature=temperature,
@@ -135,21 +132,16 @@ def _execute(problems: list[dict], completions: list[list[str]], timeout: float,
 
 
 @register("humaneval", "HumanEval pass@k: generated code run in a guarded process (needs allow_code_execution)",
-          {"allow_code_execution": Option(False, kind=bool), "predictions": Option(None, kind=str),
-           "samples": Option(None, minimum=1), "temperature": Option(None, minimum=0, kind=float),
-           "top_p": Option(None, minimum=0, kind=float), "pass_k": Option(None, kind=(tuple, list)),
-           "max_new_tokens": Option(None, minimum=1), "seed": Option(None, minimum=0),
-           "timeout": Option(None, minimum=1, kind=float)},
-          metric="rate", table_scores=("humaneval_pass@1",), server=True)
+          metric="rate", table_scores=("humaneval_pass@1",), server=True,
+          check_data=lambda data, options: None if data is None else load_problems(data))
 def _run(job: Job) -> TaskResult:
     options = job.options
     if not options["allow_code_execution"]:
         raise DataError("HumanEval runs the model's code on this machine: opt in with allow_code_execution=True "
                         "(CLI: --allow-code-execution). Each program runs in its own process with time, memory and "
-                        "file-size limits, but that is not a container (see the README).")
-    samples, temperature = options["samples"] or 1, None
+                        "file-size limits, but that is not a container (see docs/evaluation-sandbox.md).")
+    samples, temperature = options["samples"], None
     if options["predictions"] is not None:
-        reject_generation_options(options, GENERATION_OPTIONS, "humaneval")
         ks = _pass_ks(options, (1,))
     else:
         ks, temperature = _settings(options, samples)  # before generating
@@ -160,7 +152,7 @@ def _run(job: Job) -> TaskResult:
     if max(ks) > fewest:
         raise DataError(f"pass@{max(ks)} needs at least {max(ks)} completions per problem, but some problem of the "
                         f"predictions has {fewest}. Lower pass_k (CLI: --pass-k).")
-    items, passed, limits = _execute(problems, completions, options["timeout"] or 10.0, job.progress)
+    items, passed, limits = _execute(problems, completions, options["timeout"], job.progress)
     scores, errors = pass_at_k(passed, ks)
     settings.update(pass_k=list(ks), problems=len(problems), standard_errors=errors,
                     standard_error_kind="standard deviation of the per-problem pass@k estimates / sqrt(problems)",

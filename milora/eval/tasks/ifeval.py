@@ -33,18 +33,15 @@ from pathlib import Path
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate
-from milora.eval.registry import Job, Option, TaskResult, register
-from milora.eval.scoring.predictions import load_predictions, reject_generation_options
+from milora.eval.registry import Job, TaskResult, register
+from milora.eval.scoring.predictions import load_predictions
 from milora.io import read_records
-from milora.prompts import TEMPLATE_NAMES, instruction_prompts
+from milora.prompts import instruction_prompts
 
 HUB_DATASET = "google/IFEval"
 NEEDS_PUNKT = ("length_constraints:number_sentences", "change_case:capital_word_frequency")
 """The instructions whose lm-eval checkers call NLTK's punkt tokenizer (count_sentences, word_tokenize)."""
-MISSING_PUNKT = ("error", "skip")
-DEFAULT_MAX_NEW_TOKENS = 1280  # lm-eval's ifeval generation length
 RANDOM_SEED = 0
-GENERATION_OPTIONS = ("template", "max_new_tokens")
 
 
 @dataclass
@@ -195,22 +192,20 @@ def _responses(job: Job, every: list[Prompt], scored: list[Prompt]) -> tuple[lis
     ``every`` prompt of the data): generated, or read from the predictions file."""
     options = job.options
     if options["predictions"] is not None:
-        reject_generation_options(options, GENERATION_OPTIONS, "ifeval")
         position = {p.key: i for i, p in enumerate(every)}
         outputs = load_predictions(options["predictions"], [[str(p.key)] for p in every],
                                    [position[p.key] for p in scored])  # prompts left out need no answer
         return [p.prompt for p in scored], outputs, {"predictions": str(options["predictions"])}
     rendered, template = instruction_prompts(job.tokenizer, [p.prompt for p in scored], options["template"])
-    max_new_tokens = options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens = options["max_new_tokens"]
     outputs = generate(job.model, job.tokenizer, rendered, max_new_tokens=max_new_tokens, batch_size=job.batch_size,
                        add_special_tokens=template != "chat", progress=job.progress, desc="ifeval")
     return rendered, outputs, {"template": template, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
 
 
 @register("ifeval", "IFEval verifiable instructions: prompt/instruction-level accuracy, strict and loose (lm-eval)",
-          {"predictions": Option(None, kind=str), "template": Option(None, choices=TEMPLATE_NAMES),
-           "max_new_tokens": Option(None, minimum=1), "missing_punkt": Option("error", choices=MISSING_PUNKT)},
-          metric="rate", table_scores=("ifeval_prompt_strict", "ifeval_prompt_loose"), server=True)
+          metric="rate", table_scores=("ifeval_prompt_strict", "ifeval_prompt_loose"), server=True,
+          check_data=lambda data, options: None if data is None else load_prompts(data))
 def _run(job: Job) -> TaskResult:
     every, source = load_prompts(job.data)
     scored, skipped = _select(every[:job.limit], job.options["missing_punkt"])

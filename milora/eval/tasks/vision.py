@@ -27,15 +27,14 @@ from typing import Any
 
 from milora.errors import DataError, DataNotFoundError
 from milora.eval.generation import generate_with_images
-from milora.eval.registry import Job, Option, TaskResult, register
+from milora.eval.registry import Job, TaskResult, register
 from milora.eval.scoring import vqa_grading
-from milora.eval.scoring.predictions import first_per_dataset, item_ids, load_predictions, reject_generation_options
+from milora.eval.scoring.predictions import first_per_dataset, item_ids, load_predictions
 from milora.eval.tasks.benchmarks import dataset_name
 from milora.images import check_image, split_placeholders
 from milora.io import read_records
 from milora.prompts import MCQ_LETTER_ANSWER, VQA_SHORT_ANSWER, apply_chat_template, image_question
 
-DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "pope": 8, "mcq-image": 8}
 _LETTERS = "ABCDEFGHIJ"
 
 
@@ -170,7 +169,6 @@ def _outputs(job: Job) -> tuple[list[VisualItem], list[str], list[str], dict]:
     (whose ids may name any item of the data; the prompts are then the user turns, unrendered)."""
     predictions = job.options["predictions"]
     if predictions is not None:
-        reject_generation_options(job.options, ("max_new_tokens",), job.task)
         every = load_items(job.task, job.data, job.options["image_folder"], None, check_images=False)
         ids = item_ids([item.dataset for item in every])
         chosen = first_per_dataset([item.dataset for item in every], job.limit)
@@ -188,7 +186,7 @@ def _outputs(job: Job) -> tuple[list[VisualItem], list[str], list[str], dict]:
         item.id = name
     prompts = [apply_chat_template(processor, [{"role": "user", "content": split_placeholders(item.turn)}], True)
                for item in items]
-    max_new_tokens = job.options["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS[job.task]
+    max_new_tokens = job.options["max_new_tokens"]
     outputs = generate_with_images(job.model, processor, prompts, [item.images for item in items],
                                    max_new_tokens=max_new_tokens, batch_size=job.batch_size, progress=job.progress,
                                    desc=job.task)
@@ -214,9 +212,16 @@ def _run(job: Job) -> TaskResult:
     return TaskResult(_means(records, "correct"), records, str(job.data), settings)
 
 
-_OPTIONS = {"max_new_tokens": Option(None, minimum=1), "image_folder": Option(None),
-            "predictions": Option(None, kind=str)}
-register("vqa", "open visual questions: normalised exact match, VQAv2 soft accuracy for 10 answers", _OPTIONS)(_run)
-register("pope", "POPE yes/no object hallucination: accuracy, precision, recall, F1, yes-ratio", _OPTIONS,
-         metric="value", table_scores=("f1", "accuracy"))(_run)
-register("mcq-image", "multiple choice with images (ScienceQA-IMG, MMBench): option letter accuracy", _OPTIONS)(_run)
+def _checker(task: str):
+    """`Task.check_data`: every record of the data parsed (the images are checked when the task runs)."""
+    def check(data, options: dict) -> None:
+        load_items(task, data, options["image_folder"], None, check_images=False)
+    return check
+
+
+register("vqa", "open visual questions: normalised exact match, VQAv2 soft accuracy for 10 answers",
+         check_data=_checker("vqa"))(_run)
+register("pope", "POPE yes/no object hallucination: accuracy, precision, recall, F1, yes-ratio", metric="value",
+         table_scores=("f1", "accuracy"), check_data=_checker("pope"))(_run)
+register("mcq-image", "multiple choice with images (ScienceQA-IMG, MMBench): option letter accuracy",
+         check_data=_checker("mcq-image"))(_run)
