@@ -26,7 +26,11 @@ $(VLLM_VENV)/.installed:
 
 vllm-env: $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-fast lint docs vllm-env
+# tests/test_vllm.py: a real vLLM server against local generation (see docs/serving.md for its times)
+test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	MILORA_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -m vllm tests/test_vllm.py
+
+.PHONY: demo test test-fast test-vllm lint docs vllm-env
 demo: $(VENV)/.installed
 	$(VENV)/bin/milora demo
 

@@ -59,3 +59,25 @@ class OutputExistsError(OutputError, FileExistsError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
     """A data file or directory does not exist."""
+
+
+SHOWN_CHARACTERS = 200
+"""The most of a user's value an error message echoes (a 1 MB value is cut, not printed whole)."""
+
+
+def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """``repr(value)`` for an error message, at most about ``limit`` characters: long strings and
+    large containers are elided (`reprlib`, which never builds the whole text), a long string's
+    length is said."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    short.maxlevel = 3
+    text = short.repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if isinstance(value, str) and len(value) > limit:
+        text += f" ({len(value)} characters)"
+    return text

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.constants import ADAPTER_FILES, MILORA_CONFIG, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, DataError, OutputError, OutputExistsError, OutputInUseError
+from milora.errors import ConfigError, DataError, OutputError, OutputExistsError, OutputInUseError, shown
 
 LOCK_FILE = ".milora.lock"
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^/]+$")
@@ -219,11 +219,22 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
 
     ``needs`` completes the message for an empty file (what the file must at least hold).
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}.")
+    values = load_yaml(read_text(path), str(path))
+    if values is None:
+        raise ConfigError(f"{path} is empty" + (f": {needs}." if needs else "."))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, not a {type(values).__name__}.")
+    return values
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """The value of one YAML document (safe loading), ``where`` naming it in errors (a file, an override):
+    a key given twice, or aliases expanding to more than `MAX_YAML_NODES` values (an alias bomb,
+    counted before anything is built), is a `ConfigError`."""
+    import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
@@ -232,31 +243,24 @@ def read_yaml_mapping(path: str | os.PathLike, needs: str = "") -> dict[str, Any
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise ConfigError(
-                        f"{path}: key '{key}' is given twice "
+                        f"{where}: key {shown(key)} is given twice "
                         f"(lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
                         "YAML would silently keep the last one: remove one of them."
                     )
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
-    loader = UniqueKeyLoader(read_text(path))  # safe: a SafeLoader subclass
+    loader = UniqueKeyLoader(text)  # safe: a SafeLoader subclass
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
-            raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES} values (an alias "
+            raise ConfigError(f"{where}: its aliases (*name) expand to more than {MAX_YAML_NODES} values (an alias "
                               "bomb?): write the values out, or use fewer nested aliases.")
-        values = None if node is None else loader.construct_document(node)
+        return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    except DataError as error:
-        raise ConfigError(str(error)) from error
+        raise ConfigError(f"{where} is not valid YAML: {error}") from error
     finally:
         loader.dispose()
-    if values is None:
-        raise ConfigError(f"{path} is empty" + (f": {needs}." if needs else "."))
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of keys to values, not a {type(values).__name__}.")
-    return values
 
 
 # ---------------------------------------------------------------- guarding outputs
@@ -314,6 +318,27 @@ def check_output_file(path: str | os.PathLike) -> Path:
         raise OutputError(f"{parent} is a file, so {path} cannot be created under it: choose another path.")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent} is not writable: choose another path for {path.name}.")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Fail now, not after the work, if the output directory ``path`` cannot be made: it is a file, a
+    file stands in its way, or the directory it is made in (its nearest existing ancestor, and ``path``
+    itself when it exists) takes no new file (no permission, a read-only mount): a file is created
+    there and removed to find out."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, not a directory: choose another output path.")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"{parent} is a file, so {path} cannot be created under it: choose another output path.")
+    for directory in (parent, *([path] if path.is_dir() else [])):
+        try:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as error:
+            raise OutputError(f"{path} cannot be written: no new file can be made in {directory} "
+                              f"({error.strerror or error}); choose another output path.") from error
     return path
 
 

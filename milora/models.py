@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +40,16 @@ from milora.io import staged_directory
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT wrapping a model (``get_peft_model``, ``PeftModel.from_pretrained``): PEFT reads
+    transformers' deprecated ``is_gradient_checkpointing``, whose FutureWarning milora cannot fix (PEFT
+    must); it is ignored here only, so code of the user's own that reads it still sees the warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def check_device(device: str | torch.device) -> None:

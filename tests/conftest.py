@@ -15,7 +15,8 @@ from milora.prompts import render_prompt
 # Two cores: one BLAS/OpenMP thread per process avoids oversubscription stalls.
 torch.set_num_threads(int(os.environ.get("MILORA_TEST_THREADS", "1")))
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data next to the checkout; MILORA_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED_DATA = Path(os.environ.get("MILORA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 IN_CI = os.environ.get("CI", "").lower() in {"true", "1"}
 
 

@@ -225,6 +225,26 @@ def test_resume_skips_finished_runs_and_refuses_a_changed_sweep(local_sweep):
     assert "train.lora_rank changed" in cli_error(["compare", str(_write(output.parent / "s.yaml", changed))])
 
 
+def test_retry_failed_reruns_exactly_the_failed_runs(setup, tmp_path):
+    """docs/compare.md: a finished run "is never repeated" and "retry_failed: true re-runs failed runs" (and
+    may be set on a sweep with runs). Records written here: the base and seven runs done, one failed."""
+    from milora.comparison.runner import job_for, pending, prepare
+    from milora.comparison.worker import RECORD
+
+    values = sweep_values(setup, tmp_path / "out")
+    sweep = load_sweep(values)
+    jobs = prepare(sweep)
+    assert len(jobs) == 1 + 8  # nothing recorded yet: the base scores and the 2 x 2 x 2 grid
+    failed = next(spec for spec in sweep.runs if (spec.method, spec.learning_rate, spec.seed) == ("milora", 0.1, 1))
+    for spec in [None, *sweep.runs]:
+        job = job_for(sweep, spec)
+        status = "failed" if spec is failed else "done"
+        (Path(job.run_dir) / RECORD).write_text(json.dumps({**job.identity.as_record(), "status": status}))
+    assert pending(sweep) == []
+    retried = load_sweep({**values, "retry_failed": True})
+    assert [job.run_dir for job in prepare(retried)] == [job_for(retried, failed).run_dir]
+
+
 def _write(path: Path, values: dict) -> Path:
     path.write_text(yaml.safe_dump(values))
     return path

@@ -7,7 +7,6 @@ import yaml
 
 from milora.training.config import (
     ConfigError,
-    TrainConfig,
     from_dict,
     key_help,
     load_config,
@@ -35,7 +34,33 @@ def test_issue_key_names_exist():
         "warmup_steps", "num_train_epochs", "gradient_accumulation_steps", "bf16",
     }
     assert required <= set(valid_keys())
-    assert {row[0] for row in key_help()} == set(valid_keys())
+
+
+KIND_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "strlist": list, "mapping": dict}
+
+
+def test_listed_keys_kinds_and_defaults_are_what_from_dict_does(data_file, tmp_path):
+    """valid_keys / key_help / to_dict checked against from_dict's behaviour, key by key (they all read
+    TrainConfig.model_fields, so comparing them with model_fields would prove nothing)."""
+    given = minimal(data_file, tmp_path)
+    config = from_dict(given)
+    rows = {key: (kind, default) for key, kind, default, _ in key_help()}
+    assert len(rows) == len(key_help()) == len(valid_keys())  # each key listed once
+    assert set(rows) == set(valid_keys()) == set(vars(config))  # the attributes a parsed config has
+    assert config.to_dict() == {key: getattr(config, key) for key in vars(config)}
+    for key, (kind, default) in rows.items():
+        if key not in given:
+            assert getattr(config, key) == default, key  # the listed default is the one a missing key gets
+        if default is not None:
+            assert from_dict({**given, key: default}) == config, key  # ... and giving it changes nothing
+            assert type(default) is KIND_TYPES.get(kind.rstrip("?"), type(default)), (key, kind, default)
+        optional = kind.endswith("?")
+        if key not in given:  # null is accepted exactly for the keys listed as optional
+            if optional:
+                assert getattr(from_dict({**given, key: None}), key) is None, key
+            else:
+                with pytest.raises(ConfigError, match=f"'{key}' must not be empty"):
+                    from_dict({**given, key: None})
 
 
 def test_minimal_config_defaults(data_file, tmp_path):
@@ -146,5 +171,11 @@ def test_bad_files_and_overrides(tmp_path):
     assert parse_overrides(["max_steps=5", "model="]) == {"max_steps": 5, "model": None}
 
 
-def test_to_dict_is_complete():
-    assert set(TrainConfig().to_dict()) == set(valid_keys())
+def test_to_dict_is_complete_and_round_trips(data_file, tmp_path):
+    """Every value survives to_dict -> YAML -> load_config, with non-default values in every kind."""
+    config = from_dict(minimal(data_file, tmp_path, lora_rank=5, lora_alpha=2.5, use_rslora=True,
+                               lora_target="q_proj,v_proj", max_steps=7, trainer_args={"adam_beta2": 0.95},
+                               resume_from_checkpoint=True, model="some/model", seed=3))
+    dumped = config.to_dict()
+    assert dumped == {key: getattr(config, key) for key in vars(config)} and set(dumped) == set(valid_keys())
+    assert load_config(yaml.safe_load(yaml.safe_dump(dumped))) == config

@@ -1,5 +1,6 @@
 """Data loading, formats, templates and prompt masking (tokenizers only, no model)."""
 
+import copy
 import json
 
 import pyarrow as pa
@@ -28,6 +29,25 @@ INPUT_HEAD = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
 )
+
+
+SHARED_TOKENIZERS = ("smol_tokenizer", "bos_tokenizer")
+
+
+def tokenizer_state(tokenizer) -> tuple:
+    """What a test could change on a shared tokenizer: special tokens, sides, lengths, template, vocabulary."""
+    return (tokenizer.special_tokens_map, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.padding_side,
+            tokenizer.truncation_side, tokenizer.model_max_length, tokenizer.chat_template, len(tokenizer))
+
+
+@pytest.fixture(autouse=True)
+def shared_tokenizers_unchanged(request):
+    """The module-scoped tokenizers are shared by every test here: a test that changes one would change
+    what the later tests see. A test that needs another setting works on a copy."""
+    shared = {name: request.getfixturevalue(name) for name in SHARED_TOKENIZERS if name in request.fixturenames}
+    before = {name: tokenizer_state(tokenizer) for name, tokenizer in shared.items()}
+    yield
+    assert {name: tokenizer_state(tokenizer) for name, tokenizer in shared.items()} == before
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +161,16 @@ def test_overlong_truncate_and_drop(smol_tokenizer):
 
 
 def test_collator_pads_with_ignored_labels(smol_tokenizer):
-    eos = smol_tokenizer.eos_token_id
+    tokenizer = copy.deepcopy(smol_tokenizer)  # pads with EOS here; the shared one keeps <pad>
+    eos = tokenizer.eos_token_id
     batch = [{"input_ids": [5, eos, 7], "labels": [IGNORE_INDEX, eos, 7]}, {"input_ids": [9], "labels": [9]}]
-    smol_tokenizer.pad_token = smol_tokenizer.eos_token
-    out = supervised_collator(smol_tokenizer)(batch)
+    tokenizer.pad_token = tokenizer.eos_token
+    out = supervised_collator(tokenizer)(batch)
     assert out["input_ids"].tolist() == [[5, eos, 7], [9, eos, eos]]
     assert out["labels"].tolist() == [[IGNORE_INDEX, eos, 7], [9, IGNORE_INDEX, IGNORE_INDEX]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]  # from lengths: the EOS inside row 0 is attended
-    assert supervised_collator(smol_tokenizer, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
+    assert supervised_collator(tokenizer, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
+    assert smol_tokenizer.pad_token == "<pad>"
 
 
 RECORDS = [{"instruction": f"Add {a} and {b}", "input": "", "output": f"{a + b}", "answer": str(a + b)}

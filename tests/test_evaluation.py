@@ -452,3 +452,19 @@ def test_harness_bridge_checks_names_before_building_the_model_and_explains_unre
     assert primary_metric({"alias": "arc", "acc_norm,none": 0.4, "acc,none": 0.5, "acc_stderr,none": 0.1}) == "acc,none"
     assert primary_metric({"exact_match,flexible": 0.3, "exact_match_stderr,flexible": 0.1}) == "exact_match,flexible"
     assert primary_metric({"alias": "x", "samples": 3}) is None
+
+
+def test_batch_size_1_and_8_give_identical_answers(tiny_lm, tmp_path):
+    """docs/evaluation.md: "batch size 1 and 8 give identical answers". Prompts of different lengths,
+    so a batch of 8 is left-padded; every output and token count is the same as one item at a time."""
+    model, tokenizer = tiny_lm
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps({"question": "How many? " + "apples and pears " * n, "answer": f"#### {n}"})
+                            + "\n" for n in range(1, 11)))
+    batched = evaluate(model, tokenizer, "gsm8k", data, batch_size=8, max_new_tokens=12, progress=False)
+    single = evaluate(model, tokenizer, "gsm8k", data, batch_size=1, max_new_tokens=12, progress=False)
+    _check_items(batched, 10)
+    assert len({len(tokenizer(item["prompt"]).input_ids) for item in batched["items"]}) == 10  # all lengths differ
+    assert [i["output"] for i in batched["items"]] == [i["output"] for i in single["items"]]
+    assert len({i["output"] for i in batched["items"]}) > 1 and all(i["output"] for i in batched["items"])
+    assert batched["summary"]["scores"] == single["summary"]["scores"]

@@ -186,9 +186,33 @@ def test_math_normalisation_follows_hendrycks():
         assert math_answers_equivalent(written, normal), written
 
 
-def test_math_huge_exponents_are_fast():
-    assert not math_answers_equivalent("2^{1000000}", "2^{1000001}")
-    assert math_answers_equivalent("10^{100}", "10^{100}")
+HUGE_EXPONENTS = [  # (prediction, gold, equivalent); evaluating any of these towers exactly never ends
+    ("2^{1000000}", "2^{1000001}", False),
+    ("10^{100}", "10^{100}", True),
+    ("2^{2^{2^{30}}}", "2^{2^{2^{30}}}+1", False),
+    ("9^{9^{9^{9}}}", "9^{9^{9^{9}}}", True),
+    ("10^{10^{100}}", "10^{10^{100}}+1", False),
+]
+
+
+def test_math_huge_exponents_are_graded_in_bounded_time():
+    """Grading does not evaluate exponent towers: the five pairs are graded right in a child process
+    that is killed after 120 s (they take about 1 s; a grader that expands 2^{2^{2^{30}}} never returns)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys\nfrom milora.eval.scoring.grading import math_answers_equivalent\n"
+              "print(json.dumps([math_answers_equivalent(p, g) for p, g in json.loads(sys.argv[1])]))")
+    pairs = [[prediction, gold] for prediction, gold, _ in HUGE_EXPONENTS]
+    try:
+        child = subprocess.run([sys.executable, "-c", script, json.dumps(pairs)], capture_output=True, text=True,
+                               timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("grading the huge exponents did not finish within 120 s")
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout.strip().splitlines()[-1]) == [equivalent for *_, equivalent in HUGE_EXPONENTS]
 
 
 # ---------------------------------------------------------------- commonsense

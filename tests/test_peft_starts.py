@@ -176,3 +176,26 @@ def test_cli_init_saves_a_peft_start(tiny, tmp_path, capsys):
     assert "rank-8 LoRA on the original base" in out and '"function_preserving": true' in out
     assert main(["init", tiny["model"], "--output", str(tmp_path / "dora"), "--init", "dora", "--rank", "4"]) == 0
     assert "rank-4 LoRA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("error", "preserving"), [(0.9e-4, True), (1.1e-4, False)])
+def test_function_preserving_is_at_most_1e_4_in_float32_and_a_start_above_warns(error, preserving):
+    """docs/baselines.md: `function_preserving` (float32: at most 1e-4) and a warning for a start that is not."""
+    import warnings
+
+    from milora.init.peft_starts import _measure_output
+    from milora.init.record import InitRecord
+
+    before = torch.zeros(2, 100)
+    before[0, 0] = 1.0
+    after = before.clone()
+    after[1, 0] = error  # relative error exactly `error`
+    record = InitRecord(init="olora", solver="peft", seed=0, fingerprint={}, report=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _measure_output(record, before, after, "olora", torch.float32)
+    assert record.measured["output_relative_error"] == pytest.approx(error, rel=1e-6)
+    assert record.measured["function_preserving"] is preserving
+    messages = [str(w.message) for w in caught if "function-preserving" in str(w.message)]
+    assert len(messages) == (0 if preserving else 1)
+    assert all("above 0.0001" in message for message in messages)

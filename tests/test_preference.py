@@ -112,3 +112,58 @@ def test_ctrl_c_checkpoint_and_resume_match_an_uninterrupted_run(tiny, pairs_fil
     for key in a:  # same seed, same CPU: bitwise identical
         assert torch.equal(a[key], b[key]), key
     assert [e["loss"] for e in straight.metrics["loss_history"]] == [e["loss"] for e in resumed.metrics["loss_history"]]
+
+
+def test_trl_own_save_is_wrong_on_the_original_base_and_milora_save_is_right(tiny, pairs_file, tmp_path):
+    """Why milora saves itself: TRL's save_model writes the raw rank-r factors (valid only on the residual
+    base), a pickled training_args.bin and a ref/ adapter; on the original base they give another model."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from milora.adapter import save_adapter
+    from milora.init import get_model
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    model = get_model(AutoModelForCausalLM.from_pretrained(tiny["model"]),
+                      LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                      init="pissa")
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-3,
+                     report_to=[], save_strategy="no", max_length=64, bf16=False)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(PAIRS[:8]),
+                         processing_class=AutoTokenizer.from_pretrained(tiny["model"]))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "trl"))
+    save_adapter(model, tmp_path / "milora")
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+
+    def relative_error(directory):
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), directory).eval()
+        with torch.no_grad():
+            return ((plain(ids).logits - trained).abs().max() / trained.abs().max()).item()
+
+    assert (tmp_path / "trl" / "training_args.bin").exists()  # a pickle milora never writes
+    assert relative_error(tmp_path / "trl") > 1e-2
+    assert relative_error(tmp_path / "milora") < 1e-5
+
+
+def test_a_reference_on_the_residual_base_is_refused(tiny, pairs_file, tmp_path):
+    """The reference TRL falls back to without its "ref" adapter (disabled adapters) is the residual base:
+    refused on the first batch (and a trainer that has neither the adapter nor a ref_model, at construction)."""
+    from types import SimpleNamespace
+
+    from milora.training.reference import require_reference_adapter
+
+    class DropReference(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.delete_adapter("ref")
+
+    with pytest.raises(ConfigError, match="DPO reference is not the original model"):
+        train(dpo_config(tiny, pairs_file, tmp_path / "out", lora_dropout=0.0), callbacks=[DropReference()])
+    without = SimpleNamespace(model=SimpleNamespace(peft_config={"default": None}), ref_model=None,
+                              accelerator=SimpleNamespace(unwrap_model=lambda model: model))
+    with pytest.raises(ConfigError, match="did not add a frozen 'ref' adapter"):
+        require_reference_adapter(without, "DPO")

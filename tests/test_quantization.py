@@ -124,10 +124,21 @@ def test_reported_errors_equal_a_direct_computation(method, init):
     others = [relative_error(direct_dequantized(w, method), w) for n, w in weights.items() if n.endswith(OTHER_LINEAR)]
     assert report["other_modules"] == len(others) == 4
     assert report["other_mean_quantization_error"] == pytest.approx(sum(others) / len(others), rel=1e-12)
+    # the summary milora init prints (docs/quantized-bases.md "Report"): means and the largest share, from the
+    # direct float64 values
+    direct = {name: (float((direct_dequantized(residual[name], method).double() - residual[name].double()).norm()),
+                     float(residual[name].double().norm()), float(weights[name].double().norm()),
+                     float(initial[name].norm())) for name in layers}
     summary = init_record(quantized).summary()
-    assert summary["quantization"] == method
+    assert summary["quantization"] == method and len(direct) == 10
     assert summary["mean_quantization_error"] == pytest.approx(
-        sum(entry["quantization_error"] for entry in report["targets"]) / len(report["targets"]), rel=1e-12)
+        sum(e / r for e, r, _, _ in direct.values()) / 10, rel=1e-12)
+    assert summary["mean_quantization_error_vs_weight"] == pytest.approx(
+        sum(e / w for e, _, w, _ in direct.values()) / 10, rel=1e-7)
+    shares = [share / w for _, _, w, share in direct.values()]
+    assert summary["mean_initial_share"] == pytest.approx(sum(shares) / 10, rel=1e-9, abs=0)
+    assert summary["max_initial_share"] == pytest.approx(max(shares), rel=1e-9, abs=0)
+    assert summary["other_mean_quantization_error"] == pytest.approx(sum(others) / len(others), rel=1e-12)
 
 
 def frozen_state(model) -> dict[str, torch.Tensor]:
@@ -180,11 +191,36 @@ def test_residual_layout_of_a_quantised_model_is_refused(tiny, tmp_path):
 
 
 def test_gpt2_conv1d_layers_are_quantised_as_transformers_does(tokens):
-    model = milora.get_model(tiny_gpt2(), LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"],
-                                                     fan_in_fan_out=True), quantization="nf4", progress=False)
+    """GPT-2's Conv1D (stored in x out) quantised in the (out x in) layout transformers uses: the model at init
+    equals a float GPT-2 holding deq(Q(W_res^T))^T + s B0 A0 in the targets and deq(Q(W^T))^T in both c_proj
+    (float32 summation order: relative < 1e-5), each dequantisation bit-identical to the direct call."""
+    from transformers.pytorch_utils import Conv1D
+
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    model = milora.get_model(tiny_gpt2(), lora, quantization="nf4", progress=False)
+    plain = milora.get_model(tiny_gpt2(), lora, progress=False)  # the same init, not quantised
+    factors, layers = init_record(plain).initial_factors, lora_layers(model)
+    reference = tiny_gpt2()
     with torch.no_grad():
-        error = relative_error(model(tokens).logits, tiny_gpt2()(tokens).logits)
-    assert 1e-4 < error < 0.5
+        for name, module in reference.named_modules():
+            if not isinstance(module, Conv1D):
+                continue
+            if name in factors:
+                residual = weight_matrix(lora_layers(plain)[name].get_base_layer()).detach()
+                dequantized = direct_dequantized(residual, "nf4")
+                assert torch.equal(dequantize_module_weight(layers[name].get_base_layer()), dequantized), name
+                (A0, B0), scaling = factors[name], lora_layers(plain)[name].scaling["default"]
+                weight = dequantized.double() + scaling * (B0.double() @ A0.double())
+            else:  # c_proj: quantised, not adapted
+                dequantized = direct_dequantized(module.weight.detach().T, "nf4")
+                assert torch.equal(dequantize_module_weight(model.get_submodule(f"base_model.model.{name}")),
+                                   dequantized), name
+                weight = dequantized.double()
+            module.weight.copy_(weight.T.float())
+        expected, found = reference(tokens).logits, model(tokens).logits
+        original = tiny_gpt2()(tokens).logits
+    assert len(factors) == 4 and relative_error(found, expected) < 1e-5
+    assert relative_error(found, original) > 1e-4  # the quantisation really changed it
     assert init_record(model).quantization["other_modules"] == 4  # both c_proj of each block (lm_head stays float)
 
 

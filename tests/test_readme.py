@@ -54,13 +54,14 @@ def test_the_example_evaluation_task_runs(tmp_path, monkeypatch):
 
 def test_trainer_options_pass_through(tmp_path):
     from milora.training.config import from_dict
+    from milora.training.objectives import objective_for
     from milora.training.run import _training_arguments
 
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     config = from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "weight_decay": 0.1,
                         "trainer_args": {"adam_beta2": 0.95}})
-    arguments = _training_arguments(config, has_eval=False)
+    arguments = _training_arguments(config, False, objective_for(config, preprocessor=None))
     assert arguments.adam_beta2 == 0.95 and arguments.weight_decay == 0.1
     with pytest.raises(ConfigError, match=r"unknown key 'trainer_args.adam_beta3': did you mean 'adam_beta2'"):
         from_dict({"dataset": str(data), "output_dir": str(tmp_path / "o"), "trainer_args": {"adam_beta3": 0.9}})

@@ -184,3 +184,76 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
     fine = tmp_path / "fine.yaml"
     fine.write_text("base: &base {lr: 1.0e-4}\nrun: *base\n")
     assert read_yaml_mapping(fine) == {"base": {"lr": 1.0e-4}, "run": {"lr": 1.0e-4}}
+
+
+# ---------------------------------------------------------------- the checksum is verified by eval and on resume
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-64] ^= 0xFF  # inside the tensor data, not the header
+    path.write_bytes(bytes(data))
+
+
+def test_eval_and_resume_verify_the_checksum(tmp_path, tiny):
+    """docs/reliability.md: "load_model, merge, eval, analyze and resuming verify it" (merge, analyze and
+    load_model: test_reliability.py): a flipped byte in the weights is refused, and nothing is written."""
+    from milora.errors import AdapterError
+    from milora.training.run import train
+
+    from conftest import cli_error, run_config
+
+    out = tmp_path / "run"
+    train(run_config(tiny, out, max_steps=2, save_steps=2))
+    _flip_a_byte(out / "adapter_model.safetensors")
+    text = tmp_path / "text.txt"
+    text.write_text("The river flows south to the sea. " * 20)
+    message = cli_error(["eval", "--model", tiny["model"], "--adapter", str(out), "--task", "forgetting",
+                         "--data", str(text), "--output", str(tmp_path / "r.json")])
+    assert "does not match the checksum" in message and not (tmp_path / "r.json").exists()
+
+    checkpoint = out / "checkpoint-2"
+    _flip_a_byte(checkpoint / "adapter_model.safetensors")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(AdapterError, match=r"checkpoint-2.*does not match the checksum"):
+        train(run_config(tiny, out, max_steps=3, save_steps=2, resume_from_checkpoint=True))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no checkpoint-3, no new adapter
+
+
+# ---------------------------------------------------------------- the embedded-model cache is written atomically
+
+
+def test_the_embedded_model_cache_is_staged(tmp_path, monkeypatch):
+    """docs/reliability.md: the embedded-model cache is built in a staging directory and renamed into place.
+    The GGUF conversion is replaced by a tiny LLaMA (what is under test is the write): interrupted while
+    saving, the cache holds nothing (no half model, no staging); the next call writes it whole."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import milora.models
+
+    from conftest import tiny_llama, tiny_tokenizer
+
+    source, tokenizer = tiny_llama(), tiny_tokenizer()
+    monkeypatch.setenv("MILORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(milora.models, "embedded_gguf_path", lambda: tmp_path / "smollm2.gguf")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: source)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tokenizer)
+    saved_tokenizer = type(tokenizer).save_pretrained
+
+    def interrupted(self, directory, *args, **kwargs):
+        assert (Path(directory) / "model.safetensors").is_file()  # the model is already written, into staging
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        milora.models.embedded_model_dir()
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", saved_tokenizer)
+    target = milora.models.embedded_model_dir()
+    assert target.parent == tmp_path / "cache" and [p.name for p in (tmp_path / "cache").iterdir()] == [target.name]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in target.iterdir()}
+    monkeypatch.undo()
+    cached = AutoModelForCausalLM.from_pretrained(target)
+    assert cached.state_dict().keys() == source.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), source.state_dict().values(),
+                                                  strict=True))

@@ -1,13 +1,16 @@
-"""`RunLock`: of N processes taking over one stale lock at once, exactly one holds it."""
+"""`RunLock`: of N processes taking over one stale lock at once, exactly one holds it; another host's lock is kept."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 import milora.io
 from milora.errors import OutputError
@@ -54,3 +57,25 @@ def test_exactly_one_of_six_takers_of_a_stale_lock_wins(tmp_path):
     for taker in takers:
         taker.join()
     assert outcomes.count("won") == 1, outcomes
+
+
+def test_a_lock_of_another_host_is_respected_even_with_a_dead_pid(tmp_path, tiny):
+    """docs/reliability.md: "one from another host is respected": its pid means nothing here, so a pid that
+    is dead on this host does not make it stale; train refuses the directory, names the holder and writes nothing."""
+    from milora.training.run import train
+
+    from conftest import run_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    foreign = {"host": socket.gethostname() + "-elsewhere", "pid": _dead_pid(), "since": 0.0, "purpose": "milora train"}
+    (out / LOCK_FILE).write_text(json.dumps(foreign))
+    lock_bytes = (out / LOCK_FILE).read_bytes()
+    message = rf"in use by milora train, pid {foreign['pid']} on {re.escape(foreign['host'])}.* remove .*{LOCK_FILE}"
+    with pytest.raises(OutputError, match=message):
+        RunLock(out).acquire()
+    with pytest.raises(OutputError, match=message):
+        train(run_config(tiny, out, max_steps=1))
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE] and (out / LOCK_FILE).read_bytes() == lock_bytes
+    (out / LOCK_FILE).unlink()  # removed by hand once that run is gone: the directory is usable again
+    assert (train(run_config(tiny, out, max_steps=1)).adapter_dir / "milora_config.json").is_file()

@@ -148,3 +148,20 @@ def test_the_docs_list_the_environment_the_child_gets():
     listed = ", ".join(f"`{name}`" for name in child_environment("/tmp"))
     assert listed in (root / "docs" / "evaluation-sandbox.md").read_text()
     assert listed in " ".join((root / "docs" / "evaluation.md").read_text().split())
+
+
+def test_the_rlimits_are_set_a_big_file_fails_and_the_directory_is_removed():
+    """docs/evaluation-sandbox.md: rlimits on address space, CPU seconds, written-file size, no core dumps,
+    RLIMIT_NPROC (read back from /proc/self/limits, soft and hard); a write past the file limit fails; the
+    fresh temporary directory is deleted afterwards."""
+    limits = Limits(wall_seconds=5, cpu_seconds=3, memory_bytes=768 << 20, file_bytes=1 << 20, processes=7)
+    outcome = run_program("import os\nprint(os.getcwd())\nprint(open('/proc/self/limits').read())", limits)
+    assert outcome.passed, outcome.stderr
+    rows = {line[:26].strip(): line[26:].split()[:2] for line in outcome.stdout.splitlines()[2:]}
+    assert rows["Max cpu time"] == ["3", "3"] and rows["Max file size"] == [str(1 << 20)] * 2
+    assert rows["Max address space"] == [str(768 << 20)] * 2 and rows["Max core file size"] == ["0", "0"]
+    assert rows["Max processes"] == ["7", "7"]
+    assert not os.path.exists(outcome.stdout.splitlines()[0])  # the run's directory is gone
+    big = run_program("open('big.bin', 'wb').write(b'x' * (2 << 20))", limits)
+    assert not big.passed and big.returncode != 0
+    assert run_program("open('small.bin', 'wb').write(b'x' * (512 << 10))", limits).passed

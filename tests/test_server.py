@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -211,6 +212,51 @@ def test_transient_failures_are_retried(serve, tokenizer):
     assert server.attempts == {"x": 3, "y": 3}
 
 
+def test_at_most_the_concurrency_is_in_flight_and_reached(serve, tokenizer):
+    """docs/serving.md: "at most --server-concurrency (default 8) in flight". Each answer waits until 8
+    requests are in the server at once (a barrier; a client sending fewer breaks it after 30 s), then holds
+    them 0.2 s, and the server counts how many it holds: never more than 8, for 24 prompts."""
+    barrier, state = threading.Barrier(8, timeout=30), {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def crowded(payload, attempt):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            barrier.wait()
+            time.sleep(0.2)  # hold the 8 a moment: a 9th request sent with them would be counted
+        finally:
+            with lock:
+                state["now"] -= 1
+        return _answer("ok")
+
+    server = serve(reply=crowded)
+    model = connect(server.url, retry=Retry(attempts=1, backoff_s=0.0, timeout_s=60.0))
+    assert model.concurrency == 8
+    prompts = [f"p{i}" for i in range(24)]
+    assert model.generate(tokenizer, prompts, max_new_tokens=2, progress=False) == ["ok"] * 24
+    assert state["most"] == 8 and not barrier.broken
+
+
+def test_backoff_doubles_and_a_longer_retry_after_wins(serve, tokenizer, monkeypatch):
+    """docs/serving.md: retried "with exponential backoff (5 attempts)", "honouring Retry-After": the default
+    Retry waits 1, 2, 4, 8 s between 5 attempts (sleep recorded, not slept); a 429 asking for 30 s gets 30 s."""
+    import milora.eval.server
+
+    waits = []
+    monkeypatch.setattr(milora.eval.server.time, "sleep", waits.append)
+    server = serve(reply=lambda payload, attempt: (503, {"error": "overloaded"}, ()))
+    with pytest.raises(ServerError, match=r"after 5 attempts"):
+        connect(server.url).generate(tokenizer, ["x"], max_new_tokens=2, progress=False)
+    assert waits == [1.0, 2.0, 4.0, 8.0] and server.attempts == {"x": 5}
+    waits.clear()
+    patient = serve(reply=lambda p, attempt: (429, {"error": "later"}, (("Retry-After", "30"),)) if attempt == 1
+                    else _answer("ok"))
+    assert connect(patient.url).generate(tokenizer, ["y"], max_new_tokens=2, progress=False) == ["ok"]
+    assert waits == [30.0]
+
+
 @pytest.mark.parametrize(("reply", "reason"), [
     (lambda p, a: _answer("ok", choices=0), r"0 choice\(s\) for n=1"),
     (lambda p, a: _answer("half", finish=None), r"a half-finished answer \(finish_reason None\)"),
@@ -251,7 +297,8 @@ def test_gsm8k_through_a_server_gives_the_local_result_format(serve, tokenizer, 
     assert [i["id"] for i in result["items"]] == ["gsm8k/0", "gsm8k/1", "gsm8k/2", "gsm8k/3"]
     assert all(i["correct"] for i in result["items"]) and result["summary"]["scores"] == {"gsm8k": 1.0}
     assert result["items"][0]["output"] == " 0 + 1 = 1. The answer is 1\n\n"  # cut at "Question:"
-    assert server.payloads[0]["prompt"] == result["items"][0]["prompt"]
+    # requests run concurrently, so they reach the server in any order: the same texts as the items' prompts
+    assert sorted(p["prompt"] for p in server.payloads) == sorted(i["prompt"] for i in result["items"])
     assert result["summary"]["settings"]["served_model"] == "base"
 
 

@@ -54,16 +54,38 @@ def test_smollm2_init_and_round_trip(tmp_path):
         assert relative_error(plain(tokens).logits, trained) < 1e-5
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     """`milora demo` (README's first command) at a tenth of its size: every stage runs on the real
-    model, the report it prints is the one it saves, and the adapter reloads through plain PEFT."""
+    model; the report it prints and saves holds the values of the scoring passes and of the training
+    run (recorded here independently), and the adapter reloads through plain PEFT."""
     import json
     import math
+    import re
 
-    from milora.demos.text import run_demo
+    import milora.demos.text as demo
 
-    report = run_demo(tmp_path / "demo", train_size=16, eval_size=8, max_steps=2, batch_size=4)
+    scored, score = [], demo.score
+    monkeypatch.setattr(demo, "score", lambda *args, **kwargs: scored.append(score(*args, **kwargs)) or scored[-1])
+    report = demo.run_demo(tmp_path / "demo", train_size=16, eval_size=8, max_steps=2, batch_size=4)
+    printed = capsys.readouterr().out
     assert json.loads((tmp_path / "demo" / "report.json").read_text()) == json.loads(json.dumps(report))
+    before, after = scored
+    assert len(before["items"]) == len(after["items"]) == 8
+    for key, result in (("before", before), ("after", after)):  # full marks counted here, out of 8 items
+        assert report[f"accuracy_{key}"] == sum(item["score"] >= 1.0 for item in result["items"]) / 8
+        assert report[f"mean_score_{key}"] == pytest.approx(sum(item["score"] for item in result["items"]) / 8)
+    assert report["examples_after"] == after["items"][:5]
+    metrics = json.loads((tmp_path / "demo" / "adapter" / "metrics.json").read_text())
+    losses = [entry["loss"] for entry in metrics["loss_history"] if "loss" in entry]
+    assert [loss for _, loss in report["loss_curve"]] == losses and report["steps"] == metrics["global_step"] == 2
+    line = re.search(r"held-out accuracy: ([\d.]+)% before -> ([\d.]+)% after \((\d+) items", printed)
+    assert line and (float(line[1]), float(line[2]), int(line[3])) == (
+        round(100 * report["accuracy_before"], 1), round(100 * report["accuracy_after"], 1), 8)
+    line = re.search(r"training: (\d+) steps on (\d+) examples .* loss ([\d.]+) -> ([\d.]+)", printed)
+    assert line and (int(line[1]), int(line[2])) == (2, 16)
+    assert (float(line[3]), float(line[4])) == (round(losses[0], 3), round(losses[-1], 3))
+    examples = re.findall(r"  e\.g\. .* -> (.*) \(gold (.*)\)", printed)
+    assert examples == [(repr(item["output"].strip()), str(item["gold"])) for item in after["items"][:3]]
     assert (report["train_examples"], report["held_out_items"], report["steps"]) == (16, 8, 2)
     for key in ("accuracy_before", "accuracy_after", "mean_score_before", "mean_score_after"):
         assert 0.0 <= report[key] <= 1.0, key

@@ -105,6 +105,24 @@ def test_lanczos_converges_where_the_spectrum_suits_it(large_weight_budget, fami
     assert_exact(parts, w)
 
 
+@pytest.mark.slow
+def test_lanczos_converges_on_the_smollm2_spectrum(large_weight_budget):
+    """docs/init-and-solvers.md's table: on SmolLM2's weight spectra (benchmarks/spectra.py's ``real`` family:
+    layer 15's q_proj for a square weight, log-interpolated to k values, random singular vectors) `auto`
+    runs Lanczos to the end, as on the Gaussian hard edge; float64-exact like eigh."""
+    from milora.models import load_causal_lm
+
+    real = load_causal_lm(None).model.layers[15].self_attn.q_proj.weight.detach().double().numpy()
+    s = np.linalg.svd(real, compute_uv=False)
+    sigma = np.exp(np.interp(np.linspace(0, 1, K), np.linspace(0, 1, s.size), np.log(s)))
+    rng = np.random.default_rng(0)
+    U, V = (np.linalg.qr(rng.standard_normal((K, K)))[0] for _ in range(2))
+    w = torch.from_numpy((U * sigma) @ V.T)
+    parts = select_components(w, R, "milora", "lanczos")
+    assert parts.solver == "lanczos" and parts.reason == ""
+    assert_exact(parts, w)
+
+
 def test_lanczos_hands_over_on_a_dead_feature():
     """A zero column makes W singular: found on the Gram diagonal before any factorisation."""
     w = weight("rank_deficient")

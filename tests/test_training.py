@@ -105,6 +105,31 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(tiny, tmp_path):
     assert [e["loss"] for e in straight.metrics["loss_history"]] == [e["loss"] for e in resumed.metrics["loss_history"]]
 
 
+class SignalAt(TrainerCallback):
+    """Sends this process ``signals`` (one after the other) as a given step (1-based) begins."""
+
+    def __init__(self, step, *signals):
+        self.step, self.signals = step, signals
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            for sig in self.signals:
+                os.kill(os.getpid(), sig)
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_a_second_signal_aborts(tiny, tmp_path):
+    """docs/training.md: "Ctrl-C (or SIGTERM) saves a checkpoint before exiting; a second Ctrl-C aborts at once"."""
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    stopped = train(run_config(tiny, tmp_path / "term"), callbacks=[SignalAt(2, signal.SIGTERM)])
+    assert stopped.interrupted and stopped.checkpoint == tmp_path / "term" / "checkpoint-2"
+    assert (stopped.checkpoint / "milora_config.json").is_file()
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(tiny, tmp_path / "twice"), callbacks=[SignalAt(2, signal.SIGINT, signal.SIGINT)])
+    assert not list((tmp_path / "twice").glob("checkpoint-*"))  # aborted: nothing saved
+    assert not (tmp_path / "twice" / "adapter_model.safetensors").exists()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+
+
 def test_bad_input_writes_nothing(tiny, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -4,7 +4,8 @@ vision tower) built from configs.
 Tolerances as in test_persistence.py (float32): the initial model equals the base to a relative
 1e-5 (the residual W - sBA is rounded once to float32); milora's reloader reproduces the trained
 model bit for bit; plain PEFT (rank-2r update on the original base, projector from
-modules_to_save) and merging differ from it by float32 rounding only: relative error < 1e-5.
+modules_to_save) and merging differ from it by float32 rounding only: relative error < 1e-5. The vision
+tower stays bit for bit what it was, at init, after reloading (milora, plain PEFT) and merging.
 """
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def test_export_reloads_in_plain_peft_and_milora_and_merges(llava_dir, inputs, t
     merged = reloaded.merge_and_unload()
     assert type(merged.model.multi_modal_projector).__name__ == "LlavaMultiModalProjector"
     assert relative_error(logits(merged, inputs), trained) < 1e-5
+    # docs/vision.md: the vision tower's weights untouched, bit for bit, after reloading and merging
+    from milora.cli import main
+
+    assert main(["merge", str(tmp_path / "adapter"), "--model", str(llava_dir), "--output", str(tmp_path / "m")]) == 0
+    merged_by_cli = load_pretrained_model(str(tmp_path / "m"))
+    assert relative_error(logits(merged_by_cli, inputs), trained) < 1e-5
+    vision = vision_state(load_pretrained_model(str(llava_dir)))
+    for model in (plain.get_base_model(), reloaded.get_base_model(), merged, merged_by_cli):
+        found = vision_state(model)
+        assert found.keys() == vision.keys() and all(torch.equal(found[key], vision[key]) for key in vision)
 
 
 def test_resume_restores_the_projector(llava_dir, inputs, tmp_path):

@@ -9,6 +9,7 @@ was trained on. Weights are read as safetensors only.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -27,13 +28,15 @@ from milora.adapter.format import (
     check_metadata,
     decode_factors,
     factor_keys,
+    has_initial_factors,
     magnitude_key,
     rank_factor,
     saved_module_key,
+    target_list,
     trainable_config,
     weights_checksum,
 )
-from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
+from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_INITS, MILORA_CONFIG
 from milora.errors import AdapterError, AdapterNotFoundError
 from milora.init import (
     InitRecord,
@@ -49,6 +52,7 @@ from milora.init import (
     weight_matrix,
 )
 from milora.init.quantize import check_quantizable, quantize_peft_model
+from milora.models import peft_wrapping
 
 
 def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -83,7 +87,8 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
         saved_config, _, metadata = read_adapter(adapter_dir)
         check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
     try:
-        return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+        with peft_wrapping():
+            return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensor shapes that do not fit its config or this model
         raise AdapterError(f"{adapter_dir} cannot be loaded onto this model: {error}") from error
 
@@ -151,6 +156,10 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+SEEDED_INITS = ("random", "pissa-fast")
+"""Residual inits whose start depends on the seed (random triplets, PEFT's randomised SVD)."""
+
+
 def load_model(
     base_model: torch.nn.Module,
     adapter_dir: str | os.PathLike,
@@ -171,6 +180,77 @@ def load_model(
     saved_config, weights, metadata = read_adapter(adapter_dir)
     lora_config = trainable_config(saved_config, metadata)
     lora_config.inference_mode = not is_trainable
+    peft_model = _rebuild(base_model, lora_config, weights, metadata, adapter_dir, device, adapter_name, quantization,
+                          start_only=False)
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
+
+
+def load_start(
+    base_model: torch.nn.Module,
+    adapter_dir: str | os.PathLike,
+    lora_config: LoraConfig,
+    init: str,
+    seed: int,
+    null_space: str = "zero",
+    device: str | torch.device | None = None,
+    quantization: str | None = None,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """A new run's start taken from a saved adapter (of ``milora init`` or of an earlier run) instead of
+    decomposing again: the model `milora.get_model(base_model, lora_config, init, seed=seed)` would give,
+    rebuilt from the saved initial factors (residual W - s B0 A0, trainable factors = B0, A0) without any SVD.
+
+    The adapter must match the run: the base fingerprint, ``init``, rank and alpha (patterns too), rsLoRA,
+    the targets and ``modules_to_save``, and ``seed`` where the start depends on it (random, pissa-fast, or
+    rank-deficient weights), ``null_space`` where a weight has zero components (read from the stored A0: the
+    zero start leaves those rows 0). ``lora_config``'s other options (dropout) are the run's own.
+    """
+    if not has_initial_factors(init) or init in DATA_INITS:
+        why = ("leaves the base unchanged, so a saved adapter does not hold its start" if not has_initial_factors(init)
+               else "is computed from the run's training batches, which a saved start does not record")
+        raise AdapterError(f"init {init!r} {why}: drop init_from for this init (it cannot be reused).")
+    adapter_dir = Path(adapter_dir)
+    saved_config, weights, metadata = read_adapter(adapter_dir)
+    saved = trainable_config(saved_config, metadata)
+    deficient = [entry for entry in metadata["report"] if entry.get("zero_components")]
+    seeded = init in SEEDED_INITS or bool(deficient)
+    pairs = [("init", init, metadata["init"]), ("r", lora_config.r, saved.r),
+             ("lora_alpha", float(lora_config.lora_alpha), float(saved.lora_alpha)),
+             ("use_rslora", lora_config.use_rslora, saved.use_rslora),
+             ("rank_pattern", dict(lora_config.rank_pattern), dict(saved.rank_pattern)),
+             ("alpha_pattern", {k: float(v) for k, v in lora_config.alpha_pattern.items()},
+              {k: float(v) for k, v in saved.alpha_pattern.items()}),
+             ("target_modules", target_list(lora_config.target_modules), target_list(saved.target_modules)),
+             ("modules_to_save", target_list(lora_config.modules_to_save), target_list(saved.modules_to_save)),
+             *([("seed", seed, metadata["seed"])] if seeded else []),
+             *([("null_space", null_space, _null_space_of(weights, deficient, init))] if deficient else [])]
+    changed = [f"{key} {ours!r} (the start has {theirs!r})" for key, ours, theirs in pairs if ours != theirs]
+    if changed:
+        raise AdapterError(f"{adapter_dir} is not this run's start: {'; '.join(changed)}. Make the start with the "
+                           "run's settings (milora init) or change the run's to the start's.")
+    start_config = copy.deepcopy(lora_config)
+    start_config.inference_mode = False
+    return _rebuild(base_model, start_config, weights, metadata, adapter_dir, device, adapter_name, quantization,
+                    start_only=True)
+
+
+def _null_space_of(weights: dict, deficient: list[dict], init: str) -> str:
+    """The null-space start a saved start used: ``zero`` leaves A0's rows of the zero components 0
+    (`milora.init.initialize.start_factors`), ``random`` fills them."""
+    for entry in deficient:
+        A0 = decode_factors(weights, entry["module"], entry["rank"], init).A0
+        if int((A0 == 0).all(dim=1).sum()) < entry["zero_components"]:
+            return "random"
+    return "zero"
+
+
+def _rebuild(base_model, lora_config: LoraConfig, weights: dict, metadata: dict, adapter_dir: Path, device,
+             adapter_name: str, quantization: str | None, start_only: bool) -> PeftModel:
+    """The PEFT model of a read adapter: residual base from the initial factors, the trainable factors the
+    saved ones and ``modules_to_save`` loaded (``start_only``: a fresh start, the initial factors and the base's
+    own copies of ``modules_to_save``)."""
     modules = target_modules(base_model, lora_config)
     check_fingerprint(modules, metadata, adapter_dir)
     _check_weight_shapes(modules, saved_modules(base_model, lora_config), weights, lora_config, metadata,
@@ -178,24 +258,26 @@ def load_model(
     if quantization is not None:
         check_quantizable(base_model, modules, quantization)
 
-    peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
+    with peft_wrapping():
+        peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
     record = InitRecord(
         init=metadata["init"], solver=metadata["solver"], seed=metadata["seed"], fingerprint=metadata["fingerprint"],
-        report=metadata["report"], measured=metadata.get("measured", {}),
+        report=metadata["report"], measured={**metadata.get("measured", {}),
+                                             **({"init_from": str(adapter_dir)} if start_only else {})},
     )
     for name, layer in lora_layers(peft_model).items():
         factors = decode_factors(weights, name, layer.r[adapter_name], record.init)
         if factors.A0 is None:
             _copy_factors(layer, adapter_name, factors)
             continue
-        set_adapter_factors(layer, adapter_name, factors.A, factors.B, factors.A0, factors.B0, device=device)
+        A, B = (factors.A0, factors.B0) if start_only else (factors.A, factors.B)
+        set_adapter_factors(layer, adapter_name, A, B, factors.A0, factors.B0, device=device)
         record.initial_factors[name] = (factors.A0.clone(), factors.B0.clone())
-    _load_saved_modules(peft_model, weights, adapter_name)
+    if not start_only:
+        _load_saved_modules(peft_model, weights, adapter_name)
     attach_record(peft_model, record)
     if quantization is not None:
         peft_model = quantize_peft_model(peft_model, record, quantization, adapter_name)
-    if not is_trainable:
-        peft_model.eval()
     return peft_model
 
 

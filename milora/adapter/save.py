@@ -127,6 +127,7 @@ def save_streamed_start(streamed: StreamedInit, output_dir: str | os.PathLike, o
         adapter_dir.mkdir(exist_ok=True)
         config = copy.deepcopy(streamed.lora_config)
         config.inference_mode = True
+        config.base_model_name_or_path = residual_model_path(output_dir)  # never the original base
         config.save_pretrained(adapter_dir)
         save_file(weights, adapter_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
@@ -153,6 +154,12 @@ def _json_safe(value):
     return value
 
 
+def residual_model_path(adapter_dir: str | os.PathLike) -> str:
+    """The ``base_model_name_or_path`` of a paper-layout ``residual_adapter``: the residual model saved beside
+    it in ``adapter_dir`` (absolute), the base it belongs on."""
+    return str(Path(adapter_dir).resolve() / "residual_model")
+
+
 def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str, final_dir: Path) -> None:
     """The paper's layout: residual base model and the rank-r adapter that goes with it; the
     adapter's ``base_model_name_or_path`` names the residual model (``final_dir/residual_model``),
@@ -165,5 +172,5 @@ def _save_residual(peft_model: PeftModel, directory: Path, adapter_name: str, fi
     PeftModel.save_pretrained(peft_model, directory / "residual_adapter", selected_adapters=[adapter_name])
     config_path = directory / "residual_adapter" / ADAPTER_CONFIG
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = str(Path(final_dir).resolve() / "residual_model")
+    config["base_model_name_or_path"] = residual_model_path(final_dir)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

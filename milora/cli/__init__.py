@@ -3,8 +3,9 @@
 Each command lives in a module of this package with ``add(subparsers)``; heavy libraries
 (torch, transformers, peft) are imported inside the commands, so ``--help`` starts fast.
 Every error a user can fix is a `milora.errors.MiloraError`: printed once here as
-``milora <command>: error: <message>``, exit status 2; with ``--debug`` (or ``MILORA_DEBUG=1``)
-the traceback, chained causes included, comes first.
+``milora <command>: error: <message>``, exit status 2; an I/O failure (a full disk, a read-only
+mount, a permission: `OSError`, safetensors' error) likewise, exit status 1; with ``--debug`` (or
+``MILORA_DEBUG=1``) the traceback, chained causes included, comes first.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` & co., which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (OSError, *_loaded_safetensors_error()) as error:  # a full disk, a read-only mount, a permission
+        if args.debug:
+            traceback.print_exception(error, file=sys.stderr)
+        print(f"milora {args.command}: error: cannot read or write a file: {error} (outputs are staged and renamed "
+              "into place, so nothing that existed was replaced)", file=sys.stderr)
+        return 1
+
+
+def _loaded_safetensors_error() -> tuple[type[Exception], ...]:
+    """safetensors' own I/O error (a full disk while saving), if safetensors is loaded (never imported here)."""
+    module = sys.modules.get("safetensors")
+    return (module.SafetensorError,) if module is not None and hasattr(module, "SafetensorError") else ()
 
 
 if __name__ == "__main__":

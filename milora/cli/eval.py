@@ -113,7 +113,7 @@ def _run_eval(args) -> int:
     spec, _ = find_task(args.task)  # unknown task, options or output path: an error before the model loads
     check_common(args.limit, args.batch_size)
     options = _task_options(args)
-    spec.check_options(options)
+    spec.check_local_data(args.data, options)  # every record of local data, before a model loads
     if args.server is not None:
         check_server_task(spec, args.task)
     label = args.label or (Path(args.predictions).stem if args.predictions else

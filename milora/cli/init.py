@@ -76,12 +76,13 @@ def _run_init(args) -> int:
     from milora.errors import OutputExistsError, UsageError
     from milora.init import get_model, init_record
     from milora.init.quantize import check_quantization
-    from milora.io import check_replaceable
+    from milora.io import check_output_dir, check_replaceable
     from milora.models import load_pretrained_model, refuse_quantized_checkpoint
 
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output} is a file, not a directory: choose another --output for the adapter.")
+    check_output_dir(output)  # before any weight is decomposed
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not args.overwrite:
             raise OutputExistsError(f"{output} already exists and is not empty; "

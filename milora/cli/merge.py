@@ -19,7 +19,7 @@ def _run_merge(args) -> int:
 
     from milora.adapter.load import load_model
     from milora.errors import OutputExistsError
-    from milora.io import staged_directory
+    from milora.io import check_output_dir, staged_directory
     from milora.models import (
         is_vision_language_model,
         load_pretrained_model,
@@ -32,6 +32,7 @@ def _run_merge(args) -> int:
     output = Path(args.output)
     if output.exists():
         raise OutputExistsError(f"{output} already exists; choose another --output.")
+    check_output_dir(output)  # before the model loads
     refuse_quantized_checkpoint(args.model, "merge needs the full-precision base the adapter belongs to (an adapter "
                                  "trained on a quantised base is saved for the full-precision one, and merging into "
                                  "quantised weights would round the update away)")

@@ -61,6 +61,7 @@ def _setup(sweep: Sweep, records: list[dict], base: dict | None, seconds: float)
         "base_retention_accuracy": base["retention"]["accuracy"] if base and base.get("retention") else None,
         "wall_minutes": (sum(r.get("wall_seconds", 0) for r in records) + (base or {}).get("wall_seconds", 0)) / 60,
         "this_invocation_minutes": seconds / 60,
+        "data_sha256": sweep.data_sha256,
     }
 
 

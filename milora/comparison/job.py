@@ -58,6 +58,7 @@ class Job:
     retention_data: str | None = None
     retention_options: dict[str, Any] = field(default_factory=dict)
     retention_limit: int | None = None
+    data_sha256: dict[str, str | None] = field(default_factory=dict)  # by role (`milora.comparison.consistency`)
 
     @property
     def is_base(self) -> bool:

@@ -5,10 +5,13 @@ accepted), ``data/`` (the training and held-out validation records of a validati
 sweep), ``runs/<method>-lr<rate>-seed<seed>/`` (``job.json``, ``train/`` = the `milora train`
 output, ``validation.json`` / ``test.json`` / ``forgetting.json`` eval results, ``run.json`` =
 the run's record, written last), ``runs/base/`` (the base model's scores), and the report.
+Each ``job.json`` holds the sha256 of every data file the sweep reads (`milora.comparison.consistency`).
 
 Resuming: a run with a record is finished and is skipped (a failed one too, unless
 ``retry_failed``); a run killed mid-way resumes from its last checkpoint. Changing a shared
-setting of a sweep that has runs is refused, naming the key.
+setting of a sweep that has runs is refused, naming the key, and so is a run whose own job.json or
+train_config.yaml disagrees with the sweep (a data file changed in place, sweep.yaml deleted and a
+setting changed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from milora.comparison.consistency import check_runs
 from milora.comparison.job import JOB_FILE, Job, RunIdentity
 from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, method_train_keys, shared_settings_digest, write_split
 from milora.comparison.worker import IN_USE, RECORD, STOPPED
@@ -62,7 +66,7 @@ def job_for(sweep: Sweep, spec: RunSpec | None) -> Job:
         forgetting_data=_absolute(config.forgetting_data), forgetting_windows=config.forgetting_windows,
         forgetting_length=config.forgetting_length, retention_task=config.retention_task,
         retention_data=_absolute(config.retention_data), retention_options=config.retention_options,
-        retention_limit=config.retention_limit,
+        retention_limit=config.retention_limit, data_sha256=sweep.data_sha256,
     )
 
 
@@ -117,6 +121,7 @@ def prepare(sweep: Sweep) -> list[Job]:
     from milora.io import atomic_write_text
 
     check_same_sweep(sweep)
+    check_runs([job_for(sweep, spec).to_json() for spec in [None, *sweep.runs]], RECORD)
     write_split(sweep)
     atomic_write_text(sweep.output_dir / SWEEP_FILE, yaml.safe_dump(sweep.resolved(), sort_keys=False))
     jobs = pending(sweep)

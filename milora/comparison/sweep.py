@@ -14,6 +14,7 @@ requested but not installed.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -26,10 +27,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from milora.comparison.consistency import data_fingerprints
 from milora.comparison.grid import auto_grid
 from milora.constants import INIT_MODES
-from milora.errors import ConfigError
-from milora.io import read_records, read_yaml_mapping
+from milora.errors import ConfigError, DataError, shown
+from milora.io import check_output_dir, read_records, read_yaml_mapping
 from milora.training.config import from_dict as train_config_from_dict
 from milora.training.config import method_only_keys, parse_overrides
 
@@ -152,6 +154,14 @@ class Sweep:
         return self.output_dir / "data" / "validation.jsonl" if self.config.validation_size else Path(
             self.config.validation_data)
 
+    @functools.cached_property
+    def data_sha256(self) -> dict[str, str | None]:
+        """sha256 of each local data file the sweep reads, by role (`milora.comparison.consistency`)."""
+        config = self.config
+        return data_fingerprints(self.train["dataset"], {
+            "validation": config.validation_data, "test": config.eval_data, "forgetting": config.forgetting_data,
+            "retention": config.retention_data})
+
     def resolved(self) -> dict[str, Any]:
         """The sweep as written back into output_dir (sweep.yaml): every key, the train keys merged."""
         return {**self.config.model_dump(), "train": self.train, "train_config": None}
@@ -165,14 +175,14 @@ def _closest(key: str) -> str:
 def _validate(values: Mapping[str, Any]) -> SweepConfig:
     unknown = [key for key in values if key not in SweepConfig.model_fields]
     if unknown:
-        raise ConfigError("; ".join(f"unknown sweep key '{key}': {_closest(str(key))}" for key in unknown))
+        raise ConfigError("; ".join(f"unknown sweep key {shown(key)}: {_closest(str(key))}" for key in unknown))
     try:
         return SweepConfig.model_validate(dict(values))
     except ValidationError as error:
         messages = []
         for problem in error.errors(include_url=False):
             where = ".".join(str(part) for part in problem["loc"])
-            messages.append(f"'{where}': {problem['msg']} (got {problem.get('input')!r})")
+            messages.append(f"'{where}': {problem['msg']} (got {shown(problem.get('input'))})")
         raise ConfigError("invalid sweep: " + "; ".join(messages)) from error
 
 
@@ -192,6 +202,7 @@ def load_sweep(source: str | os.PathLike | Mapping[str, Any], overrides: Sequenc
     _check_data(sweep)
     if sweep.config.eval_server is not None:
         _check_server(sweep.config)
+    check_output_dir(sweep.output_dir)
     if config.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("backend: ray needs Ray: `pip install 'milora[ray]'` (or use backend: local).")
     return sweep
@@ -291,6 +302,33 @@ def _check_data(sweep: Sweep) -> None:
         example = next(iter(shared)).split(" || ")[0][:80]
         raise ConfigError(f"{len(shared)} validation item(s) also appear in the test set (e.g. {example!r}): the "
                           "validation split must not overlap the test data.")
+    _check_records(sweep, validation)
+
+
+def _check_records(sweep: Sweep, validation: list[dict]) -> None:
+    """Every record of every evaluation file read as its task reads it (question, gold answer, ...), and the
+    task options checked, before any run trains: a record without its answer would fail every run."""
+    import tempfile
+
+    from milora.eval.registry import find_task
+
+    config = sweep.config
+    checks = [(config.eval_task, config.eval_data, config.eval_options)]
+    if config.validation_data is not None:
+        checks.append((config.eval_task, config.validation_data, config.eval_options))
+    if config.retention_task is not None:
+        checks.append((config.retention_task, config.retention_data, config.retention_options))
+    for task, data, options in checks:
+        find_task(task)[0].check_local_data(data, options)
+    if config.validation_size:  # the held-out training records, scored with eval_task
+        with tempfile.TemporaryDirectory(prefix="milora-validation-") as folder:
+            path = Path(folder) / "held_out_validation.jsonl"
+            path.write_text("".join(json.dumps(record, default=str) + "\n" for record in validation), encoding="utf-8")
+            try:
+                find_task(config.eval_task)[0].check_local_data(path, config.eval_options)
+            except DataError as error:
+                raise DataError(f"the validation records held out of {sweep.train['dataset']} (validation_size="
+                                f"{config.validation_size}) cannot be scored by {config.eval_task}: {error}") from error
 
 
 def _check_server(config: SweepConfig) -> None:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from milora.errors import DataError
+from milora.errors import DataError, shown
 from milora.prompts import TEMPLATE_NAMES
 
 SCORERS = ("generate", "loglik")
@@ -62,9 +62,10 @@ class Option:
             what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
                     (tuple, list): "a list"}.get(self.kind, str(self.kind))
             bound = f" of at least {self.minimum}" if self.minimum is not None else ""
-            raise DataError(f"{self.name} must be {what}{bound} (got {value!r}) for task {task}.")
+            raise DataError(f"{self.name} must be {what}{bound} (got {shown(value)}) for task {task}.")
         if self.choices is not None and value not in self.choices:
-            raise DataError(f"Unknown {self.name} {value!r} for task {task}: choose one of {', '.join(self.choices)}.")
+            raise DataError(f"Unknown {self.name} {shown(value)} for task {task}: "
+                            f"choose one of {', '.join(self.choices)}.")
 
 
 _VISION = ("vqa", "pope", "mcq-image")

@@ -62,6 +62,9 @@ class Task:
     metric: str = "accuracy"  # "accuracy" (fractions, averaged), "rate" (fractions, not averaged) or "value"
     table_scores: tuple[str, ...] = ()  # the scores `milora eval --compare` shows (default: all accuracies)
     server: bool = False  # whether it can generate through an OpenAI-compatible server (`milora.eval.server`)
+    # reads and checks every record of local data (data, the checked options), raising DataError: run before any
+    # model loads or run trains; hub data (not on disk) is left to the task's run
+    check_data: Callable[[Any, dict[str, Any]], None] | None = None
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with the defaults filled in (`Option.default_for`; a given ``None`` is not given); an
@@ -80,19 +83,25 @@ class Task:
         return {name: option.default_for(self.name) if options.get(name) is None else options[name]
                 for name, option in self.options.items()}
 
+    def check_local_data(self, data: Any, options: dict[str, Any]) -> None:
+        """Check ``options`` and every record of local ``data`` now (`check_data`), before any work."""
+        checked = self.check_options(options)
+        if self.check_data is not None:
+            self.check_data(data, checked)
+
 
 _TASKS: dict[str, Task] = {}
 
 
 def register(name: str, description: str, metric: str = "accuracy", table_scores: tuple[str, ...] = (),
-             server: bool = False) -> Callable:
+             server: bool = False, check_data: Callable[[Any, dict[str, Any]], None] | None = None) -> Callable:
     """Decorator: register ``run`` as the task ``name``, taking the options `TASK_OPTIONS` lists for it."""
     if name not in TASK_OPTIONS:
         raise KeyError(f"Task {name!r} is not in milora.eval.options.TASK_OPTIONS: list the options it takes there.")
 
     def decorate(run: Callable[[Job], TaskResult]) -> Callable[[Job], TaskResult]:
         options = {option: OPTIONS[option] for option in TASK_OPTIONS[name]}
-        _TASKS[name] = Task(name, run, description, options, metric, table_scores, server)
+        _TASKS[name] = Task(name, run, description, options, metric, table_scores, server, check_data)
         return run
 
     return decorate

@@ -38,7 +38,7 @@ from milora.init.peft_starts import check_peft_start, get_peft_start_model, is_p
 from milora.init.record import InitRecord, SolverRun, SpectrumStats, attach_record, report_entry
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
 from milora.linalg.decomposition import Components, default_workers, resolve_solver, select_components_many
-from milora.models import check_device
+from milora.models import check_device, peft_wrapping
 
 NULL_SPACE_STARTS = ("zero", "random")
 _LIBC_PATH = ctypes.util.find_library("c")
@@ -104,7 +104,8 @@ def get_model(
         check_devices(solver, workers, device, {weight_matrix(m).device.type for m in modules.values()})
     record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed,
                         fingerprint=fingerprint(modules))
-    peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
         try:
             _initialise_layers(peft_model, record, adapter_name, solver, device, workers, progress, null_space)

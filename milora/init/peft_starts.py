@@ -50,6 +50,7 @@ from milora.errors import ModelError
 from milora.init.layers import lora_layers, set_adapter_factors
 from milora.init.record import InitRecord, attach_record
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
+from milora.models import peft_wrapping
 
 FUNCTION_PRESERVING = {torch.float32: 1e-4, torch.float64: 1e-10}
 """Largest relative output change at the start that still counts as function-preserving, by dtype
@@ -148,7 +149,8 @@ def get_peft_start_model(
         before = model(**probe).logits.double()
     config = peft_lora_config(lora_config, init, pissa_niter)
     _preprocess(model, config, init, calibration)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     try:
         if init == "eva":
             from peft.tuners.lora.eva import initialize_lora_eva_weights

@@ -32,6 +32,7 @@ from milora.errors import ModelError
 from milora.init.layers import lora_layers, restore_weight
 from milora.init.record import InitRecord, attach_record
 from milora.init.targets import weight_matrix
+from milora.models import peft_wrapping
 
 
 def check_quantization(method: str | None) -> None:
@@ -160,7 +161,8 @@ def quantize_peft_model(
         error.add_note("milora: quantisation was interrupted; the model was restored to its original weights and "
                        "modules.")
         raise
-    quantized = get_peft_model(base, config, adapter_name=adapter_name)
+    with peft_wrapping():
+        quantized = get_peft_model(base, config, adapter_name=adapter_name)
     new_layers = lora_layers(quantized)
     if new_layers.keys() != layers.keys():  # PEFT chose other modules on the quantised base: never silently
         differing = sorted(new_layers.keys() ^ layers.keys())

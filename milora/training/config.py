@@ -36,8 +36,8 @@ from milora.constants import (
     SOLVERS,
     TARGET_SCOPES,
 )
-from milora.errors import ConfigError
-from milora.io import atomic_write_text, read_yaml_mapping
+from milora.errors import ConfigError, shown
+from milora.io import atomic_write_text, load_yaml, read_yaml_mapping
 from milora.prompts import CHAT_TEMPLATES, TEMPLATE_NAMES
 
 FORMAT_CHOICES = ("auto", "alpaca", "llm-adapters", "metamath", "messages", "sharegpt", "llava")
@@ -111,6 +111,9 @@ class TrainConfig(BaseModel):
     modules_to_save: Names | None = Key(None, "modules trained in full and saved with the adapter, e.g. "
                                               "multi_modal_projector (LLaVA's projector) for visual instruction tuning")
     use_rslora: Bool = Key(False, "rank-stabilised scaling alpha/sqrt(r)")
+    init_from: Str | None = Key(None, "a saved start (adapter directory of milora init or of an earlier run) to begin "
+                                      "from instead of decomposing again: checked against the base and the run's "
+                                      "init, rank, alpha, targets and seed, its residual rebuilt without any SVD")
     null_space: Literal["zero", "random"] = Key(
         "zero", "start of exactly-zero selected singular values: zero (the paper's; cannot train) or random (B = 0)")
     calibration_batches: Int = Key(8, "training batches (of per_device_train_batch_size, seeded draw) the data "
@@ -120,11 +123,17 @@ class TrainConfig(BaseModel):
         None, "QLoRA-style: quantise the frozen base with bitsandbytes after the full-precision init (W - s B0 A0 in "
         "the targets); the saved adapter is still for the full-precision base (default: none)")
     # objective
-    objective: Literal["sft", "dpo"] = Key("sft", "sft: supervised fine-tuning; dpo: preference pairs through TRL's "
-                                                  "DPOTrainer, reference = the original model")
+    objective: Literal["sft", "dpo", "grpo"] = Key(
+        "sft", "sft: supervised fine-tuning; dpo: preference pairs through TRL's DPOTrainer; grpo: prompts and reward "
+        "functions through TRL's GRPOTrainer (reference = the original model)")
     dpo_beta: Float | None = Key(None, "dpo: KL strength beta (default: TRL's 0.1)", gt=0)
     dpo_loss_type: Str | None = Key(None, "dpo: TRL loss type, e.g. sigmoid, ipo, hinge (default: sigmoid)")
     precompute_ref_log_probs: Bool | None = Key(None, "dpo: compute the reference log-probs once before training")
+    grpo_rewards: Names | None = Key(None, "grpo: reward functions, summed: math, format, or module:function / "
+                                           "file.py:function (required for grpo)")
+    grpo_beta: Float | None = Key(None, "grpo: KL strength to the reference (default: TRL's 0.0, no reference)", ge=0)
+    grpo_num_generations: Int | None = Key(None, "grpo: completions sampled per prompt (default: TRL's 8)", ge=2)
+    grpo_max_completion_length: Int | None = Key(None, "grpo: tokens per completion (default: TRL's 512)", ge=1)
     # data
     dataset: Str | None = Key(None, "local .json/.jsonl/.parquet file, local dataset directory, or hub dataset name "
                                     "(required)")
@@ -183,6 +192,10 @@ class TrainConfig(BaseModel):
         if self.lora_alpha is not None:
             return self.lora_alpha
         return float(self.lora_rank if self.init in RESIDUAL_INITS else 2 * self.lora_rank)
+
+    def as_run(self) -> TrainConfig:
+        """The config as a run uses and records it (``train_config.yaml``): ``lora_alpha`` resolved."""
+        return self.model_copy(update={"lora_alpha": self.resolved_alpha()})
 
     def is_local_dataset(self) -> bool:
         """True for a local file or directory; otherwise ``dataset`` names a hub dataset."""
@@ -256,17 +269,17 @@ def _message(error: dict) -> str:
         choices = _choices(name)
         match = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean '{match[0]}'?)" if match else ""
-        return f"'{name}' must be one of {', '.join(choices)}; got {value!r}{hint}."
+        return f"'{name}' must be one of {', '.join(choices)}; got {shown(value)}{hint}."
     if error["type"] == "greater_than_equal":
-        return f"'{name}' must be at least {context['ge']}, got {value}."
+        return f"'{name}' must be at least {context['ge']}, got {shown(value)}."
     if error["type"] == "greater_than":
-        return f"'{name}' must be positive, got {value} (it sets the scaling alpha / r)."
+        return f"'{name}' must be positive, got {shown(value)} (it sets the scaling alpha / r)."
     if error["type"] == "less_than":
-        return f"'{name}' must be below {context['lt']}, got {value}."
+        return f"'{name}' must be below {context['lt']}, got {shown(value)}."
     if error["type"] == "too_short" and kind == "strlist":
         return f"'{name}' is empty: list at least one module name, e.g. q_proj,v_proj."
     words = _KIND_WORDS["str" if kind == "choice" else kind]
-    return f"'{name}' must be {words}, got {value!r} ({type(value).__name__})."
+    return f"'{name}' must be {words}, got {shown(value)} ({type(value).__name__})."
 
 
 def from_dict(values: Mapping[str, Any]) -> TrainConfig:
@@ -276,7 +289,7 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     unknown = [key for key in values if key not in TrainConfig.model_fields]
     if unknown:
         hint = "run `milora train --list-keys` for the valid keys"
-        raise ConfigError("; ".join(f"unknown key '{key}': {_closest(str(key), valid_keys(), hint)}"
+        raise ConfigError("; ".join(f"unknown key {shown(key)}: {_closest(str(key), valid_keys(), hint)}"
                                     for key in unknown))
     try:
         config = TrainConfig.model_validate(dict(values))
@@ -284,7 +297,7 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
         raise ConfigError(" ".join(_message(e) for e in error.errors(include_url=False))) from error
     _check_consistency(config)
     _check_init_options(config)
-    _check_trainer_args(config.trainer_args)
+    _check_trainer_args(config.trainer_args, config.objective)
     return config
 
 
@@ -313,7 +326,10 @@ def _check_init_options(config: TrainConfig) -> None:
                           "starts; quantization is not available with PEFT's starts).")
 
 
-_OBJECTIVE_KEYS = {"dpo": ("dpo_beta", "dpo_loss_type", "precompute_ref_log_probs")}
+_OBJECTIVE_KEYS = {
+    "dpo": ("dpo_beta", "dpo_loss_type", "precompute_ref_log_probs"),
+    "grpo": ("grpo_rewards", "grpo_beta", "grpo_num_generations", "grpo_max_completion_length"),
+}
 
 
 def _check_consistency(config: TrainConfig) -> None:
@@ -322,6 +338,10 @@ def _check_consistency(config: TrainConfig) -> None:
         if given and config.objective != objective:
             raise ConfigError(f"key(s) {', '.join(given)} belong to objective: {objective}, but objective is "
                               f"{config.objective!r}: remove them or set objective: {objective}.")
+    if config.objective != "sft":
+        from milora.training.objectives import check_objective
+
+        check_objective(config)
     if config.dataset is None:
         raise ConfigError("'dataset' is required: a local .json/.jsonl/.parquet file or a hub dataset name.")
     if config.output_dir is None:
@@ -377,17 +397,21 @@ def trainer_keys() -> list[str]:
     return sorted((set(TrainConfig.model_fields) & trainer_fields) - _SET_BY_MILORA)
 
 
-def _check_trainer_args(trainer_args: dict[str, Any]) -> None:
+def _check_trainer_args(trainer_args: dict[str, Any], objective: str) -> None:
+    """Every ``trainer_args`` key is a field of the objective's arguments class (TrainingArguments, or TRL's
+    DPOConfig / GRPOConfig) that milora does not set from its own keys."""
     if not trainer_args:
         return
-    from transformers import TrainingArguments
+    from milora.training.objectives import TRL_FIELDS, arguments_class
 
-    trainer_fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    trainer_fields = [f.name for f in dataclasses.fields(arguments_class(objective)) if f.init]
     for key in trainer_args:
+        if key in TRL_FIELDS:
+            raise ConfigError(f"trainer_args.{key}: milora sets this from {TRL_FIELDS[key]}; use that key instead.")
         if key in TrainConfig.model_fields or key in _SET_BY_MILORA:
             raise ConfigError(f"trainer_args.{key}: milora sets this from its own keys; use the top-level key instead.")
         if key not in trainer_fields:
-            hint = "see transformers' TrainingArguments for the valid options"
+            hint = f"see {arguments_class(objective).__name__} for the valid options"
             raise ConfigError(f"unknown key 'trainer_args.{key}': {_closest(key, trainer_fields, hint)}")
 
 
@@ -395,18 +419,14 @@ def _check_trainer_args(trainer_args: dict[str, Any]) -> None:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` to a dict; values are parsed as YAML (``lora_rank=8`` is an int)."""
-    import yaml
-
+    """``["key=value", ...]`` to a dict; values are parsed as YAML (``lora_rank=8`` is an int), with the
+    checks of a config file (`milora.io.load_yaml`: no alias bombs, no repeated keys)."""
     parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. max_steps=100).")
-        try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error}).") from error
+            raise ConfigError(f"override {shown(item)} is not of the form key=value (e.g. max_steps=100).")
+        parsed[key.strip()] = load_yaml(raw, f"override {shown(key.strip())}") if raw.strip() else None
     return parsed
 
 

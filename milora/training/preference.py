@@ -3,9 +3,8 @@
 milora builds the model (its start) and hands TRL a `PeftModel`; TRL then adds a frozen "ref"
 adapter copied from the start, so the reference is the ORIGINAL model W_res + s B0 A0 = W, not
 the residual base W_res that disabled adapters would give. `MiloraDPOTrainer` refuses to run
-without that adapter and checks it on the first batch: the reference's sequence log-probabilities
-must equal the policy's (at step 0 the policy is the original model) to
-``|ref - policy| <= REF_RTOL * (1 + |ref|)``.
+without that adapter and checks, on the first batch, the reference's sequence log-probabilities
+against the policy's (at step 0 the policy is the original model): `milora.training.reference`.
 
 Checkpoints and the final adapter are milora adapters (rank 2r, valid on the original base)
 through `MiloraTrainer` (the "ref" adapter is never saved); TRL's model card is not written.
@@ -25,10 +24,10 @@ from trl import DPOTrainer
 from milora.errors import ConfigError, DataError
 from milora.prompts import render_prompt
 from milora.training.data import split_validation
-from milora.training.trainer import MiloraTrainer
+from milora.training.reference import check_reference, require_reference_adapter
+from milora.training.trainer import MiloraTrainer, check_private_method
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
-REF_RTOL = 1e-4
 
 
 def _text(value: Any) -> str:
@@ -142,47 +141,39 @@ class MiloraDPOTrainer(MiloraTrainer, DPOTrainer):
     """TRL's `DPOTrainer` with milora's saving and resuming (`MiloraTrainer`) and the reference check."""
 
     def __init__(self, *args, **kwargs):
+        check_private_method(DPOTrainer, "_compute_loss", ("self", "model", "inputs", "return_outputs"),
+                             "trl>=1.16,<1.17")
         super().__init__(*args, **kwargs)
-        peft_model = self.accelerator.unwrap_model(self.model)
-        if getattr(self, "ref_model", None) is None and "ref" not in getattr(peft_model, "peft_config", {}):
-            raise ConfigError(
-                "TRL did not add a frozen 'ref' adapter: its reference would be the residual base (adapters "
-                "disabled), not the original model. Use peft>=0.20 (for target_parameters) or a TRL release "
-                "that copies the start."
-            )
+        require_reference_adapter(self, "DPO")
         self._reference_checked = False
 
     def create_model_card(self, *args, **kwargs) -> None:
         """No README.md model card in milora's checkpoints and outputs."""
 
-    def compute_ref_log_probs(self, model, inputs):
-        ref_chosen, ref_rejected = super().compute_ref_log_probs(model, inputs)
+    def _compute_loss(self, model, inputs, return_outputs):
         if not self._reference_checked:
-            self._check_reference(model, inputs, torch.cat([ref_chosen, ref_rejected]))
+            if self.state.global_step == 0 and self.ld_alpha is None:  # resumed runs were checked at their step 0
+                self._check_reference(model, inputs)
             self._reference_checked = True
-        return ref_chosen, ref_rejected
+        return super()._compute_loss(model, inputs, return_outputs)
 
     @torch.no_grad()
-    def _check_reference(self, model, inputs, ref_logps: torch.Tensor) -> None:
-        """On the first batch, before any update: the reference's log-probs equal the start's, i.e. the
-        original model's (the start reproduces it: W_res + s B0 A0 = W)."""
-        if self.state.global_step > 0 or self.ld_alpha is not None:  # resumed: checked at step 0 already
-            return
+    def _check_reference(self, model, inputs) -> None:
+        """On the first batch, before any update: the sequence log-probs of TRL's reference (precomputed, or
+        by its `compute_ref_log_probs`: ``ref_model``, else the "ref" adapter, else disabled adapters) equal
+        the start's, i.e. the original model's (W_res + s B0 A0 = W). Both in eval mode (no dropout)."""
         keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         was_training = model.training
         model.eval()
         try:
+            if self.precompute_ref_logps:
+                ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+            else:
+                ref_logps = torch.cat(self.compute_ref_log_probs(model, inputs))
             kwargs = {k: v for k, v in inputs.items() if k not in keys}
             per_token = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True).log_probs
         finally:
             model.train(was_training)
         mask = inputs["completion_mask"][..., 1:]
-        policy = per_token[:, -mask.size(1):].sum(dim=1).to(ref_logps)
-        error = (ref_logps - policy).abs() / (1 + ref_logps.abs())
-        if error.max().item() > REF_RTOL:
-            raise ConfigError(
-                f"the DPO reference is not the original model: its log-probabilities differ from the start's by "
-                f"{error.max().item():.3g} (relative; tolerance {REF_RTOL}). A reference on the residual base is "
-                "refused."
-            )
+        check_reference(ref_logps, per_token[:, -mask.size(1):].sum(dim=1), "DPO")

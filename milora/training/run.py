@@ -26,12 +26,13 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from milora.constants import ADAPTER_FILES, DATA_INITS, METRICS_FILE, MILORA_CONFIG, PEFT_STARTS, TRAIN_CONFIG_FILE
-from milora.errors import ConfigError, ModelError, OutputError
-from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_replaceable
+from milora.errors import AdapterError, ConfigError, ModelError, OutputError
+from milora.io import LOCK_FILE, RunLock, atomic_write_json, check_output_dir, check_replaceable
 from milora.prompts import resolve_chat_template
 from milora.training.config import TrainConfig, load_config, save_config, trainer_keys
 from milora.training.data import build_datasets, load_records, load_training_records, supervised_collator
-from milora.training.trainer import MiloraTrainer, StopOnSignal, signals_request_stop
+from milora.training.objectives import Objective, build_objective_data, objective_for
+from milora.training.trainer import StopOnSignal, signals_request_stop
 
 
 @dataclass
@@ -162,27 +163,35 @@ def _check_environment(config: TrainConfig) -> None:
             raise ConfigError(str(error)) from error
 
 
+def _check_sharding_on_cpu() -> None:
+    """FSDP or DeepSpeed asked for (`accelerate launch` with their config) on CPU processes: accelerate builds
+    their plugins only for GPUs and other accelerators, and on CPU would silently run plain DDP instead."""
+    if not _multi_process_cpu():
+        return
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise ConfigError(
+                f"{name} was asked for on CPU processes, but accelerate shards with {name} only on GPUs (and other "
+                "accelerators): here it would run plain data parallel instead. On CPU launch DDP: accelerate launch "
+                "--config_file recipes/accelerate/ddp.yaml --num_processes 2 --mixed_precision no -m milora.cli train "
+                "RECIPE.yaml (or torchrun --nproc_per_node 2 -m milora.cli train RECIPE.yaml).")
+
+
 def _multi_process_cpu() -> bool:
     """Launched as several processes without GPUs: accelerate then needs ``cpu=True`` for gloo DDP."""
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+def _training_arguments(config: TrainConfig, has_eval: bool, objective: Objective) -> TrainingArguments:
     """Keys named like TrainingArguments fields pass as they are (`trainer_keys`), ``trainer_args`` too;
-    the rest is milora's meaning of its own keys. ``objective: dpo``: a TRL `DPOConfig` with its keys."""
-    arguments_class, objective_values = TrainingArguments, {"remove_unused_columns": False}
-    if config.objective == "dpo":
-        from trl import DPOConfig
-
-        from milora.training.preference import dpo_arguments
-
-        arguments_class, objective_values = DPOConfig, dpo_arguments(config)
+    the rest is milora's meaning of its own keys. ``objective: dpo`` / ``grpo``: TRL's `DPOConfig` /
+    `GRPOConfig` with the objective's keys (`milora.training.objectives`)."""
     checkpointing = {}
     if config.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5.x
         fields = TrainingArguments.__dataclass_fields__
         name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}}
-    return arguments_class(
+    return objective.arguments_class(
         **{key: getattr(config, key) for key in trainer_keys()},
         **config.trainer_args,
         **checkpointing,
@@ -197,7 +206,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         eval_steps=(config.eval_steps or config.logging_steps) if has_eval else None,
         report_to=[] if config.report_to == "none" else [config.report_to],
         dataloader_pin_memory=torch.cuda.is_available(),
-        **objective_values,
+        **objective.arguments,
         ddp_find_unused_parameters=False,
         use_cpu=_multi_process_cpu(),
     )
@@ -245,12 +254,14 @@ def train(
 
     start = time.perf_counter()
     config = load_config(config, overrides)
-    config = config.model_copy(update={"lora_alpha": config.resolved_alpha()})
+    config = config.as_run()
     _check_environment(config)
+    _check_sharding_on_cpu()
     state = PartialState(cpu=_multi_process_cpu())  # initialises torch.distributed under torchrun / accelerate launch
     lock = RunLock(config.output_dir, purpose="milora train") if state.is_main_process else None
     created = not Path(config.output_dir).exists()
     if lock is not None:
+        check_output_dir(config.output_dir)  # a file there, a read-only mount: before anything is written
         lock.acquire()
     try:
         resume = _check_output_dir(config)
@@ -280,10 +291,12 @@ class BuiltRun:
     val_dataset: Any | None
     data_stats: dict[str, Any]  # record / token / truncation counts, as written to metrics.json
     collator: Any
+    objective: Objective  # arguments and trainer classes (GRPO's reward functions already imported)
 
 
 def _build(config: TrainConfig, state) -> BuiltRun:
     """Base model, data (and its collator) and the initialised adapter of a run (nothing written)."""
+    from milora.adapter.load import load_start
     from milora.init import get_model
     from milora.models import is_vision_language_model, load_base_model
 
@@ -305,18 +318,25 @@ def _build(config: TrainConfig, state) -> BuiltRun:
     set_seed(config.seed)  # PEFT's random inits (lora, dora, lora-ga's sketch) draw from the global generator
     peft_start = config.init in PEFT_STARTS
     svd_device = state.device if state.device.type != "cpu" and not peft_start else None
-    calibration = calibration_batches(train_dataset, collator, config) if config.init in DATA_INITS else None
+    calibration = (calibration_batches(train_dataset, collator, config)
+                   if config.init in DATA_INITS and config.init_from is None else None)
     extra = {"calibration": calibration, "pissa_niter": config.pissa_niter} if peft_start else {}
     try:
-        peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
-                               device=svd_device, seed=config.seed, progress=state.is_main_process,
-                               null_space=config.null_space, quantization=config.quantization, **extra)
-    except ModelError as error:  # e.g. a target module the model lacks, a rank too large for a layer
+        if config.init_from is not None:  # decompose once: the saved start's factors, no SVD
+            peft_model = load_start(model, config.init_from, build_lora_config(config, model), config.init,
+                                    config.seed, null_space=config.null_space, device=svd_device,
+                                    quantization=config.quantization)
+        else:
+            peft_model = get_model(model, build_lora_config(config, model), init=config.init, solver=config.solver,
+                                   device=svd_device, seed=config.seed, progress=state.is_main_process,
+                                   null_space=config.null_space, quantization=config.quantization, **extra)
+    except (ModelError, AdapterError) as error:  # a target the model lacks, a rank too large, another run's start
         raise ConfigError(f"cannot build the adapter: {error}") from error
     if is_vision_language_model(model) and not config.modules_to_save and state.is_main_process:
         print("milora: note: no modules_to_save: the projector stays frozen (visual instruction tuning trains it: "
               "modules_to_save: multi_modal_projector for LLaVA)", file=sys.stderr)
-    return BuiltRun(peft_model, preprocessor, train_dataset, val_dataset, stats, collator)
+    objective = objective_for(config, preprocessor)
+    return BuiltRun(peft_model, preprocessor, train_dataset, val_dataset, stats, collator, objective)
 
 
 def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
@@ -325,12 +345,9 @@ def _build_data(config: TrainConfig, model, tokenizer, progress: bool):
     from milora.models import is_vision_language_model
     from milora.training import vision_data
 
-    if config.objective == "dpo":
-        from milora.training.preference import build_preference_datasets
-
+    if config.objective != "sft":
         records = load_records(config.dataset, config.dataset_split, config.dataset_config)[: config.max_samples]
-        train_dataset, val_dataset, stats = build_preference_datasets(config, records, tokenizer, progress)
-        return train_dataset, val_dataset, stats, None
+        return *build_objective_data(config, records, tokenizer, progress), None
     records, fmt = load_training_records(config)
     vision = is_vision_language_model(model)
     if fmt == "llava" or any(vision_data.has_images(record) for record in records):
@@ -372,18 +389,13 @@ def _start_record(config: TrainConfig, resume: str | None) -> None:
 def _run(config: TrainConfig, state, built: BuiltRun, callbacks: Sequence[TrainerCallback], resume: str | None,
          start: float) -> TrainResult:
     stopper = StopOnSignal()
-    trainer_class, objective_values = MiloraTrainer, {}
-    if config.objective == "dpo":
-        from milora.training.preference import MiloraDPOTrainer
-
-        trainer_class, objective_values = MiloraDPOTrainer, {"processing_class": built.preprocessor}
-    trainer = trainer_class(
+    trainer = built.objective.trainer_class(
         model=built.peft_model,
-        **objective_values,
-        args=_training_arguments(config, has_eval=built.val_dataset is not None),
+        **built.objective.trainer_kwargs,
+        args=_training_arguments(config, built.val_dataset is not None, built.objective),
         train_dataset=built.train_dataset,
         eval_dataset=built.val_dataset,
-        data_collator=built.collator,
+        **({"data_collator": built.collator} if built.collator is not None else {}),  # TRL's own otherwise
         callbacks=[stopper, *callbacks],
     )
     with signals_request_stop(stopper, announce=state.is_main_process):

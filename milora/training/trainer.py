@@ -65,6 +65,16 @@ def check_trainer_internals(trainer_class: type = Trainer) -> None:
                               "(pip install 'transformers>=5.24,<5.25') or update milora/training/trainer.py.")
 
 
+def check_private_method(owner: type, name: str, expected: tuple[str, ...], pin: str) -> None:
+    """Raise if ``owner.name`` (a private method milora overrides) is gone or takes other parameters."""
+    method = getattr(owner, name, None)
+    found = None if method is None else tuple(inspect.signature(method).parameters)
+    if found != expected:
+        now = "is gone" if found is None else f"now takes ({', '.join(found)})"
+        raise MiloraError(f"{owner.__name__}.{name} {now}, but milora overrides it as ({', '.join(expected)}): "
+                          f"install {pin}, or update milora/training.")
+
+
 def write_adapter(peft_model, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """`milora.save_adapter` into ``directory``, which may already hold other files (config, logs).
 

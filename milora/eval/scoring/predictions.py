@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from milora.errors import DataError, DataNotFoundError
+from milora.errors import DataError, DataNotFoundError, shown
 from milora.io import read_records
 
 _SHOWN = 5
@@ -24,8 +24,8 @@ _SHOWN = 5
 
 def _names(values) -> str:
     values = list(values)
-    shown = ", ".join(repr(v) for v in values[:_SHOWN])
-    return shown + (f" and {len(values) - _SHOWN} more" if len(values) > _SHOWN else "")
+    text = ", ".join(shown(v) for v in values[:_SHOWN])
+    return text + (f" and {len(values) - _SHOWN} more" if len(values) > _SHOWN else "")
 
 
 def _output(record: dict, line: int, path: Path, samples: bool) -> str | list[str]:
@@ -44,25 +44,36 @@ def load_predictions(path: str | Path, aliases: list[list[str]], required: Seque
 
     ``aliases[i]``: the identifiers that name item ``i`` of the data (compared as strings, e.g. an
     AlpacaEval item's index and its instruction). ``samples``: outputs may be lists of strings.
-    Raises `DataError` for a record without ``id``/``output``, an id that names no item, two lines
-    for one item, or a required item without a line.
+    Raises `DataError` for a record without ``id``/``output``, an id that names no item or more than
+    one (an instruction whose text is another item's index, a text given twice), two lines for one
+    item, or a required item without a line.
     """
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"Predictions file {path} does not exist.")
-    index = {name: i for i, names in enumerate(aliases) for name in names}
+    index: dict[str, set[int]] = {}
+    for i, names in enumerate(aliases):
+        for name in names:
+            index.setdefault(name, set()).add(i)
     found: dict[int, str | list[str]] = {}
-    unknown, duplicates = [], []
+    unknown, duplicates, ambiguous = [], [], []
     for line, record in enumerate(read_records(path), start=1):
         if "id" not in record:
             raise DataError(f"{path} line {line}: expected an object {{\"id\": ..., \"output\": ...}}.")
-        item = index.get(str(record["id"]))
-        if item is None:
+        items = index.get(str(record["id"]), set())
+        if not items:
             unknown.append(record["id"])
-        elif item in found:
+        elif len(items) > 1:
+            ambiguous.append(f"{shown(record['id'])} (line {line}: items {', '.join(map(str, sorted(items)))})")
+        elif (item := next(iter(items))) in found:
             duplicates.append(record["id"])
         else:
             found[item] = _output(record, line, path, samples)
+    if ambiguous:
+        raise DataError(f"{path}: {len(ambiguous)} id(s) name more than one item of the data: "
+                        f"{', '.join(ambiguous[:_SHOWN])}{' and more' if len(ambiguous) > _SHOWN else ''}. An id must "
+                        "name one item: here one item's text is another's index, or the data holds the same text "
+                        "twice. Make the data's texts distinct (and not numbers), or answer by an unambiguous id.")
     if unknown:
         raise DataError(f"{path}: {len(unknown)} id(s) name no item of the task's data: {_names(unknown)}. "
                         "Use the data's own identifiers (see the task's --predictions format).")

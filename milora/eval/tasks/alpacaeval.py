@@ -132,7 +132,8 @@ def _judge(annotator, rows: list[dict], answers: list[str]) -> list[dict]:
 
 
 @register("alpaca-eval", "AlpacaEval: answers judged pairwise against reference answers (alpaca-eval), win rates",
-          metric="rate", table_scores=("win_rate", "lc_win_rate"), server=True)
+          metric="rate", table_scores=("win_rate", "lc_win_rate"), server=True,
+          check_data=lambda data, options: options["reference"] and load_reference(options["reference"]))
 def _run(job: Job) -> TaskResult:
     options = job.options
     if job.data is not None:

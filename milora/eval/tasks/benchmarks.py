@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from milora.errors import DataError, DataNotFoundError
+from milora.errors import DataError, DataNotFoundError, shown
 from milora.eval.generation import continuation_logprobs, generate
 from milora.eval.registry import Job, TaskResult, register
 from milora.eval.scoring import grading
@@ -102,7 +102,10 @@ def _field(record: dict, names: tuple[str, ...], where: str) -> str:
     for name in names:
         if isinstance(record.get(name), str):
             return record[name]
-    raise DataError(f"{where}: no {' / '.join(f'`{n}`' for n in names)} field (keys: {sorted(record)}).")
+    given = [name for name in names if name in record]
+    if given:
+        raise DataError(f"{where}: `{given[0]}` must be a string, got {shown(record[given[0]])}.")
+    raise DataError(f"{where}: no {' / '.join(f'`{n}`' for n in names)} field (keys: {shown(sorted(record))}).")
 
 
 def _examples(task: str, name: str, records: list[dict], where: str) -> list[Example]:
@@ -262,6 +265,17 @@ def _run(job: Job) -> TaskResult:
     return TaskResult(_accuracies(items), items, source, settings)
 
 
-register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", server=True)(_run)
-register("math", "Hendrycks MATH, generated chain of thought, boxed answer", server=True)(_run)
-register("commonsense", "LLM-Adapters commonsense suite, generated label (or --scorer loglik)", server=True)(_run)
+def _checker(task: str):
+    """`Task.check_data` of a benchmark: every item of local data parsed (question, gold answer)."""
+    def check(data, options: dict) -> None:
+        if data is not None and Path(data).exists():
+            load_examples(task, data)
+    return check
+
+
+register("gsm8k", "GSM8K / math word problems, generated chain of thought, numeric answer", server=True,
+         check_data=_checker("gsm8k"))(_run)
+register("math", "Hendrycks MATH, generated chain of thought, boxed answer", server=True,
+         check_data=_checker("math"))(_run)
+register("commonsense", "LLM-Adapters commonsense suite, generated label (or --scorer loglik)", server=True,
+         check_data=_checker("commonsense"))(_run)

@@ -132,7 +132,8 @@ def _execute(problems: list[dict], completions: list[list[str]], timeout: float,
 
 
 @register("humaneval", "HumanEval pass@k: generated code run in a guarded process (needs allow_code_execution)",
-          metric="rate", table_scores=("humaneval_pass@1",), server=True)
+          metric="rate", table_scores=("humaneval_pass@1",), server=True,
+          check_data=lambda data, options: None if data is None else load_problems(data))
 def _run(job: Job) -> TaskResult:
     options = job.options
     if not options["allow_code_execution"]:

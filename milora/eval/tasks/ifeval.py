@@ -204,7 +204,8 @@ def _responses(job: Job, every: list[Prompt], scored: list[Prompt]) -> tuple[lis
 
 
 @register("ifeval", "IFEval verifiable instructions: prompt/instruction-level accuracy, strict and loose (lm-eval)",
-          metric="rate", table_scores=("ifeval_prompt_strict", "ifeval_prompt_loose"), server=True)
+          metric="rate", table_scores=("ifeval_prompt_strict", "ifeval_prompt_loose"), server=True,
+          check_data=lambda data, options: None if data is None else load_prompts(data))
 def _run(job: Job) -> TaskResult:
     every, source = load_prompts(job.data)
     scored, skipped = _select(every[:job.limit], job.options["missing_punkt"])

@@ -212,7 +212,16 @@ def _run(job: Job) -> TaskResult:
     return TaskResult(_means(records, "correct"), records, str(job.data), settings)
 
 
-register("vqa", "open visual questions: normalised exact match, VQAv2 soft accuracy for 10 answers")(_run)
+def _checker(task: str):
+    """`Task.check_data`: every record of the data parsed (the images are checked when the task runs)."""
+    def check(data, options: dict) -> None:
+        load_items(task, data, options["image_folder"], None, check_images=False)
+    return check
+
+
+register("vqa", "open visual questions: normalised exact match, VQAv2 soft accuracy for 10 answers",
+         check_data=_checker("vqa"))(_run)
 register("pope", "POPE yes/no object hallucination: accuracy, precision, recall, F1, yes-ratio", metric="value",
-         table_scores=("f1", "accuracy"))(_run)
-register("mcq-image", "multiple choice with images (ScienceQA-IMG, MMBench): option letter accuracy")(_run)
+         table_scores=("f1", "accuracy"), check_data=_checker("pope"))(_run)
+register("mcq-image", "multiple choice with images (ScienceQA-IMG, MMBench): option letter accuracy",
+         check_data=_checker("mcq-image"))(_run)
