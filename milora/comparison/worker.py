@@ -38,6 +38,7 @@ def _accuracy_record(result: dict) -> dict[str, Any]:
 
 def _scores(job: dict, model, tokenizer, base_model, run_dir: Path, label: str, served=None) -> dict[str, Any]:
     """Validation, test, forgetting and retention of ``model`` (an adapter on the base, or the base);
+    ``base_model``: forgetting's reference, the base model or its stored side (`milora.comparison.reference`);
     ``served``: the same model on the sweep's ``eval_server`` (a `ServerModel`), used for validation and test."""
     from milora.report import write_results
 
@@ -53,8 +54,11 @@ def _scores(job: dict, model, tokenizer, base_model, run_dir: Path, label: str, 
         write_results(result, run_dir / f"{name}.json")
         scores[name] = _accuracy_record(result)
     if job.get("forgetting") and base_model is not None:
+        from milora.eval.tasks.forgetting import ForgettingReference
+
+        side = "reference" if isinstance(base_model, ForgettingReference) else "base_model"
         result = _evaluate(model, tokenizer, "forgetting", job.get("forgetting_data"),
-                           {"base_model": base_model, "max_length": job["forgetting_length"]},
+                           {side: base_model, "max_length": job["forgetting_length"]},
                            job["forgetting_windows"], job["eval_batch_size"], label)
         write_results(result, run_dir / "forgetting.json")
         scores["forgetting_kl"] = result["summary"]["scores"]["forgetting_loss"]
@@ -82,8 +86,12 @@ def _train_and_score(job: dict, run_dir: Path) -> dict[str, Any]:
         raise FloatingPointError(f"training diverged: the last logged loss is {losses[-1]}")
     train_seconds = time.perf_counter() - started
     base, tokenizer = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))
-    reference = load_base_model(job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))[0] \
-        if job.get("forgetting") else None
+    reference = None
+    if job.get("forgetting"):  # computed once per sweep from the base before the adapter is loaded onto it
+        from milora.comparison.reference import shared_reference
+
+        reference = shared_reference(base, tokenizer, job) or load_base_model(
+            job["train"].get("model"), dtype=job["train"].get("dtype", "float32"))[0]
     model = load_model(base, result.adapter_dir)
     if job.get("eval_server"):
         from milora.eval.server import connect, runtime_adapter
