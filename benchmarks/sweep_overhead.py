@@ -4,9 +4,10 @@ Builds the job of one run of ``recipes/compare_demo.yaml`` (``--method``, the re
 seed 0) with `milora.comparison.runner.job_for`, then times, in this process, the phases of
 `milora.comparison.worker.run_one`: training (`milora.train`, its init included), the base-model
 load, the adapter load, validation, test, forgetting, and the start-up of a fresh worker process
-(importing what it imports), measured separately in a subprocess. What computing the
-forgetting reference once per sweep could save is bounded by the second base-model load plus
-the reference's forward passes (half of a forgetting pass of the base against itself).
+(importing what it imports), measured separately in a subprocess. Forgetting is timed both ways,
+in the same process: before (each run loads a second base model and runs it beside the adapter)
+and after (the base model's side computed once per sweep and stored,
+`milora.comparison.reference`; each run finds and reads it), with the scores compared.
 
     python benchmarks/sweep_overhead.py                      # lora, ~2.5 min on 2 cores
     python benchmarks/sweep_overhead.py --method milora
@@ -42,6 +43,7 @@ def main() -> None:
 
     os.chdir(REPO)  # the recipe's paths are relative to the repository root
     from milora.adapter.load import load_model
+    from milora.comparison.reference import shared_reference
     from milora.comparison.runner import job_for
     from milora.comparison.sweep import load_sweep, write_split
     from milora.comparison.worker import _evaluate
@@ -64,31 +66,43 @@ def main() -> None:
             return value
 
         result = timed("training (init + 20 steps + save)", lambda: train(
-            {**job["train"], "overwrite_output_dir": True}))
+            {**job.train, "overwrite_output_dir": True}))
         base, tokenizer = timed("base model load", lambda: load_base_model(None))
+        timed("(once per sweep: the stored reference computed and written)",
+              lambda: shared_reference(base, tokenizer, job))
+        stored = timed(AFTER[0], lambda: shared_reference(base, tokenizer, job))
         model = timed("adapter load (load_model)", lambda: load_model(base, result.adapter_dir))
-        for name, data, limit in (("validation", job["validation_data"], None),
-                                  ("test", job["eval_data"], job["test_limit"])):
+        for name, data, limit in (("validation", job.validation_data, None),
+                                  ("test", job.eval_data, job.test_limit)):
             timed(f"{name} generation ({name} items)", lambda data=data, limit=limit, name=name: _evaluate(
-                model, tokenizer, job["eval_task"], data, job["eval_options"], limit, job["eval_batch_size"], name))
-        documents, _ = load_documents(job["forgetting_data"])
-        window_args = {"max_length": job["forgetting_length"], "limit": job["forgetting_windows"],
-                       "batch_size": job["eval_batch_size"], "progress": False}
-        reference = timed("forgetting reference: a second base model load", lambda: load_base_model(None)[0])
-        timed("forgetting (adapter and reference forward passes, KL)", lambda: forgetting(
-            model, tokenizer, documents, base_model=reference, **window_args))
-        both = timed("(base against itself: two reference passes)", lambda: forgetting(
-            reference, tokenizer, documents, base_model=reference, **window_args))
-    per_run = sum(value for key, value in times.items() if not key.startswith("("))
-    print(f"method {args.method}, lr {spec.learning_rate:g}, seed 0; "
-          f"KL of the base to itself {both[0]['forgetting_loss']:.2g}")
-    print(f"{'phase':60s} {'seconds':>8s}")
+                model, tokenizer, job.eval_task, data, job.eval_options, limit, job.eval_batch_size, name))
+        documents, _ = load_documents(job.forgetting_data)
+        window_args = {"max_length": job.forgetting_length, "limit": job.forgetting_windows,
+                       "batch_size": job.eval_batch_size, "progress": False}
+        reference = timed(BEFORE[0], lambda: load_base_model(None)[0])
+        before = timed(BEFORE[1], lambda: forgetting(model, tokenizer, documents, base_model=reference, **window_args))
+        after = timed(AFTER[1], lambda: forgetting(model, tokenizer, documents, reference=stored, **window_args))
+    shared = [key for key in times if not key.startswith("(") and key not in (*BEFORE, *AFTER)]
+    run_before = sum(times[key] for key in (*shared, *BEFORE))
+    run_after = sum(times[key] for key in (*shared, *AFTER))
+    print(f"method {args.method}, lr {spec.learning_rate:g}, seed 0; the stored reference gives the same scores: "
+          f"{before == after} (KL {after[0]['forgetting_loss']:.6g})")
+    print(f"{'phase':66s} {'seconds':>8s}")
     for key, value in times.items():
-        print(f"{key:60s} {value:8.1f}")
-    print(f"{'one run as the worker runs it (sum, start-up included)':60s} {per_run:8.1f}")
-    bound = (times["forgetting reference: a second base model load"]
-             + times["(base against itself: two reference passes)"] / 2)
-    print(f"a reference computed once per sweep saves at most {bound:.1f} s per run ({bound / per_run:.1%})")
+        print(f"{key:66s} {value:8.1f}")
+    forgetting_before, forgetting_after = sum(times[k] for k in BEFORE), sum(times[k] for k in AFTER)
+    print(f"forgetting per run: {forgetting_before:.1f} s -> {forgetting_after:.1f} s "
+          f"(x{forgetting_after / forgetting_before:.2f})")
+    print(f"one run as the worker runs it (start-up included): {run_before:.1f} s -> {run_after:.1f} s "
+          f"(x{run_after / run_before:.3f}); non-training {run_before - times['training (init + 20 steps + save)']:.1f}"
+          f" s -> {run_after - times['training (init + 20 steps + save)']:.1f} s")
+
+
+BEFORE = ("forgetting before: a second base model load (the reference)",
+          "forgetting before: adapter + reference forward passes, KL")
+AFTER = ("forgetting after: the stored reference found (windows, digest)",
+         "forgetting after: adapter passes + stored reference read, KL")
+
 
 if __name__ == "__main__":
     main()

@@ -191,7 +191,7 @@ def local_sweep(setup, tmp_path_factory):
 
 @pytest.mark.slow
 def test_local_sweep_end_to_end(local_sweep):
-    output, _, summary = local_sweep
+    output, values, summary = local_sweep
     assert {p.name for p in output.iterdir()} >= {"compare.md", "compare.json", "sweep.yaml", "lr_curves.png",
                                                   "accuracy_vs_forgetting.png", "loss_curves.png", "runs", "data"}
     assert json.loads((output / "compare.json").read_text())["methods"] == summary["methods"]
@@ -207,6 +207,19 @@ def test_local_sweep_end_to_end(local_sweep):
         assert 0 <= method["test_accuracy_mean"] <= 1 and method["forgetting_kl_mean"] >= 0
     assert summary["methods"][1]["difference_ci95"] is not None and len(summary["analysis"]) == 2
     assert summary["setup"]["test_items"] == 24 and summary["setup"]["validation_items"] == 10
+    # forgetting read the base model's side stored once for the sweep: a second base model gives the same score
+    assert len(list((output / "reference").glob("forgetting-*/reference.json"))) == 1
+    from milora.adapter.load import load_model
+    from milora.eval.tasks.forgetting import forgetting, load_documents
+    from milora.models import load_base_model
+
+    run = next(r for r in summary["runs"] if r["method"] == "milora" and r["status"] == "done")
+    config, model_path = load_sweep(values).config, values["train"]["model"]
+    base, tokenizer = load_base_model(model_path)
+    scores, _ = forgetting(load_model(base, run["adapter_dir"]), tokenizer, load_documents(config.forgetting_data)[0],
+                           base_model=load_base_model(model_path)[0], max_length=config.forgetting_length,
+                           limit=config.forgetting_windows, batch_size=config.eval_batch_size, progress=False)
+    assert scores["forgetting_loss"] == run["forgetting_kl"]
 
 
 @pytest.mark.slow

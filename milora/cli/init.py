@@ -89,6 +89,10 @@ def _run_init(args) -> int:
                                     "choose another --output or pass --overwrite.")
         check_replaceable(output)
     check_quantization(args.quantize)
+    if args.init == "loftq":
+        from milora.init.loftq import loftq_refusal
+
+        raise UsageError(loftq_refusal(args.quantize))
     if args.init != "pissa-fast" and args.pissa_niter != 4:
         raise UsageError(f"--pissa-niter is for --init pissa-fast; init {args.init} ignores it: remove it.")
     if args.quantize and args.save_residual:

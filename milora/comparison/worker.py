@@ -39,6 +39,7 @@ def _accuracy_record(result: dict) -> dict[str, Any]:
 
 def _scores(job: Job, model, tokenizer, base_model, run_dir: Path, label: str, served=None) -> dict[str, Any]:
     """Validation, test, forgetting and retention of ``model`` (an adapter on the base, or the base);
+    ``base_model``: forgetting's reference, the base model or its stored side (`milora.comparison.reference`);
     ``served``: the same model on the sweep's ``eval_server`` (a `ServerModel`), used for validation and test."""
     from milora.report import write_results
 
@@ -54,8 +55,11 @@ def _scores(job: Job, model, tokenizer, base_model, run_dir: Path, label: str, s
         write_results(result, run_dir / f"{name}.json")
         scores[name] = _accuracy_record(result)
     if job.forgetting and base_model is not None:
+        from milora.eval.tasks.forgetting import ForgettingReference
+
+        side = "reference" if isinstance(base_model, ForgettingReference) else "base_model"
         result = _evaluate(model, tokenizer, "forgetting", job.forgetting_data,
-                           {"base_model": base_model, "max_length": job.forgetting_length},
+                           {side: base_model, "max_length": job.forgetting_length},
                            job.forgetting_windows, job.eval_batch_size, label)
         write_results(result, run_dir / "forgetting.json")
         scores["forgetting_kl"] = result["summary"]["scores"]["forgetting_loss"]
@@ -83,8 +87,12 @@ def _train_and_score(job: Job, run_dir: Path) -> dict[str, Any]:
         raise FloatingPointError(f"training diverged: the last logged loss is {losses[-1]}")
     train_seconds = time.perf_counter() - started
     base, tokenizer = load_base_model(job.train.get("model"), dtype=job.train.get("dtype", "float32"))
-    reference = load_base_model(job.train.get("model"), dtype=job.train.get("dtype", "float32"))[0] \
-        if job.forgetting else None
+    reference = None
+    if job.forgetting:  # computed once per sweep from the base before the adapter is loaded onto it
+        from milora.comparison.reference import shared_reference
+
+        reference = shared_reference(base, tokenizer, job) or load_base_model(
+            job.train.get("model"), dtype=job.train.get("dtype", "float32"))[0]
     model = load_model(base, result.adapter_dir)
     if job.eval_server:
         from milora.eval.server import connect, runtime_adapter

@@ -79,6 +79,8 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("max_length", "window of text in tokens", 1024, int, minimum=2, metavar="N"),
     Option("base_model", "forgetting: the loaded original base of a merged model (CLI: --base-model loads it)",
            cli=False),
+    Option("reference", "forgetting: the base model's side computed once and stored (a ForgettingReference, "
+           "e.g. a sweep's, `milora.comparison.reference`), instead of base_model", cli=False),
     Option("image_folder", "folder the records' image paths are relative to (default: the data file's folder)",
            metavar="DIR"),
     Option("predictions", 'score answers made elsewhere: one {"id": ..., "output": ...} per line (ids: IFEval key, '
@@ -109,7 +111,7 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
 TASK_OPTIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("gsm8k", "math"), ("max_new_tokens", "predictions")),
     "commonsense": ("max_new_tokens", "predictions", "scorer"),
-    "forgetting": ("base_model", "max_length"),
+    "forgetting": ("base_model", "reference", "max_length"),
     "ifeval": ("predictions", "template", "max_new_tokens", "missing_punkt"),
     "alpaca-eval": ("judge", "judge_model", "reference", "predictions", "template", "max_new_tokens"),
     "humaneval": ("allow_code_execution", "predictions", "samples", "temperature", "top_p", "pass_k",

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from milora.constants import DATA_INITS
 from milora.errors import ModelError, UsageError
 from milora.init.layers import lora_layers, restore_weight, set_adapter_factors
+from milora.init.loftq import loftq_refusal
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.peft_starts import check_peft_start, get_peft_start_model, is_peft_start
 from milora.init.record import InitRecord, SolverRun, SpectrumStats, attach_record, report_entry
@@ -83,8 +84,11 @@ def get_model(
     layers (see `milora.init.quantize`); the saved adapter is still for the full-precision base.
     PEFT's own starts (`milora.constants.PEFT_STARTS`: dora, olora, pissa-fast, corda-kpm, corda-ipm, eva, lora-ga,
     mica) are computed by PEFT (`milora.init.peft_starts`); the data starts take ``calibration``, a list of training
-    batches, and ``pissa_niter`` is pissa-fast's number of subspace iterations.
+    batches, and ``pissa_niter`` is pissa-fast's number of subspace iterations. ``init="loftq"`` is refused
+    (`milora.init.loftq`: PEFT computes it on GPUs only).
     """
+    if init == "loftq":
+        raise ModelError(loftq_refusal(quantization))
     if is_peft_start(init):
         _check_seed(seed)
         check_peft_start(init, calibration, solver, workers, device, null_space, quantization, pissa_niter)

@@ -309,6 +309,10 @@ def method_only_keys(init: str) -> tuple[str, ...]:
 
 def _check_init_options(config: TrainConfig) -> None:
     """Keys the chosen init ignores, set to another value than their default: an error naming them."""
+    if config.init == "loftq":
+        from milora.init.loftq import loftq_refusal
+
+        raise ConfigError(loftq_refusal(config.quantization))
     defaults = {key: TrainConfig.model_fields[key].default for key in
                 ("solver", "null_space", "quantization", "calibration_batches", "pissa_niter")}
     if config.init in DATA_INITS and config.objective != "sft":

@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,23 +113,49 @@ def load_documents(source: str | Path | None) -> tuple[list[str], str]:
 # ---------------------------------------------------------------- the measure
 
 
-def _windows(tokenizer, documents: list[str], max_length: int, limit: int | None):
-    """Consecutive windows of ``max_length`` tokens over the documents joined by blank lines."""
+def forgetting_windows(tokenizer, documents: list[str], max_length: int, limit: int | None) -> list[list[int]]:
+    """Consecutive windows of ``max_length`` tokens over the documents joined by blank lines (at most
+    ``limit``; the last one may be shorter when the text runs out)."""
+    windows: list[list[int]] = []
     buffer: list[int] = []
-    count = 0
     for document in documents:
         buffer += tokenizer(document + "\n\n", add_special_tokens=False)["input_ids"]
         while len(buffer) >= max_length:
-            yield buffer[:max_length]
+            windows.append(buffer[:max_length])
             buffer = buffer[max_length:]
-            count += 1
-            if limit is not None and count >= limit:
-                return
+            if limit is not None and len(windows) >= limit:
+                return windows
     if len(buffer) > 1:
-        yield buffer
+        windows.append(buffer)
+    return windows
 
 
-def forgetting(model, tokenizer, documents: list[str], *, base_model=None,
+def _batches(tokenizer, windows: list[list[int]], batch_size: int, device, progress: bool = False):
+    """(first window's index, the windows, their right-padded inputs) per batch of ``batch_size`` windows."""
+    for start in tqdm(range(0, len(windows), batch_size), desc="forgetting", disable=not progress):
+        batch = windows[start:start + batch_size]
+        yield start, batch, tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(device)
+
+
+def base_log_probs(base_model, tokenizer, windows: list[list[int]], batch_size: int):
+    """The base model's next-token log-probabilities, (len(window) - 1) x vocab float32 per window, in
+    batches of ``batch_size`` as `forgetting` computes them: yields (first index, list of tensors) per batch."""
+    with padding_side(tokenizer, "right"), torch.inference_mode():
+        for start, batch, inputs in _batches(tokenizer, windows, batch_size, model_device(base_model)):
+            logits = base_model(**inputs).logits
+            yield start, [logits[row, :len(ids) - 1].float().log_softmax(-1).cpu() for row, ids in enumerate(batch)]
+
+
+@dataclass(frozen=True)
+class ForgettingReference:
+    """The base model's side of `forgetting`, computed once (`base_log_probs`) and stored: ``windows`` the
+    token ids scored, ``log_probs(i)`` window i's (len(windows[i]) - 1) x vocab float32 log-probabilities."""
+
+    windows: list[list[int]]
+    log_probs: Callable[[int], torch.Tensor]
+
+
+def forgetting(model, tokenizer, documents: list[str], *, base_model=None, reference: ForgettingReference | None = None,
                max_length: int = OPTIONS["max_length"].default, limit: int | None = None, batch_size: int = 8,
                progress: bool = True) -> tuple[dict, list[dict]]:
     """Forgetting of ``model`` relative to ``base_model`` on general text, token-averaged:
@@ -140,11 +168,15 @@ def forgetting(model, tokenizer, documents: list[str], *, base_model=None,
     ``base_model=None`` uses ``model`` with its adapters disabled, which is the base model only for
     a PEFT model whose base weights are the original ones (``PeftModel.from_pretrained`` on a
     milora adapter directory, or plain LoRA); a MiLoRA model from ``milora.load_model`` or
-    ``milora.get_model`` holds residual base weights, so it needs ``base_model``.
+    ``milora.get_model`` holds residual base weights, so it needs ``base_model``. ``reference``
+    instead of ``base_model``: the base model's log-probabilities computed before (the same
+    numbers, read back; its windows must be those of ``documents``, ``max_length`` and ``limit``).
     ``limit`` counts windows of ``max_length`` tokens."""
     from peft import PeftModel
 
-    if base_model is None:
+    if base_model is not None and reference is not None:
+        raise DataError("forgetting takes base_model= or reference= (the base model's stored side), not both.")
+    if base_model is None and reference is None:
         residual = has_residual_base(model)
         if residual or not isinstance(model, PeftModel):
             raise DataError(
@@ -154,23 +186,25 @@ def forgetting(model, tokenizer, documents: list[str], *, base_model=None,
             )
     if max_length < 2:
         raise DataError(f"max_length must be at least 2 tokens (got {max_length}).")
-    windows = list(_windows(tokenizer, documents, max_length, limit))
+    windows = forgetting_windows(tokenizer, documents, max_length, limit)
     if not windows:
         raise DataError("The forgetting text is empty.")
+    if reference is not None and reference.windows != windows:
+        raise DataError("The stored forgetting reference was computed on other text windows than these (another "
+                        "text, max_length or limit): compute it again for this text.")
     totals = dict.fromkeys(("kl", "cross_entropy", "base_entropy", "nll", "base_nll", "tokens"), 0.0)
     items = []
-    device = model_device(model)
     with padding_side(tokenizer, "right"), torch.inference_mode():
-        for start in tqdm(range(0, len(windows), batch_size), desc="forgetting", disable=not progress):
-            batch = windows[start:start + batch_size]
-            inputs = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(device)
+        for start, batch, inputs in _batches(tokenizer, windows, batch_size, model_device(model), progress):
             logits = model(**inputs).logits
-            with model.disable_adapter() if base_model is None else nullcontext():
-                base_logits = (model if base_model is None else base_model)(**inputs).logits
+            if reference is None:
+                with model.disable_adapter() if base_model is None else nullcontext():
+                    base_logits = (model if base_model is None else base_model)(**inputs).logits
             for row, ids in enumerate(batch):
                 n = len(ids) - 1
                 logp = logits[row, :n].float().log_softmax(-1)
-                base_logp = base_logits[row, :n].to(logp.device).float().log_softmax(-1)
+                base_logp = (reference.log_probs(start + row).to(logp.device) if reference is not None
+                             else base_logits[row, :n].to(logp.device).float().log_softmax(-1))
                 base_p = base_logp.exp()
                 targets = inputs["input_ids"][row, 1:n + 1].unsqueeze(-1)
                 sums = {
@@ -196,7 +230,6 @@ def forgetting(model, tokenizer, documents: list[str], *, base_model=None,
     return scores, items
 
 
-
 @register("forgetting", "KL of the model's next-token distribution from the base model's on general text",
           metric="value",
           table_scores=("forgetting_loss", "perplexity"))
@@ -204,5 +237,6 @@ def _run(job: Job) -> TaskResult:
     documents, source = load_documents(job.data)
     max_length = job.options["max_length"]
     scores, items = forgetting(job.model, job.tokenizer, documents, base_model=job.options["base_model"],
+                               reference=job.options["reference"],
                                max_length=max_length, limit=job.limit, batch_size=job.batch_size, progress=job.progress)
     return TaskResult(scores, items, source, {"max_length": max_length})
