@@ -66,7 +66,8 @@ def test_every_flag_reaches_its_option_and_the_help_names_tasks_and_defaults(cap
     values = {int: "3", float: "2.5", str: "x", None: "x"}
     for option in OPTIONS.values():
         if not option.cli:
-            assert option.name == "base_model"  # a loaded model: the CLI's --base-model loads it
+            # loaded objects: the CLI's --base-model loads the model; a stored reference is a sweep's
+            assert option.name in ("base_model", "base_reference")
             continue
         argv = ["eval", "--task", tasks_taking(option.name)[0], option.flag]
         if option.kind is not bool:
@@ -145,3 +146,11 @@ def test_spectrum_stats_cross_ranks_as_a_tensor_and_report_as_before():
                      "solver_reason": "singular", "sigma_max_selected": 3.5, "sigma_min_selected": 0.25,
                      "boundary_gap": None, "zero_components": 2, "reconstruction_error": 1e-7}
     assert "solver_reason" not in report_entry("q", torch.zeros(6, 4), 2, 0.5, SolverRun("svd"), back, 0.0)
+
+
+def test_option_names_are_unique():
+    """Two declarations of one name would silently keep the last (one task's option overriding another's)."""
+    from milora.eval import options
+
+    names = [option.name for option in options._DECLARED]
+    assert len(names) == len(set(names)) == len(options.OPTIONS), sorted(n for n in names if names.count(n) > 1)

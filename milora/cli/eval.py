@@ -113,9 +113,9 @@ def _run_eval(args) -> int:
     spec, _ = find_task(args.task)  # unknown task, options or output path: an error before the model loads
     check_common(args.limit, args.batch_size)
     options = _task_options(args)
-    spec.check_local_data(args.data, options)  # every record of local data, before a model loads
     if args.server is not None:
         check_server_task(spec, args.task)
+    spec.check_local_data(args.data, options)  # every record of local data, before a model loads
     label = args.label or (Path(args.predictions).stem if args.predictions else
                            Path(args.adapter or (args.server and args.served_model) or args.model
                                 or EMBEDDED_MODEL).name)

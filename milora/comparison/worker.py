@@ -57,7 +57,7 @@ def _scores(job: Job, model, tokenizer, base_model, run_dir: Path, label: str, s
     if job.forgetting and base_model is not None:
         from milora.eval.tasks.forgetting import ForgettingReference
 
-        side = "reference" if isinstance(base_model, ForgettingReference) else "base_model"
+        side = "base_reference" if isinstance(base_model, ForgettingReference) else "base_model"
         result = _evaluate(model, tokenizer, "forgetting", job.forgetting_data,
                            {side: base_model, "max_length": job.forgetting_length},
                            job.forgetting_windows, job.eval_batch_size, label)

@@ -70,7 +70,7 @@ class Option:
 
 _VISION = ("vqa", "pope", "mcq-image")
 
-OPTIONS: dict[str, Option] = {option.name: option for option in (
+_DECLARED = (
     Option("scorer", "scoring: the generated label (the paper's protocol) or the log-likelihood of "
            "each label option (faster)", "generate", choices=SCORERS),
     Option("max_new_tokens", "tokens generated per answer",
@@ -79,7 +79,7 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("max_length", "window of text in tokens", 1024, int, minimum=2, metavar="N"),
     Option("base_model", "forgetting: the loaded original base of a merged model (CLI: --base-model loads it)",
            cli=False),
-    Option("reference", "forgetting: the base model's side computed once and stored (a ForgettingReference, "
+    Option("base_reference", "forgetting: the base model's side computed once and stored (a ForgettingReference, "
            "e.g. a sweep's, `milora.comparison.reference`), instead of base_model", cli=False),
     Option("image_folder", "folder the records' image paths are relative to (default: the data file's folder)",
            metavar="DIR"),
@@ -106,12 +106,13 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            kind=(tuple, list), metavar="K,..."),
     Option("seed", "sampling seed", 0, int, minimum=0, generation=True, metavar="N"),
     Option("timeout", "seconds per program, wall and CPU", 10.0, float, minimum=1, metavar="S"),
-)}
+)
+OPTIONS: dict[str, Option] = {option.name: option for option in _DECLARED}  # names unique: test_eval_options
 
 TASK_OPTIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("gsm8k", "math"), ("max_new_tokens", "predictions")),
     "commonsense": ("max_new_tokens", "predictions", "scorer"),
-    "forgetting": ("base_model", "reference", "max_length"),
+    "forgetting": ("base_model", "base_reference", "max_length"),
     "ifeval": ("predictions", "template", "max_new_tokens", "missing_punkt"),
     "alpaca-eval": ("judge", "judge_model", "reference", "predictions", "template", "max_new_tokens"),
     "humaneval": ("allow_code_execution", "predictions", "samples", "temperature", "top_p", "pass_k",

@@ -237,6 +237,6 @@ def _run(job: Job) -> TaskResult:
     documents, source = load_documents(job.data)
     max_length = job.options["max_length"]
     scores, items = forgetting(job.model, job.tokenizer, documents, base_model=job.options["base_model"],
-                               reference=job.options["reference"],
+                               reference=job.options["base_reference"],
                                max_length=max_length, limit=job.limit, batch_size=job.batch_size, progress=job.progress)
     return TaskResult(scores, items, source, {"max_length": max_length})
