@@ -208,3 +208,12 @@ def train_steps(model, tokens, steps=3, lr=1e-2):
         optimizer.zero_grad()
     model.eval()
     return optimizer
+
+
+# A sweep's true/false questions (a tiny model's commonsense task), shared by the compare tests.
+QUESTIONS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in range(12) for b in range(12) if a != b]
+
+
+def commonsense_records(pairs):
+    return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
+             "answer": a} for q, a in pairs]

@@ -19,7 +19,7 @@ from milora.comparison.summary import select, summarise
 from milora.comparison.sweep import load_sweep
 from milora.errors import ConfigError
 
-from conftest import cli_error, make_model_dir
+from conftest import QUESTIONS, cli_error, commonsense_records, make_model_dir
 
 # ---------------------------------------------------------------- statistics against a direct computation
 
@@ -110,12 +110,6 @@ def test_no_significant_difference_is_said_so():
 
 # ---------------------------------------------------------------- a sweep on a tiny model
 
-QUESTIONS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in range(12) for b in range(12) if a != b]
-
-
-def commonsense_records(pairs):
-    return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
-             "answer": a} for q, a in pairs]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from milora.errors import ConfigError, DataError
 
-from conftest import cli_error
+from conftest import QUESTIONS, cli_error, commonsense_records
 
 LEVELS = ["&a [" + ", ".join(["x"] * 10) + "]"] + [f"&{name} [" + ", ".join([f"*{previous}"] * 10) + "]"
                                                     for previous, name in zip("abcdefgh", "bcdefghi", strict=True)]
@@ -52,12 +52,6 @@ def test_a_huge_override_is_not_echoed_whole_by_the_cli(tmp_path):
 
 # ---------------------------------------------------------------- evaluation records checked before any work
 
-QUESTIONS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in range(12) for b in range(12) if a != b]
-
-
-def _commonsense(pairs):
-    return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
-             "answer": a} for q, a in pairs]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ def sweep_model(tmp_path_factory):
 
 
 def _sweep(tmp_path, model, test, validation=None, train=None) -> dict:
-    (tmp_path / "train.json").write_text(json.dumps(train or _commonsense(QUESTIONS[:60])))
+    (tmp_path / "train.json").write_text(json.dumps(train or commonsense_records(QUESTIONS[:60])))
     (tmp_path / "test.json").write_text(json.dumps(test))
     values = {"output_dir": str(tmp_path / "out"), "methods": ["lora"], "learning_rates": [0.01],
               "train": {"model": model, "dataset": str(tmp_path / "train.json"), "max_steps": 1, "report_to": "none"},
@@ -89,10 +83,10 @@ BROKEN = [(lambda r: {k: v for k, v in r.items() if k != "answer"}, r"item 7: no
 def test_a_sweep_refuses_a_broken_evaluation_record_before_any_run(tmp_path, sweep_model, edit, message, where):
     from milora.comparison.sweep import load_sweep
 
-    test, validation, train = _commonsense(QUESTIONS[60:90]), _commonsense(QUESTIONS[90:100]), None
+    test, validation, train = commonsense_records(QUESTIONS[60:90]), commonsense_records(QUESTIONS[90:100]), None
     broken = {"test": test, "validation": validation}.get(where)
     if where == "held out":  # validation_size: the held-out training records are scored with eval_task
-        train = [edit(record) for record in _commonsense(QUESTIONS[:60])]
+        train = [edit(record) for record in commonsense_records(QUESTIONS[:60])]
         validation = None
     else:
         broken[7] = edit(broken[7])
@@ -110,7 +104,7 @@ def test_milora_eval_checks_every_record_before_the_model_loads(tmp_path, monkey
         raise AssertionError("the model was loaded before the data was checked")
 
     monkeypatch.setattr(milora.models, "load_base_model", no_model)
-    records = _commonsense(QUESTIONS[:30])
+    records = commonsense_records(QUESTIONS[:30])
     records[12] = {**records[12], "instruction": None}
     (tmp_path / "test.json").write_text(json.dumps(records))
     message = cli_error(["eval", "--task", "commonsense", "--data", str(tmp_path / "test.json"),
@@ -231,8 +225,8 @@ def test_an_output_that_is_a_file_is_refused_by_every_command(tmp_path, model_di
     sweep.write_text(f"output_dir: {taken / 'sub'}\nlearning_rates: [0.01]\neval_task: commonsense\n"
                      f"eval_data: {tmp_path / 'test.json'}\nvalidation_data: {tmp_path / 'v.json'}\n"
                      f"train: {{model: {model_dir}, dataset: {tmp_path / 'd.json'}}}\n")
-    (tmp_path / "test.json").write_text(json.dumps(_commonsense(QUESTIONS[:25])))
-    (tmp_path / "v.json").write_text(json.dumps(_commonsense(QUESTIONS[30:35])))
+    (tmp_path / "test.json").write_text(json.dumps(commonsense_records(QUESTIONS[:25])))
+    (tmp_path / "v.json").write_text(json.dumps(commonsense_records(QUESTIONS[30:35])))
     for argv in (["init", str(model_dir), "--output", str(taken)], ["train", str(config)],
                  ["compare", str(sweep)], ["init", str(model_dir), "--output", str(taken / "adapter")]):
         code, message = _run(argv)

@@ -366,12 +366,10 @@ def test_runtime_adapter_is_loaded_for_the_block_and_unloaded_after(serve, tmp_p
 
 
 def test_a_sweep_evaluates_each_run_on_the_server_with_its_adapter_loaded_at_run_time(serve, tmp_path):
-    from test_comparison import QUESTIONS, commonsense_records
-
     from milora.comparison import compare
     from milora.errors import ConfigError
 
-    from conftest import make_model_dir
+    from conftest import QUESTIONS, commonsense_records, make_model_dir
 
     (tmp_path / "train.json").write_text(json.dumps(commonsense_records(QUESTIONS[:40])))
     (tmp_path / "test.json").write_text(json.dumps(commonsense_records(QUESTIONS[40:64])))

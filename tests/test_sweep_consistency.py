@@ -16,14 +16,7 @@ from milora.comparison.sweep import load_sweep
 from milora.comparison.worker import RECORD
 from milora.errors import ConfigError
 
-from conftest import make_model_dir
-
-PAIRS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in range(12) for b in range(12) if a != b]
-
-
-def _records(pairs):
-    return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
-             "answer": a} for q, a in pairs]
+from conftest import QUESTIONS, commonsense_records, make_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +26,10 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def values(tmp_path, model):
-    pairs = PAIRS[:]
+    pairs = QUESTIONS[:]
     random.Random(0).shuffle(pairs)
     for name, chosen in (("train", pairs[:60]), ("test", pairs[60:90]), ("validation", pairs[90:100])):
-        (tmp_path / f"{name}.json").write_text(json.dumps(_records(chosen)))
+        (tmp_path / f"{name}.json").write_text(json.dumps(commonsense_records(chosen)))
     (tmp_path / "text.txt").write_text("The river flows south to the sea. " * 40)
     return {
         "output_dir": str(tmp_path / "out"),
@@ -81,7 +74,7 @@ def test_a_data_file_changed_in_place_then_a_seed_added_is_refused(values, tmp_p
     assert not (tmp_path / "out" / "runs" / "lora-lr0.01-seed1").exists()  # nothing more was written
 
 
-def test_deleting_sweep_yaml_and_changing_a_setting_is_refused_by_the_runs_own_records(values, tmp_path):
+def test_deleting_sweep_yaml_and_changing_a_setting_is_refused_by_the_runs_owncommonsense_records(values, tmp_path):
     _finish(load_sweep(values))
     (tmp_path / "out" / SWEEP_FILE).unlink()
     changed = {**values, "seeds": [0, 1], "train": {**values["train"], "lora_rank": 4}}
