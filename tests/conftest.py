@@ -217,3 +217,13 @@ QUESTIONS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in
 def commonsense_records(pairs):
     return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
              "answer": a} for q, a in pairs]
+
+
+def assert_same_adapter(first: Path, second: Path) -> None:
+    """Two runs' saved adapters are bitwise identical (same seed, same CPU: a resume must not change a bit)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

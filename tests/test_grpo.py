@@ -15,7 +15,7 @@ from milora.errors import ConfigError, DataError
 from milora.training.rewards import format_reward, math_reward
 from milora.training.run import train
 
-from conftest import RECORDS, run_config
+from conftest import RECORDS, assert_same_adapter, run_config
 
 PROMPTS = [{"prompt": r["instruction"], "answer": r["output"].split(" is ")[1].split(".")[0]} for r in RECORDS]
 REWARDS = '''
@@ -90,7 +90,6 @@ def test_saved_adapter_reproduces_the_trained_model_on_the_original_base(tiny, p
 
 
 def test_ctrl_c_checkpoint_and_resume_match_an_uninterrupted_run(tiny, prompts, tmp_path):
-    from safetensors.torch import load_file
 
     settings = {"max_steps": 4, "grpo_beta": 0.1}
     train(grpo_config(tiny, prompts, tmp_path / "a", **settings))
@@ -98,10 +97,7 @@ def test_ctrl_c_checkpoint_and_resume_match_an_uninterrupted_run(tiny, prompts, 
     assert stopped.interrupted and not (stopped.checkpoint / "ref").exists()
     resumed = train(grpo_config(tiny, prompts, tmp_path / "b", resume_from_checkpoint=True, **settings))
     assert resumed.metrics["global_step"] == 4
-    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
-    for key in a:  # same seed, same CPU: bitwise identical
-        assert torch.equal(a[key], b[key]), key
+    assert_same_adapter(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_reference_on_the_residual_base_is_refused_on_the_first_batch(tiny, prompts, tmp_path):

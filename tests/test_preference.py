@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from milora.errors import ConfigError, DataError
 from milora.training.run import train
 
-from conftest import RECORDS, run_config
+from conftest import RECORDS, assert_same_adapter, run_config
 
 PAIRS = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": r["output"][::-1] + " no"}
          for r in RECORDS]
@@ -97,7 +97,6 @@ def test_dpo_without_preference_data_and_keys_of_another_objective(tiny, pairs_f
 
 
 def test_ctrl_c_checkpoint_and_resume_match_an_uninterrupted_run(tiny, pairs_file, tmp_path):
-    from safetensors.torch import load_file
 
     settings = {"max_steps": 4, "lora_dropout": 0.1}
     straight = train(dpo_config(tiny, pairs_file, tmp_path / "a", **settings))
@@ -106,11 +105,7 @@ def test_ctrl_c_checkpoint_and_resume_match_an_uninterrupted_run(tiny, pairs_fil
     assert not list(stopped.checkpoint.rglob("*.bin")) and not (stopped.checkpoint / "ref").exists()
     resumed = train(dpo_config(tiny, pairs_file, tmp_path / "b", resume_from_checkpoint=True, **settings))
     assert resumed.metrics["global_step"] == 4
-    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:  # same seed, same CPU: bitwise identical
-        assert torch.equal(a[key], b[key]), key
+    assert_same_adapter(tmp_path / "a", tmp_path / "b")
     assert [e["loss"] for e in straight.metrics["loss_history"]] == [e["loss"] for e in resumed.metrics["loss_history"]]
 
 

@@ -28,7 +28,7 @@ from milora.models import load_base_model
 from milora.training.config import ConfigError, from_dict
 from milora.training.run import build_lora_config, train
 
-from conftest import RECORDS, cli_error, make_model_dir, run_config
+from conftest import RECORDS, assert_same_adapter, cli_error, make_model_dir, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,11 +97,7 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(tiny, tmp_path):
     assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
     resumed = train(run_config(tiny, tmp_path / "b", lora_dropout=0.1, resume_from_checkpoint=True))
     assert resumed.metrics["global_step"] == 6
-    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:  # same seed, same CPU: bitwise identical
-        assert torch.equal(a[key], b[key]), key
+    assert_same_adapter(tmp_path / "a", tmp_path / "b")
     assert [e["loss"] for e in straight.metrics["loss_history"]] == [e["loss"] for e in resumed.metrics["loss_history"]]
 
 
