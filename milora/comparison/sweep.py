@@ -33,7 +33,8 @@ from milora.constants import INIT_MODES
 from milora.errors import ConfigError, DataError, shown
 from milora.io import check_output_dir, read_records, read_yaml_mapping
 from milora.training.config import from_dict as train_config_from_dict
-from milora.training.config import method_only_keys, parse_overrides
+from milora.training.config import parse_overrides
+from milora.training.config_checks import method_only_keys
 
 MIN_TEST_ITEMS = 20
 # train keys the sweep sets per run: giving them in `train` would be silently overridden
