@@ -8,7 +8,9 @@ nonzero offset in [-3, 3] drawn with the seed (rejected). Per seed the run train
 items, before (the base model) and after (the saved adapter reloaded with `milora.load_model`):
 
 - pair accuracy: the share of held-out pairs where log p(chosen) > log p(rejected);
-- answer accuracy: greedy answers scored by the task itself (as `milora demo` does).
+- answer accuracy: greedy answers scored by the task itself (as `milora demo` does);
+- reward accuracy (after only): the share of held-out pairs whose implicit DPO reward,
+  log p(answer) - log p_base(answer), is higher for the chosen answer (TRL's ``rewards/accuracies``).
 
 Prints per seed and the mean change over seeds with a Student t 95% interval.
 
@@ -40,17 +42,25 @@ def pair(question: str, answer, rng: random.Random) -> dict:
             "rejected": [{"role": "assistant", "content": str(wrong)}]}
 
 
-def pair_accuracy(model, tokenizer, pairs: list[dict]) -> float:
+def pair_logprobs(model, tokenizer, pairs: list[dict]) -> list[tuple[float, float]]:
+    """(log p(chosen), log p(rejected)) of each pair's answer after its chat prompt."""
     contexts = [apply_chat_template(tokenizer, p["prompt"], True) for p in pairs]
     requests = [(context, p[side][0]["content"])
                 for context, p in zip(contexts, pairs, strict=True) for side in ("chosen", "rejected")]
     logps = continuation_logprobs(model, tokenizer, requests, progress=False)
-    return sum(logps[2 * i] > logps[2 * i + 1] for i in range(len(pairs))) / len(pairs)
+    return [(logps[2 * i], logps[2 * i + 1]) for i in range(len(pairs))]
 
 
-def measure(model, tokenizer, eval_pairs: list[dict], held_out) -> dict:
-    answers = score(model, tokenizer, held_out)["accuracy"]
-    return {"pairs": pair_accuracy(model, tokenizer, eval_pairs), "answers": answers}
+def measure(model, tokenizer, eval_pairs: list[dict], held_out, reference=None) -> tuple[dict, list]:
+    """Pair accuracy, answer accuracy and, against ``reference`` (the base's pair log-probabilities),
+    reward accuracy: the share of pairs whose implicit DPO reward log p - log p_ref is higher for chosen."""
+    logps = pair_logprobs(model, tokenizer, eval_pairs)
+    measured = {"pairs": sum(c > r for c, r in logps) / len(logps),
+                "answers": score(model, tokenizer, held_out)["accuracy"]}
+    if reference is not None:
+        measured["rewards"] = sum((c - rc) > (r - rr) for (c, r), (rc, rr) in zip(logps, reference, strict=True)
+                                  ) / len(logps)
+    return measured, logps
 
 
 def run_seed(seed: int, args) -> dict:
@@ -62,12 +72,12 @@ def run_seed(seed: int, args) -> dict:
     eval_pairs = [pair(e["question"], e["answer"], rng) for e in held_out]
     (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_pairs))
     base, tokenizer = load_base_model(None)
-    before = measure(base, tokenizer, eval_pairs, held_out)
+    before, base_logps = measure(base, tokenizer, eval_pairs, held_out)
     config = {**yaml.safe_load(RECIPE.read_text()), "dataset": str(out / "pairs.jsonl"),
               "output_dir": str(out / "adapter"), "seed": seed, "max_steps": args.steps}
     result = train(config)
     model = load_model(base, result.adapter_dir)
-    after = measure(model, tokenizer, eval_pairs, held_out)
+    after, _ = measure(model, tokenizer, eval_pairs, held_out, reference=base_logps)
     return {"seed": seed, "before": before, "after": after, "wall_seconds": result.metrics["wall_seconds"]}
 
 
@@ -82,6 +92,10 @@ def main() -> None:
     runs = [run_seed(seed, args) for seed in args.seeds]
     for run in runs:
         print(json.dumps(run))
+    rewards = mean_interval([r["after"]["rewards"] for r in runs])
+    bounds = f", 95% interval [{rewards.low:.3f}, {rewards.high:.3f}]" if rewards.low is not None else ""
+    print(f"held-out reward accuracy after (0 before: the reward is 0 for both answers): {rewards.mean:.3f}{bounds} "
+          f"({rewards.method})")
     for metric in ("pairs", "answers"):
         change = mean_interval([r["after"][metric] - r["before"][metric] for r in runs])
         bounds = f", 95% interval [{change.low:+.3f}, {change.high:+.3f}]" if change.low is not None else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,24 @@ QUESTIONS = [(f"Is {a} larger than {b}?", "true" if a > b else "false") for a in
 def commonsense_records(pairs):
     return [{"instruction": f"{q}\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {a}",
              "answer": a} for q, a in pairs]
+
+
+def sweep_values(folder: Path, model: str) -> dict:
+    """A small sweep's settings on ``model``: lora at one rate and seed, 60 training, 30 test and 10 validation
+    questions, a forgetting text (files written under ``folder``, outputs in ``folder/out``)."""
+    pairs = QUESTIONS[:]
+    random.Random(0).shuffle(pairs)
+    for name, chosen in (("train", pairs[:60]), ("test", pairs[60:90]), ("validation", pairs[90:100])):
+        (folder / f"{name}.json").write_text(json.dumps(commonsense_records(chosen)))
+    (folder / "text.txt").write_text("The river flows south to the sea. " * 40)
+    return {
+        "output_dir": str(folder / "out"),
+        "train": {"model": model, "dataset": str(folder / "train.json"), "lora_rank": 2, "max_steps": 2,
+                  "report_to": "none"},
+        "methods": ["lora"], "learning_rates": [0.01], "seeds": [0], "eval_task": "commonsense",
+        "eval_data": str(folder / "test.json"), "validation_data": str(folder / "validation.json"),
+        "forgetting_data": str(folder / "text.txt"),
+    }
 
 
 def assert_same_adapter(first: Path, second: Path) -> None:

@@ -5,7 +5,6 @@ the sweep before anything more runs."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from milora.comparison.sweep import load_sweep
 from milora.comparison.worker import RECORD
 from milora.errors import ConfigError
 
-from conftest import QUESTIONS, commonsense_records, make_model_dir
+from conftest import make_model_dir, sweep_values
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +25,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def values(tmp_path, model):
-    pairs = QUESTIONS[:]
-    random.Random(0).shuffle(pairs)
-    for name, chosen in (("train", pairs[:60]), ("test", pairs[60:90]), ("validation", pairs[90:100])):
-        (tmp_path / f"{name}.json").write_text(json.dumps(commonsense_records(chosen)))
-    (tmp_path / "text.txt").write_text("The river flows south to the sea. " * 40)
-    return {
-        "output_dir": str(tmp_path / "out"),
-        "train": {"model": model, "dataset": str(tmp_path / "train.json"), "lora_rank": 2, "max_steps": 2,
-                  "report_to": "none"},
-        "methods": ["lora"], "learning_rates": [0.01], "seeds": [0], "eval_task": "commonsense",
-        "eval_data": str(tmp_path / "test.json"), "validation_data": str(tmp_path / "validation.json"),
-        "forgetting_data": str(tmp_path / "text.txt"),
-    }
+    return sweep_values(tmp_path, model)
 
 
 def _finish(sweep) -> None:

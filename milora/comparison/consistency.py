@@ -27,8 +27,8 @@ DATA_ROLES = {"train": "train.dataset", "validation": "validation_data", "test":
 """Each data file a sweep reads, by role, and the sweep key naming it."""
 # where a run is, not what it is: a sweep directory moved elsewhere keeps its runs
 _PLACE_KEYS = ("run_dir", "train.output_dir")
-# what the worker sets when it resumes or restarts a run's training
-_RUN_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
+# what the worker sets when it resumes or restarts a run's training, or gives it a finished run's start
+_RUN_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "init_from")
 
 
 def file_digest(path: str | Path) -> str:

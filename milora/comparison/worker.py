@@ -1,6 +1,7 @@
 """One run of a sweep, start to finish: train, then score validation, test, forgetting, retention.
 
-`run_one(job)` is what every backend executes (the local one in a fresh process through
+A run whose start a finished run of the sweep already computed begins from it
+(`milora.comparison.starts`). `run_one(job)` is what every backend executes (the local one in a fresh process through
 ``python -m milora.comparison JOB.json``, Ray inside a trial), so both give the same
 results. It writes the run's record, ``run.json``, last and atomically: a run with a record is
 finished and is never repeated. A failure (a diverged training, an error) is recorded with its
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.comparison.job import Job, read_job
+from milora.comparison.starts import shared_start
 from milora.errors import MiloraError, OutputInUseError
 from milora.io import atomic_write_json
 
@@ -78,8 +80,11 @@ def _train_and_score(job: Job, run_dir: Path) -> dict[str, Any]:
 
     started = time.perf_counter()
     resume = _latest_checkpoint(run_dir)
+    # begin from a finished run's start where one exists (decompose once per distinct start)
+    start = shared_start(job) if "init_from" not in job.train else None
     # a killed attempt may have left this run's own training directory: resume it, or start it over
-    result = train({**job.train, "resume_from_checkpoint": resume, "overwrite_output_dir": resume is None})
+    result = train({**job.train, "resume_from_checkpoint": resume, "overwrite_output_dir": resume is None,
+                    **({"init_from": start} if start is not None else {})})
     if result.interrupted:
         raise KeyboardInterrupt
     losses = [entry["loss"] for entry in result.metrics["loss_history"] if "loss" in entry]
@@ -102,7 +107,8 @@ def _train_and_score(job: Job, run_dir: Path) -> dict[str, Any]:
             scores = _scores(job, model, tokenizer, reference, run_dir, job.name, served)
     else:
         scores = _scores(job, model, tokenizer, reference, run_dir, job.name)
-    return {"status": "done", "train_seconds": train_seconds, "trainable_parameters": _trainable_parameters(model),
+    return {"status": "done", "train_seconds": train_seconds, "init_from": start,
+            "trainable_parameters": _trainable_parameters(model),
             "loss_history": result.metrics["loss_history"], "adapter_dir": str(result.adapter_dir), **scores}
 
 

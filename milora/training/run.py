@@ -48,10 +48,11 @@ class TrainResult:
 
 
 # keys a resumed run may change; any other difference from the run's train_config.yaml is refused
-# (output_dir: a run directory moved or copied elsewhere resumes where it is now)
+# (output_dir: a run directory moved or copied elsewhere resumes where it is now; init_from: load_start only
+# accepts this run's own start, the same factors as decomposing again)
 RESUMABLE_CHANGES = {
     "output_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
-    "report_to", "resume_from_checkpoint", "overwrite_output_dir", "dataloader_num_workers", "deepspeed",
+    "report_to", "resume_from_checkpoint", "overwrite_output_dir", "dataloader_num_workers", "deepspeed", "init_from",
 }
 
 

@@ -1,0 +1,61 @@
+"""Decompose once per distinct start: a sweep's run begins from the saved start of a finished run.
+
+The start of an SVD init (milora, pissa, middle, ...) depends on the base model, the sweep's
+adapter settings (shared by all its runs), the method and, for a seeded start, the seed; not on
+the learning rate or the batch size. So the first finished run of a start decomposes, and every
+later run of the same start passes that run's adapter to `milora train` as ``init_from``: its
+initial factors, residual rebuilt without any SVD, the same model bit for bit
+(`milora.adapter.load.load_start` checks the base fingerprint, init, rank, alpha and targets).
+No ordering is needed: a run that finds no finished run of its start (the first, or parallel Ray
+trials) decomposes itself. Starts computed from training batches (corda, eva, lora-ga) and starts
+that leave the base unchanged (lora, dora, olora, ...) have nothing to reuse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from milora.adapter.format import has_initial_factors
+from milora.adapter.load import SEEDED_INITS
+from milora.comparison.job import Job
+from milora.constants import DATA_INITS, MILORA_CONFIG
+
+
+def _seed_matters(method: str, adapter_dir: Path) -> bool:
+    """A seeded init, or a start with exactly-zero components (their directions are drawn with the seed)."""
+    if method in SEEDED_INITS:
+        return True
+    report = json.loads((adapter_dir / MILORA_CONFIG).read_text(encoding="utf-8")).get("report", [])
+    return any(entry.get("zero_components") for entry in report)
+
+
+def shared_start(job: Job) -> str | None:
+    """The adapter directory of a finished run in ``job``'s sweep with the same start, or None.
+
+    A candidate counts when its record (``run.json``) says done, names the same method (and batch-free
+    start: learning rate and batch size do not enter it) and, where the seed matters, the same seed.
+    Unreadable records are skipped here (the runner names them when it reads the sweep)."""
+    method = job.identity.method
+    if not has_initial_factors(method) or method in DATA_INITS:
+        return None
+    own = Path(job.run_dir)
+    for run_dir in sorted(own.parent.iterdir()):
+        if run_dir == own or not (run_dir / "run.json").is_file():
+            continue
+        try:
+            record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(record, dict) or record.get("status") != "done" or record.get("method") != method:
+            continue
+        adapter_dir = Path(str(record.get("adapter_dir", "")))
+        if not (adapter_dir / MILORA_CONFIG).is_file():
+            continue
+        try:
+            if _seed_matters(method, adapter_dir) and record.get("seed") != job.identity.seed:
+                continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        return str(adapter_dir)
+    return None
