@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from milora.adapter.format import has_initial_factors
 from milora.adapter.load import SEEDED_INITS
 from milora.comparison.job import Job
-from milora.constants import DATA_INITS, MILORA_CONFIG
+from milora.constants import DATA_INITS, MILORA_CONFIG, RESIDUAL_INITS
 
 
 def _seed_matters(method: str, adapter_dir: Path) -> bool:
@@ -37,7 +36,7 @@ def shared_start(job: Job) -> str | None:
     start: learning rate and batch size do not enter it) and, where the seed matters, the same seed.
     Unreadable records are skipped here (the runner names them when it reads the sweep)."""
     method = job.identity.method
-    if not has_initial_factors(method) or method in DATA_INITS:
+    if method not in RESIDUAL_INITS or method in DATA_INITS:  # no initial factors, or built from batches
         return None
     own = Path(job.run_dir)
     for run_dir in sorted(own.parent.iterdir()):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from milora.comparison.job import Job, read_job
-from milora.comparison.starts import shared_start
 from milora.errors import MiloraError, OutputInUseError
 from milora.io import atomic_write_json
 
@@ -75,6 +74,7 @@ def _trainable_parameters(model) -> int:
 
 def _train_and_score(job: Job, run_dir: Path) -> dict[str, Any]:
     from milora.adapter.load import load_model
+    from milora.comparison.starts import shared_start
     from milora.models import load_base_model
     from milora.training.run import train
 
