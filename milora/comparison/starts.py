@@ -25,15 +25,17 @@ def _seed_matters(method: str, adapter_dir: Path) -> bool:
     """A seeded init, or a start with exactly-zero components (their directions are drawn with the seed)."""
     if method in SEEDED_INITS:
         return True
-    report = json.loads((adapter_dir / MILORA_CONFIG).read_text(encoding="utf-8")).get("report", [])
-    return any(entry.get("zero_components") for entry in report)
+    metadata = json.loads((adapter_dir / MILORA_CONFIG).read_text(encoding="utf-8"))
+    report = metadata.get("report", []) if isinstance(metadata, dict) else []
+    return not isinstance(report, list) or any(not isinstance(entry, dict) or entry.get("zero_components")
+                                               for entry in report)  # an unreadable report: assume it matters
 
 
 def shared_start(job: Job) -> str | None:
     """The adapter directory of a finished run in ``job``'s sweep with the same start, or None.
 
-    A candidate counts when its record (``run.json``) says done, names the same method (and batch-free
-    start: learning rate and batch size do not enter it) and, where the seed matters, the same seed.
+    A candidate counts when its record (``run.json``) says done and names the same method and, where
+    the seed matters, the same seed (learning rate and batch size do not enter a start).
     Unreadable records are skipped here (the runner names them when it reads the sweep)."""
     method = job.identity.method
     if method not in RESIDUAL_INITS or method in DATA_INITS:  # no initial factors, or built from batches
