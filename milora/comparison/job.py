@@ -17,6 +17,8 @@ from milora.errors import ConfigError
 from milora.io import atomic_write_json
 
 JOB_FILE = "job.json"
+RECORD = "run.json"
+"""A run\'s record, written last by the worker: a run with one is finished."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from milora.adapter.load import SEEDED_INITS
-from milora.comparison.job import Job
+from milora.comparison.job import RECORD, Job
 from milora.constants import DATA_INITS, MILORA_CONFIG, RESIDUAL_INITS
 
 
@@ -36,16 +36,17 @@ def shared_start(job: Job) -> str | None:
 
     A candidate counts when its record (``run.json``) says done and names the same method and, where
     the seed matters, the same seed (learning rate and batch size do not enter a start).
-    Unreadable records are skipped here (the runner names them when it reads the sweep)."""
+    Unreadable records are skipped quietly (not `milora.comparison.runner.read_record`, which names
+    each one on stderr: the runner already did, once, when it read the sweep)."""
     method = job.identity.method
     if method not in RESIDUAL_INITS or method in DATA_INITS:  # no initial factors, or built from batches
         return None
     own = Path(job.run_dir)
     for run_dir in sorted(own.parent.iterdir()):
-        if run_dir == own or not (run_dir / "run.json").is_file():
+        if run_dir == own or not (run_dir / RECORD).is_file():
             continue
         try:
-            record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+            record = json.loads((run_dir / RECORD).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if not isinstance(record, dict) or record.get("status") != "done" or record.get("method") != method:

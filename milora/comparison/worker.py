@@ -1,9 +1,9 @@
 """One run of a sweep, start to finish: train, then score validation, test, forgetting, retention.
 
 A run whose start a finished run of the sweep already computed begins from it
-(`milora.comparison.starts`). `run_one(job)` is what every backend executes (the local one in a fresh process through
-``python -m milora.comparison JOB.json``, Ray inside a trial), so both give the same
-results. It writes the run's record, ``run.json``, last and atomically: a run with a record is
+(`milora.comparison.starts`). `run_one(job)` is what every backend executes (the local one in
+a fresh process through ``python -m milora.comparison JOB.json``, Ray inside a trial), so both
+give the same results. It writes the run's record, ``run.json``, last and atomically: a run with a record is
 finished and is never repeated. A failure (a diverged training, an error) is recorded with its
 reason instead of stopping the sweep. `run_base` scores the base model once (test accuracy,
 retention before fine-tuning).
@@ -19,11 +19,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from milora.comparison.job import Job, read_job
+from milora.comparison.job import RECORD, Job, read_job
 from milora.errors import MiloraError, OutputInUseError
 from milora.io import atomic_write_json
-
-RECORD = "run.json"
 
 
 def _evaluate(model, tokenizer, task: str, data, options: dict, limit, batch_size: int, label: str) -> dict:
