@@ -201,6 +201,12 @@ def test_local_sweep_end_to_end(local_sweep):
         assert 0 <= method["test_accuracy_mean"] <= 1 and method["forgetting_kl_mean"] >= 0
     assert summary["methods"][1]["difference_ci95"] is not None and len(summary["analysis"]) == 2
     assert summary["setup"]["test_items"] == 24 and summary["setup"]["validation_items"] == 10
+    # the test phase scored exactly each method's chosen runs, after the grid (test_runs: chosen)
+    chosen = {m["method"]: m["selected_learning_rate"] for m in summary["methods"]}
+    for (method, rate, seed), run in runs.items():
+        at_choice = run["status"] == "done" and rate == chosen[method]
+        assert (run["test_accuracy"] is not None) == at_choice
+        assert (output / "runs" / f"{method}-lr{rate:g}-seed{seed}" / "test.json").is_file() == at_choice
     # forgetting read the base model's side stored once for the sweep: a second base model gives the same score
     assert len(list((output / "reference").glob("forgetting-*/reference.json"))) == 1
     from milora.adapter.load import load_model
@@ -214,6 +220,16 @@ def test_local_sweep_end_to_end(local_sweep):
                            base_model=load_base_model(model_path)[0], max_length=config.forgetting_length,
                            limit=config.forgetting_windows, batch_size=config.eval_batch_size, progress=False)
     assert scores["forgetting_loss"] == run["forgetting_kl"]
+    # and the deferred test score is the adapter's own: scored again here, in this process, it is the same
+    from milora.eval import evaluate
+
+    run = next(r for r in summary["runs"] if r["method"] == "milora" and r["test_accuracy"] is not None)
+    result = evaluate(load_model(load_base_model(model_path)[0], run["adapter_dir"]), tokenizer, config.eval_task,
+                      config.eval_data, batch_size=config.eval_batch_size, progress=False, **config.eval_options)
+    name = f"milora-lr{run['learning_rate']:g}-seed{run['seed']}"
+    record = json.loads((output / "runs" / name / "run.json").read_text())
+    assert record["test"]["correct"] == [bool(item["correct"]) for item in result["items"]]
+    assert record["test_seconds"] > 0
 
 
 @pytest.mark.slow
@@ -226,6 +242,14 @@ def test_resume_skips_finished_runs_and_refuses_a_changed_sweep(local_sweep):
     again = compare(values, progress=False)  # nothing left to run: the same report
     assert {path: path.stat().st_mtime_ns for path in records} == stamps
     assert again["methods"] == first["methods"]
+    # test_runs may change on a sweep with runs: `all` scores the test set of the other done runs only
+    tested = {path for path in records if "test" in json.loads(path.read_text())}
+    every = compare({**values, "test_runs": "all"}, progress=False)
+    changed_records = {path for path in records if path.stat().st_mtime_ns != stamps[path]}
+    done = {path for path in records if json.loads(path.read_text())["status"] == "done"}
+    assert changed_records == done - tested and tested < done
+    assert all(r["test_accuracy"] is not None for r in every["runs"] if r["status"] == "done")
+    assert every["methods"] == first["methods"]
     changed = {**values, "train": {**values["train"], "lora_rank": 4}}
     with pytest.raises(ConfigError, match=r"train.lora_rank changed"):
         compare(changed, progress=False)
@@ -252,6 +276,29 @@ def test_retry_failed_reruns_exactly_the_failed_runs(setup, tmp_path):
     assert [job.run_dir for job in prepare(retried)] == [job_for(retried, failed).run_dir]
 
 
+def test_the_test_phase_scores_exactly_the_chosen_runs_without_a_test_score(setup, tmp_path):
+    """Records written here (validation only): lora is best on validation at 0.1, milora at 0.01, and one
+    chosen milora run already has its test score; `test_runs: all` wants every done run's instead."""
+    from milora.comparison.driver import untested
+    from milora.comparison.runner import job_for, prepare
+    from milora.comparison.worker import RECORD
+
+    values = sweep_values(setup, tmp_path / "out")
+    sweep = load_sweep(values)
+    prepare(sweep)
+    best = {"lora": 0.1, "milora": 0.01}
+    for spec in sweep.runs:
+        job = job_for(sweep, spec)
+        validation = {"accuracy": 0.8 if spec.learning_rate == best[spec.method] else 0.5, "correct": [True]}
+        record = {**job.identity.as_record(), "status": "done", "validation": validation}
+        if (spec.method, spec.learning_rate, spec.seed) == ("milora", 0.01, 0):
+            record["test"] = {"accuracy": 1.0, "correct": [True]}
+        (Path(job.run_dir) / RECORD).write_text(json.dumps(record))
+    names = [job.name for job in untested(sweep)]
+    assert sorted(names) == ["lora-lr0.1-seed0", "lora-lr0.1-seed1", "milora-lr0.01-seed1"]
+    assert len(untested(load_sweep({**values, "test_runs": "all"}))) == 8 - 1
+
+
 def _write(path: Path, values: dict) -> Path:
     path.write_text(yaml.safe_dump(values))
     return path
@@ -275,8 +322,10 @@ def test_ray_backend_gives_the_local_results(local_sweep, tmp_path):
     for run in remote["runs"]:
         twin = local_runs[(run["method"], run["learning_rate"], run["seed"])]
         assert run["status"] == twin["status"] == "done"
-        assert abs(run["test_accuracy"] - twin["test_accuracy"]) <= 1 / 24 + 1e-12
+        if run["test_accuracy"] is not None and twin["test_accuracy"] is not None:  # both chose this rate
+            assert abs(run["test_accuracy"] - twin["test_accuracy"]) <= 1 / 24 + 1e-12
         assert math.isclose(run["forgetting_kl"], twin["forgetting_kl"], rel_tol=1e-3)
+    assert all(m["status"] == "done" and m["test_accuracy_mean"] is not None for m in remote["methods"])
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -391,12 +391,15 @@ def test_a_sweep_evaluates_each_run_on_the_server_with_its_adapter_loaded_at_run
     runs = sorted((r for r in summary["runs"] if r["method"] == "lora"), key=lambda r: r["learning_rate"])
     assert [r["status"] for r in runs] == ["done", "done"], runs
     names = [Path(r["adapter_dir"]).parent.name for r in runs]
-    assert [call[0] for call in server.lora_calls] == ["load_lora_adapter", "unload_lora_adapter"] * 2
-    assert sorted(call[1]["lora_name"] for call in server.lora_calls) == sorted(names * 2)
+    # each run's adapter loaded for its validation, and the chosen run's (the tie: the smaller rate) again
+    # for the test phase
+    assert [call[0] for call in server.lora_calls] == ["load_lora_adapter", "unload_lora_adapter"] * 3
+    assert sorted(call[1]["lora_name"] for call in server.lora_calls) == sorted(names * 2 + [names[0]] * 2)
     assert {call[1]["lora_path"] for call in server.lora_calls[::2]} == {str(Path(r["adapter_dir"]).resolve())
                                                                            for r in runs}
     served = {p["model"] for p in server.payloads}
     assert served == {*names, "base"}  # each run's adapter for validation and test, the base for the base's scores
+    assert runs[1]["test_accuracy"] is None and not (Path(runs[1]["adapter_dir"]).parent / "test.json").exists()
     run = runs[0]
     test = json.loads((Path(run["adapter_dir"]).parent / "test.json").read_text())
     assert test["summary"]["settings"]["served_model"] == names[0] and test["summary"]["n"] == 24

@@ -25,8 +25,9 @@ from milora.errors import ConfigError, shown
 DATA_ROLES = {"train": "train.dataset", "validation": "validation_data", "test": "eval_data",
               "forgetting": "forgetting_data", "retention": "retention_data"}
 """Each data file a sweep reads, by role, and the sweep key naming it."""
-# where a run is, not what it is: a sweep directory moved elsewhere keeps its runs
-_PLACE_KEYS = ("run_dir", "train.output_dir")
+# not what a run is: where it is (a sweep directory moved elsewhere keeps its runs), and whether its
+# test set is scored with it or in the test phase (`test_runs` may change between invocations)
+_UNCOMPARED_KEYS = ("run_dir", "train.output_dir", "score_test")
 # what the worker sets when it resumes or restarts a run's training, or gives it a finished run's start
 _RUN_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "init_from")
 
@@ -66,10 +67,11 @@ def job_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between a run's recorded job and the job the sweep gives it now, one phrase per key.
 
     Every train key counts, given in either; other keys (and fingerprints) where both have them (a
-    job.json of an older milora lacks the newer keys); where the run is (`_PLACE_KEYS`) does not count.
+    job.json of an older milora lacks the newer keys); where the run is and when its test is scored
+    (`_UNCOMPARED_KEYS`) do not count.
     """
     before, after = _flat(recorded), _flat(now)
-    keys = [key for key in dict.fromkeys([*before, *after]) if key not in _PLACE_KEYS
+    keys = [key for key in dict.fromkeys([*before, *after]) if key not in _UNCOMPARED_KEYS
             and (key.startswith("train.") or (key in before and key in after))]
     return [_phrase(key, before.get(key), after.get(key)) for key in keys
             if json.dumps(before.get(key), sort_keys=True, default=str) != json.dumps(after.get(key), sort_keys=True,

@@ -39,7 +39,9 @@ class RunIdentity:
 @dataclass(frozen=True)
 class Job:
     """A run: train with ``train`` (a `milora train` config mapping; the base scores train nothing), then
-    score ``eval_task`` on validation and test, forgetting and the retention probe, under ``run_dir``."""
+    score ``eval_task`` on validation (and on test when ``score_test``; otherwise the sweep's test phase
+    may score it later, `milora.comparison.worker.score_tests`), forgetting and the retention probe,
+    under ``run_dir``."""
 
     name: str
     run_dir: str
@@ -50,6 +52,7 @@ class Job:
     eval_options: dict[str, Any] = field(default_factory=dict)
     validation_data: str | None = None
     test_limit: int | None = None
+    score_test: bool = True
     eval_batch_size: int = 16
     eval_server: str | None = None
     forgetting: bool = False

@@ -1,7 +1,8 @@
 """The comparison's report: compare.md (printed too), and its plots.
 
 - ``lr_curves.png``: validation and test accuracy against the learning rate (log axis), one
-  line per method (the mean over seeds), each seed a dot, the chosen rate circled;
+  line per method (the mean over seeds), each seed a dot, the chosen rate circled (the test set
+  scores the chosen runs only unless the sweep set ``test_runs: all``);
 - ``accuracy_vs_forgetting.png``: the Pareto plot, test accuracy against forgetting (KL to the
   base) of each method's chosen runs: the mean with its 95 % interval on both axes, each run a
   faint dot, and the Pareto front (the methods no other beats on both) joined by a line;
@@ -139,7 +140,8 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], output_dir: Pat
         if _has_data(axis, "every run failed: no accuracy to plot"):
             axis.set_xscale("log")
         axis.set_xlabel("learning rate")
-        axis.set_title("validation" if key == "val_accuracy" else "test")
+        axis.set_title("validation" if key == "val_accuracy" else "test" if _tested_off_choice(summary, chosen)
+                       else "test (scored at the chosen rates only)")
     axes[0].set_ylabel("accuracy")
     _legend(axes[0])
     _save(figure, paths[0])
@@ -217,6 +219,12 @@ def _pareto(plt, summary: dict[str, Any], colours: dict[str, str], path: Path) -
     _has_data(axis, "no finished run: nothing to plot")
     _legend(axis)
     _save(figure, path)
+
+
+def _tested_off_choice(summary: dict[str, Any], chosen: dict[str, float | None]) -> bool:
+    """Whether any run away from its method's chosen rate has a test score (a sweep with test_runs: all)."""
+    return any(r["test_accuracy"] is not None and r["learning_rate"] != chosen.get(r["method"])
+               for r in summary["runs"])
 
 
 def _save(figure, path: Path) -> None:

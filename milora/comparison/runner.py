@@ -28,7 +28,7 @@ from milora.comparison.consistency import check_runs
 from milora.comparison.job import JOB_FILE, Job, RunIdentity
 from milora.comparison.sweep import GRID_KEYS, RunSpec, Sweep, method_train_keys, shared_settings_digest, write_split
 from milora.comparison.worker import IN_USE, RECORD, STOPPED
-from milora.errors import ConfigError, StoppedError
+from milora.errors import ConfigError, MiloraError, StoppedError
 from milora.io import atomic_write_json, read_yaml_mapping
 
 SWEEP_FILE = "sweep.yaml"
@@ -62,6 +62,7 @@ def job_for(sweep: Sweep, spec: RunSpec | None) -> Job:
         name=name, run_dir=str(run_dir), identity=identity, train=train,
         eval_task=config.eval_task, eval_data=_absolute(config.eval_data), eval_options=config.eval_options,
         validation_data=str(sweep.validation_file.absolute()), test_limit=config.test_limit,
+        score_test=spec is None or config.test_runs == "all",
         eval_batch_size=config.eval_batch_size, eval_server=config.eval_server, forgetting=config.forgetting,
         forgetting_data=_absolute(config.forgetting_data), forgetting_windows=config.forgetting_windows,
         forgetting_length=config.forgetting_length, retention_task=config.retention_task,
@@ -173,6 +174,17 @@ def _wait(process: subprocess.Popen, name: str) -> int:
         raise StoppedError(f"stopped during {name}; re-run the same command to continue the sweep.") from interrupt
 
 
+def _run_worker(arguments: list[str], name: str, progress: bool) -> tuple[int, str]:
+    """``python -m milora.comparison ARGUMENTS`` in a fresh process: its exit status and the tail of its
+    stderr (shown as it runs when ``progress``)."""
+    with tempfile.TemporaryFile() as stderr:
+        process = start_worker([sys.executable, "-m", "milora.comparison", *arguments],
+                               **({} if progress else {"stdout": subprocess.DEVNULL, "stderr": stderr}))
+        returncode = _wait(process, name)
+        stderr.seek(0)
+        return returncode, "(see the output above)" if progress else stderr.read()[-2000:].decode(errors="replace")
+
+
 def run_local(jobs: list[Job], progress: bool = True) -> None:
     """One job after the other, each in a fresh Python process (a crash or a leak stays in it). A run
     held by another live process is left unfinished (not failed); Ctrl-C stops after its checkpoint."""
@@ -180,12 +192,7 @@ def run_local(jobs: list[Job], progress: bool = True) -> None:
         if progress:
             print(f"milora compare: [{index}/{len(jobs)}] {job.name}", file=sys.stderr, flush=True)
         run_dir = Path(job.run_dir)
-        with tempfile.TemporaryFile() as stderr:
-            process = start_worker([sys.executable, "-m", "milora.comparison", str(run_dir / JOB_FILE)],
-                                   **({} if progress else {"stdout": subprocess.DEVNULL, "stderr": stderr}))
-            returncode = _wait(process, job.name)
-            stderr.seek(0)
-            tail = "(see the output above)" if progress else stderr.read()[-2000:].decode(errors="replace")
+        returncode, tail = _run_worker([str(run_dir / JOB_FILE)], job.name, progress)
         if returncode == IN_USE:
             print(f"milora compare: {job.name} is held by another live process; left unfinished (not failed): "
                   "re-run when it has ended.", file=sys.stderr)
@@ -198,9 +205,28 @@ def run_local(jobs: list[Job], progress: bool = True) -> None:
             })
 
 
-def run_ray(jobs: list[Job], sweep: Sweep) -> None:
+def score_tests_local(jobs: list[Job], progress: bool = True) -> None:
+    """The test phase of finished runs, all in one fresh process (each run's base model loaded anew);
+    a failure is a `MiloraError`: the records it did not reach keep no test score, and re-running
+    the sweep scores them."""
+    if progress:
+        print(f"milora compare: test set, {len(jobs)} run(s): {', '.join(job.name for job in jobs)}",
+              file=sys.stderr, flush=True)
+    for job in jobs:
+        job.write()
+    returncode, tail = _run_worker(["--test", *(str(Path(job.run_dir) / JOB_FILE) for job in jobs)], "the test phase",
+                                   progress)
+    if returncode == STOPPED:
+        raise StoppedError("the test phase was stopped; re-run the same command to continue the sweep.")
+    if returncode != 0:
+        raise MiloraError(f"the test phase's process exited with status {returncode}: {tail}\nRe-running the same "
+                          "command scores the runs it did not reach.")
+
+
+def run_ray(jobs: list[Job], sweep: Sweep, test: bool = False) -> None:
     """Every job as a Ray Tune trial with ``cpus_per_run`` / ``gpus_per_run`` (ray_address: a cluster
-    whose workers see output_dir at the same path, e.g. a shared file system)."""
+    whose workers see output_dir at the same path, e.g. a shared file system); ``test``: the jobs'
+    test phase (`score_tests`) instead of their runs."""
     import ray
     from ray import tune
 
@@ -211,9 +237,10 @@ def run_ray(jobs: list[Job], sweep: Sweep) -> None:
         trainable = tune.with_resources(_ray_trial, {"cpu": config.cpus_per_run, "gpu": config.gpus_per_run})
         tuner = tune.Tuner(
             trainable,
-            param_space={"job": tune.grid_search([job.to_json() for job in jobs])},
+            param_space={"job": tune.grid_search([job.to_json() for job in jobs]), "test": test},
             tune_config=tune.TuneConfig(max_concurrent_trials=None),
-            run_config=tune.RunConfig(name="milora-compare", storage_path=str((sweep.output_dir / "ray").absolute()),
+            run_config=tune.RunConfig(name="milora-compare-test" if test else "milora-compare",
+                                      storage_path=str((sweep.output_dir / "ray").absolute()),
                                       verbose=0),
         )
         tuner.fit()
@@ -223,11 +250,16 @@ def run_ray(jobs: list[Job], sweep: Sweep) -> None:
 
 
 def _ray_trial(params: dict) -> None:
-    """A Ray Tune trial: the same `run_one` as a local run, its record reported as the trial's result."""
+    """A Ray Tune trial: the same `run_one` (or `score_tests`) as a local run, the record reported as the
+    trial's result."""
     from ray import tune
 
-    from milora.comparison.worker import run_base, run_one
+    from milora.comparison.worker import run_base, run_one, score_tests
 
     job = Job.from_json(params["job"])
-    record = (run_base if job.is_base else run_one)(job)
+    if params.get("test"):
+        score_tests([job])
+        record = read_record(Path(job.run_dir)) or {}
+    else:
+        record = (run_base if job.is_base else run_one)(job)
     tune.report({key: value for key, value in record.items() if isinstance(value, (int, float, str, type(None)))})

@@ -148,7 +148,8 @@ def statements(summaries: list[dict], baseline: str) -> list[str]:
     percent = f"{CONFIDENCE:.0%}"
     sentences = [
         "Each method's learning rate was chosen by the mean validation accuracy over seeds (ties: the smaller "
-        "rate); the test set played no part in the choice, and only the chosen runs' test scores are reported.",
+        "rate); the test set played no part in the choice: it was scored after the whole grid had finished (for the "
+        "chosen runs only, unless the sweep set test_runs: all), and only the chosen runs' test scores are reported.",
         f"Test accuracy and forgetting: mean over seeds with a two-sided {percent} Student t interval "
         "(n - 1 degrees of freedom), its bounds clipped to the possible values (accuracy [0, 100] %, KL >= 0).",
         f"Differences to {baseline}: per seed, the method's accuracy minus {baseline}'s on the same test items; "

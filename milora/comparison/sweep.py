@@ -2,13 +2,14 @@
 
 A sweep trains every init method at every learning rate of its grid (given, or ``auto``: built from
 published ratios to LoRA's best rate, `milora.comparison.grid`), optionally at every batch size of
-``batch_sizes``, with every seed, all other
-`milora train` keys shared (``train``, or ``train_config`` plus ``train``), and scores each run
-on a validation split (for choosing each method's learning rate) and on the test set (reported
-for the chosen runs only). `load_sweep` validates everything before anything runs or is
-written: unknown keys (closest key named), unknown methods, empty grids, non-integer seeds,
-a validation split sharing item text with the test set, a test set under 20 items, Ray
-requested but not installed.
+``batch_sizes``, with every seed, all other `milora train` keys shared (``train``, or
+``train_config`` plus ``train``), and scores each run on a validation split (for choosing each
+method's learning rate). The test set is scored once the grid has finished: for each method's
+chosen runs only (``test_runs: chosen``, the default: the only test scores the report uses), or
+for every run (``test_runs: all``). `load_sweep`
+validates everything before anything runs or is written: unknown keys (closest key named),
+unknown methods, empty grids, non-integer seeds, a validation split sharing item text with the
+test set, a test set under 20 items, Ray requested but not installed.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ SET_BY_SWEEP = ("init", "learning_rate", "seed", "output_dir", "resume_from_chec
                 "val_size")
 # keys whose change only extends or re-runs the grid (methods, rates, seeds) or moves the work elsewhere
 GRID_KEYS = ("methods", "learning_rates", "seeds", "batch_sizes", "lora_rate", "rate_span", "rate_points", "backend",
-             "ray_address", "gpus_per_run", "cpus_per_run", "retry_failed")
+             "ray_address", "gpus_per_run", "cpus_per_run", "retry_failed", "test_runs")
 
 
 def _integer_list(value: Any) -> Any:
@@ -113,6 +114,9 @@ class SweepConfig(BaseModel):
     cpus_per_run: float = Field(1, gt=0, description="Ray resources of one run")
     gpus_per_run: float = Field(0, ge=0, description="Ray resources of one run")
     retry_failed: bool = Field(False, description="re-run runs recorded as failed (default: keep their record)")
+    test_runs: Literal["chosen", "all"] = Field(
+        "chosen", description="which runs the test set scores, after the grid: each method's chosen runs (the "
+                              "report's), or all (a test curve at every rate too)")
 
     def rates_for(self, method: str) -> list[float]:
         if self.learning_rates == "auto":

@@ -1,4 +1,5 @@
-"""One run of a sweep, start to finish: train, then score validation, test, forgetting, retention.
+"""One run of a sweep, start to finish: train, then score validation, test, forgetting, retention;
+and the sweep's test phase, `score_tests`.
 
 A run whose start a finished run of the sweep already computed begins from it
 (`milora.comparison.starts`). `run_one(job)` is what every backend executes (the local one in
@@ -6,16 +7,22 @@ a fresh process through ``python -m milora.comparison JOB.json``, Ray inside a t
 give the same results. It writes the run's record, ``run.json``, last and atomically: a run with a record is
 finished and is never repeated. A failure (a diverged training, an error) is recorded with its
 reason instead of stopping the sweep. `run_base` scores the base model once (test accuracy,
-retention before fine-tuning).
+retention before fine-tuning). A job without ``score_test`` leaves the test set out; `score_tests`
+(``python -m milora.comparison --test JOB.json ...``, one process for them all) scores it later
+from the run's saved adapter, once the grid has finished and the chosen runs are known, and adds
+it to the record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +50,7 @@ def _scores(job: Job, model, tokenizer, base_model, run_dir: Path, label: str, s
     from milora.report import write_results
 
     scores: dict[str, Any] = {}
-    evals = [("test", job.eval_task, job.eval_data, job.eval_options, job.test_limit, served)]
+    evals = [("test", job.eval_task, job.eval_data, job.eval_options, job.test_limit, served)] if job.score_test else []
     if job.validation_data:
         evals.insert(0, ("validation", job.eval_task, job.validation_data, job.eval_options, None, served))
     if job.retention_task:
@@ -97,17 +104,23 @@ def _train_and_score(job: Job, run_dir: Path) -> dict[str, Any]:
         reference = shared_reference(base, tokenizer, job) or load_base_model(
             job.train.get("model"), dtype=job.train.get("dtype", "float32"))[0]
     model = load_model(base, result.adapter_dir)
-    if job.eval_server:
-        from milora.eval.server import connect, runtime_adapter
-
-        with runtime_adapter(job.eval_server, job.name, str(result.adapter_dir)) as name:
-            served = connect(job.eval_server, served_model=name)
-            scores = _scores(job, model, tokenizer, reference, run_dir, job.name, served)
-    else:
-        scores = _scores(job, model, tokenizer, reference, run_dir, job.name)
+    with _served(job, result.adapter_dir) as served:
+        scores = _scores(job, model, tokenizer, reference, run_dir, job.name, served)
     return {"status": "done", "train_seconds": train_seconds, "init_from": start,
             "trainable_parameters": _trainable_parameters(model),
             "loss_history": result.metrics["loss_history"], "adapter_dir": str(result.adapter_dir), **scores}
+
+
+@contextlib.contextmanager
+def _served(job: Job, adapter_dir: str | Path) -> Iterator[Any]:
+    """The run's adapter on the sweep's ``eval_server`` for as long as the block runs (None: no server)."""
+    if not job.eval_server:
+        yield None
+        return
+    from milora.eval.server import connect, runtime_adapter
+
+    with runtime_adapter(job.eval_server, job.name, str(adapter_dir)) as name:
+        yield connect(job.eval_server, served_model=name)
 
 
 def _latest_checkpoint(run_dir: Path) -> bool | None:
@@ -152,6 +165,28 @@ def run_base(job: Job) -> dict[str, Any]:
     return record
 
 
+def score_tests(jobs: list[Job]) -> None:
+    """The test phase: score the test set with each finished run's saved adapter (on a freshly loaded
+    base), write ``test.json`` and add ``test`` and ``test_seconds`` to the run's record (rewritten
+    atomically: a record has its test score or not, never half of it)."""
+    from milora.adapter.load import load_model
+    from milora.models import load_base_model
+    from milora.report import write_results
+
+    for job in jobs:
+        run_dir = Path(job.run_dir)
+        record = json.loads((run_dir / RECORD).read_text(encoding="utf-8"))
+        started = time.perf_counter()
+        base, tokenizer = load_base_model(job.train.get("model"), dtype=job.train.get("dtype", "float32"))
+        model = load_model(base, record["adapter_dir"])
+        with _served(job, record["adapter_dir"]) as served:
+            result = _evaluate(served or model, tokenizer, job.eval_task, job.eval_data, job.eval_options,
+                               job.test_limit, job.eval_batch_size, job.name)
+        write_results(result, run_dir / "test.json")
+        atomic_write_json(run_dir / RECORD, {**record, "test": _accuracy_record(result),
+                                             "test_seconds": time.perf_counter() - started})
+
+
 IN_USE = 3
 """The worker's exit status when another live process holds its run (no record written)."""
 STOPPED = 130
@@ -159,8 +194,12 @@ STOPPED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    path = Path((argv or sys.argv[1:])[0])
-    job = read_job(path)
+    """``JOB.json``: run the job; ``--test JOB.json ...``: the test phase of those (finished) runs."""
+    arguments = argv or sys.argv[1:]
+    if arguments[0] == "--test":
+        score_tests([read_job(path) for path in arguments[1:]])
+        return 0
+    job = read_job(Path(arguments[0]))
     try:
         record = (run_base if job.is_base else run_one)(job)
     except OutputInUseError as error:
