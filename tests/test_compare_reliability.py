@@ -120,6 +120,8 @@ def test_ctrl_c_lets_the_worker_finish_its_checkpoint_then_stops_cleanly(tmp_pat
     real_start = runner.start_worker
     monkeypatch.setattr(runner, "start_worker", lambda argv, **popen: real_start(
         [sys.executable, "-c", CHECKPOINTING_WORKER], **popen))
+    # Ctrl-C as at a terminal: a suite started in the background (`make test &`) inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def press_ctrl_c():
         while not (tmp_path / "ready").exists():
@@ -127,8 +129,11 @@ def test_ctrl_c_lets_the_worker_finish_its_checkpoint_then_stops_cleanly(tmp_pat
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
-    with pytest.raises(StoppedError, match="re-run the same command"):
-        runner.run_local([job], progress=False)
+    try:
+        with pytest.raises(StoppedError, match="re-run the same command"):
+            runner.run_local([job], progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (tmp_path / "checkpoint").read_text() == "saved"
     assert not (Path(job.run_dir) / RECORD).exists()  # stopped, not failed
 
