@@ -184,6 +184,6 @@ def test_an_adapter_saved_by_milora_0_1_loads_bit_identically():
     assert json.loads((fixture / "adapter" / "milora_config.json").read_text())["format_version"] == 1
     with torch.no_grad():
         found = milora.load_model(tiny_llama(), fixture / "adapter")(expected["tokens"]).logits
-    # same weights bit for bit is checked elsewhere; the logits may move by float32 rounding when the
+    # the logits may move by float32 rounding when the
     # installed torch/transformers change their kernels (1.8e-7 on the 2026-12-04 install): a few ulps
     torch.testing.assert_close(found, expected["logits"], rtol=0, atol=1e-6)
