@@ -113,7 +113,8 @@ def test_a_job_reads_old_job_files_and_writes_the_same_format(tmp_path):
 
     job = Job.from_json(OLD_JOB)
     assert job.eval_server is None and job.identity.batch_size is None and not job.is_base
-    assert job.to_json() == {**OLD_JOB, "eval_server": None, "score_test": True, "data_sha256": {}}  # today's keys, identity unchanged
+    # today's keys, identity unchanged
+    assert job.to_json() == {**OLD_JOB, "eval_server": None, "score_test": True, "data_sha256": {}}
     written = Job.from_json({**OLD_JOB, "run_dir": str(tmp_path)}).write()
     assert read_job(written) == Job.from_json({**OLD_JOB, "run_dir": str(tmp_path)})
     batch = Job.from_json({**OLD_JOB, "identity": {**OLD_JOB["identity"], "batch_size": 4}})
