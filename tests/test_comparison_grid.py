@@ -79,7 +79,7 @@ def test_pareto_front():
 def test_the_baselines_recipe_loads(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     sweep = load_sweep(REPO / "recipes" / "compare_baselines_demo.yaml", [f"output_dir={tmp_path / 'out'}"])
-    assert len(sweep.config.methods) == 7 and len(sweep.runs) == 63
+    assert len(sweep.config.methods) == 8 and len(sweep.runs) == 72
     assert sweep.config.rates_for("milora") == auto_grid("milora", 1e-3, 3, 3)
 
 
