@@ -92,24 +92,34 @@ class Factors:
     magnitude: torch.Tensor | None = None
 
 
-def encode_update(weights: dict[str, torch.Tensor], initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                  ) -> dict[str, torch.Tensor]:
+def encode_update(weights: dict[str, torch.Tensor], initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  experts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """[A ; A0] and [B | -B0]: the rank-2r LoRA of s (B A - B0 A0) on the original base, from the
-    trained state dict ``weights`` and each module's initial ``(A0, B0)``."""
+    trained state dict ``weights`` and each module's initial ``(A0, B0)``.
+
+    A fused MoE stack of ``experts[module]`` experts (`milora.init.experts`) packs expert e's rows of A in
+    block e, its columns of B at e, e + E, ...: its [A ; A0] is stacked block by block ([A_e ; A0_e] for each
+    e), while [B | -B0] is already in the packing of rank 2r."""
     converted = dict(weights)
     for name, (A0, B0) in initial_factors.items():
         key_A, key_B = factor_keys(name)
-        converted[key_A] = torch.cat([weights[key_A], A0.to(weights[key_A].dtype)], dim=0).contiguous()
+        count, in_features = (experts or {}).get(name, 1), A0.shape[1]
+        blocks = [factor.to(weights[key_A].dtype).reshape(count, -1, in_features) for factor in (weights[key_A], A0)]
+        converted[key_A] = torch.cat(blocks, dim=1).reshape(-1, in_features).contiguous()
         converted[key_B] = torch.cat([weights[key_B], -B0.to(weights[key_B].dtype)], dim=1).contiguous()
     return converted
 
 
 def decode_factors(weights: dict[str, torch.Tensor], module: str, r: int, init: str) -> Factors:
-    """The inverse of `encode_update` for one module of trained rank ``r``."""
+    """The inverse of `encode_update` for one module of trained rank ``r`` (its expert count read off the
+    shape: [A ; A0] has 2 r rows per expert)."""
     saved_A, saved_B = (weights[key] for key in factor_keys(module))
     if not has_initial_factors(init):
         return Factors(saved_A, saved_B, magnitude=weights.get(magnitude_key(module)))
-    return Factors(saved_A[:r], saved_B[:, :r], saved_A[r:], -saved_B[:, r:])
+    blocks = saved_A.reshape(-1, 2 * r, saved_A.shape[1])
+    count = blocks.shape[0]
+    return Factors(blocks[:, :r].reshape(r * count, -1), saved_B[:, :r * count], blocks[:, r:].reshape(r * count, -1),
+                   -saved_B[:, r * count:])
 
 
 def saved_config(config: LoraConfig, init: str) -> LoraConfig:
@@ -154,7 +164,7 @@ def check_configs_agree(saved: LoraConfig, metadata: dict, adapter_dir: Path) ->
         ("rank_pattern", dict(saved.rank_pattern), {k: ranks * v for k, v in metadata["rank_pattern"].items()}),
         ("alpha_pattern", dict(saved.alpha_pattern), {k: alphas * v for k, v in metadata["alpha_pattern"].items()}),
     ]
-    for key in ("target_modules", "modules_to_save"):
+    for key in ("target_modules", "modules_to_save", "target_parameters"):
         if key in metadata:
             pairs.append((key, target_list(getattr(saved, key)), metadata[key]))
     for key, in_peft, expected in pairs:

@@ -41,16 +41,13 @@ from milora.errors import AdapterError, AdapterNotFoundError
 from milora.init import (
     InitRecord,
     attach_record,
-    fingerprint,
     init_record,
     lora_layers,
-    rank_for,
     saved_module_copies,
     saved_modules,
     set_adapter_factors,
-    target_modules,
-    weight_matrix,
 )
+from milora.init.experts import Targets, refuse_parameter_targets, resolve_targets
 from milora.init.quantize import check_quantizable, quantize_peft_model
 from milora.models import peft_wrapping
 
@@ -85,7 +82,7 @@ def open_peft_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLik
         _refuse_residual_adapter_on_original(base_model, adapter_dir)
     else:  # a milora adapter, or read_adapter's error naming what is missing
         saved_config, _, metadata = read_adapter(adapter_dir)
-        check_fingerprint(target_modules(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
+        check_fingerprint(resolve_targets(base_model, trainable_config(saved_config, metadata)), metadata, adapter_dir)
     try:
         with peft_wrapping():
             return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
@@ -100,8 +97,8 @@ def _refuse_residual_adapter_on_original(base_model: torch.nn.Module, adapter_di
     if adapter_dir.resolve().name != "residual_adapter" or not (parent / MILORA_CONFIG).is_file():
         return
     saved_config, _, metadata = read_adapter(parent)
-    modules = target_modules(base_model, trainable_config(saved_config, metadata))
-    found, original = fingerprint(modules), metadata["fingerprint"]
+    found = resolve_targets(base_model, trainable_config(saved_config, metadata)).fingerprint()
+    original = metadata["fingerprint"]
     if found["float32"] == original["float32"] or found["bfloat16"] == original["bfloat16"]:
         raise AdapterError(f"{adapter_dir} is the paper-layout adapter of the residual model {parent}/residual_model, "
                            f"but this base is the original model: load {parent} instead (milora's rank-2r adapter for "
@@ -224,6 +221,7 @@ def load_start(
               {k: float(v) for k, v in saved.alpha_pattern.items()}),
              ("target_modules", target_list(lora_config.target_modules), target_list(saved.target_modules)),
              ("modules_to_save", target_list(lora_config.modules_to_save), target_list(saved.modules_to_save)),
+             ("target_parameters", target_list(lora_config.target_parameters), target_list(saved.target_parameters)),
              *([("seed", seed, metadata["seed"])] if seeded else []),
              *([("null_space", null_space, _null_space_of(weights, deficient, init))] if deficient else [])]
     changed = [f"{key} {ours!r} (the start has {theirs!r})" for key, ours, theirs in pairs if ours != theirs]
@@ -241,6 +239,8 @@ def _null_space_of(weights: dict, deficient: list[dict], init: str) -> str:
     (`milora.init.initialize.start_factors`), ``random`` fills them."""
     for entry in deficient:
         A0 = decode_factors(weights, entry["module"], entry["rank"], init).A0
+        if "expert" in entry:  # expert e's rows of a fused stack's packed A0
+            A0 = A0[entry["expert"] * entry["rank"]:(entry["expert"] + 1) * entry["rank"]]
         if int((A0 == 0).all(dim=1).sum()) < entry["zero_components"]:
             return "random"
     return "zero"
@@ -251,15 +251,21 @@ def _rebuild(base_model, lora_config: LoraConfig, weights: dict, metadata: dict,
     """The PEFT model of a read adapter: residual base from the initial factors, the trainable factors the
     saved ones and ``modules_to_save`` loaded (``start_only``: a fresh start, the initial factors and the base's
     own copies of ``modules_to_save``)."""
-    modules = target_modules(base_model, lora_config)
-    check_fingerprint(modules, metadata, adapter_dir)
-    _check_weight_shapes(modules, saved_modules(base_model, lora_config), weights, lora_config, metadata,
-                         adapter_dir)
+    targets = resolve_targets(base_model, lora_config)
+    check_fingerprint(targets, metadata, adapter_dir)
+    saved_shapes = _check_saved_module_shapes(saved_modules(base_model, lora_config), weights, adapter_dir)
     if quantization is not None:
-        check_quantizable(base_model, modules, quantization)
+        refuse_parameter_targets(lora_config, f"quantization={quantization!r}", "drop quantization")
+        check_quantizable(base_model, targets.modules, quantization)
 
     with peft_wrapping():
         peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
+    try:  # a fused expert stack's factor shapes are PEFT's: known once it has wrapped the model
+        _check_factor_shapes(peft_model, weights, saved_shapes, rank_factor(metadata["init"]), adapter_name,
+                             adapter_dir)
+    except AdapterError:
+        peft_model.unload()
+        raise
     record = InitRecord(
         init=metadata["init"], solver=metadata["solver"], seed=metadata["seed"], fingerprint=metadata["fingerprint"],
         report=metadata["report"], measured={**metadata.get("measured", {}),
@@ -281,10 +287,10 @@ def _rebuild(base_model, lora_config: LoraConfig, weights: dict, metadata: dict,
     return peft_model
 
 
-def check_fingerprint(modules: dict, metadata: dict, adapter_dir) -> None:
-    """Refuse base modules other than the original ones the adapter was initialised from."""
-    found, expected = fingerprint(modules), metadata["fingerprint"]
-    low_precision = weight_matrix(next(iter(modules.values()))).dtype in (torch.bfloat16, torch.float16)
+def check_fingerprint(targets: Targets, metadata: dict, adapter_dir) -> None:
+    """Refuse base weights other than the original ones the adapter was initialised from."""
+    found, expected = targets.fingerprint(), metadata["fingerprint"]
+    low_precision = targets.dtype in (torch.bfloat16, torch.float16)
     if found["float32"] == expected["float32"] or (low_precision and found["bfloat16"] == expected["bfloat16"]):
         return
     raise AdapterError(
@@ -300,10 +306,8 @@ def _load_saved_modules(peft_model: PeftModel, weights: dict[str, torch.Tensor],
         module.load_state_dict({key: weights[saved_module_key(name, key)] for key in module.state_dict()})
 
 
-def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config: LoraConfig, metadata: dict,
-                         adapter_dir) -> None:
-    """Every LoRA factor and ``modules_to_save`` tensor present with its shape, and nothing else."""
-    factor = rank_factor(metadata["init"])
+def _check_saved_module_shapes(saved: dict, weights: dict, adapter_dir) -> set[str]:
+    """Every ``modules_to_save`` tensor present with its shape; returns their keys."""
     expected = {saved_module_key(name, key): tuple(value.shape) for name, module in saved.items()
                 for key, value in module.state_dict().items()}
     for key, shape in expected.items():
@@ -311,13 +315,19 @@ def _check_weight_shapes(modules: dict, saved: dict, weights: dict, lora_config:
             found = tuple(weights[key].shape) if key in weights else "nothing"
             raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS}: the modules_to_save tensor {key} should have shape "
                                f"{shape}, found {found}; the file is incomplete or belongs to another model.")
-    expected_keys = set(expected)
-    for name, module in modules.items():
-        out_features, in_features = weight_matrix(module).shape
-        saved_rank = factor * rank_for(lora_config, name)
-        keys, shapes = list(factor_keys(name)), [(saved_rank, in_features), (out_features, saved_rank)]
-        if lora_config.use_dora:
-            keys, shapes = [*keys, magnitude_key(name)], [*shapes, (out_features,)]
+    return set(expected)
+
+
+def _check_factor_shapes(peft_model: PeftModel, weights: dict, saved_keys: set[str], factor: int, adapter_name: str,
+                         adapter_dir) -> None:
+    """Every LoRA factor present with the shape of the model's layer (``factor`` times its rank: 2 for a rank-2r
+    update), DoRA's magnitude too, and no tensor beyond them and the ``modules_to_save`` ones (``saved_keys``)."""
+    expected_keys = set(saved_keys)
+    for name, layer in lora_layers(peft_model).items():
+        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        keys, shapes = list(factor_keys(name)), [(factor * A.shape[0], A.shape[1]), (B.shape[0], factor * B.shape[1])]
+        if layer.use_dora.get(adapter_name):
+            keys, shapes = [*keys, magnitude_key(name)], [*shapes, (B.shape[0],)]
         for key, shape in zip(keys, shapes, strict=True):
             expected_keys.add(key)
             if key not in weights:

@@ -30,7 +30,8 @@ from milora.adapter.format import (
 )
 from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
 from milora.errors import AdapterError, OutputExistsError
-from milora.init import InitRecord, init_record
+from milora.init import InitRecord, init_record, lora_layers
+from milora.init.experts import expert_count
 from milora.init.streaming import StreamedInit
 from milora.io import check_replaceable, staged_directory
 
@@ -69,7 +70,8 @@ def save_adapter(
                for k, v in get_peft_model_state_dict(peft_model, state_dict, adapter_name).items()}
     residual = ((lambda staging: _save_residual(peft_model, staging, adapter_name, output_dir))
                 if save_residual else None)
-    return write_adapter(output_dir, encode_update(weights, record.initial_factors), trained_config, record,
+    experts = {name: expert_count(layer) for name, layer in lora_layers(peft_model).items()}
+    return write_adapter(output_dir, encode_update(weights, record.initial_factors, experts), trained_config, record,
                          overwrite=overwrite, extra=residual)
 
 
@@ -86,6 +88,7 @@ def write_adapter(output_dir: Path, weights: dict[str, torch.Tensor], trained_co
         "weights_sha256": weights_checksum(weights),
         "target_modules": target_list(trained_config.target_modules),
         "modules_to_save": target_list(trained_config.modules_to_save),
+        "target_parameters": target_list(trained_config.target_parameters),
         "init": record.init,
         "solver": record.solver,
         "seed": record.seed,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import ParamWrapper
 from tqdm.auto import tqdm
 
 from milora.adapter.format import trainable_config
@@ -14,7 +15,8 @@ from milora.adapter.load import is_plain_peft_adapter, open_peft_adapter, read_a
 from milora.analysis.metrics import METRICS, update_metrics
 from milora.constants import ADAPTER_CONFIG
 from milora.errors import AdapterError, ModelError
-from milora.init import lora_layers, rank_for, weight_matrix
+from milora.init import lora_layers, rank_for
+from milora.init.experts import expert_count, expert_factors, parameter_target_name, weight_stack
 from milora.linalg.decomposition import default_workers, map_concurrently
 from milora.report import format_table
 
@@ -32,11 +34,13 @@ def _open_adapter(base_model: torch.nn.Module, adapter_dir: Path) -> tuple[PeftM
     return open_peft_adapter(base_model, adapter_dir), config, init
 
 
-def update_factors(layer, adapter: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Delta W of one layer as left @ right. LoRA: s B @ A. DoRA (W' = diag(d) (W + s B A), with
-    d = m / row norms of W + s B A, PEFT's rule): Delta W = [diag(d - 1) | diag(d) s B] @ [W ; A], in float64."""
-    scaled_B = layer.lora_B[adapter].weight.double() * layer.scaling[adapter]
-    A = layer.lora_A[adapter].weight.double()
+def update_factors(layer, adapter: str, weight: torch.Tensor, expert: int = 0, experts: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta W of one layer (of expert ``expert`` of a fused stack of ``experts``) as left @ right. LoRA: s B @ A.
+    DoRA (W' = diag(d) (W + s B A), with d = m / row norms of W + s B A, PEFT's rule):
+    Delta W = [diag(d - 1) | diag(d) s B] @ [W ; A], in float64."""
+    A, B = expert_factors(layer.lora_A[adapter].weight.double(), layer.lora_B[adapter].weight.double(), experts)
+    scaled_B, A = B[expert] * layer.scaling[adapter], A[expert]
     magnitudes = getattr(layer, "lora_magnitude_vector", None)
     if not magnitudes or adapter not in magnitudes:
         return scaled_B, A
@@ -64,20 +68,24 @@ def analyze_adapter(
         raise ModelError(f"rank must be a positive integer, got {rank!r}.")
     adapter_dir = Path(adapter_dir)
     peft_model, config, init = _open_adapter(base_model, adapter_dir)
-    tasks = []  # (name, W, s B, A, k)
+    tasks = []  # (name, W, s B, A, k): one per weight matrix, each expert of a fused stack its own
     with torch.no_grad():
-        for name, layer in lora_layers(peft_model).items():
+        for module, layer in lora_layers(peft_model).items():
             adapter = layer.active_adapters[0]
             if adapter not in layer.lora_A:
-                raise AdapterError(f"{name} is a {type(layer).__name__} LoRA layer; "
-                                   "milora analyses Linear and Conv1D layers.")
-            weight, k = weight_matrix(layer.get_base_layer()), rank or rank_for(config, name)
-            if k >= min(weight.shape):
-                raise ModelError(f"Subspace size k={k} is too large for {name} "
-                                 f"({weight.shape[0]} x {weight.shape[1]}): it must be below {min(weight.shape)}; "
-                                 "pass a smaller rank.")
-            left, right = update_factors(layer, adapter, weight)
-            tasks.append((name, weight, left, right, k))
+                raise AdapterError(f"{module} is a {type(layer).__name__} LoRA layer; "
+                                   "milora analyses Linear and Conv1D layers and fused expert stacks.")
+            experts = expert_count(layer)
+            name = parameter_target_name(module, layer) if isinstance(layer, ParamWrapper) else module
+            k = rank or rank_for(config, name)
+            for expert, weight in enumerate(weight_stack(layer)):
+                weight_name = f"{name}[{expert}]" if isinstance(layer, ParamWrapper) else name
+                if k >= min(weight.shape):
+                    raise ModelError(f"Subspace size k={k} is too large for {weight_name} "
+                                     f"({weight.shape[0]} x {weight.shape[1]}): it must be below {min(weight.shape)}; "
+                                     "pass a smaller rank.")
+                left, right = update_factors(layer, adapter, weight, expert, experts)
+                tasks.append((weight_name, weight, left, right, k))
     on_cpu = all(weight.device.type == "cpu" for _, weight, *_ in tasks)
     workers = default_workers([tuple(weight.shape) for _, weight, *_ in tasks]) if on_cpu else 1
     layers = []
@@ -95,7 +103,8 @@ def analyze_adapter(
 
 
 def _kind(module: str) -> str:
-    return module.rsplit(".", 1)[-1]
+    """``q_proj`` for ``model.layers.0.self_attn.q_proj``, ``gate_up_proj`` for ``...experts.gate_up_proj[3]``."""
+    return module.rsplit(".", 1)[-1].split("[", 1)[0]
 
 
 def mean(values: list) -> float | None:

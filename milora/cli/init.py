@@ -26,8 +26,9 @@ def add(subparsers) -> None:
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64, the paper's math setting)")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
     parser.add_argument("--target-modules", default=",".join(PAPER_TARGETS),
-                        help="comma-separated module names (or all-linear); on an image-text-to-text model, "
-                             "names in its language model (see --target-scope)")
+                        help="comma-separated module names (or all-linear); a MoE model's fused expert parameters "
+                             "too (gate_up_proj, down_proj: each expert its own start; needs --in-memory); on an "
+                             "image-text-to-text model, names in its language model (see --target-scope)")
     parser.add_argument("--target-scope", default="language_model", choices=list(TARGET_SCOPES),
                         help="image-text-to-text models: adapt the named modules of the language model only (default), "
                              "or wherever they are (vision tower too)")
@@ -126,13 +127,15 @@ def _lora_config(args, model):
     """The LoraConfig the options describe, with the targets scoped on ``model`` (in memory or on the meta device)."""
     from peft import LoraConfig
 
-    from milora.init import scoped_targets
+    from milora.init.experts import select_targets
 
     names = [name.strip() for name in args.target_modules.split(",") if name.strip()]
+    targets = select_targets(model, names, args.target_scope)
     return LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha if args.alpha is not None else args.rank,
-        target_modules=scoped_targets(model, names, args.target_scope),
+        target_modules=targets.modules,
+        target_parameters=targets.parameters,
         modules_to_save=[name.strip() for name in (args.modules_to_save or "").split(",") if name.strip()] or None,
         use_rslora=args.rslora,
         task_type="CAUSAL_LM",

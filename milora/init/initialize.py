@@ -27,16 +27,24 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import LoraLayer, ParamWrapper
 from tqdm.auto import tqdm
 
 from milora.constants import DATA_INITS
 from milora.errors import ModelError, UsageError
-from milora.init.layers import lora_layers, restore_weight, set_adapter_factors
+from milora.init.experts import (
+    expert_count,
+    fused_factors,
+    parameter_target_name,
+    refuse_parameter_targets,
+    target_parameters,
+    weight_stack,
+)
+from milora.init.layers import lora_layers, restore_layer, set_adapter_factors
 from milora.init.loftq import loftq_refusal
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.peft_starts import check_peft_start, get_peft_start_model, is_peft_start
-from milora.init.record import InitRecord, SolverRun, SpectrumStats, attach_record, report_entry
+from milora.init.record import ExpertOf, InitRecord, SolverRun, SpectrumStats, attach_record, report_entry
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
 from milora.linalg.decomposition import Components, default_workers, resolve_solver, select_components_many
 from milora.models import check_device, peft_wrapping
@@ -90,6 +98,8 @@ def get_model(
     if init == "loftq":
         raise ModelError(loftq_refusal(quantization))
     if is_peft_start(init):
+        refuse_parameter_targets(lora_config, f"init={init!r}", "PEFT computes this start for Linear layers only; "
+                                 "start fused experts with init milora, pissa, middle, random or lora")
         _check_seed(seed)
         check_peft_start(init, calibration, solver, workers, device, null_space, quantization, pissa_niter)
         return get_peft_start_model(model, lora_config, init, calibration, seed, adapter_name, pissa_niter)
@@ -98,16 +108,20 @@ def get_model(
     check_init_options(lora_config, init, null_space, seed)
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
+    parameters = target_parameters(model, lora_config)
     warn_outside_language_model(model, lora_config.target_modules, modules)
     if quantization is not None:
         from milora.init.quantize import check_quantizable  # bitsandbytes only when asked for
 
+        refuse_parameter_targets(lora_config, f"quantization={quantization!r}", "bitsandbytes quantises Linear "
+                                 "layers and would leave the experts' residual in full precision; drop quantization")
         check_quantizable(model, modules, quantization)
     if init != "lora":
         resolve_solver(solver, init)  # reject a bad solver / init pair before anything changes
-        check_devices(solver, workers, device, {weight_matrix(m).device.type for m in modules.values()})
+        check_devices(solver, workers, device, {weight_matrix(m).device.type for m in modules.values()}
+                      | {parameter.device.type for parameter in parameters.values()})
     record = InitRecord(init=init, solver=solver if init != "lora" else "none", seed=seed,
-                        fingerprint=fingerprint(modules))
+                        fingerprint=fingerprint(modules, parameters))
     with peft_wrapping():
         peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if init != "lora":
@@ -142,8 +156,7 @@ def _undo(peft_model: PeftModel, record: InitRecord, adapter: str, error: BaseEx
     initialised, and the plain modules PEFT replaced, so an interrupted init leaves a usable model."""
     layers = lora_layers(peft_model)
     for name, (A0, B0) in record.initial_factors.items():
-        layer = layers[name]
-        restore_weight(weight_matrix(layer.get_base_layer()), A0, B0, layer.scaling[adapter])
+        restore_layer(layers[name], adapter, A0, B0)
     peft_model.unload()
     error.add_note(
         f"milora: the initialisation was interrupted after {len(record.initial_factors)} of {len(layers)} weights; "
@@ -180,41 +193,58 @@ def check_devices(solver: str, workers: int | None, device, weight_devices: set[
                          "use solver='eigh' (or 'auto'), or device='cpu'.")
 
 
+@dataclass(frozen=True)
+class TargetWeight:
+    """One (out x in) matrix an init decomposes: a LoRA layer's weight, or expert ``expert`` of its fused stack
+    (None for a Linear / Conv1D)."""
+
+    name: str
+    layer: LoraLayer
+    expert: int | None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return weight_stack(self.layer)[self.expert or 0]
+
+
+def target_weights(layers: dict[str, LoraLayer]) -> list[TargetWeight]:
+    """Every matrix of ``layers`` in order (a fused stack's experts in expert order): the order the seeds follow."""
+    return [TargetWeight(name, layer, expert if isinstance(layer, ParamWrapper) else None)
+            for name, layer in layers.items() for expert in range(expert_count(layer))]
+
+
 def _initialise_layers(
     peft_model: PeftModel, record: InitRecord, adapter: str, solver: str, device, workers: int | None, progress: bool,
     null_space: str,
 ) -> None:
     distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    layers = list(lora_layers(peft_model).items())
+    targets = target_weights(lora_layers(peft_model))
 
-    def work_device(layer: LoraLayer) -> torch.device:
-        return torch.device(device) if device is not None else weight_matrix(layer.get_base_layer()).device
+    def work_device(target: TargetWeight) -> torch.device:
+        return torch.device(device) if device is not None else target.matrix.device
 
     if workers is None:
-        on_cpu = all(work_device(layer).type == "cpu" for _, layer in layers)
-        shapes = [tuple(weight_matrix(layer.get_base_layer()).shape) for _, layer in layers]
-        workers = default_workers(shapes) if on_cpu else 1
-    owned = [(index, layer) for index, (_, layer) in enumerate(layers) if index % world == rank]
+        on_cpu = all(work_device(target).type == "cpu" for target in targets)
+        workers = default_workers([tuple(target.matrix.shape) for target in targets]) if on_cpu else 1
     tasks = (
-        (weight_matrix(layer.get_base_layer()).detach().to(work_device(layer)), layer.r[adapter],
+        (target.matrix.detach().to(work_device(target)), target.layer.r[adapter],
          torch.Generator().manual_seed(record.seed + index))
-        for index, layer in owned
+        for index, target in enumerate(targets) if index % world == rank
     )
     start = time.perf_counter()
-    bar = tqdm(layers, desc=f"{record.init} init", unit="weight", disable=not progress or rank != 0)
+    bar = tqdm(targets, desc=f"{record.init} init", unit="weight", disable=not progress or rank != 0)
+    layer_starts: list[WeightStart] = []  # the finished experts of the current layer
     # closing: an exception below (Ctrl-C, a failed broadcast) cancels waiting decompositions
     # and restores the BLAS thread settings at once, not when the generator is collected
     with contextlib.closing(select_components_many(tasks, record.init, solver, workers)) as owned_parts:
-        for index, (name, layer) in enumerate(bar):
+        for index, target in enumerate(bar):
             owner = index % world
-            weight = weight_matrix(layer.get_base_layer())
-            here = work_device(layer)
+            weight, layer, here = target.matrix, target.layer, work_device(target)
             # gloo moves CPU tensors, NCCL device tensors: communicate on the work device
-            adapter_dtype = layer.lora_A[adapter].weight.dtype
             r, scaling = layer.r[adapter], layer.scaling[adapter]
-            A = torch.empty(r, weight.shape[1], dtype=adapter_dtype, device=here)
-            B = torch.empty(weight.shape[0], r, dtype=adapter_dtype, device=here)
+            A = torch.empty(r, weight.shape[1], dtype=torch.float64, device=here)
+            B = torch.empty(weight.shape[0], r, dtype=torch.float64, device=here)
             stats = torch.zeros(4, dtype=torch.float64, device=here)  # SpectrumStats.as_tensor(), the owner's
             ran = [SolverRun(resolve_solver(solver, record.init, here, tuple(weight.shape), r))]  # the owner's, sent
             if rank == owner:
@@ -227,14 +257,31 @@ def _initialise_layers(
                 for tensor in (A, B, stats):
                     dist.broadcast(tensor, src=owner)
                 dist.broadcast_object_list(ran, src=owner)
-            error = set_adapter_factors(layer, adapter, A, B, A, B, device=here)
-            record.initial_factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
-            release_freed_memory()
-            record.report.append(report_entry(name, weight, r, scaling, ran[0], SpectrumStats.from_tensor(stats),
-                                              error))
+            layer_starts.append(WeightStart(A, B, SpectrumStats.from_tensor(stats), ran[0]))
+            if len(layer_starts) == expert_count(layer):
+                _set_layer_start(record, target, layer_starts, adapter, here)
+                layer_starts = []
     record.measured["init_seconds"] = time.perf_counter() - start
     record.measured["workers"] = workers
     warn_zero_components(record, null_space)
+
+
+def _set_layer_start(record: InitRecord, target: TargetWeight, starts: list[WeightStart], adapter: str,
+                     device: torch.device) -> None:
+    """A layer's residual and factors from its matrices' starts (one per expert; PEFT's packing), and their report
+    lines. The factors are rounded to the adapter's dtype before the residual is computed from them."""
+    layer = target.layer
+    dtype = layer.lora_A[adapter].weight.dtype
+    A, B = fused_factors(torch.stack([start.A for start in starts]).to(dtype),
+                         torch.stack([start.B for start in starts]).to(dtype))
+    errors = set_adapter_factors(layer, adapter, A, B, A, B, device=device)
+    record.initial_factors[target.name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
+    release_freed_memory()
+    expert = isinstance(layer, ParamWrapper)
+    for index, (matrix, start, error) in enumerate(zip(weight_stack(layer), starts, errors, strict=True)):
+        where = ExpertOf(parameter_target_name(target.name, layer), index) if expert else None
+        record.report.append(report_entry(target.name, matrix, layer.r[adapter], layer.scaling[adapter], start.ran,
+                                          start.stats, error, where))
 
 
 @dataclass

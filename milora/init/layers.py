@@ -3,10 +3,12 @@
 For a layer with scaling s, trainable factors (A, B) and initial factors (A0, B0):
 
     set_adapter_factors:  base weight <- W - s B0 A0 (the residual), adapter <- (A, B)
-    restore_weight:       base weight <- W_res + s B0 A0 (the original weight, rounded once)
+    restore_layer:        base weight <- W_res + s B0 A0 (the original weight, rounded once)
 
-Both compute in float64 and round once to the weight's dtype. Module names are relative to the
-base model (PEFT's ``base_model.model.`` prefix removed, `PEFT_PREFIX`).
+Both compute in float64 and round once to the weight's dtype, one (out x in) matrix at a time: a
+Linear's weight, or each expert of a fused MoE stack (`milora.init.experts`, whose factors are PEFT's
+packed ones). Module names are relative to the base model (PEFT's ``base_model.model.`` prefix
+removed, `PEFT_PREFIX`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 
-from milora.init.targets import weight_matrix
+from milora.init.experts import expert_count, expert_factors, weight_stack
 
 RESIDUAL_BLOCK_BYTES = 1 << 26  # 64 MiB of float64 rows at a time in `residual_weight`
 PEFT_PREFIX = "base_model.model."
@@ -39,19 +41,23 @@ def saved_module_copies(peft_model: PeftModel, adapter: str = "default") -> dict
 
 def set_adapter_factors(
     layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, device=None
-) -> float:
-    """Set the trainable factors to (A, B) and the base weight to W - s * B0 @ A0 (`residual_weight`).
+) -> list[float]:
+    """Set the trainable factors to (A, B) and the base weight to W - s * B0 @ A0 (`residual_weight`), each
+    expert matrix of a fused stack with its own factors (PEFT's packing, `milora.init.experts.expert_factors`).
 
-    Returns the relative reconstruction error of the stored (rounded) residual, i.e. how far the
-    initial model is from the original weight.
+    Returns, per expert matrix (one for a Linear), the relative reconstruction error of the stored
+    (rounded) residual, i.e. how far the initial model is from the original weight.
     """
-    base = layer.get_base_layer()
-    weight = weight_matrix(base)
-    residual, error = residual_weight(weight, A0, B0, layer.scaling[adapter], device)
-    weight.data.copy_(residual.to(weight.device))  # weight is a view for Conv1D, so this writes through
+    stack = weight_stack(layer)
+    A0s, B0s = expert_factors(A0, B0, expert_count(layer))
+    errors = []
+    for weight, A0_e, B0_e in zip(stack, A0s, B0s, strict=True):
+        residual, error = residual_weight(weight, A0_e, B0_e, layer.scaling[adapter], device)
+        weight.data.copy_(residual.to(weight.device))  # weight is a view (Conv1D, experts), so this writes through
+        errors.append(error)
     layer.lora_A[adapter].weight.data.copy_(A)
     layer.lora_B[adapter].weight.data.copy_(B)
-    return error
+    return errors
 
 
 def residual_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float, device=None,
@@ -77,6 +83,12 @@ def residual_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, sc
         residual[block] = exact.to(weight.dtype)
         mismatch += float(torch.linalg.norm(exact.sub_(residual[block].to(torch.float64)))) ** 2
     return residual, math.sqrt(mismatch) / max(math.sqrt(norm), 1e-300)
+
+
+def restore_layer(layer: LoraLayer, adapter: str, A0: torch.Tensor, B0: torch.Tensor) -> None:
+    """Put the original weight back into a LoRA layer whose base holds W_res (`restore_weight`, expert by expert)."""
+    for weight, A0_e, B0_e in zip(weight_stack(layer), *expert_factors(A0, B0, expert_count(layer)), strict=True):
+        restore_weight(weight, A0_e, B0_e, layer.scaling[adapter])
 
 
 def restore_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float) -> None:

@@ -51,12 +51,24 @@ class SolverRun:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class ExpertOf:
+    """Which expert of which fused stack a weight is: ``parameter`` as users name it
+    (``model.layers.0.mlp.experts.gate_up_proj``), ``expert`` its index."""
+
+    parameter: str
+    expert: int
+
+
 def report_entry(name: str, weight: torch.Tensor, r: int, scaling: float, ran: SolverRun, stats: SpectrumStats,
-                 error: float) -> dict:
+                 error: float, expert: ExpertOf | None = None) -> dict:
     """One weight's line of the init report, as saved in milora_config.json (``boundary_gap`` None when not
-    computed; ``solver_reason`` only when the solver was replaced)."""
+    computed; ``solver_reason`` only when the solver was replaced). ``module`` is the LoRA layer's name (its
+    tensors' keys); an expert of a fused stack adds ``parameter`` and ``expert`` (`ExpertOf`), ``shape`` being that
+    expert's (out, in)."""
     return {
         "module": name,
+        **({"parameter": expert.parameter, "expert": expert.expert} if expert is not None else {}),
         "shape": list(weight.shape),
         "rank": r,
         "scaling": scaling,

@@ -46,6 +46,7 @@ from milora.init.initialize import (
     warn_zero_components,
     weight_start,
 )
+from milora.init.experts import refuse_parameter_targets
 from milora.init.layers import residual_weight
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.record import InitRecord, report_entry
@@ -131,6 +132,9 @@ def stream_init(
     check_init_options(lora_config, init, null_space, seed)
     if init == "lora":
         raise ModelError("init='lora' decomposes nothing: there is nothing to stream (use the in-memory init).")
+    refuse_parameter_targets(lora_config, "The streaming init", "checkpoints store each expert as its own tensors "
+                             "(transformers fuses them while loading), so the fused stacks are initialised in memory: "
+                             "pass --in-memory")
     model_dir, output = Path(model_dir), Path(output)
     checkpoint = open_checkpoint(model_dir)
     refuse_quantized_checkpoint(str(model_dir), "decomposes full-precision weights")

@@ -79,6 +79,8 @@ def target_modules(model: torch.nn.Module, lora_config: LoraConfig, check_values
             "The model already holds PEFT adapter layers; milora needs the original base model. Load it again "
             "(or take peft_model.unload() of a plain PEFT model; a milora model's base holds residual weights)."
         )
+    if lora_config.target_modules is None and lora_config.target_parameters:
+        return {}  # fused expert parameters only (`milora.init.experts.target_parameters`)
     config = _expand_all_linear(model, lora_config)
     matched = {name: module for name, module in model.named_modules()
                if name and check_target_module_exists(config, name)}
@@ -147,10 +149,10 @@ def _expand_all_linear(model: torch.nn.Module, lora_config: LoraConfig) -> LoraC
 
 
 def _is_matrix_module(module: torch.nn.Module) -> bool:
-    return isinstance(module, (torch.nn.Linear, Conv1D)) or _quantised_by(module) is not None
+    return isinstance(module, (torch.nn.Linear, Conv1D)) or quantised_by(module) is not None
 
 
-def _quantised_by(module: torch.nn.Module) -> str | None:
+def quantised_by(module: torch.nn.Module) -> str | None:
     """The quantisation package a module (or its weight) comes from, judged by class, not dtype."""
     for cls in (type(module), type(getattr(module, "weight", None))):
         for package in _QUANTISED_PACKAGES:
@@ -172,7 +174,7 @@ def scaling_for(config: LoraConfig, name: str) -> float:
 
 
 def _check_module(name: str, module: torch.nn.Module, rank: int, check_values: bool = True) -> None:
-    package = _quantised_by(module)
+    package = quantised_by(module)
     if package is not None:
         raise ModelError(
             f"Module {name} is quantised ({package} {type(module).__name__}): milora needs the full-precision weight "
@@ -180,9 +182,13 @@ def _check_module(name: str, module: torch.nn.Module, rank: int, check_values: b
             "pass quantization='nf4' (fp4, int8; CLI --quantize, config quantization:) to quantise the residual after."
         )
     if not isinstance(module, (torch.nn.Linear, Conv1D)):
+        stacks = [key for key, parameter in module.named_parameters(recurse=False) if parameter.ndim == 3]
+        hint = (f" Its fused expert parameters ({', '.join(stacks)}) are targets themselves: name them instead "
+                "(target_modules / lora_target, which milora passes to PEFT as target_parameters)." if stacks else
+                " Remove it from target_modules.")
         raise ModelError(
-            f"Module {name} is a {type(module).__name__}; MiLoRA supports torch.nn.Linear and transformers Conv1D. "
-            "Remove it from target_modules."
+            f"Module {name} is a {type(module).__name__}; MiLoRA supports torch.nn.Linear and transformers Conv1D."
+            + hint
         )
     weight = weight_matrix(module)
     if not weight.is_floating_point():
@@ -203,12 +209,15 @@ def check_finite_weight(name: str, weight: torch.Tensor) -> None:
                          "the checkpoint is corrupt or was loaded wrongly.")
 
 
-def fingerprint(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
-    """SHA-256 over names, shapes and an evenly strided sample of each weight, in float32 and bfloat16.
+def fingerprint(modules: dict[str, torch.nn.Module], parameters: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, str]:
+    """SHA-256 over names, shapes and an evenly strided sample of each weight, in float32 and bfloat16: each
+    target module's (out x in) weight and each target parameter (a fused expert stack) as stored.
 
     The bfloat16 digest lets a model loaded in a lower precision match an adapter made in float32.
     """
     weights = {name: weight_matrix(module) for name, module in modules.items()}
+    weights.update(parameters or {})
     return fingerprint_of_samples({name: (tuple(w.shape), fingerprint_sample(w)) for name, w in weights.items()})
 
 

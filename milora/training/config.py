@@ -101,7 +101,9 @@ class TrainConfig(BaseModel):
                                          "middle/random/olora/pissa-fast/corda/lora-ga, 2r for lora/dora/eva/mica)",
                                    gt=0)
     lora_dropout: Float = Key(0.05, "dropout on the LoRA input, in [0, 1)", ge=0, lt=1)
-    lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'")
+    lora_target: Names = Key(list(PAPER_TARGETS), "modules to adapt: comma-separated string or list, or 'all-linear'; "
+                                                  "a MoE model's fused expert parameters by name too (gate_up_proj, "
+                                                  "down_proj: PEFT target_parameters; needs lora_dropout 0)")
     target_scope: Literal[TARGET_SCOPES] = Key(
         "language_model", "image-text-to-text models: lora_target names match inside the language model only, "
                           "or in the whole model (vision tower and projector too)")

@@ -219,18 +219,19 @@ def build_lora_config(config: TrainConfig, model=None):
     `milora.init.scoped_targets`); without it the names are PEFT's."""
     from peft import LoraConfig
 
-    from milora.init import scoped_targets
+    from milora.init.experts import TargetSelection, select_targets
 
-    targets = config.lora_target
+    names = config.lora_target
     if model is not None:
-        target_modules = scoped_targets(model, targets, config.target_scope)
+        targets = select_targets(model, names, config.target_scope)
     else:
-        target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
+        targets = TargetSelection("all-linear" if names == ["all-linear"] else list(names), None)
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.resolved_alpha(),
         lora_dropout=config.lora_dropout,
-        target_modules=target_modules,
+        target_modules=targets.modules,
+        target_parameters=targets.parameters,
         modules_to_save=config.modules_to_save,
         use_rslora=config.use_rslora,
         bias="none",
