@@ -26,10 +26,11 @@ from transformers import (
 )
 
 import milora
-from conftest import RECORDS, cli_error, run_config, tiny_tokenizer
 from milora.errors import ConfigError, ModelError
 from milora.init import lora_layers
 from milora.init.experts import expert_count, expert_factors, select_targets, weight_stack
+
+from conftest import RECORDS, cli_error, run_config, tiny_tokenizer
 
 FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 EXPERT_TARGETS = ["q_proj", "gate_up_proj", "down_proj"]
@@ -194,13 +195,13 @@ def test_a_name_can_select_a_linear_and_an_expert_stack():
 def test_options_expert_stacks_cannot_take_are_refused_before_anything_changes():
     model = tiny_moe("qwen3_moe")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with pytest.raises(ModelError, match="lora_dropout=0.0"):
+    with pytest.raises(ModelError, match=r"lora_dropout=0\.0"):
         milora.get_model(model, expert_config(model, lora_dropout=0.1), init="milora", progress=False)
     with pytest.raises(ModelError, match=r"init='olora' does not support target_parameters.*init milora"):
         milora.get_model(model, expert_config(model), init="olora", progress=False)
-    with pytest.raises(ModelError, match="match no parameter.*down_proj, gate_up_proj"):
+    with pytest.raises(ModelError, match=r"match no parameter.*down_proj, gate_up_proj"):
         milora.get_model(model, LoraConfig(r=2, lora_dropout=0.0, target_parameters=["up_proj"]), progress=False)
-    with pytest.raises(ModelError, match="Qwen3MoeExperts.*gate_up_proj, down_proj.*name them instead"):
+    with pytest.raises(ModelError, match=r"Qwen3MoeExperts.*gate_up_proj, down_proj.*name them instead"):
         milora.get_model(model, LoraConfig(r=2, target_modules=["experts"]), progress=False)
     with pytest.raises(ModelError, match="Rank 24 is too large for the experts"):
         milora.get_model(model, LoraConfig(r=24, lora_dropout=0.0, target_parameters=["down_proj"]), progress=False)
@@ -243,12 +244,14 @@ def test_milora_init_command_on_a_moe_checkpoint(moe_dir, tmp_path):
 def test_milora_train_on_expert_stacks_and_resume(moe_dir, tmp_path):
     """`milora train` with expert targets: every expert stack's factors move, the saved adapter loads on the original
     base, and a run stopped by Ctrl-C at step 3 and resumed ends bitwise where the uninterrupted run ends."""
-    from conftest import assert_same_adapter
-    from milora.training.run import train
     from test_training import InterruptAt
 
+    from milora.training.run import train
+
+    from conftest import assert_same_adapter
+
     common = {"lora_target": EXPERT_TARGETS, "lora_dropout": 0.0, "lora_rank": 2, "max_steps": 5}
-    with pytest.raises(ConfigError, match="lora_dropout=0.0"):
+    with pytest.raises(ConfigError, match=r"lora_dropout=0\.0"):
         train(run_config(moe_dir, tmp_path / "dropout", **{**common, "lora_dropout": 0.05}))
     straight = train(run_config(moe_dir, tmp_path / "run", **common))
     assert straight.metrics["global_step"] == 5

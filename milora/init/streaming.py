@@ -39,6 +39,7 @@ from transformers.pytorch_utils import Conv1D
 
 from milora.errors import ModelError, OutputError
 from milora.init.checkpoint import DTYPE_CODES, INDEX_FILE, Checkpoint, TensorEntry, open_checkpoint, write_safetensors
+from milora.init.experts import refuse_parameter_targets
 from milora.init.initialize import (
     check_devices,
     check_init_options,
@@ -46,7 +47,6 @@ from milora.init.initialize import (
     warn_zero_components,
     weight_start,
 )
-from milora.init.experts import refuse_parameter_targets
 from milora.init.layers import residual_weight
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.record import InitRecord, report_entry
