@@ -1,10 +1,12 @@
-"""Peak memory and time of `milora init` on random LLaMA-2-7B-wide bfloat16 checkpoints: streaming vs in-memory.
+"""Peak memory and time of `milora init` on random LLaMA-2-wide bfloat16 checkpoints: streaming vs in-memory.
 
     python benchmarks/scale.py                       # 2, 4, 8 layers, both paths (q_proj,v_proj, r = 16)
     python benchmarks/scale.py --layers 32 --paths streaming --rank 64 --targets default   # the whole 7B shape, once
+    python benchmarks/scale.py --shape 70b --layers 1 2 --paths streaming --rank 64 --targets default
 
-Each checkpoint has LLaMA-2-7B's widths (hidden 4096, intermediate 11008, vocabulary 32000,
-32 heads) and the given depth, in bfloat16, one shard per layer (plus one for the embeddings,
+Each checkpoint has the widths of LLaMA-2-7B (``--shape 7b``: hidden 4096, intermediate 11008,
+32 heads), -13B (5120, 13824, 40 heads) or -70B (8192, 28672, 64 heads, 8 key-value heads), the
+vocabulary 32000 and the given depth, in bfloat16, one shard per layer (plus one for the embeddings,
 the final norm and the untied lm_head), written with `config.json` and the safetensors index
 as `save_pretrained` writes them. Weights are N(0, 0.02^2); layer l's matrices are fixed random
 row permutations of layer 0's (same spectra, different matrices), so writing a 13.5 GB checkpoint
@@ -24,33 +26,54 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-HIDDEN, INTERMEDIATE, VOCAB, HEADS = 4096, 11008, 32000, 32
+VOCAB = 32000
 
 
-def llama_config(layers: int) -> dict:
+@dataclass(frozen=True)
+class Shape:
+    """A LLaMA-2 model's widths (its depth is the benchmark's)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    layers: int  # the real model's depth, for the projection
+
+    @property
+    def kv_width(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+
+SHAPES = {"7b": Shape(4096, 11008, 32, 32, 32), "13b": Shape(5120, 13824, 40, 40, 40),
+          "70b": Shape(8192, 28672, 64, 8, 80)}
+
+
+def llama_config(shape: Shape, layers: int) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS, "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-        "hidden_act": "silu", "tie_word_embeddings": False, "dtype": "bfloat16", "bos_token_id": 1,
-        "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate, "num_hidden_layers": layers, "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads, "vocab_size": VOCAB, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
     }
 
 
-def make_checkpoint(path: Path, layers: int, seed: int = 0) -> Path:
-    """A random 7B-wide bfloat16 LLaMA with ``layers`` layers in ``path`` (see the module docstring)."""
+def make_checkpoint(path: Path, layers: int, shape: Shape = SHAPES["7b"], seed: int = 0) -> Path:
+    """A random LLaMA-2-wide bfloat16 model with ``layers`` layers in ``path`` (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed)
+    HIDDEN, INTERMEDIATE = shape.hidden, shape.intermediate
 
-    def normal(*shape):
-        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+    def normal(*sizes):
+        return (torch.randn(*sizes, generator=generator) * 0.02).to(torch.bfloat16)
 
-    shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-              "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+    shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (shape.kv_width, HIDDEN),
+              "self_attn.v_proj": (shape.kv_width, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
               "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
               "mlp.down_proj": (HIDDEN, INTERMEDIATE)}
     base = {name: normal(*shape) for name, shape in shapes.items()}
@@ -74,7 +97,7 @@ def make_checkpoint(path: Path, layers: int, seed: int = 0) -> Path:
     total += sum(t.numel() * t.element_size() for t in tensors.values())
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(llama_config(layers), indent=2))
+    (path / "config.json").write_text(json.dumps(llama_config(shape, layers), indent=2))
     return path
 
 
@@ -107,6 +130,7 @@ def slope(points: list[tuple[int, float]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="7b", choices=list(SHAPES), help="the LLaMA-2 widths (default 7b)")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--paths", nargs="+", default=["streaming", "in-memory"], choices=["streaming", "in-memory"])
     parser.add_argument("--rank", type=int, default=16)
@@ -118,7 +142,7 @@ def main() -> None:
     try:
         for layers in args.layers:
             start = time.perf_counter()
-            checkpoint = make_checkpoint(root / f"llama-{layers}", layers)
+            checkpoint = make_checkpoint(root / f"llama-{layers}", layers, SHAPES[args.shape])
             size = sum(f.stat().st_size for f in checkpoint.iterdir()) / 2**30
             print(f"# {layers} layers: {size:.2f} GiB written in {time.perf_counter() - start:.0f} s", flush=True)
             for path in args.paths:
@@ -145,9 +169,13 @@ def main() -> None:
             ratios = f" {m['peak_rss_gib'] / s['peak_rss_gib']:.2f} | {m['seconds'] / s['seconds']:.2f} |"
         print(f"| {layers} | " + " | ".join(cells) + " |" + ratios)
     if len(args.layers) > 1:
+        shape = SHAPES[args.shape]
         for path in args.paths:
-            print(f"{path}: per layer {slope([(n, r['seconds']) for n, r in rows[path]]):.1f} s, "
-                  f"{slope([(n, r['peak_rss_gib']) for n, r in rows[path]]) * 1024:.0f} MiB peak RSS")
+            per_layer = slope([(n, r['seconds']) for n, r in rows[path]])
+            print(f"{path}: per layer {per_layer:.1f} s, "
+                  f"{slope([(n, r['peak_rss_gib']) for n, r in rows[path]]) * 1024:.0f} MiB peak RSS; "
+                  f"projected to the {args.shape} depth ({shape.layers} layers): "
+                  f"{per_layer * shape.layers / 60:.0f} min (the per-layer time times the depth)")
 
 
 if __name__ == "__main__":

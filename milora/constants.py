@@ -5,14 +5,11 @@ Plain Python only (no torch): the command line reads these at start-up.
 
 SELECTIONS = ("milora", "pissa", "middle", "random")
 """Which singular triplets an SVD-based init takes (see `milora.linalg.decomposition`)."""
-PEFT_STARTS = ("dora", "olora", "pissa-fast", "corda-kpm", "corda-ipm", "eva", "lora-ga", "mica")
-"""Starts computed by PEFT's own code (see `milora.init.peft_starts`)."""
-REFUSED_INITS = ("loftq",)
-"""Method names milora knows and refuses with the fix before anything runs (see `milora.init.loftq`)."""
-INIT_MODES = (*SELECTIONS, "lora", *PEFT_STARTS, *REFUSED_INITS)
-"""Adapter initialisations: the SVD-based selections, PEFT's default LoRA start, PEFT's other starts, and
-``loftq`` (accepted as a name, refused: it needs a GPU and a quantised base)."""
-RESIDUAL_INITS = (*SELECTIONS, "olora", "pissa-fast", "corda-kpm", "corda-ipm", "lora-ga")
+PEFT_STARTS = ("dora", "olora", "pissa-fast", "corda-kpm", "corda-ipm", "eva", "lora-ga", "mica", "loftq")
+"""Starts computed by PEFT's own code (see `milora.init.peft_starts`; loftq needs a quantised base)."""
+INIT_MODES = (*SELECTIONS, "lora", *PEFT_STARTS)
+"""Adapter initialisations: the SVD-based selections, PEFT's default LoRA start and PEFT's other starts."""
+RESIDUAL_INITS = (*SELECTIONS, "olora", "pissa-fast", "corda-kpm", "corda-ipm", "lora-ga", "loftq")
 """Inits that move a start into the adapter, W_res = W - s B0 A0: their saved update has rank 2r."""
 DATA_INITS = ("corda-kpm", "corda-ipm", "eva", "lora-ga")
 """Starts computed from batches of the training data (calibration batches)."""

@@ -223,8 +223,9 @@ def moe_dir(tmp_path_factory):
     return {"model": str(root / "model"), "dataset": str(data)}
 
 
-def test_milora_init_command_on_a_moe_checkpoint(moe_dir, tmp_path):
-    """`milora init --in-memory` starts the experts; the streaming default refuses them, naming --in-memory."""
+def test_milora_init_command_on_a_moe_checkpoint(moe_dir, tmp_path, capsys):
+    """`milora init --in-memory` starts the experts (and says vLLM has not served such an adapter); the streaming
+    default refuses them, naming --in-memory."""
     from milora.cli import main
 
     targets = "q_proj,gate_up_proj,down_proj"
@@ -234,6 +235,7 @@ def test_milora_init_command_on_a_moe_checkpoint(moe_dir, tmp_path):
     assert not (tmp_path / "streamed").exists()
     assert main(["init", moe_dir["model"], "--output", str(tmp_path / "adapter"), "--rank", "2", "--target-modules",
                  targets, "--in-memory"]) == 0
+    assert "fused MoE expert parameters (PEFT target_parameters); milora has not served" in capsys.readouterr().out
     metadata = json.loads((tmp_path / "adapter" / "milora_config.json").read_text())
     assert metadata["target_parameters"] == ["down_proj", "gate_up_proj"]
     assert metadata["summary"]["output_relative_error"] < 1e-5

@@ -10,11 +10,9 @@ from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.eva import initialize_lora_eva_weights
 from peft.tuners.lora.loraga import preprocess_loraga
 from safetensors.torch import load_file
-from test_comparison import setup, sweep_values  # noqa: F401  (setup is a fixture)
 
 from milora.adapter import load_model, save_adapter
 from milora.analysis.adapter import analyze_adapter
-from milora.comparison.sweep import load_sweep
 from milora.constants import DATA_INITS, PEFT_STARTS, RESIDUAL_INITS
 from milora.errors import ModelError
 from milora.init import get_model, lora_layers, weight_matrix
@@ -23,6 +21,9 @@ from milora.training.config import ConfigError
 from milora.training.run import train
 
 from conftest import LLAMA_TARGETS, cli_error, run_config, tiny_llama, train_steps
+
+FULL_PRECISION_STARTS = [init for init in PEFT_STARTS if init != "loftq"]
+"""PEFT's starts on a full-precision base (loftq needs a quantised one: tests/test_loftq.py)."""
 
 
 def lora_config() -> LoraConfig:
@@ -56,7 +57,7 @@ def peft_reference(init: str, batches: list[dict]) -> PeftModel:
     return peft_model
 
 
-@pytest.mark.parametrize("init", PEFT_STARTS)
+@pytest.mark.parametrize("init", FULL_PRECISION_STARTS)
 def test_start_is_peft_own_recorded_and_saved_for_plain_peft(init, tokens, tmp_path):
     batches = calibration() if init in DATA_INITS else None
     original = tiny_llama()
@@ -119,7 +120,7 @@ def test_dora_analysis_measures_the_merged_update(tokens, tmp_path):
         assert layer["relative_update"] == pytest.approx(float(delta.norm() / W.norm()), rel=1e-4)
 
 
-@pytest.mark.parametrize("init", PEFT_STARTS)
+@pytest.mark.parametrize("init", FULL_PRECISION_STARTS)
 def test_resume_matches_uninterrupted(init, tiny, tmp_path):
     from test_training import InterruptAt
 
@@ -201,36 +202,3 @@ def test_function_preserving_is_at_most_1e_4_in_float32_and_a_start_above_warns(
     messages = [str(w.message) for w in caught if "function-preserving" in str(w.message)]
     assert len(messages) == (0 if preserving else 1)
     assert all("above 0.0001" in message for message in messages)
-
-
-def test_peft_loftq_needs_a_gpu_here():
-    """Why milora refuses loftq: both of PEFT's LoftQ entry points compute on CUDA (or XPU) only. If a PEFT
-    starts computing it on CPU, this fails, and the refusal (milora.init.loftq) should become a method."""
-    from peft.utils.loftq_utils import loftq_init
-
-    if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        pytest.skip("this machine has a GPU: PEFT's LoftQ may run here")
-    for bits in (4, 8):
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
-            loftq_init(torch.randn(64, 64), num_bits=bits, reduced_rank=4)
-
-
-def test_loftq_is_refused_with_the_fix_before_anything_runs(tiny, setup, tmp_path):  # noqa: F811
-    model = tiny_llama()
-    before = copy.deepcopy(model.state_dict())
-    for quantization, message in [(None, "this run's base is in full precision: set quantization: nf4"),
-                                  ("fp4", "quantises to nf4 or int8 .* not 'fp4'"),
-                                  ("nf4", "PEFT 0.21 computes LoftQ on CUDA or XPU only")]:
-        with pytest.raises(ModelError, match=message):
-            get_model(model, lora_config(), init="loftq", quantization=quantization)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    for extra, message in [({}, "set quantization: nf4"), ({"quantization": "int8"}, "on CUDA or XPU only")]:
-        with pytest.raises(ConfigError, match=message):
-            train(run_config(tiny, tmp_path / "out", init="loftq", **extra))
-    assert not (tmp_path / "out").exists()
-    assert "set quantization: nf4" in cli_error(["init", tiny["model"], "--output", str(tmp_path / "o"),
-                                                 "--init", "loftq"])
-    assert not (tmp_path / "o").exists()
-    with pytest.raises(ConfigError, match="init='loftq' fits its start"):
-        load_sweep(sweep_values(setup, tmp_path / "sweep", methods=["lora", "loftq"]))
-    assert not (tmp_path / "sweep").exists()

@@ -135,6 +135,7 @@ def saved_config(config: LoraConfig, init: str) -> LoraConfig:
     doubled.alpha_pattern = {key: alphas * value for key, value in config.alpha_pattern.items()}
     doubled.init_lora_weights = True  # the start is in the saved factors: PEFT must not compute one again
     doubled.corda_config = doubled.lora_ga_config = None
+    doubled.loftq_config = {}
     return doubled
 
 

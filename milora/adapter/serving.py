@@ -24,12 +24,14 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 @dataclass(frozen=True)
 class ServedAdapter:
-    """``rank``: the exported (PEFT) rank, 2r for an SVD-based init; ``base``: ``base_model_name_or_path``."""
+    """``rank``: the exported (PEFT) rank, 2r for an SVD-based init; ``base``: ``base_model_name_or_path``;
+    ``experts``: whether it adapts fused MoE expert parameters (PEFT ``target_parameters``)."""
 
     directory: Path
     rank: int
     base: str | None
     name: str
+    experts: bool = False
 
 
 def adapter_name(directory: str | os.PathLike) -> str:
@@ -52,7 +54,8 @@ def read_served_adapter(directory: str | os.PathLike) -> ServedAdapter:
         rank = max([int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise AdapterError(f"{config_file} is not a PEFT LoRA config with a rank `r` ({error}).") from None
-    return ServedAdapter(path, rank, config.get("base_model_name_or_path"), adapter_name(path))
+    return ServedAdapter(path, rank, config.get("base_model_name_or_path"), adapter_name(path),
+                         bool(config.get("target_parameters")))
 
 
 def vllm_lora_rank(rank: int) -> int:
@@ -96,9 +99,14 @@ def serve_hint(directories: list[str | os.PathLike], names: list[str] | None = N
     (``names``: the served names, default `adapter_name` of each directory)."""
     adapters = [read_served_adapter(d) for d in directories]
     if names is not None:
-        adapters = [ServedAdapter(a.directory, a.rank, a.base, name) for a, name in zip(adapters, names, strict=True)]
+        adapters = [ServedAdapter(a.directory, a.rank, a.base, name, a.experts)
+                    for a, name in zip(adapters, names, strict=True)]
     rank = max(a.rank for a in adapters)
-    return (f"serve with vLLM (--max-lora-rank {vllm_lora_rank(rank)} >= the exported rank {rank}; a MiLoRA / PiSSA "
+    untested = ("note: this adapter trains fused MoE expert parameters (PEFT target_parameters); milora has not "
+                "served such an adapter through vLLM: if vLLM refuses it, serve the merged model (milora merge)\n"
+                if any(a.experts for a in adapters) else "")
+    return untested + (
+            f"serve with vLLM (--max-lora-rank {vllm_lora_rank(rank)} >= the exported rank {rank}; a MiLoRA / PiSSA "
             "adapter of rank r is saved as rank 2r):\n"
             f"  {vllm_serve_command(adapters)}\n"
             f"  milora eval --task TASK --server http://127.0.0.1:8000/v1 --served-model {adapters[0].name}"

@@ -91,9 +91,10 @@ def _run_init(args) -> int:
         check_replaceable(output)
     check_quantization(args.quantize)
     if args.init == "loftq":
-        from milora.init.loftq import loftq_refusal
+        from milora.init.loftq import loftq_problem
 
-        raise UsageError(loftq_refusal(args.quantize))
+        if loftq_problem(args.quantize):
+            raise UsageError(loftq_problem(args.quantize).replace("set quantization:", "pass --quantize"))
     if args.init != "pissa-fast" and args.pissa_niter != 4:
         raise UsageError(f"--pissa-niter is for --init pissa-fast; init {args.init} ignores it: remove it.")
     if args.quantize and args.save_residual:

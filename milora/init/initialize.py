@@ -41,10 +41,17 @@ from milora.init.experts import (
     weight_stack,
 )
 from milora.init.layers import lora_layers, restore_layer, set_adapter_factors
-from milora.init.loftq import loftq_refusal
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.peft_starts import check_peft_start, get_peft_start_model, is_peft_start
-from milora.init.record import ExpertOf, InitRecord, SolverRun, SpectrumStats, attach_record, report_entry
+from milora.init.record import (
+    ExpertOf,
+    InitRecord,
+    SolverRun,
+    SpectrumStats,
+    attach_record,
+    init_record,
+    report_entry,
+)
 from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
 from milora.linalg.decomposition import Components, default_workers, resolve_solver, select_components_many
 from milora.models import check_device, peft_wrapping
@@ -77,7 +84,8 @@ def get_model(
     own device). ``workers``: CPU weights decomposed at once, one BLAS thread each (default:
     `milora.linalg.decomposition.default_workers`, one per thread for small weights, else 1). Under
     torch.distributed the weights are split across ranks and the factors broadcast, so every
-    rank ends with identical adapters. Save the result with `milora.save_adapter`, not
+    rank ends with identical adapters. ``lora_config.target_parameters`` names fused MoE expert stacks, each expert
+    decomposed as its own weight (`milora.init.experts`). Save the result with `milora.save_adapter`, not
     `save_pretrained` (whose rank-r factors need the residual base). ``null_space``: how
     selected singular values that are exactly 0 (rank-deficient weights) start: ``"zero"``
     (the paper's start; those directions cannot train, and a warning says so) or ``"random"``
@@ -91,18 +99,24 @@ def get_model(
     with bitsandbytes after the decomposition, W_res in the targets and W in the other Linear
     layers (see `milora.init.quantize`); the saved adapter is still for the full-precision base.
     PEFT's own starts (`milora.constants.PEFT_STARTS`: dora, olora, pissa-fast, corda-kpm, corda-ipm, eva, lora-ga,
-    mica) are computed by PEFT (`milora.init.peft_starts`); the data starts take ``calibration``, a list of training
-    batches, and ``pissa_niter`` is pissa-fast's number of subspace iterations. ``init="loftq"`` is refused
-    (`milora.init.loftq`: PEFT computes it on GPUs only).
+    mica, loftq) are computed by PEFT (`milora.init.peft_starts`); the data starts take ``calibration``, a list of
+    training batches, ``pissa_niter`` is pissa-fast's number of subspace iterations, and ``init="loftq"`` needs
+    ``quantization`` nf4 or int8 (`milora.init.loftq`).
     """
-    if init == "loftq":
-        raise ModelError(loftq_refusal(quantization))
     if is_peft_start(init):
         refuse_parameter_targets(lora_config, f"init={init!r}", "PEFT computes this start for Linear layers only; "
                                  "start fused experts with init milora, pissa, middle, random or lora")
         _check_seed(seed)
         check_peft_start(init, calibration, solver, workers, device, null_space, quantization, pissa_niter)
-        return get_peft_start_model(model, lora_config, init, calibration, seed, adapter_name, pissa_niter)
+        if quantization is not None:  # loftq's: fitted by PEFT in full precision, the residual quantised after
+            from milora.init.quantize import check_quantizable, quantize_peft_model
+
+            check_quantizable(model, target_modules(model, lora_config), quantization)
+        peft_model = get_peft_start_model(model, lora_config, init, calibration, seed, adapter_name, pissa_niter,
+                                          quantization)
+        if quantization is not None:
+            peft_model = quantize_peft_model(peft_model, init_record(peft_model), quantization, adapter_name)
+        return peft_model
     if calibration is not None:
         raise ModelError(f"init={init!r} takes no data: drop calibration= (data starts: {', '.join(DATA_INITS)}).")
     check_init_options(lora_config, init, null_space, seed)

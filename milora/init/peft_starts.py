@@ -9,6 +9,7 @@
 | ``eva`` | ``"eva"`` + `initialize_lora_eva_weights` (A from input SVDs, B = 0) | yes | no |
 | ``lora-ga`` | ``"lora_ga"`` + `preprocess_loraga` (gradient SVD) | yes | yes |
 | ``mica`` | ``"mica"`` (B from W's minor left singular vectors, frozen; A = 0) | no | no |
+| ``loftq`` | ``"loftq"`` + `LoftQConfig` (quantise / fit L R alternately; needs ``quantization``) | no | yes |
 
 "Data" starts take ``calibration``: batches (dicts of ``input_ids``, ``attention_mask``,
 ``labels``) from the training data. CorDA's covariance hook takes one unpadded sequence per
@@ -29,7 +30,8 @@ What milora adds to PEFT's start:
   (``output_relative_error``; a warning when it exceeds `FUNCTION_PRESERVING`).
 
 PEFT's starts run where the weights are (no ``device``, ``solver``, ``workers``, ``null_space``:
-those options are refused, as is ``quantization``).
+those options are refused, as is ``quantization``, which only ``loftq`` takes and needs:
+`milora.init.loftq`).
 """
 
 from __future__ import annotations
@@ -48,8 +50,16 @@ from peft.tuners.lora import LoraLayer
 from milora.constants import DATA_INITS, PEFT_STARTS, RESIDUAL_INITS
 from milora.errors import ModelError
 from milora.init.layers import lora_layers, set_adapter_factors
+from milora.init.loftq import LOFTQ_BITS, loftq_problem, scaling_problem
 from milora.init.record import InitRecord, attach_record
-from milora.init.targets import fingerprint, saved_modules, target_modules, validate_lora_config, weight_matrix
+from milora.init.targets import (
+    fingerprint,
+    saved_modules,
+    scaling_for,
+    target_modules,
+    validate_lora_config,
+    weight_matrix,
+)
 from milora.models import peft_wrapping
 
 FUNCTION_PRESERVING = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -76,6 +86,7 @@ STARTS = {
     "eva": PeftStart("eva", "eva_init"),
     "lora-ga": PeftStart("lora_ga", "lora_ga_init"),
     "mica": PeftStart("mica", "mica_init"),
+    "loftq": PeftStart("loftq", "loftq_init"),
 }
 assert tuple(STARTS) == PEFT_STARTS
 
@@ -84,10 +95,12 @@ def is_peft_start(init: str) -> bool:
     return init in STARTS
 
 
-def peft_lora_config(lora_config: LoraConfig, init: str, pissa_niter: int = 4) -> LoraConfig:
+def peft_lora_config(lora_config: LoraConfig, init: str, pissa_niter: int = 4, quantization: str | None = None
+                     ) -> LoraConfig:
     """``lora_config`` with PEFT's options for ``init`` (`STARTS`); EVA without rank redistribution
-    (rho = 1), so every method trains the same rank."""
-    from peft import EvaConfig, LoraGAConfig  # imported when used: older PEFTs lack them
+    (rho = 1), so every method trains the same rank; LoftQ with the bits of ``quantization`` and PEFT's
+    default of one alternation."""
+    from peft import EvaConfig, LoftQConfig, LoraGAConfig  # imported when used: older PEFTs lack them
     from peft.tuners.lora.config import CordaConfig
 
     start = STARTS[init]
@@ -100,6 +113,8 @@ def peft_lora_config(lora_config: LoraConfig, init: str, pissa_niter: int = 4) -
         config.eva_config = EvaConfig(rho=1.0)
     if init == "lora-ga":
         config.lora_ga_config = LoraGAConfig()
+    if init == "loftq":
+        config.loftq_config = vars(LoftQConfig(loftq_bits=LOFTQ_BITS[quantization]))  # as __post_init__ stores it
     return config
 
 
@@ -108,10 +123,13 @@ def check_peft_start(init: str, calibration, solver: str, workers, device, null_
     """Options a PEFT start ignores or lacks, and a PEFT too old for it, refused before anything is modified."""
     if not _peft_has(STARTS[init].needs):
         raise ModelError(f"init={init!r} needs a newer PEFT than the installed {peft.__version__} (it lacks "
-                         f"LoraLayer.{STARTS[init].needs}): `pip install -U peft` (milora is tested with 0.21).")
+                         f"LoraLayer.{STARTS[init].needs}): `pip install -U peft` (milora is tested with 0.22).")
+    if init == "loftq" and loftq_problem(quantization):
+        raise ModelError(loftq_problem(quantization))
     ignored = [(name, value) for name, value, default in (
         ("solver", solver, "auto"), ("workers", workers, None), ("device", device, None),
-        ("null_space", null_space, "zero"), ("quantization", quantization, None)) if value != default]
+        ("null_space", null_space, "zero"), ("quantization", None if init == "loftq" else quantization, None))
+        if value != default]
     if ignored:
         name, value = ignored[0]
         raise ModelError(f"{name}={value!r} has no effect on init={init!r} (PEFT computes this start where the "
@@ -135,19 +153,22 @@ def _peft_has(method: str) -> bool:
 
 def get_peft_start_model(
     model: torch.nn.Module, lora_config: LoraConfig, init: str, calibration: Sequence[dict] | None = None,
-    seed: int = 0, adapter_name: str = "default", pissa_niter: int = 4,
+    seed: int = 0, adapter_name: str = "default", pissa_niter: int = 4, quantization: str | None = None,
 ) -> PeftModel:
-    """Wrap ``model`` (in place) in a PEFT LoRA model whose start PEFT computes (module docstring)."""
+    """Wrap ``model`` (in place) in a PEFT LoRA model whose start PEFT computes (module docstring), the base in full
+    precision (``quantization``: the one loftq fits its start to; the caller quantises the base after)."""
     validate_lora_config(lora_config, init)
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
+    if init == "loftq" and scaling_problem({name: scaling_for(lora_config, name) for name in modules}):
+        raise ModelError(scaling_problem({name: scaling_for(lora_config, name) for name in modules}))
     record = InitRecord(init=init, solver="peft", seed=seed, fingerprint=fingerprint(modules))
     originals = ({name: weight_matrix(module).detach().clone() for name, module in modules.items()}
                  if init in RESIDUAL_INITS else {})
     probe = _probe(model, calibration)
     with torch.no_grad():
         before = model(**probe).logits.double()
-    config = peft_lora_config(lora_config, init, pissa_niter)
+    config = peft_lora_config(lora_config, init, pissa_niter, quantization)
     _preprocess(model, config, init, calibration)
     with peft_wrapping():
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
@@ -218,7 +239,7 @@ def _record_start(peft_model: PeftModel, record: InitRecord, originals: dict[str
             peft_residual = weight.detach().clone()
             entry["base_changed"] = not torch.equal(peft_residual, original)
             weight.data.copy_(original)
-            entry["reconstruction_error"] = set_adapter_factors(layer, adapter, A0, B0, A0, B0)
+            entry["reconstruction_error"] = max(set_adapter_factors(layer, adapter, A0, B0, A0, B0))
             entry["peft_residual_difference"] = float((peft_residual.double() - weight.detach().double()).norm()
                                                       / original.double().norm().clamp_min(1e-300))
             record.initial_factors[name] = (A0.cpu(), B0.cpu())

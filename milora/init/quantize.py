@@ -22,6 +22,7 @@ same parameter construction. bitsandbytes is imported only here, on first use.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import torch
@@ -137,7 +138,8 @@ def quantize_model(model: torch.nn.Module, method: str) -> dict[str, tuple[float
 def quantize_peft_model(
     peft_model: PeftModel, record: InitRecord, method: str, adapter_name: str = "default"
 ) -> PeftModel:
-    """The initialised ``peft_model`` on a quantised base: Q(W_res) with the same factors (see module docstring).
+    """The initialised ``peft_model`` on a quantised base: Q(W_res) with the same factors (see module docstring);
+    for ``loftq``, Q(W) (its start s B0 A0 was fitted to W - Q(W), `milora.init.loftq`).
 
     ``record.quantization`` receives the method, its bitsandbytes config and per target module
     ``quantization_error`` = ||Q(W_res) - W_res||_F / ||W_res||_F, ``quantization_error_vs_weight`` =
@@ -147,17 +149,22 @@ def quantize_peft_model(
     Interrupted while quantising, the base model is restored to its original weights (one rounding).
     """
     check_quantization(method)
-    config = peft_model.peft_config[adapter_name]
+    config = copy.deepcopy(peft_model.peft_config[adapter_name])
+    if config.init_lora_weights == "loftq":  # the factors are copied in below: PEFT must not fit LoftQ again
+        config.init_lora_weights, config.loftq_config = True, {}
     layers = lora_layers(peft_model)
     factors = {name: (layer.lora_A[adapter_name].weight.detach().clone(),
                       layer.lora_B[adapter_name].weight.detach().clone()) for name, layer in layers.items()}
     shares = {name: _initial_share(layer, record, name, adapter_name) for name, layer in layers.items()}
     scalings = {name: layer.scaling[adapter_name] for name, layer in layers.items()}
     base = peft_model.unload()
+    if record.init == "loftq":  # LoftQ's factors compensate the quantisation of W itself (`milora.init.loftq`)
+        _restore_weights(base, record, scalings)
     try:
         errors = quantize_model(base, method)
     except BaseException as error:
-        _restore_weights(base, record, scalings)
+        if record.init != "loftq":
+            _restore_weights(base, record, scalings)
         error.add_note("milora: quantisation was interrupted; the model was restored to its original weights and "
                        "modules.")
         raise

@@ -27,9 +27,10 @@ def method_only_keys(init: str) -> tuple[str, ...]:
 def check_init_options(config: BaseModel) -> None:
     """Keys the chosen init ignores, set to another value than their default: an error naming them."""
     if config.init == "loftq":
-        from milora.init.loftq import loftq_refusal
+        from milora.init.loftq import loftq_problem
 
-        raise ConfigError(loftq_refusal(config.quantization))
+        if loftq_problem(config.quantization):
+            raise ConfigError(loftq_problem(config.quantization))
     defaults = {key: type(config).model_fields[key].default for key in
                 ("solver", "null_space", "quantization", "calibration_batches", "pissa_niter")}
     if config.init in DATA_INITS and config.objective != "sft":
@@ -38,13 +39,14 @@ def check_init_options(config: BaseModel) -> None:
                           "starts (dora, olora, pissa-fast, mica) with it.")
     ignored = []
     if config.init in PEFT_STARTS:
-        ignored += [key for key in ("solver", "null_space", "quantization") if getattr(config, key) != defaults[key]]
+        keys = ("solver", "null_space") if config.init == "loftq" else ("solver", "null_space", "quantization")
+        ignored += [key for key in keys if getattr(config, key) != defaults[key]]
     ignored += [key for key in method_only_keys(config.init) if getattr(config, key) != defaults[key]]
     if ignored:
         raise ConfigError(f"init={config.init!r} ignores {', '.join(repr(key) for key in ignored)}: remove "
                           f"{'it' if len(ignored) == 1 else 'them'} (calibration_batches is for the data starts "
                           f"{', '.join(DATA_INITS)}; pissa_niter for pissa-fast; solver and null_space for the SVD "
-                          "starts; quantization is not available with PEFT's starts).")
+                          "starts; quantization is not available with PEFT's starts but loftq).")
 
 
 _OBJECTIVE_KEYS = {
