@@ -41,9 +41,9 @@ from test_launch_cpu import ENV, _write, launch
 
 from conftest import run_config
 
-# What every launched rank runs: the shim (see the module docstring), a callback that records what FSDP made of the
-# model on this rank, and with a third argument "kill", rank 0 SIGKILLs itself as step 3 begins (nothing saved on
-# the way out; checkpoint-2 was written).
+# What every launched rank runs: the shim (see the module docstring), a callback that records what FSDP or ZeRO-3
+# made of the model on this rank, and with a third argument "kill", rank 0 SIGKILLs itself as step 3 begins
+# (nothing saved on the way out; checkpoint-2 was written).
 SHARDED_WORKER = textwrap.dedent(
     """
     import json, os, signal, sys
@@ -124,7 +124,7 @@ FSDP1 = ["--fsdp_version", "1", "--fsdp_reshard_after_forward", "FULL_SHARD", "-
 
 @pytest.fixture(scope="module")
 def single(tiny, tmp_path_factory) -> Path:
-    """One process x batch 4, the same 4 steps (the reference both FSDP runs must end at)."""
+    """One process x batch 4, the same 4 steps: where every sharded run must end."""
     folder = tmp_path_factory.mktemp("single")
     config = run_config(tiny, folder / "run", per_device_train_batch_size=4, **COMMON)
     subprocess.run([sys.executable, "-m", "milora.cli", "train", _write(folder / "run.yaml", config)], check=True,
