@@ -8,7 +8,13 @@ residual base:
   parameters first under DeepSpeed ZeRO-3 / FSDP;
 - `MiloraTrainer._load_from_checkpoint` restores the trainable factors with
   `load_trained_state` into the freshly (and deterministically) initialised model; Trainer
-  restores the optimizer, scheduler, RNG and data position as usual.
+  restores the optimizer, scheduler, RNG and data position as usual. Under FSDP the factors are
+  restored in `MiloraTrainer.train`, before FSDP shards the model. FSDP's own sharded adapter
+  state, which Trainer still writes, is not read: under FSDP1 Trainer's load of it changed
+  nothing (peft 0.22's `set_peft_model_state_dict` sees the wrapper's ``_fsdp_wrapped_module.``
+  parameter names, strips ``base_model.model.`` from every key and loads none, with
+  ``strict=False``), so a resumed run restarted from the initial factors. Resuming under FSDP1
+  with sharded checkpoints is refused (`check_fsdp_resumable`).
 
 and for reliability: checkpoints are written to a hidden staging directory and renamed into
 place (a kill never leaves a half-written ``checkpoint-N``), and a run resumed at its last step
@@ -34,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from milora.adapter import load_trained_state, save_adapter
 from milora.constants import ADAPTER_FILES
@@ -95,6 +101,22 @@ def write_adapter(peft_model, directory: str | os.PathLike, state_dict: dict | N
     return directory
 
 
+def check_fsdp_resumable(fsdp_plugin, checkpoint: str | os.PathLike) -> None:
+    """Refuse to resume under FSDP1 with sharded checkpoints: accelerate (1.16) reads the sharded optimizer
+    state into a template made from the new optimizer's state, which is still empty, so it reads nothing
+    and Adam's moments would silently restart from zero. FSDP2's loader reads the same checkpoint."""
+    import accelerate
+
+    if fsdp_plugin.fsdp_version == 1 and "SHARDED_STATE_DICT" in str(fsdp_plugin.state_dict_type):
+        raise MiloraError(
+            f"cannot resume {checkpoint} under FSDP1 (fsdp_version: 1, SHARDED_STATE_DICT): accelerate "
+            f"{accelerate.__version__} would load none of its optimizer state (Adam's moments would restart from "
+            "zero). Resume it under FSDP2, which reads this checkpoint: fsdp_version: 2 as in "
+            "recipes/accelerate/fsdp.yaml (or: accelerate launch ... --fsdp_version 2 "
+            "--fsdp_reshard_after_forward true)."
+        )
+
+
 class MiloraTrainer(Trainer):
     """`Trainer` whose checkpoints and final output are milora adapters (see module docstring).
 
@@ -152,9 +174,18 @@ class MiloraTrainer(Trainer):
             return None
         return super()._run_epoch(*args, **kwargs)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # as Trainer resolves it (and raises when there is none)
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if self.is_fsdp_enabled and isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_fsdp_resumable(self.accelerator.state.fsdp_plugin, resume_from_checkpoint)
+            # Trainer loads an FSDP checkpoint after sharding the model; the whole factors go in before
+            load_trained_state(self.model, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        if self.is_fsdp_enabled:  # FSDP resumes from its own sharded model state, saved beside the adapter
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.is_fsdp_enabled:  # already loaded by `train`, into the model before FSDP sharded it
+            return
         load_trained_state(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
 
