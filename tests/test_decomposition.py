@@ -106,6 +106,26 @@ def test_device_code_path_matches_cpu_path(monkeypatch, shape, kind, selection):
             min(1e-9 / cpu_path.boundary_gap, 1e-3) * float(cpu_path.S.max()) + 1e-12)
 
 
+@pytest.mark.parametrize("shape", [(300, 70), (70, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_read_in_blocks_gives_the_whole_float64_products(shape, dtype):
+    """`LongSide` (blocks of 7 rows of A here) against the whole float64 copy: the Gram matrix, A @ basis and
+    A^T @ vectors to 1e-13 relative (float64 sums in another order), the norm likewise."""
+    from milora.linalg.blocks import LongSide
+
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    side = LongSide(W, block_bytes=8 * 70 * 7)
+    A = W.double() if shape[0] >= shape[1] else W.double().T
+    assert side.rows == 7 and side.long == 300 and side.k == 70
+    gram = np.triu(side.gram())
+    np.testing.assert_allclose(gram, np.triu((A.T @ A).numpy()), rtol=1e-13, atol=1e-13 * float(A.norm()) ** 2)
+    rng = np.random.default_rng(1)
+    basis, vectors = rng.standard_normal((70, 4)), rng.standard_normal((300, 4))
+    np.testing.assert_allclose(side.times(basis), A.numpy() @ basis, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(side.transpose_times(vectors), A.numpy().T @ vectors, rtol=1e-12, atol=1e-12)
+    assert side.norm() == pytest.approx(float(A.norm()), rel=1e-14)
+
+
 def test_gap_reported_inside_and_outside_cluster():
     W = with_spectrum(48, 48, spectrum("clustered", 48))
     assert select_components(W, 8, "milora", "eigh").boundary_gap < 1e-8

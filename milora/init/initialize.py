@@ -40,7 +40,7 @@ from milora.init.experts import (
     target_parameters,
     weight_stack,
 )
-from milora.init.layers import lora_layers, restore_layer, set_adapter_factors
+from milora.init.layers import RESIDUAL_BLOCK_BYTES, lora_layers, restore_layer, set_adapter_factors
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.peft_starts import check_peft_start, get_peft_start_model, is_peft_start
 from milora.init.record import (
@@ -325,7 +325,9 @@ def _zero_components(S: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     The triplets come from a product W V, so their singular values carry an absolute error of
     about eps ||W||; below min(m, n) eps ||W||_F a value is indistinguishable from 0.
     """
-    norm = float(torch.linalg.norm(weight.detach().double()))
+    rows = max(1, RESIDUAL_BLOCK_BYTES // (8 * weight.shape[1]))  # float64 a block of rows at a time
+    norm = math.sqrt(sum(float(torch.linalg.norm(weight[start:start + rows].detach().double())) ** 2
+                         for start in range(0, weight.shape[0], rows)))
     return min(weight.shape) * torch.finfo(torch.float64).eps * norm >= S
 
 

@@ -61,17 +61,18 @@ def set_adapter_factors(
 
 
 def residual_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float, device=None,
-                    block_bytes: int = RESIDUAL_BLOCK_BYTES) -> tuple[torch.Tensor, float]:
+                    block_bytes: int = RESIDUAL_BLOCK_BYTES, keep: bool = True) -> tuple[torch.Tensor | None, float]:
     """W_res = W - s B0 A0 (``weight``: out x in) in float64, rounded once to the weight's dtype, on ``device``
     (default: the weight's), and its relative error ||W_res - (W - s B0 A0)||_F / ||W||_F.
 
     Computed in blocks of rows (about ``block_bytes`` of float64 each), so a weight never needs more
     than the rounded residual and a few float64 blocks at once; every element is computed the same
     way wherever the weight comes from (a model in memory, or a checkpoint streamed tensor by tensor).
+    ``keep=False``: the error only (the residual is None and never held whole).
     """
     device = device or weight.device
     out_features, in_features = weight.shape
-    residual = torch.empty(out_features, in_features, dtype=weight.dtype, device=device)
+    residual = torch.empty(out_features, in_features, dtype=weight.dtype, device=device) if keep else None
     A0, B0 = A0.to(device, torch.float64), B0.to(device, torch.float64)
     rows = max(1, block_bytes // (8 * in_features))
     mismatch, norm = 0.0, 0.0
@@ -80,8 +81,10 @@ def residual_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, sc
         exact = weight[block].detach().to(device=device, dtype=torch.float64)
         norm += float(torch.linalg.norm(exact)) ** 2
         exact.sub_((B0[block] @ A0).mul_(scaling))
-        residual[block] = exact.to(weight.dtype)
-        mismatch += float(torch.linalg.norm(exact.sub_(residual[block].to(torch.float64)))) ** 2
+        rounded = exact.to(weight.dtype)
+        if keep:
+            residual[block] = rounded
+        mismatch += float(torch.linalg.norm(exact.sub_(rounded.to(torch.float64)))) ** 2
     return residual, math.sqrt(mismatch) / max(math.sqrt(norm), 1e-300)
 
 

@@ -322,7 +322,7 @@ def _decompose(checkpoint: Checkpoint, targets: list[Target], work_dir: Path, in
             weight = read.popleft()
             start = weight_start(parts, weight, target.scaling, null_space, seed + target.index)
             A, B = start.A.to(ADAPTER_DTYPE), start.B.to(ADAPTER_DTYPE)
-            _, error = residual_weight(weight, A, B, target.scaling)
+            _, error = residual_weight(weight, A, B, target.scaling, keep=False)
             entry = report_entry(target.name, weight, target.rank, target.scaling, start.ran, start.stats, error)
             _write_start(_start_path(work_dir, target), target, A.cpu(), B.cpu(), fingerprint_sample(weight), entry)
             del weight, parts, start, A, B

@@ -42,10 +42,11 @@ from threadpoolctl import threadpool_limits
 
 from milora.constants import SELECTIONS, SOLVERS
 from milora.linalg import lanczos, lapack
+from milora.linalg.blocks import LongSide
 
 # Smaller side from which one weight keeps several cores busy (and Lanczos can pay off)
 LARGE_SIDE = 2048
-# Cap on concurrent CPU decompositions: each holds a float64 copy of its weight and a Gram
+# Cap on concurrent CPU decompositions: each holds a float64 block of its weight and a Gram
 # matrix, so more workers trade memory for little speed.
 MAX_WORKERS = 4
 T = TypeVar("T")
@@ -144,15 +145,17 @@ def select_components(
     k = min(weight.shape)
     positions = selected_positions(selection, k, r, generator)
     solver = resolve_solver(solver, selection, weight.device, tuple(weight.shape), r)
-    w = weight.detach().to(torch.float64)
+    if solver == "lanczos" and not _on_lapack(weight):
+        raise ValueError("The lanczos solver runs on CPU; use solver='eigh' (or 'auto') on other devices.")
     if solver == "svd":
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
         return Components(U[:, positions], S[positions], Vh[positions], "svd", _boundary_gap(S, positions, selection))
+    if not _on_lapack(weight):
+        return _device_eigh_components(weight.detach().to(torch.float64), positions, selection)
+    side = LongSide(weight)  # float64 one block at a time (`milora.linalg.blocks`)
     if solver == "lanczos":
-        if w.device.type != "cpu":
-            raise ValueError("The lanczos solver runs on CPU; use solver='eigh' (or 'auto') on other devices.")
-        return _lanczos_components(w, positions, selection)
-    return _eigh_components(w, positions, selection)
+        return _lanczos_components(side, positions, selection)
+    return _eigh_components(side, positions, selection)
 
 
 def select_components_many(
@@ -244,20 +247,26 @@ def _neighbourhood(positions: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def _eigh_components(
-    w: torch.Tensor, positions: torch.Tensor, selection: str, gram: np.ndarray | None = None
+    side: LongSide, positions: torch.Tensor, selection: str, gram: np.ndarray | None = None
 ) -> Components:
-    """Triplets from the dense eigensolver on the Gram matrix (CPU: ``gram`` if given, as `lapack.gram`
-    sets it, which is overwritten)."""
+    """Triplets from LAPACK's index-range eigensolver on the Gram matrix (``gram`` if given, as
+    `LongSide.gram` sets it, which is overwritten)."""
+    lo_pos, hi_pos = _neighbourhood(positions, side.k)
+    gram = side.gram() if gram is None else gram
+    evals, evecs = map(torch.from_numpy, lapack.eigh_range(gram, side.k - 1 - hi_pos, side.k - 1 - lo_pos))
+    return _complete(side, evals.flip(0), evecs.flip(1), positions, lo_pos, selection, "eigh")
+
+
+def _device_eigh_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
+    """Triplets from torch's eigensolver on the Gram matrix of a float64 ``w`` on a GPU (or other device)."""
     k = min(w.shape)
+    tall = w.shape[0] >= w.shape[1]
     lo_pos, hi_pos = _neighbourhood(positions, k)
-    lo_asc, hi_asc = k - 1 - hi_pos, k - 1 - lo_pos  # ascending eigen-indices, inclusive
-    if _on_lapack(w):
-        gram = lapack.gram(_as_numpy(w)) if gram is None else gram
-        evals, evecs = map(torch.from_numpy, lapack.eigh_range(gram, lo_asc, hi_asc))
-    else:
-        all_evals, all_evecs = torch.linalg.eigh(w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T)
-        evals, evecs = all_evals[lo_asc : hi_asc + 1], all_evecs[:, lo_asc : hi_asc + 1]
-    return _complete(w, evals.flip(0), evecs.flip(1), positions, lo_pos, selection, "eigh")
+    all_evals, all_evecs = torch.linalg.eigh(w.T @ w if tall else w @ w.T)
+    evals, evecs = all_evals[k - 1 - hi_pos : k - lo_pos].flip(0), all_evecs[:, k - 1 - hi_pos : k - lo_pos].flip(1)
+    basis = _selected_basis(evecs, positions, lo_pos).to(w.device)
+    Q, S, Rh = torch.linalg.svd(w @ basis if tall else w.T @ basis, full_matrices=False)
+    return _triplets(Q, S, Rh @ basis.T, tall, evals, k, positions, lo_pos, selection, "eigh")
 
 
 def _on_lapack(w: torch.Tensor) -> bool:
@@ -265,34 +274,32 @@ def _on_lapack(w: torch.Tensor) -> bool:
     return w.device.type == "cpu"
 
 
-def _as_numpy(w: torch.Tensor) -> np.ndarray:
-    """A C-contiguous float64 numpy view (or copy) of a CPU tensor."""
-    return np.ascontiguousarray(w.numpy())
-
-
-def _lanczos_components(w: torch.Tensor, positions: torch.Tensor, selection: str) -> Components:
+def _lanczos_components(side: LongSide, positions: torch.Tensor, selection: str) -> Components:
     """Block Lanczos on the Gram matrix G (see `milora.linalg.lanczos`), handing over to eigh on the
     same G when it fails or is predicted to cost more than eigh."""
-    wn = _as_numpy(w)
-    gram = lapack.gram(wn)
+    gram = side.gram()
     try:
-        lo_pos = _neighbourhood(positions, min(w.shape))[0]
+        lo_pos = _neighbourhood(positions, side.k)[0]
         evals, evecs = _lanczos_eigenpairs(gram, positions, selection)
-        parts = _complete(w, evals, evecs, positions, lo_pos, selection, "lanczos")
+        parts = _complete(side, evals, evecs, positions, lo_pos, selection, "lanczos")
         # a-posteriori check: the triplets must be exact for a W perturbed by at most 1e-10 relative
-        residual = np.linalg.norm(
-            lapack.matmul(wn, _as_numpy(parts.U), transpose_a=True) - (parts.Vh.T * parts.S).numpy()
-        )
-        if residual > 1e-10 * np.linalg.norm(wn) * math.sqrt(positions.numel()):
+        long_vectors, short = (parts.U, parts.Vh.T) if side.tall else (parts.Vh.T, parts.U)  # A^T L = K S
+        residual = np.linalg.norm(side.transpose_times(_as_numpy(long_vectors)) - (short * parts.S).numpy())
+        if residual > 1e-10 * side.norm() * math.sqrt(positions.numel()):
             raise FloatingPointError(f"Lanczos triplets have residual {float(residual):.1e}")
         return parts
     except lanczos.OverBudget as stop:
         solver, reason = "eigh (lanczos over budget)", str(stop)
     except (np.linalg.LinAlgError, FloatingPointError) as error:
         solver, reason = "eigh (lanczos failed)", str(error)
-    parts = _eigh_components(w, positions, selection, gram)
+    parts = _eigh_components(side, positions, selection, gram)
     parts.solver, parts.reason = solver, reason
     return parts
+
+
+def _as_numpy(w: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float64 numpy view (or copy) of a CPU tensor."""
+    return np.ascontiguousarray(w.numpy())
 
 
 def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,7 +342,7 @@ def _lanczos_eigenpairs(gram: np.ndarray, positions: torch.Tensor, selection: st
 
 
 def _complete(
-    w: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, positions: torch.Tensor, lo_pos: int, selection: str,
+    side: LongSide, evals: torch.Tensor, evecs: torch.Tensor, positions: torch.Tensor, lo_pos: int, selection: str,
     solver: str,
 ) -> Components:
     """Triplets from eigenpairs of the Gram matrix at descending positions lo_pos, lo_pos + 1, ...
@@ -343,18 +350,21 @@ def _complete(
     Projects W onto the selected eigenvectors and re-orthonormalises the projection with a
     thin SVD, which yields both singular factors of the selected part.
     """
-    k = min(w.shape)
-    tall = w.shape[0] >= w.shape[1]
-    first, count = int(positions[0]), positions.numel()
-    basis = evecs[:, first - lo_pos : first - lo_pos + count].to(w.device)  # right (tall) or left (wide), k x r
-    if _on_lapack(w):  # the same BLAS and LAPACK as the eigensolver
-        basis = _as_numpy(basis)
-        projected = lapack.matmul(_as_numpy(w), basis, transpose_a=not tall)  # (m or n) x r
-        Q, S, Rh = scipy.linalg.svd(projected, full_matrices=False, check_finite=False)
-        Q, S, rotated = map(torch.from_numpy, (Q, S, lapack.matmul(np.ascontiguousarray(Rh), basis.T.copy())))
-    else:
-        Q, S, Rh = torch.linalg.svd(w @ basis if tall else w.T @ basis, full_matrices=False)
-        rotated = Rh @ basis.T  # r x k
+    basis = _as_numpy(_selected_basis(evecs, positions, lo_pos))  # right (tall) or left (wide), k x r
+    Q, S, Rh = scipy.linalg.svd(side.times(basis), full_matrices=False, check_finite=False)  # the same LAPACK
+    Q, S, rotated = map(torch.from_numpy, (Q, S, lapack.matmul(np.ascontiguousarray(Rh), basis.T.copy())))
+    return _triplets(Q, S, rotated, side.tall, evals, side.k, positions, lo_pos, selection, solver)
+
+
+def _selected_basis(evecs: torch.Tensor, positions: torch.Tensor, lo_pos: int) -> torch.Tensor:
+    """The eigenvectors (columns, descending from position lo_pos) at the selected positions."""
+    first = int(positions[0])
+    return evecs[:, first - lo_pos : first - lo_pos + positions.numel()]
+
+
+def _triplets(Q: torch.Tensor, S: torch.Tensor, rotated: torch.Tensor, tall: bool, evals: torch.Tensor, k: int,
+              positions: torch.Tensor, lo_pos: int, selection: str, solver: str) -> Components:
+    """`Components` from the thin SVD Q S Rh of the projection and ``rotated`` = Rh basis^T (r x k)."""
     U, Vh = (Q, rotated) if tall else (rotated.T, Q.T)
     sigmas = torch.full((k,), float("nan"), dtype=torch.float64)
     sigmas[lo_pos : lo_pos + evals.numel()] = evals.cpu().clamp_min(0).sqrt()

@@ -65,20 +65,26 @@ def _float64_c(array: np.ndarray, writeable: bool = False) -> np.ndarray:
     return array
 
 
-def gram(a: np.ndarray) -> np.ndarray:
+def gram(a: np.ndarray, accumulate: np.ndarray | None = None) -> np.ndarray:
     """The k x k Gram matrix of the smaller side of ``a`` (m x n): a^T a if m >= n, else a a^T.
 
     BLAS syrk (half the flops of a product). Only the upper triangle is set; the lower is zero
     (it is LAPACK's lower triangle, which LAPACK's tridiagonal reduction handles faster).
+    ``accumulate``: an n x n Gram matrix to add a^T a to, in place, whatever the shape of ``a`` (a sum over
+    blocks of rows of a tall matrix, the last of which may be short).
     """
     a = _float64_c(a)
     m, n = a.shape
-    k = min(m, n)
-    g = np.zeros((k, k))
+    columns = m >= n or accumulate is not None
+    k = n if columns else m
+    g = np.zeros((k, k)) if accumulate is None else _float64_c(accumulate, writeable=True)
+    if g.shape != (k, k):
+        raise ValueError(f"cannot accumulate a {k} x {k} Gram matrix into one of shape {g.shape}")
     # column-major, a is n x m: a^T a (row-major) = A A^T ('N'); a a^T = A^T A ('T').
     # LAPACK's lower triangle is the row-major upper one.
-    trans, depth = ("N", m) if m >= n else ("T", n)
-    _dsyrk(_char("L"), _char(trans), _int(k), _int(depth), _double(1.0), _data(a), _int(n), _double(0.0), _data(g),
+    trans, depth = ("N", m) if columns else ("T", n)
+    beta = 0.0 if accumulate is None else 1.0
+    _dsyrk(_char("L"), _char(trans), _int(k), _int(depth), _double(1.0), _data(a), _int(n), _double(beta), _data(g),
            _int(k))
     return g
 
