@@ -326,6 +326,9 @@ def test_ray_backend_gives_the_local_results(local_sweep, tmp_path):
             assert abs(run["test_accuracy"] - twin["test_accuracy"]) <= 1 / 24 + 1e-12
         assert math.isclose(run["forgetting_kl"], twin["forgetting_kl"], rel_tol=1e-3)
     assert all(m["status"] == "done" and m["test_accuracy_mean"] is not None for m in remote["methods"])
+    # the trials ran in two waves: milora's start (seed-independent) was decomposed by one run, reused by the rest
+    records = [json.loads(path.read_text()) for path in (tmp_path / "ray" / "runs").glob("milora-*/run.json")]
+    assert len(records) == 4 and sum(record["init_from"] is None for record in records) == 1
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.integrations import dequantize_module_weight
 from test_comparison import setup, sweep_values  # noqa: F401  (setup is a fixture)
-from test_quantization import direct_dequantized
+from test_quantization import direct_dequantized, relative_error
 
 import milora
 from milora.comparison.sweep import load_sweep
@@ -63,6 +63,18 @@ def test_loftq_saves_reloads_resumes_and_is_analysed(tiny, tokens, tmp_path):
     rebuilt = milora.load_model(tiny_llama(), tmp_path / "adapter", quantization="nf4")
     with torch.no_grad():
         assert torch.allclose(rebuilt(tokens).logits, trained, rtol=1e-5, atol=1e-5)
+    # plain PEFT on the original full-precision base: the rank-2r export's update s (B A - B0 A0) per target, and
+    # the outputs of milora's full-precision load (W - s B0 A0 + s B A), each to 1e-5 relative (float32 rounding)
+    plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    trained_layers, initial = lora_layers(model), init_record(model).initial_factors
+    for name, layer in lora_layers(plain).items():
+        mine, (A0, B0) = trained_layers[name], initial[name]
+        A, B = mine.lora_A["default"].weight.double(), mine.lora_B["default"].weight.double()
+        update = mine.scaling["default"] * (B @ A - B0.double() @ A0.double())
+        assert relative_error(layer.get_delta_weight("default"), update) < 1e-5, name
+    with torch.no_grad():
+        full = milora.load_model(tiny_llama(), tmp_path / "adapter")
+        assert relative_error(full(tokens).logits, plain(tokens).logits) < 1e-5
     from milora.analysis.adapter import analyze_adapter
 
     analysis = analyze_adapter(tiny_llama(), tmp_path / "adapter", progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from milora.comparison.job import Job, RunIdentity
-from milora.comparison.starts import shared_start
+from milora.comparison.starts import shared_start, start_waves
 from milora.constants import MILORA_CONFIG
 
 from conftest import assert_same_adapter, make_model_dir, sweep_values
@@ -64,6 +64,22 @@ def test_failed_unreadable_or_moved_runs_are_not_starts(tmp_path):
     moved = _finished(tmp_path, "milora", seed=5)
     (moved / MILORA_CONFIG).unlink()
     assert shared_start(_job(tmp_path, "milora", seed=0, learning_rate=0.02)) is None
+
+
+def test_parallel_runs_go_in_waves_so_each_start_is_decomposed_once(tmp_path):
+    """Ray's trials run at once: the first run of each shareable start goes first with everything that shares
+    nothing; the runs that reuse a start wait for the second wave."""
+    base = Job(name="base", run_dir=str(tmp_path / "base"), identity=RunIdentity("base"), train={})
+    grid = [_job(tmp_path, method, seed, rate) for method in ("lora", "milora", "random", "corda-kpm")
+            for rate in (0.01, 0.02) for seed in (0, 1)]
+    first, later = start_waves([base, *grid])
+    assert [job.name for job in first] == [
+        "base", "lora-lr0.01-seed0", "lora-lr0.01-seed1", "lora-lr0.02-seed0", "lora-lr0.02-seed1",
+        "milora-lr0.01-seed0", "random-lr0.01-seed0", "random-lr0.01-seed1",
+        "corda-kpm-lr0.01-seed0", "corda-kpm-lr0.01-seed1", "corda-kpm-lr0.02-seed0", "corda-kpm-lr0.02-seed1"]
+    assert [job.name for job in later] == ["milora-lr0.01-seed1", "milora-lr0.02-seed0", "milora-lr0.02-seed1",
+                                           "random-lr0.02-seed0", "random-lr0.02-seed1"]
+    assert start_waves([]) == ([], [])
 
 
 def test_a_real_sweep_reuses_the_start_and_trains_the_same_adapter(tmp_path):

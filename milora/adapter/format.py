@@ -191,20 +191,30 @@ def weights_checksum(weights: dict[str, torch.Tensor]) -> str:
     whose header layout is the writer's business)."""
     digest = hashlib.sha256()
     for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        update_checksum(digest, name, weights[name])
     return digest.hexdigest()
+
+
+def update_checksum(digest, name: str, tensor: torch.Tensor) -> None:
+    """`weights_checksum`'s step for one tensor: fed in name order, the same digest from tensors made one at a time."""
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
 def check_finite(weights: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
     """Refuse NaN / Inf in adapter weights, naming the first such tensor."""
     for name in sorted(weights):
-        if weights[name].is_floating_point() and not torch.isfinite(weights[name]).all():
-            raise AdapterError(
-                f"{where}: tensor {name} holds NaN or Inf values; the adapter is corrupt or its training diverged "
-                "(re-save it from a good checkpoint, or retrain with a lower learning rate)."
-            )
+        check_finite_tensor(name, weights[name], where)
+
+
+def check_finite_tensor(name: str, tensor: torch.Tensor, where: str | os.PathLike) -> None:
+    """`check_finite` for one tensor."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise AdapterError(
+            f"{where}: tensor {name} holds NaN or Inf values; the adapter is corrupt or its training diverged "
+            "(re-save it from a good checkpoint, or retrain with a lower learning rate)."
+        )
 
 
 def _positive_number(value) -> bool:

@@ -6,33 +6,36 @@ Writes go to a staging directory that is renamed into place, so a failure leaves
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 
 from milora.adapter.format import (
     FORMAT_VERSION,
-    check_finite,
+    check_finite_tensor,
     encode_update,
     factor_keys,
+    rank_factor,
     saved_config,
     saved_module_key,
     target_list,
-    weights_checksum,
+    update_checksum,
 )
 from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
 from milora.errors import AdapterError, OutputExistsError
 from milora.init import InitRecord, init_record, lora_layers
+from milora.init.checkpoint import DTYPE_CODES, TensorEntry, tensor_entry, write_safetensors
 from milora.init.experts import expert_count
-from milora.init.streaming import StreamedInit
+from milora.init.streaming import ADAPTER_DTYPE, StreamedInit
 from milora.io import check_replaceable, staged_directory
 
 
@@ -71,42 +74,64 @@ def save_adapter(
     residual = ((lambda staging: _save_residual(peft_model, staging, adapter_name, output_dir))
                 if save_residual else None)
     experts = {name: expert_count(layer) for name, layer in lora_layers(peft_model).items()}
-    return write_adapter(output_dir, encode_update(weights, record.initial_factors, experts), trained_config, record,
-                         overwrite=overwrite, extra=residual)
+    return write_adapter(output_dir, AdapterWeights.of(encode_update(weights, record.initial_factors, experts)),
+                         trained_config, record, overwrite=overwrite, extra=residual)
 
 
-def write_adapter(output_dir: Path, weights: dict[str, torch.Tensor], trained_config: LoraConfig, record: InitRecord,
+@dataclass(frozen=True)
+class AdapterWeights:
+    """An adapter's tensors in name order (``entries``: each one's dtype, shape and size), made one at a time by
+    ``tensors()``, so that a writer need not hold them all (a streaming init's factors)."""
+
+    entries: dict[str, TensorEntry]
+    tensors: Callable[[], Iterator[torch.Tensor]]
+
+    @classmethod
+    def of(cls, weights: dict[str, torch.Tensor]) -> AdapterWeights:
+        names = sorted(weights)
+        return cls({name: tensor_entry(weights[name]) for name in names}, lambda: (weights[name] for name in names))
+
+
+def write_adapter(output_dir: Path, weights: AdapterWeights, trained_config: LoraConfig, record: InitRecord,
                   overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
     """Write an adapter directory from its saved (encoded, `encode_update`) ``weights``, the rank-r
     ``trained_config`` and the init ``record``: the one writer behind `save_adapter` and the streaming
-    ``milora init``. ``extra(staging)`` adds files (the residual layout) before the directory is renamed
-    into place; the caller has checked that ``output_dir`` may be written (or replaced, ``overwrite``)."""
+    ``milora init``. Each tensor is checked finite and enters the checksum as it is written. ``extra(staging)``
+    adds files (the residual layout) before the directory is renamed into place; the caller has checked that
+    ``output_dir`` may be written (or replaced, ``overwrite``)."""
     config = saved_config(trained_config, record.init)
-    check_finite(weights, output_dir / ADAPTER_WEIGHTS)
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "weights_sha256": weights_checksum(weights),
-        "target_modules": target_list(trained_config.target_modules),
-        "modules_to_save": target_list(trained_config.modules_to_save),
-        "target_parameters": target_list(trained_config.target_parameters),
-        "init": record.init,
-        "solver": record.solver,
-        "seed": record.seed,
-        "r": trained_config.r,
-        "lora_alpha": trained_config.lora_alpha,
-        "use_rslora": trained_config.use_rslora,
-        "rank_pattern": dict(trained_config.rank_pattern),
-        "alpha_pattern": dict(trained_config.alpha_pattern),
-        "fingerprint": record.fingerprint,
-        "quantization": record.quantization,
-        "layout": "PEFT LoRA on the original base; rank 2r = [trainable | initial] unless init is 'lora'",
-        "summary": record.summary(),
-        "measured": record.measured,
-        "report": record.report,
-    }
+    digest = hashlib.sha256()
+
+    def checked() -> Iterator[torch.Tensor]:
+        for name, tensor in zip(weights.entries, weights.tensors(), strict=True):
+            check_finite_tensor(name, tensor, output_dir / ADAPTER_WEIGHTS)
+            update_checksum(digest, name, tensor)
+            yield tensor
+
     with staged_directory(output_dir, replace=overwrite) as staging:
         config.save_pretrained(staging)
-        save_file(weights, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(staging / ADAPTER_WEIGHTS, weights.entries, checked(), metadata={"format": "pt"})
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "weights_sha256": digest.hexdigest(),
+            "target_modules": target_list(trained_config.target_modules),
+            "modules_to_save": target_list(trained_config.modules_to_save),
+            "target_parameters": target_list(trained_config.target_parameters),
+            "init": record.init,
+            "solver": record.solver,
+            "seed": record.seed,
+            "r": trained_config.r,
+            "lora_alpha": trained_config.lora_alpha,
+            "use_rslora": trained_config.use_rslora,
+            "rank_pattern": dict(trained_config.rank_pattern),
+            "alpha_pattern": dict(trained_config.alpha_pattern),
+            "fingerprint": record.fingerprint,
+            "quantization": record.quantization,
+            "layout": "PEFT LoRA on the original base; rank 2r = [trainable | initial] unless init is 'lora'",
+            "summary": record.summary(),
+            "measured": record.measured,
+            "report": record.report,
+        }
         (staging / MILORA_CONFIG).write_text(json.dumps(_json_safe(metadata), indent=2) + "\n")
         if extra is not None:
             extra(staging)
@@ -117,13 +142,11 @@ def save_streamed_start(streamed: StreamedInit, output_dir: str | os.PathLike, o
     """Write the adapter of a streaming init (`milora.init.streaming.stream_init`) and remove its work
     directory; the residual layout too when the init wrote a residual model.
 
-    The factors are read one weight at a time and each is encoded as soon as it is read, so the
-    adapter's tensors are in memory once (the rank-2r update), not twice.
+    The factors are read from the work directory one layer at a time as they are written, so memory
+    holds one layer's factors, not the adapter's, whatever the depth.
     """
     output_dir = Path(output_dir)
-    weights = {saved_module_key(module, key): tensor for (module, key), tensor in streamed.saved_tensors.items()}
-    for name, A, B in streamed.factors():
-        weights.update(dict(zip(factor_keys(name), (A, B), strict=True)))
+    saved = {saved_module_key(module, key): tensor for (module, key), tensor in streamed.saved_tensors.items()}
     extra = None
     if streamed.residual_dir is not None:
         adapter_dir = streamed.residual_dir / "residual_adapter"
@@ -132,19 +155,53 @@ def save_streamed_start(streamed: StreamedInit, output_dir: str | os.PathLike, o
         config.inference_mode = True
         config.base_model_name_or_path = residual_model_path(output_dir)  # never the original base
         config.save_pretrained(adapter_dir)
-        save_file(weights, adapter_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        trained = _streamed_weights(streamed, saved, encoded=False)
+        write_safetensors(adapter_dir / ADAPTER_WEIGHTS, trained.entries, trained.tensors(), {"format": "pt"})
 
         def extra(staging: Path) -> None:
             for part in ("residual_model", "residual_adapter"):
                 os.replace(streamed.residual_dir / part, staging / part)
 
-    for target in streamed.targets:  # encode in place: each module's trained-layout factors dropped as encoded
-        keys = factor_keys(target.name)
-        A, B = (weights.pop(key) for key in keys)
-        weights.update(encode_update(dict(zip(keys, (A, B), strict=True)), {target.name: (A, B)}))
-    write_adapter(output_dir, weights, streamed.lora_config, streamed.record, overwrite=overwrite, extra=extra)
+    write_adapter(output_dir, _streamed_weights(streamed, saved, encoded=True), streamed.lora_config,
+                  streamed.record, overwrite=overwrite, extra=extra)
     shutil.rmtree(streamed.work_dir)
     return output_dir
+
+
+def _streamed_weights(streamed: StreamedInit, saved: dict[str, torch.Tensor], encoded: bool) -> AdapterWeights:
+    """A streaming init's adapter tensors: ``saved`` (modules_to_save) and each layer's factors, read when its
+    first key comes (its A and B are neighbours in name order), as trained (rank r) or ``encoded`` for the
+    original base (`encode_update`: rank 2r)."""
+    factor = rank_factor(streamed.record.init) if encoded else 1
+    layers = {}  # each factor key -> its layer
+    entries = {key: tensor_entry(tensor) for key, tensor in saved.items()}
+    for name, targets in streamed.layers().items():
+        rank = sum(target.rank for target in targets)
+        (out_features, in_features), item = targets[0].shape, ADAPTER_DTYPE.itemsize
+        key_A, key_B = factor_keys(name)
+        entries[key_A] = TensorEntry(DTYPE_CODES[ADAPTER_DTYPE], [factor * rank, in_features],
+                                     factor * rank * in_features * item)
+        entries[key_B] = TensorEntry(DTYPE_CODES[ADAPTER_DTYPE], [out_features, factor * rank],
+                                     out_features * factor * rank * item)
+        layers.update({key_A: (name, len(targets)), key_B: (name, len(targets))})
+    entries = dict(sorted(entries.items()))
+
+    def tensors() -> Iterator[torch.Tensor]:
+        read: dict[str, dict[str, torch.Tensor]] = {}  # a layer's tensors not yet written
+        for key in entries:
+            if key in saved:
+                yield saved[key]
+                continue
+            name, experts = layers[key]
+            if name not in read:
+                A, B = streamed.layer_factors(name)
+                factors = dict(zip(factor_keys(name), (A, B), strict=True))
+                read[name] = encode_update(factors, {name: (A, B)}, {name: experts}) if encoded else factors
+            yield read[name].pop(key)
+            if not read[name]:
+                del read[name]
+
+    return AdapterWeights(entries, tensors)
 
 
 def _json_safe(value):

@@ -226,27 +226,40 @@ def score_tests_local(jobs: list[Job], progress: bool = True) -> None:
 def run_ray(jobs: list[Job], sweep: Sweep, test: bool = False) -> None:
     """Every job as a Ray Tune trial with ``cpus_per_run`` / ``gpus_per_run`` (ray_address: a cluster
     whose workers see output_dir at the same path, e.g. a shared file system); ``test``: the jobs'
-    test phase (`score_tests`) instead of their runs."""
+    test phase (`score_tests`) instead of their runs. Runs go in two waves (`start_waves`) so that
+    parallel trials decompose each start once."""
     import ray
-    from ray import tune
+
+    from milora.comparison.starts import start_waves
 
     config = sweep.config
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False,
              **({} if config.ray_address else {"num_cpus": None}))
     try:
-        trainable = tune.with_resources(_ray_trial, {"cpu": config.cpus_per_run, "gpu": config.gpus_per_run})
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"job": tune.grid_search([job.to_json() for job in jobs]), "test": test},
-            tune_config=tune.TuneConfig(max_concurrent_trials=None),
-            run_config=tune.RunConfig(name="milora-compare-test" if test else "milora-compare",
-                                      storage_path=str((sweep.output_dir / "ray").absolute()),
-                                      verbose=0),
-        )
-        tuner.fit()
+        if test:
+            _tune(jobs, sweep, "milora-compare-test", test=True)
+            return
+        for name, wave in zip(("milora-compare-starts", "milora-compare"), start_waves(jobs), strict=True):
+            if wave:
+                _tune(wave, sweep, name, test=False)
     finally:
         if config.ray_address is None:
             ray.shutdown()
+
+
+def _tune(jobs: list[Job], sweep: Sweep, name: str, test: bool) -> None:
+    """``jobs`` as one Ray Tune experiment ``name``, as many at once as the resources allow."""
+    from ray import tune
+
+    config = sweep.config
+    trainable = tune.with_resources(_ray_trial, {"cpu": config.cpus_per_run, "gpu": config.gpus_per_run})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"job": tune.grid_search([job.to_json() for job in jobs]), "test": test},
+        tune_config=tune.TuneConfig(max_concurrent_trials=None),
+        run_config=tune.RunConfig(name=name, storage_path=str((sweep.output_dir / "ray").absolute()), verbose=0),
+    )
+    tuner.fit()
 
 
 def _ray_trial(params: dict) -> None:

@@ -6,9 +6,12 @@ the learning rate or the batch size. So the first finished run of a start decomp
 later run of the same start passes that run's adapter to `milora train` as ``init_from``: its
 initial factors, residual rebuilt without any SVD, the same model bit for bit
 (`milora.adapter.load.load_start` checks the base fingerprint, init, rank, alpha and targets).
-No ordering is needed: a run that finds no finished run of its start (the first, or parallel Ray
-trials) decomposes itself. Starts computed from training batches (corda, eva, lora-ga) and starts
-that leave the base unchanged (lora, dora, olora, ...) have nothing to reuse.
+A run that finds no finished run of its start decomposes itself, so one process running the grid
+in order decomposes each start once. Parallel runs (Ray trials) would each decompose a start no
+run has finished yet, so `start_waves` splits the grid: the first run of each start (and every
+run with no start to share) in a first wave, the runs that reuse a start in a second. Starts
+computed from training batches (corda, eva, lora-ga) and starts that leave the base unchanged
+(lora, dora, olora, ...) have nothing to reuse.
 """
 
 from __future__ import annotations
@@ -31,6 +34,29 @@ def _seed_matters(method: str, adapter_dir: Path) -> bool:
                                                for entry in report)  # an unreadable report: assume it matters
 
 
+def _shareable(method: str) -> bool:
+    """A start with initial factors not drawn from training batches."""
+    return method in RESIDUAL_INITS and method not in DATA_INITS
+
+
+def start_waves(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+    """``jobs`` (in order) as two waves to run one after the other, each in parallel: the first job of each
+    shareable start (method, and seed for a seeded init) and every job with nothing to share, then the jobs
+    that can begin from a start of the first wave (`shared_start`). A start with exactly-zero components
+    depends on the seed too, which only its decomposition reveals: a second-wave run of another seed then
+    decomposes itself, as it must."""
+    first, later, seen = [], [], set()
+    for job in jobs:
+        method = job.identity.method
+        key = (method, job.identity.seed if method in SEEDED_INITS else None)
+        if job.is_base or not _shareable(method) or key not in seen:
+            seen.add(key)
+            first.append(job)
+        else:
+            later.append(job)
+    return first, later
+
+
 def shared_start(job: Job) -> str | None:
     """The adapter directory of a finished run in ``job``'s sweep with the same start, or None.
 
@@ -39,7 +65,7 @@ def shared_start(job: Job) -> str | None:
     Unreadable records are skipped quietly (not `milora.comparison.runner.read_record`, which names
     each one on stderr: the runner already did, once, when it read the sweep)."""
     method = job.identity.method
-    if method not in RESIDUAL_INITS or method in DATA_INITS:  # no initial factors, or built from batches
+    if not _shareable(method):
         return None
     own = Path(job.run_dir)
     for run_dir in sorted(own.parent.iterdir()):

@@ -39,6 +39,11 @@ class TensorEntry:
     nbytes: int
 
 
+def tensor_entry(tensor: torch.Tensor) -> TensorEntry:
+    """The header entry of a floating tensor, as `write_safetensors` writes it."""
+    return TensorEntry(DTYPE_CODES[tensor.dtype], list(tensor.shape), tensor.numel() * tensor.element_size())
+
+
 @dataclass
 class Checkpoint:
     """A checked checkpoint directory; ``weight_map`` maps each tensor name to its shard's file name."""

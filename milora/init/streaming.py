@@ -26,7 +26,6 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +94,18 @@ class StreamedInit:
     work_dir: Path
     residual_dir: Path | None
 
-    def factors(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(module, A, B) of each target in name order, read from the work directory one at a time."""
+    def layers(self) -> dict[str, list[Target]]:
+        """The targets by LoRA layer, in name order."""
+        grouped: dict[str, list[Target]] = {}
         for target in self.targets:
-            A, B, _, _ = _read_start(_start_path(self.work_dir, target))
-            yield target.name, A, B
+            grouped.setdefault(target.name, []).append(target)
+        return grouped
+
+    def layer_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA layer's start A (r x in), B (out x r), read from the work directory."""
+        (target,) = self.layers()[name]
+        A, B, _, _ = _read_start(_start_path(self.work_dir, target))
+        return A, B
 
 
 def work_directory(output: Path) -> Path:
