@@ -30,7 +30,7 @@ from milora.errors import ConfigError, ModelError
 from milora.init import lora_layers
 from milora.init.experts import expert_count, expert_factors, select_targets, weight_stack
 
-from conftest import RECORDS, cli_error, run_config, tiny_tokenizer
+from conftest import RECORDS, run_config, tiny_tokenizer
 
 FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 EXPERT_TARGETS = ["q_proj", "gate_up_proj", "down_proj"]
@@ -225,17 +225,18 @@ def moe_dir(tmp_path_factory):
 
 def test_milora_init_command_on_a_moe_checkpoint(moe_dir, tmp_path, capsys):
     """`milora init --in-memory` starts the experts (and says vLLM has not served such an adapter); the streaming
-    default refuses them, naming --in-memory."""
+    default gives the same adapter (`tests/test_streaming_experts.py`)."""
+    from test_streaming import assert_same_adapter
+
     from milora.cli import main
 
     targets = "q_proj,gate_up_proj,down_proj"
-    message = cli_error(["init", moe_dir["model"], "--output", str(tmp_path / "streamed"), "--rank", "2",
-                         "--target-modules", targets])
-    assert "streaming init does not support target_parameters" in message and "--in-memory" in message
-    assert not (tmp_path / "streamed").exists()
     assert main(["init", moe_dir["model"], "--output", str(tmp_path / "adapter"), "--rank", "2", "--target-modules",
                  targets, "--in-memory"]) == 0
     assert "fused MoE expert parameters (PEFT target_parameters); milora has not served" in capsys.readouterr().out
+    assert main(["init", moe_dir["model"], "--output", str(tmp_path / "streamed"), "--rank", "2",
+                 "--target-modules", targets]) == 0
+    assert_same_adapter(tmp_path / "adapter", tmp_path / "streamed")
     metadata = json.loads((tmp_path / "adapter" / "milora_config.json").read_text())
     assert metadata["target_parameters"] == ["down_proj", "gate_up_proj"]
     assert metadata["summary"]["output_relative_error"] < 1e-5

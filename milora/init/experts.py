@@ -35,6 +35,7 @@ from milora.init.targets import (
     fingerprint,
     quantised_by,
     rank_for,
+    sample_indices,
     target_modules,
     weight_matrix,
 )
@@ -201,3 +202,12 @@ def fused_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch
     """The inverse of `expert_factors`: A_e (E, r, in), B_e (E, out, r) packed as A (r E x in), B (out x r E)."""
     experts, out_features, r = B.shape
     return A.reshape(experts * r, A.shape[-1]), B.permute(1, 2, 0).reshape(out_features, r * experts)
+
+
+def expert_sample(stored: torch.Tensor, expert: int, experts: int) -> torch.Tensor:
+    """The entries of a stack's `fingerprint_sample` that lie in expert ``expert``'s slice ``stored`` (as stored) of
+    a stack of ``experts``: the experts' shares, concatenated in expert order, are the stack's sample."""
+    size = stored.numel()
+    index = sample_indices(size * experts)
+    mine = index[(index >= expert * size) & (index < (expert + 1) * size)] - expert * size
+    return stored.detach().reshape(-1)[mine.to(stored.device)].float().cpu()

@@ -2,8 +2,9 @@
 
 `stream_init` resolves the targets on the checkpoint's module tree built on the meta device
 (`milora.models.meta_model`: PEFT's own name and regex rules, ``rank_pattern`` / ``alpha_pattern``,
-Conv1D's fan_in_fan_out, tied weights, a vision-language model's scope), then reads each target
-weight from the safetensors files (`milora.init.checkpoint`), decomposes it with the same
+Conv1D's fan_in_fan_out, tied weights, a vision-language model's scope, fused MoE expert stacks),
+then reads each target weight, or each expert of a stack (`milora.init.checkpoint_experts`), from
+the safetensors files (`milora.init.checkpoint`), decomposes it with the same
 per-weight step as `get_model` (`weight_start`, `residual_weight`, `fingerprint_sample`), and
 keeps only its factors: the factors are those of `get_model` on the same weights bit for bit, and
 the base fingerprint is the same value. Peak memory is that of one weight's decomposition (a few
@@ -21,6 +22,7 @@ directory holds no adapter files, so nothing in it loads as a finished adapter; 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -38,7 +40,14 @@ from transformers.pytorch_utils import Conv1D
 
 from milora.errors import ModelError, OutputError
 from milora.init.checkpoint import DTYPE_CODES, INDEX_FILE, Checkpoint, TensorEntry, open_checkpoint, write_safetensors
-from milora.init.experts import refuse_parameter_targets
+from milora.init.checkpoint_experts import ExpertSlice, expert_slices
+from milora.init.experts import (
+    expert_sample,
+    fused_factors,
+    parameter_target_name,
+    target_parameters,
+    weight_stack,
+)
 from milora.init.initialize import (
     check_devices,
     check_init_options,
@@ -46,9 +55,9 @@ from milora.init.initialize import (
     warn_zero_components,
     weight_start,
 )
-from milora.init.layers import residual_weight
+from milora.init.layers import lora_layers, residual_weight
 from milora.init.multimodal import warn_outside_language_model
-from milora.init.record import InitRecord, report_entry
+from milora.init.record import ExpertOf, InitRecord, report_entry
 from milora.init.targets import (
     check_finite_weight,
     fingerprint_of_samples,
@@ -70,16 +79,25 @@ _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 
 @dataclass
 class Target:
-    """One target weight: module ``name``, its checkpoint tensor ``key`` (stored in x out when ``conv1d``),
-    ``shape`` (out x in), rank, scaling, and ``index`` among the sorted targets (its seed offset)."""
+    """One matrix to decompose: the weight of LoRA layer ``name``, its checkpoint tensor ``key``, or expert
+    ``expert.expert`` of the fused stack ``expert.parameter`` (of ``experts``); stored (in x out) when
+    ``transposed`` (Conv1D, gpt-oss's stacks); ``shape`` (out x in), rank, scaling, and ``index`` among all
+    matrices in `get_model`'s order (`milora.init.initialize.target_weights`): its seed offset."""
 
     name: str
-    key: str
-    conv1d: bool
+    key: str | None
+    transposed: bool
     shape: tuple[int, int]
     rank: int
     scaling: float
     index: int
+    expert: ExpertSlice | None = None
+    experts: int = 1
+
+    @property
+    def stack_shape(self) -> tuple[int, int, int]:
+        """The shape of an expert's stack as stored."""
+        return (self.experts, *(self.shape[::-1] if self.transposed else self.shape))
 
 
 @dataclass
@@ -102,10 +120,12 @@ class StreamedInit:
         return grouped
 
     def layer_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A LoRA layer's start A (r x in), B (out x r), read from the work directory."""
-        (target,) = self.layers()[name]
-        A, B, _, _ = _read_start(_start_path(self.work_dir, target))
-        return A, B
+        """A LoRA layer's start A (r E x in), B (out x r E), read from the work directory: E = 1, or a fused
+        stack's experts packed as PEFT packs them (`milora.init.experts.fused_factors`)."""
+        starts = [_read_start(_start_path(self.work_dir, target))[:2] for target in self.layers()[name]]
+        if len(starts) == 1:
+            return starts[0]
+        return fused_factors(torch.stack([A for A, _ in starts]), torch.stack([B for _, B in starts]))
 
 
 def work_directory(output: Path) -> Path:
@@ -138,9 +158,6 @@ def stream_init(
     check_init_options(lora_config, init, null_space, seed)
     if init == "lora":
         raise ModelError("init='lora' decomposes nothing: there is nothing to stream (use the in-memory init).")
-    refuse_parameter_targets(lora_config, "The streaming init", "checkpoints store each expert as its own tensors "
-                             "(transformers fuses them while loading), so the fused stacks are initialised in memory: "
-                             "pass --in-memory")
     model_dir, output = Path(model_dir), Path(output)
     checkpoint = open_checkpoint(model_dir)
     refuse_quantized_checkpoint(str(model_dir), "decomposes full-precision weights")
@@ -153,7 +170,9 @@ def stream_init(
     resolve_solver(solver, init)
     check_devices(solver, workers, device, {"cpu"})
     names = checkpoint_names(model, checkpoint)
-    targets = _resolve_targets(model, modules, lora_config, names, checkpoint)
+    stacks = target_parameters(model, lora_config, check_values=False)
+    targets = _resolve_targets(model, modules, lora_config, names, checkpoint,
+                               expert_slices(model, checkpoint, stacks) if stacks else {})
     saved_tensors = {(name, key): _read(checkpoint, _checkpoint_key(model, f"{name}.{key}", names, checkpoint), dtype)
                      for name, module in saved.items() for key in module.state_dict()}
     work_dir = work_directory(output)
@@ -165,11 +184,15 @@ def stream_init(
     start = time.perf_counter()
     resumed = _decompose(checkpoint, targets, work_dir, init, solver, seed, null_space, workers, device, dtype,
                          progress)
-    report, samples = [], {}
+    report, samples, expert_samples = [], {}, {}
     for target in targets:
         _, _, sample, entry = _read_start(_start_path(work_dir, target))
         report.append(entry)
-        samples[target.name] = (target.shape, sample)
+        if target.expert is None:
+            samples[target.name] = (target.shape, sample)
+        else:  # the stack's fingerprint sample: each expert's share, in expert order
+            expert_samples.setdefault(target.expert.parameter, (target.stack_shape, []))[1].append(sample)
+    samples.update({name: (shape, torch.cat(parts)) for name, (shape, parts) in expert_samples.items()})
     record = InitRecord(init=init, solver=solver, seed=seed, fingerprint=fingerprint_of_samples(samples),
                         report=report)
     record.measured.update(init_seconds=time.perf_counter() - start, workers=workers, streamed=True,
@@ -184,12 +207,21 @@ def stream_init(
 
 
 def _resolve_targets(model: torch.nn.Module, modules: dict[str, torch.nn.Module], lora_config: LoraConfig,
-                     names: dict[str, str], checkpoint: Checkpoint) -> list[Target]:
-    """The targets in name order (`lora_layers`' order, which sets each weight's seed), each checked against
-    the checkpoint: a tensor present (under the module's name or a tied alias), of its shape, floating."""
+                     names: dict[str, str], checkpoint: Checkpoint, slices: dict[str, list[ExpertSlice]]
+                     ) -> list[Target]:
+    """The matrices to decompose in `get_model`'s order (its LoRA layers by name, a fused stack's experts in
+    expert order), which sets each one's seed; each module weight checked against the checkpoint (a tensor
+    present under the module's name or a tied alias, of its shape, floating), the experts by ``slices``."""
+    layers = dict.fromkeys(modules) | (_expert_layers(model, lora_config) if slices else {})
     headers = {}
     targets = []
-    for index, name in enumerate(sorted(modules)):
+    for name in sorted(layers):
+        if layers[name] is not None:
+            layer = layers[name]
+            for piece in slices[layer.parameter]:
+                targets.append(Target(name, None, layer.transposed, layer.shape, layer.rank, layer.scaling,
+                                      len(targets), piece, len(slices[layer.parameter])))
+            continue
         module = modules[name]
         key = _checkpoint_key(model, f"{name}.weight", names, checkpoint)
         shard = checkpoint.weight_map[key]
@@ -204,8 +236,38 @@ def _resolve_targets(model: torch.nn.Module, modules: dict[str, torch.nn.Module]
         conv1d = isinstance(module, Conv1D)
         out_features, in_features = entry.shape[::-1] if conv1d else entry.shape
         targets.append(Target(name, key, conv1d, (out_features, in_features), rank_for(lora_config, name),
-                              scaling_for(lora_config, name), index))
+                              scaling_for(lora_config, name), len(targets)))
     return targets
+
+
+@dataclass(frozen=True)
+class _ExpertLayer:
+    """A LoRA layer PEFT makes for a fused stack: the ``parameter`` it adapts, each expert's (out x in)
+    ``shape``, ``transposed`` when stored (in x out), rank and scaling."""
+
+    parameter: str
+    shape: tuple[int, int]
+    transposed: bool
+    rank: int
+    scaling: float
+
+
+def _expert_layers(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, _ExpertLayer]:
+    """The LoRA layers of ``lora_config.target_parameters``, named as `lora_layers` names them: PEFT itself wraps
+    a copy of the meta model (so the nesting of several stacks of one module, ``experts`` and
+    ``experts.base_layer``, is PEFT's)."""
+    from peft import get_peft_model
+    from peft.tuners.lora import ParamWrapper
+
+    wrapped = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora_config))
+    layers = {}
+    for name, layer in lora_layers(wrapped).items():
+        if isinstance(layer, ParamWrapper):
+            stack = weight_stack(layer)
+            layers[name] = _ExpertLayer(parameter_target_name(name, layer), tuple(stack.shape[1:]),
+                                        getattr(layer.get_base_layer(), "is_transposed", False),
+                                        layer.r["default"], layer.scaling["default"])
+    return layers
 
 
 def checkpoint_names(model: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
@@ -250,9 +312,18 @@ def _read(checkpoint: Checkpoint, key: str, dtype: torch.dtype | None) -> torch.
 
 
 def _weight(checkpoint: Checkpoint, target: Target, dtype: torch.dtype | None) -> torch.Tensor:
-    """A target's (out x in) weight, as `weight_matrix` gives it for the module in memory."""
-    tensor = _read(checkpoint, target.key, dtype)
-    return tensor.T if target.conv1d else tensor
+    """A target's (out x in) matrix, as `weight_matrix` (`weight_stack` for an expert) gives it in memory."""
+    expert = target.expert
+    stored = expert.read(checkpoint, dtype) if expert is not None else _read(checkpoint, target.key, dtype)
+    return stored.T if target.transposed else stored
+
+
+def _sample(target: Target, weight: torch.Tensor) -> torch.Tensor:
+    """What `fingerprint` reads of a target: its module's `fingerprint_sample`, or an expert's share of its
+    stack's (the stack as stored)."""
+    if target.expert is None:
+        return fingerprint_sample(weight)
+    return expert_sample(weight.T if target.transposed else weight, target.expert.expert, target.experts)
 
 
 def _command(model_dir: Path, checkpoint: Checkpoint, lora_config: LoraConfig, targets: list[Target], init: str,
@@ -329,8 +400,9 @@ def _decompose(checkpoint: Checkpoint, targets: list[Target], work_dir: Path, in
             start = weight_start(parts, weight, target.scaling, null_space, seed + target.index)
             A, B = start.A.to(ADAPTER_DTYPE), start.B.to(ADAPTER_DTYPE)
             _, error = residual_weight(weight, A, B, target.scaling, keep=False)
-            entry = report_entry(target.name, weight, target.rank, target.scaling, start.ran, start.stats, error)
-            _write_start(_start_path(work_dir, target), target, A.cpu(), B.cpu(), fingerprint_sample(weight), entry)
+            where = None if target.expert is None else ExpertOf(target.expert.parameter, target.expert.expert)
+            entry = report_entry(target.name, weight, target.rank, target.scaling, start.ran, start.stats, error, where)
+            _write_start(_start_path(work_dir, target), target, A.cpu(), B.cpu(), _sample(target, weight), entry)
             del weight, parts, start, A, B
             release_freed_memory()
             bar.update()
@@ -341,9 +413,32 @@ def _decompose(checkpoint: Checkpoint, targets: list[Target], work_dir: Path, in
 def _write_residual_model(checkpoint: Checkpoint, targets: list[Target], work_dir: Path, directory: Path,
                           dtype: torch.dtype | None, progress: bool) -> None:
     """The residual model: each shard rewritten tensor by tensor (W - s B0 A0 for the targets, every other
-    tensor copied, cast to ``dtype`` if given), atomically, skipping shards a killed run finished."""
+    tensor copied, cast to ``dtype`` if given), atomically, skipping shards a killed run finished. A stored
+    expert stack is rewritten whole, an expert's part (Qwen3-MoE's ``gate_proj``) as its rows of the expert's
+    residual."""
     directory.mkdir(parents=True, exist_ok=True)
-    by_key = {t.key: t for t in targets}
+    held: dict[str, list[tuple[Target, int]]] = {}  # checkpoint key -> the targets it holds, with its part number
+    for target in targets:
+        for part, key in enumerate(target.expert.keys if target.expert is not None else [target.key]):
+            held.setdefault(key, []).append((target, part))
+    headers = {}
+
+    def residual(target: Target) -> torch.Tensor:
+        """A target's residual as stored."""
+        A, B, _, _ = _read_start(_start_path(work_dir, target))
+        matrix, _ = residual_weight(_weight(checkpoint, target, dtype), A, B, target.scaling)
+        return matrix.T if target.transposed else matrix
+
+    def stored_residual(key: str) -> torch.Tensor:
+        target, part = held[key][0]
+        if target.expert is None:
+            return residual(target)
+        if target.expert.stacked:
+            return torch.stack([residual(t) for t, _ in held[key]])
+        sizes = [headers.setdefault(shard, checkpoint.header(shard)[0])[name].shape[target.expert.dim]
+                 for name in target.expert.keys for shard in [checkpoint.weight_map[name]]]
+        return torch.split(residual(target), sizes, dim=target.expert.dim)[part].contiguous()
+
     total = 0
     for shard in tqdm(checkpoint.shards, desc="residual shards", unit="shard", disable=not progress):
         entries, metadata = checkpoint.header(shard)
@@ -355,13 +450,10 @@ def _write_residual_model(checkpoint: Checkpoint, targets: list[Target], work_di
 
         def tensors(names):
             for name in names:
-                target = by_key.get(name)
-                if target is None:
+                if name not in held:
                     yield _read(checkpoint, name, dtype)
                     continue
-                A, B, _, _ = _read_start(_start_path(work_dir, target))
-                residual, _ = residual_weight(_weight(checkpoint, target, dtype), A, B, target.scaling)
-                yield residual.T if target.conv1d else residual
+                yield stored_residual(name)
                 release_freed_memory()
 
         write_safetensors(directory / shard, entries, tensors(list(entries)), metadata)

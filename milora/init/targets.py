@@ -225,9 +225,13 @@ def fingerprint_sample(weight: torch.Tensor, samples: int = 4096) -> torch.Tenso
     """What `fingerprint` reads of one (out x in) weight: ``samples`` evenly strided entries of its
     row-major flattening, as float32 on CPU (exact for float32, bfloat16 and float16 weights)."""
     flat = weight.detach().reshape(-1)
-    count = min(samples, flat.numel())
-    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-    return flat[index].float().cpu()
+    return flat[sample_indices(flat.numel(), samples).to(flat.device)].float().cpu()
+
+
+def sample_indices(numel: int, samples: int = 4096) -> torch.Tensor:
+    """The positions `fingerprint_sample` reads in a flattening of ``numel`` entries: evenly strided, both ends."""
+    count = min(samples, numel)
+    return torch.arange(count) * (numel - 1) // max(count - 1, 1)
 
 
 def fingerprint_of_samples(samples: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> dict[str, str]:
