@@ -46,7 +46,8 @@ def test_streamed_experts_match_the_in_memory_init(family, tmp_path):
     with the attention targets among them (the seeds follow the same order), and the adapter loads on the base."""
     model_dir = save_moe(family, tmp_path / "model")
     meta = meta_model(model_dir)
-    slices = expert_slices(meta, open_checkpoint(model_dir), target_parameters(meta, expert_config(meta), check_values=False))
+    stacks = target_parameters(meta, expert_config(meta), check_values=False)
+    slices = expert_slices(meta, open_checkpoint(model_dir), stacks)
     assert slices["model.layers.0.mlp.experts.gate_up_proj"][1].keys == STORED[family]
     for init in ("milora", "random"):
         options = {"init": init, "seed": 2, "solver": "svd" if init == "random" else "auto"}
