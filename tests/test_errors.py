@@ -236,7 +236,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(milora.adapter.save, "save_file", broken)
+    monkeypatch.setattr(milora.adapter.save, "write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         milora.save_adapter(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []

@@ -260,12 +260,12 @@ def test_an_io_error_while_saving_is_a_message_and_leaves_nothing(tmp_path, mode
 
     import milora.adapter.save
 
-    def save_file(*args, **kwargs):
+    def write_safetensors(*args, **kwargs):
         if failure == "full disk":
             raise OSError(errno.ENOSPC, "No space left on device")
         raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
 
-    monkeypatch.setattr(milora.adapter.save, "save_file", save_file)
+    monkeypatch.setattr(milora.adapter.save, "write_safetensors", write_safetensors)
     argv = ["init", str(model_dir), "--output", str(tmp_path / "out"), "--rank", "2"]
     code, message = _run(argv)
     assert code == 1 and "Traceback" not in message
