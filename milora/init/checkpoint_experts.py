@@ -11,6 +11,7 @@ In memory, transformers 5 holds a mixture-of-experts layer's experts as one 3-D 
   experts, ``MergeModulelist(dim=0)``, then concatenate the projections, ``Concatenate(dim=1)``).
   Expert e's slice is then its parts concatenated along ``dim - 1``, in the converter's order.
 
+`expert_layers` names the LoRA layers PEFT makes for the stacks (on a meta copy of the model), and
 `expert_slices` reads that mapping from transformers itself (the same renamings and converters
 `from_pretrained` applies) and checks, from the headers alone, that every expert is there with the
 stack's shape; a converter that does anything else (transposes, interleaves, splits) is refused
@@ -19,16 +20,50 @@ with the fix, the in-memory init.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig
 from safetensors import safe_open
 
 from milora.errors import ModelError
 from milora.init.checkpoint import DTYPE_CODES, Checkpoint
+from milora.init.experts import parameter_target_name, weight_stack
+from milora.init.layers import lora_layers
 
 IN_MEMORY_FIX = "pass --in-memory (transformers builds the stacks while loading the model)"
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """A LoRA layer PEFT makes for a fused stack: the ``parameter`` it adapts, each expert's (out x in)
+    ``shape``, ``transposed`` when stored (in x out), rank and scaling."""
+
+    parameter: str
+    shape: tuple[int, int]
+    transposed: bool
+    rank: int
+    scaling: float
+
+
+def expert_layers(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, ExpertLayer]:
+    """The LoRA layers of ``lora_config.target_parameters``, named as `lora_layers` names them: PEFT itself wraps
+    a copy of the meta model (so the nesting of several stacks of one module, ``experts`` and
+    ``experts.base_layer``, is PEFT's)."""
+    from peft import get_peft_model
+    from peft.tuners.lora import ParamWrapper
+
+    wrapped = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora_config))
+    layers = {}
+    for name, layer in lora_layers(wrapped).items():
+        if isinstance(layer, ParamWrapper):
+            stack = weight_stack(layer)
+            layers[name] = ExpertLayer(parameter_target_name(name, layer), tuple(stack.shape[1:]),
+                                       getattr(layer.get_base_layer(), "is_transposed", False),
+                                       layer.r["default"], layer.scaling["default"])
+    return layers
 
 
 @dataclass(frozen=True)

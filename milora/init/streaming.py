@@ -22,7 +22,6 @@ directory holds no adapter files, so nothing in it loads as a finished adapter; 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -40,13 +39,11 @@ from transformers.pytorch_utils import Conv1D
 
 from milora.errors import ModelError, OutputError
 from milora.init.checkpoint import DTYPE_CODES, INDEX_FILE, Checkpoint, TensorEntry, open_checkpoint, write_safetensors
-from milora.init.checkpoint_experts import ExpertSlice, expert_slices
+from milora.init.checkpoint_experts import ExpertSlice, expert_layers, expert_slices
 from milora.init.experts import (
     expert_sample,
     fused_factors,
-    parameter_target_name,
     target_parameters,
-    weight_stack,
 )
 from milora.init.initialize import (
     check_devices,
@@ -55,7 +52,7 @@ from milora.init.initialize import (
     warn_zero_components,
     weight_start,
 )
-from milora.init.layers import lora_layers, residual_weight
+from milora.init.layers import residual_weight
 from milora.init.multimodal import warn_outside_language_model
 from milora.init.record import ExpertOf, InitRecord, report_entry
 from milora.init.targets import (
@@ -212,7 +209,7 @@ def _resolve_targets(model: torch.nn.Module, modules: dict[str, torch.nn.Module]
     """The matrices to decompose in `get_model`'s order (its LoRA layers by name, a fused stack's experts in
     expert order), which sets each one's seed; each module weight checked against the checkpoint (a tensor
     present under the module's name or a tied alias, of its shape, floating), the experts by ``slices``."""
-    layers = dict.fromkeys(modules) | (_expert_layers(model, lora_config) if slices else {})
+    layers = dict.fromkeys(modules) | (expert_layers(model, lora_config) if slices else {})
     headers = {}
     targets = []
     for name in sorted(layers):
@@ -238,36 +235,6 @@ def _resolve_targets(model: torch.nn.Module, modules: dict[str, torch.nn.Module]
         targets.append(Target(name, key, conv1d, (out_features, in_features), rank_for(lora_config, name),
                               scaling_for(lora_config, name), len(targets)))
     return targets
-
-
-@dataclass(frozen=True)
-class _ExpertLayer:
-    """A LoRA layer PEFT makes for a fused stack: the ``parameter`` it adapts, each expert's (out x in)
-    ``shape``, ``transposed`` when stored (in x out), rank and scaling."""
-
-    parameter: str
-    shape: tuple[int, int]
-    transposed: bool
-    rank: int
-    scaling: float
-
-
-def _expert_layers(model: torch.nn.Module, lora_config: LoraConfig) -> dict[str, _ExpertLayer]:
-    """The LoRA layers of ``lora_config.target_parameters``, named as `lora_layers` names them: PEFT itself wraps
-    a copy of the meta model (so the nesting of several stacks of one module, ``experts`` and
-    ``experts.base_layer``, is PEFT's)."""
-    from peft import get_peft_model
-    from peft.tuners.lora import ParamWrapper
-
-    wrapped = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora_config))
-    layers = {}
-    for name, layer in lora_layers(wrapped).items():
-        if isinstance(layer, ParamWrapper):
-            stack = weight_stack(layer)
-            layers[name] = _ExpertLayer(parameter_target_name(name, layer), tuple(stack.shape[1:]),
-                                        getattr(layer.get_base_layer(), "is_transposed", False),
-                                        layer.r["default"], layer.scaling["default"])
-    return layers
 
 
 def checkpoint_names(model: torch.nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
