@@ -33,7 +33,7 @@ from milora.adapter.format import (
 from milora.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MILORA_CONFIG
 from milora.errors import AdapterError, OutputExistsError
 from milora.init import InitRecord, init_record, lora_layers
-from milora.init.checkpoint import DTYPE_CODES, TensorEntry, tensor_entry, write_safetensors
+from milora.init.checkpoint import TensorEntry, tensor_entry, write_safetensors
 from milora.init.experts import expert_count
 from milora.init.streaming import ADAPTER_DTYPE, StreamedInit
 from milora.io import check_replaceable, staged_directory
@@ -176,13 +176,10 @@ def _streamed_weights(streamed: StreamedInit, saved: dict[str, torch.Tensor], en
     layers = {}  # each factor key -> its layer
     entries = {key: tensor_entry(tensor) for key, tensor in saved.items()}
     for name, targets in streamed.layers().items():
-        rank = sum(target.rank for target in targets)
-        (out_features, in_features), item = targets[0].shape, ADAPTER_DTYPE.itemsize
-        key_A, key_B = factor_keys(name)
-        entries[key_A] = TensorEntry(DTYPE_CODES[ADAPTER_DTYPE], [factor * rank, in_features],
-                                     factor * rank * in_features * item)
-        entries[key_B] = TensorEntry(DTYPE_CODES[ADAPTER_DTYPE], [out_features, factor * rank],
-                                     out_features * factor * rank * item)
+        rank = factor * sum(target.rank for target in targets)  # a fused stack's experts packed side by side
+        (out_features, in_features), key_A, key_B = targets[0].shape, *factor_keys(name)
+        entries[key_A] = tensor_entry(torch.empty(rank, in_features, dtype=ADAPTER_DTYPE, device="meta"))
+        entries[key_B] = tensor_entry(torch.empty(out_features, rank, dtype=ADAPTER_DTYPE, device="meta"))
         layers.update({key_A: (name, len(targets)), key_B: (name, len(targets))})
     entries = dict(sorted(entries.items()))
 

@@ -27,8 +27,8 @@ def add(subparsers) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
     parser.add_argument("--target-modules", default=",".join(PAPER_TARGETS),
                         help="comma-separated module names (or all-linear); a MoE model's fused expert parameters "
-                             "too (gate_up_proj, down_proj: each expert its own start; needs --in-memory); on an "
-                             "image-text-to-text model, names in its language model (see --target-scope)")
+                             "too (gate_up_proj, down_proj: each expert its own start); on an image-text-to-text "
+                             "model, names in its language model (see --target-scope)")
     parser.add_argument("--target-scope", default="language_model", choices=list(TARGET_SCOPES),
                         help="image-text-to-text models: adapt the named modules of the language model only (default), "
                              "or wherever they are (vision tower too)")
@@ -93,8 +93,8 @@ def _run_init(args) -> int:
     if args.init == "loftq":
         from milora.init.loftq import loftq_problem
 
-        if loftq_problem(args.quantize):
-            raise UsageError(loftq_problem(args.quantize).replace("set quantization:", "pass --quantize"))
+        if problem := loftq_problem(args.quantize):
+            raise UsageError(problem.replace("set quantization:", "pass --quantize"))
     if args.init != "pissa-fast" and args.pissa_niter != 4:
         raise UsageError(f"--pissa-niter is for --init pissa-fast; init {args.init} ignores it: remove it.")
     if args.quantize and args.save_residual:

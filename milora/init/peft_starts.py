@@ -124,8 +124,8 @@ def check_peft_start(init: str, calibration, solver: str, workers, device, null_
     if not _peft_has(STARTS[init].needs):
         raise ModelError(f"init={init!r} needs a newer PEFT than the installed {peft.__version__} (it lacks "
                          f"LoraLayer.{STARTS[init].needs}): `pip install -U peft` (milora is tested with 0.22).")
-    if init == "loftq" and loftq_problem(quantization):
-        raise ModelError(loftq_problem(quantization))
+    if init == "loftq" and (problem := loftq_problem(quantization)):
+        raise ModelError(problem)
     ignored = [(name, value) for name, value, default in (
         ("solver", solver, "auto"), ("workers", workers, None), ("device", device, None),
         ("null_space", null_space, "zero"), ("quantization", None if init == "loftq" else quantization, None))
@@ -160,8 +160,8 @@ def get_peft_start_model(
     validate_lora_config(lora_config, init)
     saved_modules(model, lora_config)
     modules = target_modules(model, lora_config)
-    if init == "loftq" and scaling_problem({name: scaling_for(lora_config, name) for name in modules}):
-        raise ModelError(scaling_problem({name: scaling_for(lora_config, name) for name in modules}))
+    if init == "loftq" and (problem := scaling_problem({name: scaling_for(lora_config, name) for name in modules})):
+        raise ModelError(problem)
     record = InitRecord(init=init, solver="peft", seed=seed, fingerprint=fingerprint(modules))
     originals = ({name: weight_matrix(module).detach().clone() for name, module in modules.items()}
                  if init in RESIDUAL_INITS else {})

@@ -40,11 +40,7 @@ from transformers.pytorch_utils import Conv1D
 from milora.errors import ModelError, OutputError
 from milora.init.checkpoint import DTYPE_CODES, INDEX_FILE, Checkpoint, TensorEntry, open_checkpoint, write_safetensors
 from milora.init.checkpoint_experts import ExpertSlice, expert_layers, expert_slices
-from milora.init.experts import (
-    expert_sample,
-    fused_factors,
-    target_parameters,
-)
+from milora.init.experts import expert_sample, fused_factors, target_parameters
 from milora.init.initialize import (
     check_devices,
     check_init_options,
@@ -389,6 +385,7 @@ def _write_residual_model(checkpoint: Checkpoint, targets: list[Target], work_di
         for part, key in enumerate(target.expert.keys if target.expert is not None else [target.key]):
             held.setdefault(key, []).append((target, part))
     headers = {}
+    last_expert: dict[int, torch.Tensor] = {}  # an expert's residual, by target index: its parts come in a row
 
     def residual(target: Target) -> torch.Tensor:
         """A target's residual as stored."""
@@ -402,9 +399,12 @@ def _write_residual_model(checkpoint: Checkpoint, targets: list[Target], work_di
             return residual(target)
         if target.expert.stacked:
             return torch.stack([residual(t) for t, _ in held[key]])
+        if target.index not in last_expert:
+            last_expert.clear()
+            last_expert[target.index] = residual(target)
         sizes = [headers.setdefault(shard, checkpoint.header(shard)[0])[name].shape[target.expert.dim]
                  for name in target.expert.keys for shard in [checkpoint.weight_map[name]]]
-        return torch.split(residual(target), sizes, dim=target.expert.dim)[part].contiguous()
+        return torch.split(last_expert[target.index], sizes, dim=target.expert.dim)[part].contiguous()
 
     total = 0
     for shard in tqdm(checkpoint.shards, desc="residual shards", unit="shard", disable=not progress):

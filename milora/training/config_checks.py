@@ -29,8 +29,8 @@ def check_init_options(config: BaseModel) -> None:
     if config.init == "loftq":
         from milora.init.loftq import loftq_problem
 
-        if loftq_problem(config.quantization):
-            raise ConfigError(loftq_problem(config.quantization))
+        if problem := loftq_problem(config.quantization):
+            raise ConfigError(problem)
     defaults = {key: type(config).model_fields[key].default for key in
                 ("solver", "null_space", "quantization", "calibration_batches", "pissa_niter")}
     if config.init in DATA_INITS and config.objective != "sft":
